@@ -1,0 +1,404 @@
+"""One configuration model: ``neuroflow.yaml`` plus ``NEUROFLOW_<SECTION>__<KEY>`` overrides.
+
+Plain Python (pydantic, no Dagster import) so every layer, the CLI and the
+tests share the same validated object. Unknown keys are errors, and every
+error names the key and the file it came from, because an operator editing
+YAML on a server must be told exactly which line to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "NEUROFLOW_"
+CONFIG_ENV = "NEUROFLOW_CONFIG"
+CONFIG_FILENAME = "neuroflow.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem an operator must fix; the message names key and file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    dicom_incoming: Path
+    bids_root: Path
+    derivatives: Path
+    work_dir: Path
+    log_dir: Path
+    # Holds the ScanID registry and the last good mapping: must persist, unlike work_dir.
+    state_dir: Path | None = None
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.work_dir / "state"
+
+
+class GoogleSheetConfig(_Section):
+    spreadsheet_key: str
+    worksheet_name: str = "Sheet1"
+    service_account_file: Path
+    scan_id_column: str = "ScanID"
+    subject_code_column: str = "SubjectCode"
+
+
+class MappingConfig(_Section):
+    csv_file: Path | None = None
+    scan_id_column: str = "ScanID"
+    subject_code_column: str = "SubjectCode"
+    google_sheet: GoogleSheetConfig | None = None
+
+
+class DiscoveryConfig(_Section):
+    layout: Literal["flat", "subject_session"] = "flat"
+    # Only for layout subject_session: root/SUBJECT/SESSION (true) or root/SESSION/SUBJECT.
+    participant_first: bool = True
+    stability_wait_minutes: float = Field(180, ge=0)
+    interval_seconds: int = Field(60, ge=1)
+
+
+class ScanRule(_Section):
+    name: str
+    series_description_pattern: str
+    min_files: int = Field(1, ge=0)
+    max_files: int | None = Field(None, ge=1)
+
+    @field_validator("series_description_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
+class ProtocolConfig(_Section):
+    bids_conversion_min_files: int = Field(10, ge=0)
+    required_scans: list[ScanRule] = Field(default_factory=list)
+    optional_scans: list[ScanRule] = Field(default_factory=list)
+
+
+class RetryConfig(_Section):
+    """Requirements §6: 3 attempts, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
+
+    max_retries: int = Field(3, ge=0)
+    delay_seconds: float = Field(300, ge=0)
+    max_delay_seconds: float = Field(3600, ge=0)
+    jitter: float = Field(0.2, ge=0, le=1)
+
+
+class StageConfig(_Section):
+    """Settings every stage has: where it runs, how much at once, how long, how often."""
+
+    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    image: str | None = None
+    max_concurrent: int = Field(1, ge=1)
+    soft_timeout_minutes: float | None = Field(None, gt=0)
+    timeout_minutes: float = Field(60, gt=0)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    # Container resources (docker/apptainer); None = no limit.
+    cpus: float | None = Field(None, gt=0)
+    memory_mb: int | None = Field(None, gt=0)
+    # Run containers as this "uid:gid"; None = the current user's.
+    user: str | None = None
+    requires_bids_suffixes: list[str] = Field(default_factory=list)
+
+
+class BidsConversionConfig(StageConfig):
+    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    image: str | None = "nipy/heudiconv:1.3.4"
+    heuristic: str = "neuroflow_default"
+    converter: Literal["dcm2niix"] = "dcm2niix"
+    bids_validator: bool = True
+    overwrite: bool = True
+    max_concurrent: int = Field(4, ge=1)
+    timeout_minutes: float = Field(60, gt=0)
+    retry: RetryConfig = Field(default_factory=lambda: RetryConfig(max_retries=2))
+
+
+class QsiprepConfig(StageConfig):
+    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    image: str | None = "pennlinc/qsiprep:1.1.1"
+    fs_license: Path | None = None
+    output_resolution: float = Field(1.6, gt=0)
+    nprocs: int = Field(8, ge=1)
+    omp_nthreads: int | None = Field(None, ge=1)
+    mem_mb: int = Field(16000, ge=1)
+    anatomical_template: list[str] = Field(default_factory=lambda: ["MNI152NLin2009cAsym"])
+    anat_modality: str = "T1w"
+    denoise_method: str | None = None
+    unringing_method: str | None = None
+    hmc_model: str | None = None
+    bids_filters: dict[str, Any] = Field(default_factory=dict)
+    skip_bids_validation: bool = True
+    extra_args: list[str] = Field(default_factory=list)
+    max_concurrent: int = Field(1, ge=1)
+    soft_timeout_minutes: float | None = Field(12 * 60, gt=0)
+    timeout_minutes: float = Field(24 * 60, gt=0)
+    requires_bids_suffixes: list[str] = Field(default_factory=lambda: ["dwi"])
+    # eager: as soon as a subject's wave of sessions is converted; cron: only at `cron`.
+    trigger: Literal["eager", "cron"] = "eager"
+    cron: str = "0 2 */3 * *"
+
+
+class QsireconConfig(StageConfig):
+    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    image: str | None = "pennlinc/qsirecon:1.1.1"
+    recon_spec: str = "dipy_dki"
+    # Name of the derivatives folder suffix: derivatives/qsirecon-<workflow_name>.
+    workflow_name: str = "neuroflow"
+    fs_license: Path | None = None
+    nprocs: int = Field(4, ge=1)
+    mem_mb: int = Field(8000, ge=1)
+    atlases: list[str] = Field(default_factory=lambda: ["4S156Parcels", "Schaefer2018N100n7Tian2020S1"])
+    # Built-in stand-in only: a labelled atlas image in the subject's space, and its label table.
+    atlas_file: Path | None = None
+    atlas_labels: Path | None = None
+    extra_args: list[str] = Field(default_factory=list)
+    max_concurrent: int = Field(2, ge=1)
+    soft_timeout_minutes: float | None = Field(8 * 60, gt=0)
+    timeout_minutes: float = Field(12 * 60, gt=0)
+    requires_bids_suffixes: list[str] = Field(default_factory=lambda: ["dwi"])
+
+
+class QsiparcConfig(StageConfig):
+    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    image: str | None = None
+    mask: str = "gm"
+    force: bool = False
+    n_jobs: int = Field(1, ge=1)
+    stat_tier: str | None = None
+    extra_args: list[str] = Field(default_factory=list)
+    max_concurrent: int = Field(4, ge=1)
+    timeout_minutes: float = Field(4 * 60, gt=0)
+    requires_bids_suffixes: list[str] = Field(default_factory=lambda: ["dwi"])
+
+
+class PipelinesConfig(_Section):
+    bids_conversion: BidsConversionConfig = Field(default_factory=BidsConversionConfig)
+    qsiprep: QsiprepConfig = Field(default_factory=QsiprepConfig)
+    qsirecon: QsireconConfig = Field(default_factory=QsireconConfig)
+    qsiparc: QsiparcConfig = Field(default_factory=QsiparcConfig)
+
+
+class SlackConfig(_Section):
+    # Name of the environment variable that holds the webhook URL: secrets never sit in files.
+    webhook_url_env: str = "NEUROFLOW_SLACK_WEBHOOK_URL"
+
+
+class EmailConfig(_Section):
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    sender: str
+    recipients: list[str]
+    username_env: str | None = None
+    password_env: str | None = None
+    starttls: bool = False
+
+
+class AlertsConfig(_Section):
+    slack: SlackConfig | None = None
+    email: EmailConfig | None = None
+
+
+class NeuroflowConfig(_Section):
+    paths: PathsConfig
+    mapping: MappingConfig = Field(default_factory=MappingConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    pipelines: PipelinesConfig = Field(default_factory=PipelinesConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    # The file this was loaded from (None when built in code); not a YAML key.
+    source: Path | None = Field(default=None, exclude=True)
+
+    def stage(self, name: str) -> StageConfig:
+        try:
+            return getattr(self.pipelines, name)
+        except AttributeError:
+            raise ConfigError(f"unknown pipeline stage {name!r}") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Search order: ``--config``, ``$NEUROFLOW_CONFIG``, ./, ~/.config/neuroflow/, /etc/neuroflow/."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (given with --config)")
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (from ${CONFIG_ENV})")
+        return path
+    candidates = [
+        Path.cwd() / CONFIG_FILENAME,
+        Path.home() / ".config" / "neuroflow" / CONFIG_FILENAME,
+        Path("/etc/neuroflow") / CONFIG_FILENAME,
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    searched = ", ".join(str(p) for p in candidates)
+    raise ConfigError(
+        f"no {CONFIG_FILENAME} found (searched --config, ${CONFIG_ENV}, {searched}); "
+        "create one with `neuroflow init DIR`"
+    )
+
+
+def _parse_scalar(text: str) -> Any:
+    """Env values are YAML scalars/flow collections, so `4`, `true`, `[a, b]` keep their types."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Apply ``NEUROFLOW_<SECTION>__<KEY>[__<SUBKEY>]`` to ``data`` in place; return what was applied."""
+    applied: list[str] = []
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == CONFIG_ENV:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        node: dict[str, Any] = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+        applied.append(".".join(parts))
+    return applied
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in the file are relative to the file's folder, not to the cwd."""
+
+    def fix(container: dict[str, Any], key: str) -> None:
+        value = container.get(key)
+        if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+            container[key] = str((base / value).resolve())
+        elif isinstance(value, str):
+            container[key] = os.path.expanduser(value)
+
+    paths = data.get("paths")
+    if isinstance(paths, dict):
+        for key in list(paths):
+            fix(paths, key)
+    mapping = data.get("mapping")
+    if isinstance(mapping, dict):
+        fix(mapping, "csv_file")
+        sheet = mapping.get("google_sheet")
+        if isinstance(sheet, dict):
+            fix(sheet, "service_account_file")
+    pipelines = data.get("pipelines")
+    if isinstance(pipelines, dict):
+        for stage in pipelines.values():
+            if isinstance(stage, dict):
+                for key in ("fs_license", "atlas_file", "atlas_labels"):
+                    fix(stage, key)
+                heuristic = stage.get("heuristic")
+                if isinstance(heuristic, str) and heuristic.endswith(".py"):
+                    fix(stage, "heuristic")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NeuroflowConfig:
+    """Find, read, override from the environment and validate; raise ConfigError naming key and file."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ is not os.environ and environ.get(CONFIG_ENV):
+        path = environ[CONFIG_ENV]
+    file = find_config_file(path)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections")
+    applied = apply_env_overrides(raw, environ)
+    _resolve_paths(raw, file.parent.resolve())
+    source = str(file) + (f" (with environment overrides: {', '.join(applied)})" if applied else "")
+    try:
+        config = NeuroflowConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+    config.source = file.resolve()
+    return config
+
+
+def check_paths(config: NeuroflowConfig) -> list[str]:
+    """Start-up checks: inputs readable, outputs creatable and writable. Returns problems."""
+    problems: list[str] = []
+    incoming = config.paths.dicom_incoming
+    if not incoming.is_dir():
+        problems.append(f"paths.dicom_incoming: {incoming} does not exist or is not a folder")
+    elif not os.access(incoming, os.R_OK | os.X_OK):
+        problems.append(f"paths.dicom_incoming: {incoming} is not readable")
+    writable = {
+        "paths.bids_root": config.paths.bids_root,
+        "paths.derivatives": config.paths.derivatives,
+        "paths.work_dir": config.paths.work_dir,
+        "paths.log_dir": config.paths.log_dir,
+        "paths.state_dir": config.paths.state,
+    }
+    for key, path in writable.items():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problems.append(f"{key}: cannot create {path}: {exc.strerror}")
+            continue
+        if not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"{key}: {path} is not writable")
+    csv_file = config.mapping.csv_file
+    if csv_file is not None and not csv_file.is_file():
+        problems.append(f"mapping.csv_file: {csv_file} does not exist")
+    sheet = config.mapping.google_sheet
+    if sheet is not None and not sheet.service_account_file.is_file():
+        problems.append(f"mapping.google_sheet.service_account_file: {sheet.service_account_file} does not exist")
+    if csv_file is None and sheet is None:
+        problems.append("mapping: set mapping.csv_file or mapping.google_sheet (no way to map ScanID -> subject)")
+    heuristic = config.pipelines.bids_conversion.heuristic
+    if heuristic.endswith(".py") and not Path(heuristic).is_file():
+        problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
+    for stage in ("qsiprep", "qsirecon"):
+        cfg = config.stage(stage)
+        if cfg.runtime in ("docker", "apptainer") and getattr(cfg, "fs_license", None) is None:
+            problems.append(f"pipelines.{stage}.fs_license: required when runtime is {cfg.runtime}")
+    return problems
