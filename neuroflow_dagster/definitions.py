@@ -1,0 +1,68 @@
+"""The one Definitions object: assets, checks, sensors, jobs and the resource, built from neuroflow.yaml.
+
+`dagster dev -m neuroflow_dagster.definitions` (or workspace.yaml) loads
+this module; the configuration is found as the CLI finds it (--config is
+replaced by $NEUROFLOW_CONFIG here). A missing or invalid config stops the
+code location from loading, with a message naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from neuroflow_dagster.config import ConfigError, NeuroflowConfig, check_paths, load_config
+from neuroflow_dagster.defs.assets.bids import build_bids_asset
+from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
+from neuroflow_dagster.defs.assets.qsiparc import build_qsiparc_asset
+from neuroflow_dagster.defs.assets.qsiprep import build_qsiprep_asset
+from neuroflow_dagster.defs.assets.qsirecon import build_qsirecon_asset
+from neuroflow_dagster.defs.partitions import session_partitions, subjects_partitions
+from neuroflow_dagster.defs.resources import NeuroflowResource
+from neuroflow_dagster.defs.sensors import build_automation_sensors, build_discovery_sensor
+
+STAGE_ASSETS = {
+    "bids_conversion": ("bids_session", session_partitions),
+    "qsiprep": ("qsiprep_subject", subjects_partitions),
+    "qsirecon": ("qsirecon_session", session_partitions),
+    "qsiparc": ("qsiparc_session", session_partitions),
+}
+
+
+def stage_jobs() -> list[dg.UnresolvedAssetJobDefinition]:
+    """One job per stage, tagged with its stage, for CLI backfills (`dagster job backfill -j ...`)."""
+    return [
+        dg.define_asset_job(
+            f"{stage}_job",
+            selection=dg.AssetSelection.assets(asset),
+            partitions_def=partitions,
+            tags={"neuroflow/stage": stage},
+            description=f"Reprocess {asset} for chosen partitions (tagged neuroflow/stage={stage}).",
+        )
+        for stage, (asset, partitions) in STAGE_ASSETS.items()
+    ]
+
+
+def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
+    if config.source is None:
+        raise ConfigError("build_definitions needs a config loaded from a file (load_config)")
+    problems = check_paths(config)
+    if problems:
+        raise ConfigError(f"configuration {config.source} cannot be used:\n  " + "\n  ".join(problems))
+    return dg.Definitions(
+        assets=[
+            dicom_session,
+            build_bids_asset(config),
+            build_qsiprep_asset(config),
+            build_qsirecon_asset(config),
+            build_qsiparc_asset(config),
+        ],
+        asset_checks=[dicom_protocol_check],
+        sensors=[build_discovery_sensor(config), *build_automation_sensors(config)],
+        jobs=stage_jobs(),
+        resources={"neuroflow": NeuroflowResource(config_file=str(config.source))},
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions(load_config())

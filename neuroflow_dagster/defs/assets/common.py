@@ -1,0 +1,46 @@
+"""What every stage asset needs first: which session this partition is, and whether it may run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dagster as dg
+
+from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
+from neuroflow_dagster.defs.partitions import split_session_key
+from neuroflow_dagster.discovery.exclusions import load_exclusions
+from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
+
+
+@dataclass(frozen=True)
+class SessionContext:
+    participant: str
+    session: str
+    entry: RegistryEntry
+
+
+def refuse(reason: str, failure_class: str = "validation") -> dg.Failure:
+    """A failure that is not worth retrying: it says why and Dagster stops at once."""
+    return dg.Failure(description=reason, metadata={FAILURE_CLASS_KEY: failure_class}, allow_retries=False)
+
+
+def session_context(config: NeuroflowConfig, partition_key: str) -> SessionContext:
+    participant, session = split_session_key(partition_key)
+    entry = Registry(config.paths.state).get(participant, session)
+    if entry is None:
+        raise refuse(
+            f"sub-{participant} ses-{session} is not a registered session (no ScanID maps to it); "
+            "only partitions added by the discovery sensor can be processed"
+        )
+    excluded = load_exclusions(config).get(entry.scan_id)
+    if excluded:
+        raise refuse(f"ScanID {entry.scan_id!r} was excluded by {excluded.get('by')}: {excluded.get('reason')}")
+    return SessionContext(participant, session, entry)
+
+
+def not_applicable(reason: str, **extra: object) -> dg.MaterializeResult:
+    """A stage that does not apply (e.g. no DWI) is recorded as such, visibly, not as a failure."""
+    return dg.MaterializeResult(
+        metadata={"neuroflow/status": "not_applicable", "reason": reason, **extra},
+    )

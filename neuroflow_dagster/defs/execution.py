@@ -1,0 +1,93 @@
+"""Runs a ToolSpec from inside an asset: runtime choice, logs, timeouts, failure classes.
+
+Every stage goes through `execute_spec`, so every run records the same
+things (requirements §4) and fails the same way: a retryable failure class
+lets the asset's RetryPolicy retry; validation and configuration failures
+raise `Failure(allow_retries=False)` with the reason, so Dagster stops at once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.runtimes import get_runtime
+from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
+from neuroflow_dagster.runtimes.failures import is_retryable, retry_policy_from_config
+from neuroflow_dagster.tools.spec import ToolSpec
+
+STATUS_KEY = "neuroflow/status"
+FAILURE_CLASS_KEY = "neuroflow/failure_class"
+
+
+def log_path_for(config: NeuroflowConfig, stage: str, partition: str, run_id: str) -> Path:
+    """One log file per tool run: log_dir/<stage>/<partition>_<run>.log (partition made path-safe)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", partition) or "all"
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    return config.paths.log_dir / stage / f"{safe}_{stamp}_{run_id[:8]}.log"
+
+
+def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "command": dg.MetadataValue.text(record.command),
+        "runtime": record.runtime,
+        "image": record.image or ("builtin stand-in (not the real tool)" if spec and spec.stand_in else "local"),
+        "exit_code": record.exit_code if record.exit_code is not None else -1,
+        "duration_s": record.duration_s if record.duration_s is not None else -1.0,
+        "log_path": dg.MetadataValue.path(record.log_path),
+        "output_dir": dg.MetadataValue.path(record.output_dir),
+    }
+    if record.image_digest:
+        meta["image_digest"] = record.image_digest
+    if spec is not None:
+        meta["stand_in"] = spec.stand_in
+    if record.log_tail:
+        meta["log_tail"] = dg.MetadataValue.md("```\n" + record.log_tail[-4000:] + "\n```")
+    return meta
+
+
+def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, spec: ToolSpec) -> RunRecord:
+    """Run `spec` with the stage's runtime; check golden outputs; raise a classified Failure."""
+    stage_cfg = config.stage(stage)
+    partition = context.partition_key if context.has_partition_key else "all"
+    log_path = log_path_for(config, stage, str(partition), context.run_id)
+    runtime = get_runtime(stage_cfg)
+    context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
+    try:
+        record = runtime.run(
+            spec,
+            log_path=log_path,
+            timeout_s=stage_cfg.timeout_minutes * 60,
+            soft_timeout_s=(stage_cfg.soft_timeout_minutes * 60) if stage_cfg.soft_timeout_minutes else None,
+            log=context.log.info,
+            context=context,
+        )
+    except ToolRunError as exc:
+        meta = record_metadata(exc.record, spec)
+        meta[FAILURE_CLASS_KEY] = exc.failure_class
+        retry = is_retryable(exc.failure_class)
+        raise dg.Failure(
+            description=f"{stage} failed [{exc.failure_class}{', will retry' if retry else ', not retried'}]: {exc}",
+            metadata=meta,
+            allow_retries=retry,
+        ) from exc
+    missing = spec.missing_outputs()
+    if missing:
+        meta = record_metadata(record, spec)
+        meta[FAILURE_CLASS_KEY] = "tool"
+        raise dg.Failure(
+            description=f"{stage} exited 0 but expected outputs are missing under {spec.output_dir}: "
+            + ", ".join(missing),
+            metadata=meta,
+            allow_retries=False,
+        )
+    return record
+
+
+def stage_retry_policy(config: NeuroflowConfig, stage: str) -> dg.RetryPolicy:
+    return retry_policy_from_config(config.stage(stage).retry)

@@ -1,0 +1,206 @@
+"""The discovery sensor: new DICOM folders become partitions and `dicom_session` events.
+
+A thin wrapper around the plain-Python discovery engine. Each tick:
+1. runs discovery (stability wait, mapping, header reads only where needed),
+2. adds the new subjects and session labels to the dynamic partition sets,
+3. reports one `dicom_session` materialization per new or changed session
+   (ScanID, path, series table, acquisition date, mapping source),
+4. requests one run of the blocking `protocol` check per reported session.
+
+Why a run for the check and not a reported evaluation: Dagster stores check
+executions unique per (check, run, partition), and runless events all share
+one empty run id, so a second report for the same partition (an invalid
+session re-checked after its folder changed) is rejected by the database. A
+check run also targets the latest materialization natively, which is what
+`all_deps_blocking_checks_passed()` downstream looks at.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from base64 import b64decode, b64encode
+from typing import Any
+
+import dagster as dg
+
+from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.defs.automation import DICOM
+from neuroflow_dagster.defs.partitions import (
+    session_key,
+    session_labels_partitions,
+    session_partitions,
+    subjects_partitions,
+)
+from neuroflow_dagster.discovery import engine
+from neuroflow_dagster.discovery.exclusions import load_exclusions
+from neuroflow_dagster.discovery.status_report import series_markdown, write_status_report
+
+PROTOCOL_CHECK = "protocol"
+CURSOR_VERSION = 1
+
+
+def encode_cursor(data: dict[str, Any]) -> str:
+    """Compressed JSON: the per-folder state of a large incoming tree stays a few tens of KB."""
+    raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+    return "z" + b64encode(zlib.compress(raw, 6)).decode()
+
+
+def decode_cursor(cursor: str | None) -> dict[str, Any]:
+    if not cursor:
+        return {}
+    try:
+        raw = zlib.decompress(b64decode(cursor[1:])) if cursor.startswith("z") else cursor.encode()
+        data = json.loads(raw)
+    except (ValueError, zlib.error):
+        return {}
+    return data if isinstance(data, dict) and data.get("v") == CURSOR_VERSION else {}
+
+
+def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
+    return {
+        "scan_id": reg.scan_id,
+        "dicom_path": dg.MetadataValue.path(reg.path),
+        "participant_label": reg.participant_label,
+        "session_label": reg.session_label,
+        "recruitment_id": reg.recruitment_id,
+        "acquisition": reg.acquisition or "unknown",
+        "mapping_source": reg.mapping_source,
+        "n_dicom_files": reg.n_dicom,
+        "n_unreadable_files": reg.n_unreadable,
+        "unreadable_examples": ", ".join(reg.unreadable_examples) or "none",
+        "series": dg.MetadataValue.md(series_markdown(reg.series)),
+        "protocol": reg.protocol.message,
+    }
+
+
+def ensure_pool_limits(instance: dg.DagsterInstance, config: NeuroflowConfig) -> list[str]:
+    """Pool limits live in the instance database: the project sets them from config, not a person."""
+    changed = []
+    storage = instance.event_log_storage
+    for stage in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"):
+        limit = config.stage(stage).max_concurrent
+        try:
+            current = storage.get_concurrency_info(stage).slot_count
+        except Exception:  # pragma: no cover - storage without pool support
+            current = None
+        if current != limit:
+            storage.set_concurrency_slots(stage, limit)
+            changed.append(f"{stage}={limit}")
+    return changed
+
+
+def _tag_safe(text: str) -> str:
+    """Run tag values must be short printable strings; the ScanID is shown, not used as a key."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
+
+
+protocol_check_job = dg.define_asset_job(
+    "dicom_protocol_check",
+    selection=dg.AssetSelection.checks(dg.AssetCheckKey(DICOM, PROTOCOL_CHECK)),
+    partitions_def=session_partitions,
+    tags={"neuroflow/stage": "discovery"},
+    description="Runs the blocking protocol check of a (re)registered DICOM session.",
+)
+
+
+def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="dicom_discovery",
+        job=protocol_check_job,
+        minimum_interval_seconds=config.discovery.interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Registers DICOM session folders once stable: partitions, dicom_session events, "
+        "protocol check runs.",
+    )
+    def dicom_discovery(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        started = time.monotonic()
+        cursor = decode_cursor(context.cursor)
+        changed_pools = ensure_pool_limits(context.instance, config)
+        if changed_pools:
+            context.log.info(f"pool limits set from config: {', '.join(changed_pools)}")
+
+        events: list[Any] = []
+        result = engine.run_discovery(config, cursor.get("engine"), excluded=set(load_exclusions(config).keys()))
+        for warning in result.warnings:
+            context.log.warning(warning)
+
+        subjects: list[str] = []
+        runs: list[dg.RunRequest] = []
+        labels: list[str] = []
+        for reg in result.registrations:
+            key = session_key(reg.participant_label, reg.session_label)
+            subjects.append(reg.participant_label)
+            labels.append(reg.session_label)
+            events.append(
+                dg.AssetMaterialization(
+                    asset_key=DICOM,
+                    partition=str(key),
+                    description=f"DICOM session {reg.scan_id}",
+                    metadata=registration_metadata(reg),
+                )
+            )
+            runs.append(
+                dg.RunRequest(
+                    run_key=None,
+                    partition_key=str(key),
+                    tags={"neuroflow/stage": "discovery", "neuroflow/scan_id": _tag_safe(reg.scan_id)},
+                )
+            )
+            verdict = "valid" if reg.protocol.valid else "INVALID"
+            context.log.info(
+                f"registered {reg.scan_id!r} as sub-{reg.participant_label} ses-{reg.session_label} "
+                f"({verdict}: {reg.protocol.message})"
+            )
+
+        held_digest = sorted(f"{h.scan_id}:{h.reason}" for h in result.held)
+        if held_digest != cursor.get("held"):
+            for held in result.held:
+                context.log.warning(f"held {held.scan_id!r} ({held.reason}): {held.message}")
+        write_status_report(config, result)
+
+        requests = []
+        if subjects:
+            requests.append(subjects_partitions.build_add_request(sorted(set(subjects))))
+            requests.append(session_labels_partitions.build_add_request(sorted(set(labels))))
+        new_cursor = {
+            "v": CURSOR_VERSION,
+            "engine": result.new_state,
+            "held": held_digest,
+        }
+        context.log.debug(f"discovery tick {time.monotonic() - started:.2f}s: {result.stats}")
+        return dg.SensorResult(
+            dynamic_partitions_requests=requests,
+            asset_events=events,
+            run_requests=runs,
+            cursor=encode_cursor(new_cursor),
+        )
+
+    return dicom_discovery
+
+
+def build_automation_sensors(config: NeuroflowConfig) -> list[dg.AutomationConditionSensorDefinition]:
+    """One automation sensor per stage, so every run it launches carries its stage tag.
+
+    Run-queue tag limits key on that tag (asset tags are not copied to runs);
+    the pools on the assets hold the limit for runs launched without tags too.
+    """
+    interval = max(5, min(30, config.discovery.interval_seconds))
+    stages = {
+        "bids_conversion": ["bids_session"],
+        "qsiprep": ["qsiprep_subject"],
+        "qsirecon": ["qsirecon_session"],
+        "qsiparc": ["qsiparc_session"],
+    }
+    return [
+        dg.AutomationConditionSensorDefinition(
+            name=f"automation_{stage}",
+            target=dg.AssetSelection.assets(*keys),
+            run_tags={"neuroflow/stage": stage},
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=interval,
+            description=f"Declarative automation for {stage}; its runs carry neuroflow/stage={stage}.",
+        )
+        for stage, keys in stages.items()
+    ]

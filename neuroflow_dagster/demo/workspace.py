@@ -1,0 +1,100 @@
+"""The demo workspace behind `make demo`: real and synthetic DICOM, a mapping, a config.
+
+What lands in `incoming/` (each folder is copied in a hidden staging folder
+first and renamed into place, as a careful scanner export would do):
+
+- 20240115_1430, 20240301_0900 (DEMO_01): synthetic T1w + 12-direction DWI (tensor phantom): all 4 stages.
+- 20240212_1015 (75): synthetic T1w + 20-direction DWI: all 4 stages.
+- 20240220_1100 (75): REAL Siemens Prisma DWI from heudiconv's test data: BIDS and QSIPrep; the
+  reconstruction refuses it with the reason (one diffusion direction cannot fit a tensor).
+- 20240305_0800 (DEMO_02): only corrupt files: the protocol check fails, nothing is converted.
+- 20240410_1200: not in the mapping: held as unmapped.
+
+Subject codes follow requirements §1: `DEMO_01` -> `DEMO01`, `75` -> `0075`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from neuroflow_dagster.demo import sources, synth
+
+MAPPING = {
+    "20240115_1430": "DEMO_01",
+    "20240301_0900": "DEMO_01",
+    "20240212_1015": "75",
+    "20240220_1100": "75",
+    "20240305_0800": "DEMO_02",
+    "20240601_0930": "DEMO_01",  # the late session (see schedule_late_session)
+}
+LATE_SCAN_ID = "20240601_0930"
+
+
+def _stage_then_move(incoming: Path, scan_id: str, writer) -> None:  # type: ignore[no-untyped-def]
+    """Write into a hidden folder (discovery skips it), then one rename: never a half-copied session."""
+    final = incoming / scan_id
+    if final.exists():
+        return
+    staging = incoming / f".staging-{scan_id}"
+    shutil.rmtree(staging, ignore_errors=True)
+    writer(staging)
+    os.rename(staging, final)
+
+
+def write_demo_sessions(incoming: Path) -> None:
+    incoming.mkdir(parents=True, exist_ok=True)
+
+    def synthetic(seed: int, n_directions: int, when: datetime, patient: str):  # type: ignore[no-untyped-def]
+        return lambda d: synth.write_session(d, seed=seed, n_directions=n_directions, acquired=when, patient_id=patient)
+
+    _stage_then_move(incoming, "20240115_1430", synthetic(1, 12, datetime(2024, 1, 15, 14, 30), "DEMO01"))
+    _stage_then_move(incoming, "20240301_0900", synthetic(2, 12, datetime(2024, 3, 1, 9, 0), "DEMO01"))
+    _stage_then_move(incoming, "20240212_1015", synthetic(3, 20, datetime(2024, 2, 12, 10, 15), "0075"))
+    _stage_then_move(incoming, "20240220_1100", lambda d: sources.copy_real_session(d, "b0dwiForFmap"))
+    _stage_then_move(incoming, "20240305_0800", lambda d: synth.write_corrupt_files(d, 12))
+    _stage_then_move(incoming, "20240410_1200", synthetic(5, 12, datetime(2024, 4, 10, 12, 0), "UNKNOWN"))
+
+
+def write_late_session(incoming: Path) -> None:
+    _stage_then_move(
+        incoming,
+        LATE_SCAN_ID,
+        lambda d: synth.write_session(
+            d, seed=6, n_directions=12, acquired=datetime(2024, 6, 1, 9, 30), patient_id="DEMO01"
+        ),
+    )
+
+
+def schedule_late_session(directory: Path, after_seconds: float) -> threading.Thread:
+    """Drop the late third session of DEMO_01 after a while, to show the subject-wide re-run."""
+
+    def later() -> None:
+        time.sleep(after_seconds)
+        write_late_session(directory / "incoming")
+        print(f"[demo] dropped late session {LATE_SCAN_ID} (DEMO_01, third session)", flush=True)
+
+    thread = threading.Thread(target=later, daemon=True)
+    thread.start()
+    return thread
+
+
+def build_demo_workspace(directory: Path, *, reset: bool = False, sessions: bool = True) -> Path:
+    """Create (or reuse) the demo workspace; returns its neuroflow.yaml."""
+    from neuroflow_dagster.cli import init_workspace
+
+    if reset and directory.exists():
+        shutil.rmtree(directory)
+    config = directory / "neuroflow.yaml"
+    if not config.exists():
+        # Seconds, not hours: the demo's folders are written by a rename, never half-copied.
+        init_workspace(directory, stability_minutes=0.1, interval_seconds=5)
+    mapping = directory / "mapping.csv"
+    mapping.write_text("ScanID,SubjectCode\n" + "".join(f"{k},{v}\n" for k, v in MAPPING.items()), encoding="utf-8")
+    if sessions:
+        write_demo_sessions(directory / "incoming")
+    return config

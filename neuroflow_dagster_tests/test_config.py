@@ -1,0 +1,126 @@
+"""Configuration: search order, env overrides, and errors that name the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from neuroflow_dagster.cli import init_workspace, main
+from neuroflow_dagster.config import ConfigError, check_paths, find_config_file, load_config
+
+
+def test_init_writes_a_config_that_validates(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path / "ws")
+    config = load_config(path, environ={})
+    assert config.paths.dicom_incoming == (tmp_path / "ws" / "incoming").resolve()
+    assert config.discovery.stability_wait_minutes == 180
+    assert config.pipelines.qsiprep.max_concurrent == 1
+    assert config.pipelines.bids_conversion.heuristic == "neuroflow_default"
+    assert check_paths(config) == []
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = init_workspace(tmp_path / "ws")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, environ={})
+    assert config.paths.bids_root == (tmp_path / "ws" / "bids").resolve()
+
+
+def test_unknown_key_is_named_with_the_file(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+    path.write_text(path.read_text().replace("stability_wait_minutes:", "stability_wait_minuts:"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert "discovery.stability_wait_minuts: unknown key" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_required_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "neuroflow.yaml"
+    path.write_text("paths:\n  dicom_incoming: in\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert "paths.bids_root: required key is missing" in str(err.value)
+
+
+def test_bad_value_is_named(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+    path.write_text(path.read_text().replace("layout: flat", "layout: sideways"))
+    with pytest.raises(ConfigError, match=r"discovery\.layout"):
+        load_config(path, environ={})
+
+
+def test_bad_regex_is_named(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+    path.write_text(path.read_text().replace('".*DTI.*|.*DWI.*|.*diffusion.*"', '"(unclosed"'))
+    with pytest.raises(ConfigError, match=r"protocol\.optional_scans\.0\.series_description_pattern"):
+        load_config(path, environ={})
+
+
+def test_env_overrides_every_level(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+    env = {
+        "NEUROFLOW_DISCOVERY__STABILITY_WAIT_MINUTES": "30",
+        "NEUROFLOW_PIPELINES__QSIPREP__RUNTIME": "docker",
+        "NEUROFLOW_PIPELINES__QSIPREP__ANATOMICAL_TEMPLATE": "[MNI152NLin6Asym]",
+        "NEUROFLOW_MAPPING__GOOGLE_SHEET__SPREADSHEET_KEY": "abc",
+        "NEUROFLOW_MAPPING__GOOGLE_SHEET__SERVICE_ACCOUNT_FILE": "sa.json",
+    }
+    config = load_config(path, environ=env)
+    assert config.discovery.stability_wait_minutes == 30
+    assert config.pipelines.qsiprep.runtime == "docker"
+    assert config.pipelines.qsiprep.anatomical_template == ["MNI152NLin6Asym"]
+    assert config.mapping.google_sheet is not None
+    assert config.mapping.google_sheet.worksheet_name == "Sheet1"
+    assert config.mapping.google_sheet.service_account_file == (tmp_path / "sa.json").resolve()
+
+
+def test_env_override_with_a_typo_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={"NEUROFLOW_DISCOVERY__INTERVAL_SECOND": "5"})
+    assert "discovery.interval_second: unknown key" in str(err.value)
+    assert "environment overrides" in str(err.value)
+
+
+def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a = init_workspace(tmp_path / "a")
+    b = init_workspace(tmp_path / "b")
+    monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.delenv("NEUROFLOW_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert find_config_file() == Path("neuroflow.yaml").resolve() == a
+    monkeypatch.setenv("NEUROFLOW_CONFIG", str(b))
+    assert find_config_file() == b
+    assert find_config_file(a) == a
+    with pytest.raises(ConfigError, match="given with --config"):
+        find_config_file(tmp_path / "nope.yaml")
+
+
+def test_no_config_anywhere_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NEUROFLOW_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if Path("/etc/neuroflow/neuroflow.yaml").exists():
+        pytest.skip("a system-wide config exists on this machine")
+    with pytest.raises(ConfigError, match="neuroflow init"):
+        find_config_file()
+
+
+def test_check_paths_reports_each_problem(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+    (tmp_path / "incoming").rmdir()
+    (tmp_path / "mapping.csv").unlink()
+    problems = check_paths(load_config(path, environ={}))
+    assert any(p.startswith("paths.dicom_incoming:") for p in problems)
+    assert any(p.startswith("mapping.csv_file:") for p in problems)
+
+
+def test_cli_config_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = init_workspace(tmp_path)
+    assert main(["--config", str(path), "config", "validate"]) == 0
+    path.write_text(path.read_text() + "\nbogus_section: {}\n")
+    assert main(["--config", str(path), "config", "validate"]) == 2
+    assert "bogus_section: unknown key" in capsys.readouterr().err
+    assert main(["config", "frobnicate"]) == 5

@@ -1,0 +1,47 @@
+"""Helpers that build a neuroflow workspace (config + folders) for the Dagster-layer tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neuroflow_dagster.cli import init_workspace
+from neuroflow_dagster.config import NeuroflowConfig, load_config
+
+
+def make_workspace(
+    root: Path, overrides: dict[str, Any] | None = None, mapping: dict[str, str] | None = None
+) -> NeuroflowConfig:
+    """`neuroflow init` in `root`, with nested `overrides` merged into the YAML; returns the loaded config."""
+    path = init_workspace(root, stability_minutes=0, interval_seconds=5, force=True)
+    data = yaml.safe_load(path.read_text())
+    for dotted, value in _flatten(overrides or {}):
+        node = data
+        *parents, last = dotted
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    if mapping is not None:
+        write_mapping(root / "mapping.csv", mapping)
+    return load_config(path, environ={})
+
+
+def write_mapping(path: Path, mapping: dict[str, str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ScanID", "SubjectCode"])
+        writer.writerows(mapping.items())
+
+
+def _flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    out: list[tuple[tuple[str, ...], Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.extend(_flatten(value, (*prefix, key)))
+        else:
+            out.append(((*prefix, key), value))
+    return out
