@@ -60,6 +60,9 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
         sensors=[build_discovery_sensor(config), *build_automation_sensors(config)],
         jobs=stage_jobs(),
         resources={"neuroflow": NeuroflowResource(config_file=str(config.source))},
+        # One step per run here: running it in the run worker saves a process start per run. Scaling out
+        # beyond one machine swaps the run launcher (Docker, Kubernetes) or this executor (Celery).
+        executor=dg.in_process_executor,
     )
 
 

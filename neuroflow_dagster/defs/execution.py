@@ -1,9 +1,13 @@
 """Runs a ToolSpec from inside an asset: runtime choice, logs, timeouts, failure classes.
 
 Every stage goes through `execute_spec`, so every run records the same
-things (requirements §4) and fails the same way: a retryable failure class
-lets the asset's RetryPolicy retry; validation and configuration failures
-raise `Failure(allow_retries=False)` with the reason, so Dagster stops at once.
+things (requirements §4) and fails the same way: a transient or resource
+failure raises `RetryRequested` with the §6 delay for this attempt
+(300 s x 2^(n-1), capped, +-20 %), so Dagster retries the step in the same
+run; validation, configuration and tool failures raise
+`Failure(allow_retries=False)` with the reason, so Dagster stops at once.
+When the retries are spent the last Failure (with its metadata) is what the
+run reports.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.runtimes import get_runtime
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
-from neuroflow_dagster.runtimes.failures import is_retryable, retry_policy_from_config
+from neuroflow_dagster.runtimes.failures import is_retryable, retry_delay
 from neuroflow_dagster.tools.spec import ToolSpec
 
 STATUS_KEY = "neuroflow/status"
@@ -68,14 +72,7 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
             context=context,
         )
     except ToolRunError as exc:
-        meta = record_metadata(exc.record, spec)
-        meta[FAILURE_CLASS_KEY] = exc.failure_class
-        retry = is_retryable(exc.failure_class)
-        raise dg.Failure(
-            description=f"{stage} failed [{exc.failure_class}{', will retry' if retry else ', not retried'}]: {exc}",
-            metadata=meta,
-            allow_retries=retry,
-        ) from exc
+        raise classified_failure(context, stage_cfg.retry, stage, spec, exc) from exc
     missing = spec.missing_outputs()
     if missing:
         meta = record_metadata(record, spec)
@@ -89,5 +86,24 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
     return record
 
 
-def stage_retry_policy(config: NeuroflowConfig, stage: str) -> dg.RetryPolicy:
-    return retry_policy_from_config(config.stage(stage).retry)
+def classified_failure(
+    context: dg.AssetExecutionContext, retry: Any, stage: str, spec: ToolSpec, exc: ToolRunError
+) -> Exception:
+    """RetryRequested for a retryable class with attempts left, else Failure(allow_retries=False)."""
+    failure_class = str(getattr(exc.failure_class, "value", exc.failure_class))
+    meta = record_metadata(exc.record, spec)
+    meta[FAILURE_CLASS_KEY] = failure_class
+    attempt = context.retry_number + 1
+    retryable = is_retryable(failure_class)
+    will_retry = retryable and attempt <= retry.max_retries
+    note = f"attempt {attempt}/{retry.max_retries + 1}" + (", will retry" if will_retry else ", not retried")
+    failure = dg.Failure(
+        description=f"{stage} failed [{failure_class}; {note}]: {exc}", metadata=meta, allow_retries=False
+    )
+    if not will_retry:
+        return failure
+    wait = retry_delay(attempt, retry)
+    context.log.warning(f"{stage}: {failure_class} failure, retrying in {wait:.0f}s: {exc}")
+    requested = dg.RetryRequested(max_retries=retry.max_retries, seconds_to_wait=wait)
+    requested.__cause__ = failure
+    return requested

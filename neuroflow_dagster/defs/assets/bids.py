@@ -18,7 +18,7 @@ from neuroflow_dagster.bids import dataset, validator
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata, stage_retry_policy
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.tools import heudiconv
@@ -54,7 +54,6 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"bids"},
         pool=STAGE,
         code_version=heudiconv.code_version(config),
-        retry_policy=stage_retry_policy(config, STAGE),
         automation_condition=automation.bids_condition(),
         check_specs=[
             dg.AssetCheckSpec(

@@ -6,7 +6,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import not_applicable, session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata, stage_retry_policy
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.tools import layout, qsiparc
@@ -25,7 +25,6 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
         pool=STAGE,
         code_version=qsiparc.code_version(config),
-        retry_policy=stage_retry_policy(config, STAGE),
         automation_condition=automation.qsiparc_condition(),
         description="Per-region statistics of the session's diffusion maps (QSIParc layout).",
     )

@@ -13,7 +13,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.bids import validation_passed
 from neuroflow_dagster.defs.assets.common import not_applicable
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata, stage_retry_policy
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import subject_of_session, subjects_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.discovery.exclusions import load_exclusions
@@ -57,7 +57,6 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
         pool=STAGE,
         code_version=qsiprep.code_version(config),
-        retry_policy=stage_retry_policy(config, STAGE),
         automation_condition=automation.qsiprep_condition(stage_cfg.trigger, stage_cfg.cron),
         description=f"{tool_name} over all of the subject's diffusion sessions (one anatomical template); "
         "re-runs whenever the subject gains a session.",

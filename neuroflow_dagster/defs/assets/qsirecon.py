@@ -6,7 +6,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import not_applicable, session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata, stage_retry_policy
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.tools import layout, qsirecon
@@ -44,7 +44,6 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
         pool=STAGE,
         code_version=qsirecon.code_version(config),
-        retry_policy=stage_retry_policy(config, STAGE),
         automation_condition=automation.qsirecon_condition(),
         description=f"{tool_name} ({stage_cfg.recon_spec}) for one session, after each QSIPrep of its subject.",
     )

@@ -1,0 +1,257 @@
+"""Failure alerts: a Slack webhook post and/or an e-mail when a stage run fails (never on success).
+
+A `run_failure_sensor` (running by default) reads what the run already
+records: the run's tags (stage, partition) and the STEP_FAILURE event's
+user metadata written by `execute_spec` (failure class, log tail, log path).
+A run the monitoring daemon killed (max runtime exceeded, worker lost) has no
+step failure; the alert then carries the run's own failure message.
+
+Secrets never sit in neuroflow.yaml: the config names the environment
+variables that hold the webhook URL and the SMTP credentials. Delivery has
+short timeouts so a dead mail server cannot stall the daemon; when every
+configured channel fails the tick fails (visible in the UI, retried on the
+next tick), when one of two fails it is logged and the other one is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import smtplib
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+import dagster as dg
+
+from neuroflow_dagster.config import EmailConfig, NeuroflowConfig
+from neuroflow_dagster.defs.automation import BIDS, QSIPARC, QSIPREP, QSIRECON
+from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
+from neuroflow_dagster.defs.partitions import SESSION_DIM, SUBJECT_DIM
+
+SENSOR_NAME = "neuroflow_failure_alerts"
+STAGE_TAG = "neuroflow/stage"
+STAGE_OF_ASSET = {BIDS: "bids_conversion", QSIPREP: "qsiprep", QSIRECON: "qsirecon", QSIPARC: "qsiparc"}
+TIMEOUT_S = 15.0
+MAX_TAIL_CHARS = 3000
+
+
+class AlertDeliveryError(Exception):
+    """Every configured channel failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class FailureAlert:
+    stage: str
+    subject: str | None
+    session: str | None
+    failure_class: str
+    reason: str
+    run_id: str
+    job_name: str
+    log_path: str | None = None
+    log_tail: str | None = None
+
+    @property
+    def where(self) -> str:
+        if self.subject and self.session:
+            return f"sub-{self.subject} ses-{self.session}"
+        if self.subject:
+            return f"sub-{self.subject} (all sessions)"
+        return "no partition"
+
+    def title(self) -> str:
+        return f"[neuroflow] {self.stage} failed: {self.where} ({self.failure_class})"
+
+    def text(self) -> str:
+        lines = [
+            self.title(),
+            f"stage: {self.stage}",
+            f"subject: {self.subject or '-'}",
+            f"session: {self.session or '-'}",
+            f"failure class: {self.failure_class}",
+            f"reason: {self.reason}",
+            f"run: {self.run_id} (job {self.job_name})",
+            f"log file: {self.log_path or '-'}",
+        ]
+        if self.log_tail:
+            lines += ["log tail:", "```", self.log_tail, "```"]
+        return "\n".join(lines)
+
+
+def _stage_of_run(run: dg.DagsterRun) -> str | None:
+    """The stage tag when the run has one; else the stage asset it materialized (UI launches have no tag)."""
+    tagged = run.tags.get(STAGE_TAG)
+    if tagged:
+        return tagged if tagged in STAGE_OF_ASSET.values() else None
+    for key in run.asset_selection or ():
+        if key in STAGE_OF_ASSET:
+            return STAGE_OF_ASSET[key]
+    return None
+
+
+def _partition_of_run(run: dg.DagsterRun) -> tuple[str | None, str | None]:
+    tags = run.tags
+    subject = tags.get(f"dagster/partition/{SUBJECT_DIM}")
+    session = tags.get(f"dagster/partition/{SESSION_DIM}")
+    if subject:
+        return subject, session
+    partition = tags.get("dagster/partition")
+    if partition and "|" in partition:
+        from neuroflow_dagster.defs.partitions import split_session_key
+
+        try:
+            return split_session_key(partition)
+        except Exception:  # a key from another partitioning: show it as is
+            return partition, None
+    return partition, None
+
+
+def _plain(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def _strip_fence(text: str) -> str:
+    text = text.strip()
+    if text.startswith("```"):
+        text = text[3:]
+    if text.endswith("```"):
+        text = text[:-3]
+    return text.strip("\n")
+
+
+def alert_from_failure(
+    run: dg.DagsterRun, step_failures: list[dg.DagsterEvent], run_failure_message: str | None
+) -> FailureAlert | None:
+    """What the alert says, from the failed run and its step failures; None if not a stage run."""
+    stage = _stage_of_run(run)
+    if stage is None:
+        return None
+    subject, session = _partition_of_run(run)
+    failure_class = "run"
+    reason = (run_failure_message or "the run failed").strip()
+    log_path = log_tail = None
+    if step_failures:
+        data = step_failures[-1].step_failure_data
+        user = data.user_failure_data if data else None
+        meta = {k: _plain(v) for k, v in (user.metadata if user else {}).items()}
+        failure_class = str(meta.get(FAILURE_CLASS_KEY) or "error")
+        if user and user.description:
+            reason = user.description
+        elif data and data.error:
+            reason = data.error.message.strip()
+        log_path = str(meta["log_path"]) if meta.get("log_path") else None
+        tail = meta.get("log_tail")
+        log_tail = _strip_fence(str(tail))[-MAX_TAIL_CHARS:] if tail else None
+    elif "maximum runtime" in reason:
+        failure_class = "max_runtime"
+    return FailureAlert(
+        stage=stage,
+        subject=subject,
+        session=session,
+        failure_class=failure_class,
+        reason=reason[:2000],
+        run_id=run.run_id,
+        job_name=run.job_name,
+        log_path=log_path,
+        log_tail=log_tail,
+    )
+
+
+def _env(environ: Mapping[str, str], name: str, what: str) -> str:
+    value = environ.get(name, "")
+    if not value:
+        raise AlertDeliveryError(f"{what}: environment variable {name} is not set")
+    return value
+
+
+def post_slack(url: str, text: str, timeout: float = TIMEOUT_S) -> None:
+    """POST {"text": ...} to an incoming-webhook URL; raise naming the status or the network error."""
+    request = urllib.request.Request(
+        url, data=json.dumps({"text": text}).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if not 200 <= response.status < 300:
+                raise AlertDeliveryError(f"Slack webhook answered HTTP {response.status}")
+    except urllib.error.HTTPError as exc:
+        raise AlertDeliveryError(f"Slack webhook answered HTTP {exc.code}: {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise AlertDeliveryError(f"Slack webhook not reachable: {exc}") from exc
+
+
+def send_email(
+    cfg: EmailConfig, subject: str, body: str, environ: Mapping[str, str], timeout: float = TIMEOUT_S
+) -> None:
+    """One plain-text message to every recipient; STARTTLS and login when configured."""
+    message = EmailMessage()
+    message["Subject"] = subject
+    message["From"] = cfg.sender
+    message["To"] = ", ".join(cfg.recipients)
+    message.set_content(body)
+    user = _env(environ, cfg.username_env, "e-mail username") if cfg.username_env else None
+    password = _env(environ, cfg.password_env, "e-mail password") if cfg.password_env else None
+    try:
+        with smtplib.SMTP(cfg.smtp_host, cfg.smtp_port, timeout=timeout) as smtp:
+            smtp.ehlo()
+            if cfg.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            if user is not None or password is not None:
+                smtp.login(user or "", password or "")
+            smtp.send_message(message)
+    except (smtplib.SMTPException, OSError) as exc:
+        raise AlertDeliveryError(f"e-mail via {cfg.smtp_host}:{cfg.smtp_port} failed: {exc}") from exc
+
+
+def deliver(config: NeuroflowConfig, alert: FailureAlert, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Send on every configured channel; returns the channels that worked; raises if none did."""
+    environ = os.environ if environ is None else environ
+    sent: list[str] = []
+    errors: list[str] = []
+    if config.alerts.slack is not None:
+        try:
+            post_slack(_env(environ, config.alerts.slack.webhook_url_env, "Slack webhook URL"), alert.text())
+            sent.append("slack")
+        except AlertDeliveryError as exc:
+            errors.append(str(exc))
+    if config.alerts.email is not None:
+        try:
+            send_email(config.alerts.email, alert.title(), alert.text(), environ)
+            sent.append("email")
+        except AlertDeliveryError as exc:
+            errors.append(str(exc))
+    if errors and not sent:
+        raise AlertDeliveryError(f"alert for run {alert.run_id} not delivered: " + "; ".join(errors))
+    if errors:
+        dg.get_dagster_logger().warning(f"alert for run {alert.run_id}: " + "; ".join(errors))
+    return sent
+
+
+def build_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
+    """The failure-alert sensor, or None when neither Slack nor e-mail is configured."""
+    if config.alerts.slack is None and config.alerts.email is None:
+        return None
+    channels = [name for name, cfg in (("Slack", config.alerts.slack), ("e-mail", config.alerts.email)) if cfg]
+
+    @dg.run_failure_sensor(
+        name=SENSOR_NAME,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=15,
+        description=f"Sends a {' and '.join(channels)} alert when a stage run fails (not on success).",
+    )
+    def neuroflow_failure_alerts(context: dg.RunFailureSensorContext) -> None:
+        alert = alert_from_failure(
+            context.dagster_run, list(context.get_step_failure_events()), context.failure_event.message
+        )
+        if alert is None:
+            context.log.info(f"run {context.dagster_run.run_id} is not a stage run: no alert")
+            return
+        sent = deliver(config, alert)
+        context.log.info(f"alert for {alert.stage} {alert.where} sent via {', '.join(sent)}")
+
+    return neuroflow_failure_alerts

@@ -1,0 +1,183 @@
+"""Tick-by-tick automation: what each stage requests as sessions arrive, convert, fail or are blocked.
+
+Drives Dagster's own evaluator (`evaluate_automation_conditions`) over the
+project's real Definitions on a temporary instance. Stage runs are simulated
+by reporting their materializations and check results, so each tick's
+decision is seen in isolation. (The serialized graph the daemon uses is
+exercised by test_daemon_e2e.py.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from neuroflow_dagster.definitions import build_definitions
+from neuroflow_dagster.defs.assets.bids import VALIDATOR_CHECK
+from neuroflow_dagster.defs.automation import BIDS, DICOM, QSIPARC, QSIPREP, QSIRECON
+from neuroflow_dagster.defs.partitions import session_partitions
+from neuroflow_dagster.defs.sensors import PROTOCOL_CHECK
+from neuroflow_dagster_tests.workspace_fixtures import make_workspace
+
+CHECK_OF = {DICOM: PROTOCOL_CHECK, BIDS: VALIDATOR_CHECK}
+
+
+def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, partition: str, passed: bool) -> None:
+    """Record a check result through a real run, as production does (a check run or the asset's run).
+
+    A stand-in check body with the real check's key; the verdict comes from the test.
+    """
+
+    @dg.asset_check(asset=asset, name=name, blocking=True, partitions_def=session_partitions)
+    def stand_in_check() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=passed)
+
+    job = dg.define_asset_job("check", selection=dg.AssetSelection.checks(dg.AssetCheckKey(asset, name)))
+    defs = dg.Definitions(
+        assets=[dg.AssetSpec(asset, partitions_def=session_partitions)], asset_checks=[stand_in_check], jobs=[job]
+    )
+    defs.resolve_job_def("check").execute_in_process(
+        instance=instance, tags={"dagster/partition": partition}, raise_on_error=False
+    )
+
+
+class Harness:
+    """A temporary instance plus the project's definitions and the automation cursor."""
+
+    def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions) -> None:
+        self.instance = instance
+        self.defs = defs
+        # One cursor per automation sensor: like the daemon, each stage's sensor evaluates only its
+        # own assets, so a stage never sees what another stage "will request" in the same tick.
+        self.cursors: dict[dg.AssetKey, Any] = {}
+
+    def arrive(self, subject: str, session: str, *, protocol_ok: bool = True) -> None:
+        self.instance.add_dynamic_partitions("subjects", [subject])
+        self.instance.add_dynamic_partitions("session_labels", [session])
+        self.done(DICOM, f"{session}|{subject}", check_passed=protocol_ok)
+
+    def done(self, key: dg.AssetKey, partition: str, *, check_passed: bool = True) -> None:
+        self.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition))
+        check = CHECK_OF.get(key)
+        if check is not None:
+            run_check(self.instance, key, check, partition, check_passed)
+
+    def tick(self) -> dict[str, set[str]]:
+        requested: dict[str, set[str]] = {}
+        for key in (BIDS, QSIPREP, QSIRECON, QSIPARC):
+            result = dg.evaluate_automation_conditions(
+                defs=self.defs,
+                instance=self.instance,
+                asset_selection=dg.AssetSelection.assets(key),
+                cursor=self.cursors.get(key),
+            )
+            self.cursors[key] = result.cursor
+            partitions = result.get_requested_partitions(key)
+            if partitions:
+                requested[key.to_user_string()] = {str(p) for p in partitions}
+        return requested
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Any:
+    config = make_workspace(tmp_path)
+    defs = build_definitions(config)
+    with dg.instance_for_test() as instance:
+        yield Harness(instance, defs)
+
+
+def test_two_subjects_three_sessions_then_a_late_one(harness: Harness) -> None:
+    h = harness
+    h.tick()  # first evaluation: nothing exists yet
+    h.arrive("A", "01")
+    h.arrive("A", "02")
+    h.arrive("B", "01")
+    assert h.tick() == {"bids_session": {"01|A", "02|A", "01|B"}}  # no phantom "02|B"
+
+    h.done(BIDS, "01|A")
+    h.done(BIDS, "01|B")
+    # B's only session is converted; A still waits for its second one.
+    assert h.tick() == {"qsiprep_subject": {"B"}}
+    h.done(BIDS, "02|A")
+    assert h.tick() == {"qsiprep_subject": {"A"}}  # once per subject, after its whole wave
+    assert h.tick() == {}
+
+    h.done(QSIPREP, "A")
+    h.done(QSIPREP, "B")
+    assert h.tick() == {"qsirecon_session": {"01|A", "02|A", "01|B"}}
+    for key in ("01|A", "02|A", "01|B"):
+        h.done(QSIRECON, key)
+    assert h.tick() == {"qsiparc_session": {"01|A", "02|A", "01|B"}}
+    for key in ("01|A", "02|A", "01|B"):
+        h.done(QSIPARC, key)
+    assert h.tick() == {}
+
+    # A late third session of A: its BIDS, then A's QSIPrep again, then recon/parc of ALL of A's sessions.
+    h.arrive("A", "03")
+    assert h.tick() == {"bids_session": {"03|A"}}
+    assert h.tick() == {}  # QSIPrep waits for the new session's conversion; recon never runs on stale QSIPrep
+    h.done(BIDS, "03|A")
+    assert h.tick() == {"qsiprep_subject": {"A"}}
+    h.done(QSIPREP, "A")
+    assert h.tick() == {"qsirecon_session": {"01|A", "02|A", "03|A"}}
+    for key in ("01|A", "02|A", "03|A"):
+        h.done(QSIRECON, key)
+    assert h.tick() == {"qsiparc_session": {"01|A", "02|A", "03|A"}}
+
+
+def test_failed_protocol_check_blocks_the_session_but_not_its_subject(harness: Harness) -> None:
+    h = harness
+    h.tick()
+    h.arrive("A", "01")
+    h.arrive("A", "02", protocol_ok=False)
+    assert h.tick() == {"bids_session": {"01|A"}}
+    h.done(BIDS, "01|A")
+    assert h.tick() == {"qsiprep_subject": {"A"}}  # the blocked session does not hold the subject back
+    h.done(QSIPREP, "A")
+    assert h.tick() == {"qsirecon_session": {"01|A"}}
+
+
+def test_invalid_bids_blocks_recon_of_that_session(harness: Harness) -> None:
+    h = harness
+    h.tick()
+    h.arrive("A", "01")
+    h.arrive("A", "02")
+    h.tick()
+    h.done(BIDS, "01|A")
+    h.done(BIDS, "02|A", check_passed=False)
+    assert h.tick() == {"qsiprep_subject": {"A"}}
+    h.done(QSIPREP, "A")
+    assert h.tick() == {"qsirecon_session": {"01|A"}}
+
+
+def test_fixed_session_is_converted_after_its_check_passes(harness: Harness) -> None:
+    h = harness
+    h.tick()
+    h.arrive("A", "01", protocol_ok=False)
+    assert h.tick() == {}
+    h.arrive("A", "01", protocol_ok=True)  # the folder changed, was re-reported and passed
+    assert h.tick() == {"bids_session": {"01|A"}}
+
+
+def test_failed_conversion_settles_and_lets_qsiprep_run(harness: Harness) -> None:
+    """A conversion whose run failed for good counts as settled for its subject's QSIPrep."""
+    h = harness
+    h.tick()
+    h.arrive("A", "01")
+    h.arrive("A", "02")
+    h.tick()
+    h.done(BIDS, "01|A")
+    assert h.tick() == {}
+    # A real failed run of the real asset: 02|A is not in the registry, so bids_session refuses it.
+    job = h.defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=h.instance,
+        asset_selection=[BIDS],
+        partition_key="02|A",
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert h.tick() == {"qsiprep_subject": {"A"}}

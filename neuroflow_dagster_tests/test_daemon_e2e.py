@@ -1,0 +1,97 @@
+"""End to end through a real `dagster dev`: folders dropped in, every stage runs by itself.
+
+Real parts: the Dagster daemon (sensors, declarative automation over the
+serialized asset graph, run queue with tag limits and pools), HeudiConv +
+dcm2niix, the BIDS validator. QSIPrep and QSIRecon cannot run without their
+containers here, so the embedded stand-ins run instead (the default config).
+Nothing is launched by hand: the test only writes folders and a mapping.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from neuroflow_dagster.demo import synth
+from neuroflow_dagster.discovery.status_report import read_status_report
+from neuroflow_dagster_tests.daemon_harness import dagster_dev, latest_metadata, materialized, wait_for
+from neuroflow_dagster_tests.workspace_fixtures import make_workspace, write_mapping
+
+pytestmark = pytest.mark.slow
+
+MAPPING = {"20240115_1430": "SUBJ_A", "20240301_0900": "SUBJ_A", "20240212_1015": "B", "20240305_0800": "C"}
+
+
+def drop(incoming: Path, scan_id: str, seed: int, when: datetime) -> None:
+    """Write a session in a hidden folder, then rename it into place (as a careful export does)."""
+    staging = incoming / f".tmp-{scan_id}"
+    synth.write_session(staging, seed=seed, n_directions=12, acquired=when)
+    staging.rename(incoming / scan_id)
+
+
+def overlapping(instance: dg.DagsterInstance, stage: str) -> int:
+    """Largest number of runs of `stage` that were running at the same moment."""
+    records = instance.get_run_records(dg.RunsFilter(tags={"neuroflow/stage": stage}))
+    spans = [(r.start_time, r.end_time or float("inf")) for r in records if r.start_time]
+    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda p: (p[0], p[1]))
+    best = current = 0
+    for _, delta in points:
+        current += delta
+        best = max(best, current)
+    return best
+
+
+def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(tmp_path: Path) -> None:
+    config = make_workspace(
+        tmp_path / "ws",
+        overrides={"discovery": {"stability_wait_minutes": 0, "interval_seconds": 5}},
+        mapping=MAPPING,
+    )
+    incoming = config.paths.dicom_incoming
+    drop(incoming, "20240115_1430", 1, datetime(2024, 1, 15, 14, 30))
+    drop(incoming, "20240301_0900", 2, datetime(2024, 3, 1, 9, 0))
+    drop(incoming, "20240212_1015", 3, datetime(2024, 2, 12, 10, 15))
+    corrupt = incoming / "20240305_0800"
+    synth.write_corrupt_files(corrupt, 12)
+    drop(incoming, "20240410_1200", 4, datetime(2024, 4, 10, 12, 0))  # not mapped yet
+
+    with dagster_dev(config.source, tmp_path / "home") as dev:
+        instance = dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(dev["home"])))
+        done = {"01|SUBJA", "02|SUBJA", "01|000B"}
+        wait_for(
+            "qsiparc_session of the three good sessions",
+            lambda: done <= set(materialized(instance, "qsiparc_session")),
+            timeout=600,
+            log=dev["log"],
+        )
+        assert materialized(instance, "qsiprep_subject") == {"SUBJA": 1, "000B": 1}  # once per subject
+        assert "01|000C" in materialized(instance, "dicom_session")  # the corrupt one is registered...
+        assert "01|000C" not in materialized(instance, "bids_session")  # ...but never converted
+        held = {h["scan_id"]: h["reason"] for h in read_status_report(config)["held"]}
+        assert held == {"20240410_1200": "unmapped"}
+        bids = latest_metadata(instance, "bids_session", "01|SUBJA")
+        assert bids["validator_errors"] == 0
+        assert "dwi" in bids["bids_suffixes"]
+        assert latest_metadata(instance, "qsiprep_subject", "SUBJA")["stand_in"] is True
+        parc = latest_metadata(instance, "qsiparc_session", "01|SUBJA")
+        assert parc["n_tables"] >= 1
+
+        # The operator maps the held ScanID to SUBJ_A: it becomes A's third session.
+        write_mapping(config.mapping.csv_file, {**MAPPING, "20240410_1200": "SUBJ_A"})
+        wait_for(
+            "the late session's parcellation and the re-run of all of SUBJ_A's sessions",
+            lambda: (
+                materialized(instance, "qsiparc_session").get("03|SUBJA")
+                and all(materialized(instance, "qsiparc_session").get(k, 0) >= 2 for k in ("01|SUBJA", "02|SUBJA"))
+            ),
+            timeout=480,
+            log=dev["log"],
+        )
+        assert materialized(instance, "qsiprep_subject") == {"SUBJA": 2, "000B": 1}
+        recon = materialized(instance, "qsirecon_session")
+        assert recon["01|SUBJA"] == recon["02|SUBJA"] == 2 and recon["03|SUBJA"] == 1
+        assert recon["01|000B"] == 1  # the other subject is left alone
+        assert overlapping(instance, "qsiprep") <= 1
