@@ -1,0 +1,1 @@
+"""BIDS side of neuroflow: the dataset writer (dataset) and the real validator (validator)."""

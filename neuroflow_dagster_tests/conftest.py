@@ -1,0 +1,77 @@
+"""Shared, generic fixtures: synthetic and real DICOM session folders, a minimal config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.demo import sources, synth
+from neuroflow_dagster.tools.spec import ToolSpec
+
+
+@pytest.fixture
+def synth_dwi_session(tmp_path: Path) -> synth.SynthSession:
+    """A synthetic session folder (T1w + 12-direction DWI tensor phantom, seed 0) under tmp_path."""
+    return synth.write_session(tmp_path / "dicom" / "20240115_1430", seed=0)
+
+
+@pytest.fixture
+def real_dicom_dir(tmp_path: Path) -> Path:
+    """A copy of HeudiConv's real Siemens Prisma DWI (b0dwiForFmap) as a session folder."""
+    folder = tmp_path / "dicom" / "20240220_1100"
+    try:
+        sources.copy_real_session(folder, "b0dwiForFmap")
+    except sources.SourceNotAvailable as exc:  # pragma: no cover - heudiconv is a core dependency
+        pytest.fail(f"real DICOM missing: {exc}")
+    return folder
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., NeuroflowConfig]:
+    """Factory: a valid NeuroflowConfig rooted in tmp_path; keyword sections override the defaults."""
+
+    def build(**sections: Any) -> NeuroflowConfig:
+        data: dict[str, Any] = {
+            "paths": {
+                "dicom_incoming": str(tmp_path / "dicom"),
+                "bids_root": str(tmp_path / "bids"),
+                "derivatives": str(tmp_path / "derivatives"),
+                "work_dir": str(tmp_path / "work"),
+                "log_dir": str(tmp_path / "logs"),
+            }
+        }
+        data.update(sections)
+        return NeuroflowConfig.model_validate(data)
+
+    return build
+
+
+def _run_spec_locally(spec: ToolSpec, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
+    """Run a ToolSpec as the local runtime does (argv list, env overrides, cwd created); fail with its log."""
+    if spec.workdir is not None:
+        Path(spec.workdir).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        list(spec.argv),
+        env={**os.environ, **spec.env},
+        cwd=spec.workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        pytest.fail(f"{spec.tool} exited {proc.returncode}: {spec.command_line()}\n{tail}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run_spec() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run a ToolSpec locally (real tool, no Dagster): the boundary the local runtime uses."""
+    return _run_spec_locally
