@@ -1,0 +1,470 @@
+"""Run a ToolSpec in a Docker container, through dagster-docker's Pipes client when in Dagster.
+
+With a Dagster ``context`` the container is started by ``PipesDockerClient``:
+its output reaches the run (plain lines go to the step's captured stdout, and
+a Pipes-speaking process can report logs, metadata and materializations),
+while a plain BIDS-app image without dagster-pipes still just works (logs
+only). Without a context - CLI, tests - the same ``containers.create`` call is
+made directly. Either way:
+
+- the image must be pinned (a tag other than ``latest``, or a digest): a
+  moving tag makes two runs of "the same" pipeline different tools;
+- ``argv[0]`` becomes the entrypoint and ``argv[1:]`` the command, so argv
+  means the same as for apptainer exec and local runs, whatever ENTRYPOINT
+  the image declares (BIDS-app images declare one);
+- mounts are ``host:container:ro|rw`` binds, the user is the configured
+  ``uid:gid`` or the worker's own (outputs stay owned by the operator, not
+  root), cpus/memory become ``nano_cpus``/``mem_limit``;
+- the container is removed afterwards (the Pipes client stops it but leaves
+  it; ``auto_remove`` would race with the client's ``wait()`` and ``stop()``
+  calls after the output ends, which then hit a container that is gone);
+- the image digest (RepoDigests, else the local image id) is recorded.
+
+Importing this module needs the ``docker`` package; dagster-docker is only
+imported when a context is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+
+from neuroflow_dagster.runtimes.base import LogFn, RunRecord, ToolRunError
+from neuroflow_dagster.runtimes.failures import FailureClass, classify
+from neuroflow_dagster.runtimes.local import (
+    DEFAULT_KILL_GRACE_S,
+    LineSplitter,
+    LogSink,
+    _fmt_s,
+    _timeouts,
+    exit_failure,
+    fail,
+    new_record,
+    succeed,
+)
+from neuroflow_dagster.tools.spec import Mount, ToolSpec
+
+LABEL_TOOL = "org.neuroflow.tool"
+LABEL_LOG = "org.neuroflow.log"
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def image_problem(image: str | None) -> str | None:
+    """Why ``image`` may not be used (None if it is pinned): untagged and ``:latest`` move."""
+    if not image:
+        return "no container image configured"
+    if "@sha256:" in image:
+        return None
+    name = image.rsplit("/", 1)[-1]
+    if ":" not in name:
+        return f"image {image!r} has no tag; pin a version (e.g. {image}:1.1.1) or a digest (@sha256:...)"
+    tag = name.rsplit(":", 1)[1]
+    if not tag or tag == "latest":
+        return f"image {image!r} uses the moving tag 'latest'; pin a version or a digest (@sha256:...)"
+    return None
+
+
+def mount_problem(mount: Mount) -> str | None:
+    """Bind specs are ``host:container:mode``, comma-separated for apptainer: those characters break them."""
+    for side, path in (("host", str(mount.host)), ("container", mount.container)):
+        if ":" in path or "," in path:
+            return f"mount {side} path {path!r} contains ':' or ',' which bind specifications cannot carry"
+    if not mount.container.startswith("/"):
+        return f"mount container path {mount.container!r} must be absolute"
+    return None
+
+
+def container_user(stage: Any | None) -> str:
+    user = getattr(stage, "user", None)
+    return user if user else f"{os.getuid()}:{os.getgid()}"
+
+
+def bind_spec(mount: Mount) -> str:
+    return f"{mount.host}:{mount.container}:{'ro' if mount.read_only else 'rw'}"
+
+
+def resolve_image(spec: ToolSpec, stage: Any | None) -> str | None:
+    return spec.image or getattr(stage, "image", None)
+
+
+def container_kwargs(spec: ToolSpec, stage: Any | None, log_path: Path | None = None) -> dict[str, Any]:
+    """Everything for ``containers.create`` except image, command and environment."""
+    kwargs: dict[str, Any] = {
+        "entrypoint": [spec.argv[0]] if spec.argv else None,
+        "volumes": [bind_spec(m) for m in spec.mounts],
+        "user": container_user(stage),
+        "labels": {LABEL_TOOL: spec.tool},
+    }
+    if log_path is not None:
+        kwargs["labels"][LABEL_LOG] = str(log_path)
+    if spec.workdir is not None:
+        kwargs["working_dir"] = str(spec.workdir)
+    cpus = getattr(stage, "cpus", None)
+    if cpus:
+        kwargs["nano_cpus"] = round(cpus * 1e9)
+    memory_mb = getattr(stage, "memory_mb", None)
+    if memory_mb:
+        kwargs["mem_limit"] = f"{memory_mb}m"
+    return kwargs
+
+
+def docker_run_argv(spec: ToolSpec, stage_config: Any | None, *, image: str | None = None) -> list[str]:
+    """The ``docker run`` command equivalent to what this runtime does through the API."""
+    image = image or resolve_image(spec, stage_config) or "<no image>"
+    argv = ["docker", "run", "--rm", "--user", container_user(stage_config)]
+    cpus = getattr(stage_config, "cpus", None)
+    if cpus:
+        argv += ["--cpus", f"{cpus:g}"]
+    memory_mb = getattr(stage_config, "memory_mb", None)
+    if memory_mb:
+        argv += ["--memory", f"{memory_mb}m"]
+    for mount in spec.mounts:
+        argv += ["-v", bind_spec(mount)]
+    for key, value in spec.env.items():
+        argv += ["-e", f"{key}={value}"]
+    if spec.workdir is not None:
+        argv += ["-w", str(spec.workdir)]
+    argv += ["--label", f"{LABEL_TOOL}={spec.tool}"]
+    if spec.argv:
+        argv += ["--entrypoint", spec.argv[0], image, *spec.argv[1:]]
+    else:
+        argv.append(image)
+    return argv
+
+
+# --------------------------------------------------------------------------- watchdog
+
+
+class _Watchdog:
+    """Soft warning and hard stop for a container, from a thread (the main one is reading logs)."""
+
+    def __init__(self, sink: LogSink, timeout_s: float | None, soft_timeout_s: float | None,
+                 grace_s: float, get_container: Callable[[], Any]) -> None:
+        self.sink = sink
+        self.timeout_s = timeout_s
+        self.soft_timeout_s = soft_timeout_s
+        self.grace_s = grace_s
+        self.get_container = get_container
+        self.timed_out = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="neuroflow-docker-watchdog")
+        self._started = time.monotonic()
+
+    def start(self) -> _Watchdog:
+        if self.timeout_s is not None or self.soft_timeout_s is not None:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.grace_s + 15)
+
+    def _watch(self) -> None:
+        warned = False
+        last_stop = 0.0
+        while not self._done.wait(0.1):
+            elapsed = time.monotonic() - self._started
+            if self.soft_timeout_s is not None and not warned and elapsed >= self.soft_timeout_s:
+                warned = True
+                self.sink.note(f"WARNING soft timeout: still running after {_fmt_s(elapsed)} "
+                               f"(soft limit {_fmt_s(self.soft_timeout_s)}); not stopped")
+            if self.timeout_s is not None and elapsed >= self.timeout_s:
+                if not self.timed_out:
+                    self.timed_out = True
+                    self.sink.note(f"hard timeout of {_fmt_s(self.timeout_s)} reached: stopping the "
+                                   f"container (SIGTERM, SIGKILL after {_fmt_s(self.grace_s)})")
+                container = self.get_container()
+                # Repeat: the container may have been created but not yet started at the first try.
+                if container is not None and time.monotonic() - last_stop > 5:
+                    last_stop = time.monotonic()
+                    try:
+                        container.stop(timeout=max(1, round(self.grace_s)))
+                    except Exception as exc:
+                        self.sink.note(f"stopping the container failed: {exc}")
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def _is_pipes_message(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    from dagster_pipes import PIPES_PROTOCOL_VERSION_FIELD
+
+    if isinstance(message, dict) and PIPES_PROTOCOL_VERSION_FIELD in message:
+        return message
+    return None
+
+
+class DockerRuntime:
+    """Runs a ToolSpec in Docker; see the module docstring for what is enforced and recorded."""
+
+    name = "docker"
+
+    def __init__(
+        self,
+        stage: Any | None = None,
+        *,
+        client: Any | None = None,
+        kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+        registry: dict[str, str] | None = None,
+    ) -> None:
+        self.stage = stage
+        self.client = client  # plain path only; the Pipes client calls docker.client.from_env() itself
+        self.kill_grace_s = kill_grace_s
+        self.registry = registry
+
+    # -- public -----------------------------------------------------------------------------
+
+    def run(
+        self,
+        spec: ToolSpec,
+        *,
+        log_path: Path,
+        timeout_s: float | None = None,
+        soft_timeout_s: float | None = None,
+        log: LogFn | None = None,
+        context: Any | None = None,
+    ) -> RunRecord:
+        """With ``context``: through Dagster Pipes (results other than logs are dropped; an asset
+        that wants what a Pipes-speaking tool reports uses :meth:`run_with_pipes`)."""
+        if context is not None:
+            record, _ = self.run_with_pipes(spec, context=context, log_path=log_path, timeout_s=timeout_s,
+                                            soft_timeout_s=soft_timeout_s, log=log)
+            return record
+        return self._run_plain(spec, log_path=Path(log_path), timeout_s=timeout_s,
+                               soft_timeout_s=soft_timeout_s, log=log)
+
+    def run_with_pipes(
+        self,
+        spec: ToolSpec,
+        *,
+        context: Any,
+        log_path: Path,
+        timeout_s: float | None = None,
+        soft_timeout_s: float | None = None,
+        log: LogFn | None = None,
+    ) -> tuple[RunRecord, Any]:
+        """Run through ``PipesDockerClient``; returns the record and the Pipes invocation.
+
+        The asset must return a MaterializeResult (Pipes puts the step in "typed event stream"
+        mode): e.g. ``invocation.get_materialize_result()`` or one built from the record.
+        """
+        from dagster_docker.pipes import PipesDockerClient, PipesDockerLogsMessageReader
+        from dagster_pipes import DagsterPipesError
+
+        record, sink, image, kwargs = self._prepare(spec, Path(log_path), log)
+        timeout_s, soft_timeout_s = _timeouts(self.stage, timeout_s, soft_timeout_s)
+        captured: dict[str, Any] = {}
+
+        class _TeeReader(PipesDockerLogsMessageReader):
+            """Pipes' log reader, but every line also goes to our log file, ``log`` and tail."""
+
+            def consume_docker_logs(self, container: Any) -> None:
+                handler = self._handler
+                assert handler is not None, "logs consumed outside the Pipes session"
+                splitter = LineSplitter()
+                for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True):
+                    for line in splitter.feed(chunk):
+                        self._one(handler, line)
+                for line in splitter.flush():
+                    self._one(handler, line)
+
+            def _one(self, handler: Any, line: str) -> None:
+                message = _is_pipes_message(line)
+                if message is not None:
+                    sink.write_raw(line)
+                    handler.handle_message(message)
+                else:
+                    sink.line(line)
+                    sys.stdout.write(line + "\n")  # compute-log capture, as Pipes does
+
+        watchdog = _Watchdog(sink, timeout_s, soft_timeout_s, self.kill_grace_s,
+                             lambda: captured.get("container"))
+
+        class _Client(PipesDockerClient):
+            def _create_container(self, client: Any, **kw: Any) -> Any:  # type: ignore[override]
+                if watchdog.timed_out:
+                    raise TimeoutError("hard timeout reached before the container was created")
+                container = super()._create_container(client=client, **kw)
+                captured["container"] = container
+                return container
+
+        pipes_client = _Client(message_reader=_TeeReader(), registry=self.registry)
+        invocation = None
+        outcome: BaseException | None = None
+        watchdog.start()
+        try:
+            invocation = pipes_client.run(
+                context=context,
+                image=image,
+                command=list(spec.argv[1:]),
+                env=dict(spec.env),
+                container_kwargs=kwargs,
+            )
+        except (DagsterPipesError, docker.errors.DockerException, TimeoutError) as exc:
+            outcome = exc
+        except BaseException as exc:
+            self._cancelled(record, sink, exc)  # Pipes already called container.stop() in its finally
+            raise
+        finally:
+            watchdog.stop()
+            self._finish_container(record, sink, captured.get("container"))
+        if isinstance(outcome, DagsterPipesError):
+            raise self._exit_failure(record, sink, watchdog) from outcome
+        if outcome is not None:
+            raise self._docker_failure(record, sink, image, outcome, watchdog) from outcome
+        return succeed(record, sink, record.exit_code or 0), invocation
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _prepare(self, spec: ToolSpec, log_path: Path, log: LogFn | None
+                 ) -> tuple[RunRecord, LogSink, str, dict[str, Any]]:
+        image = resolve_image(spec, self.stage)
+        record = new_record(spec, runtime=self.name, command=docker_run_argv(spec, self.stage, image=image),
+                            log_path=log_path, image=image)
+        record.extra["container_command"] = shlex.join(spec.argv)
+        sink = LogSink(log_path, log)
+        sink.note(f"tool {spec.tool} on runtime docker, image {image}")
+        problem = image_problem(image)
+        if problem is None and not spec.argv:
+            problem = "empty command"
+        if problem is None:
+            problem = next((p for p in map(mount_problem, spec.mounts) if p), None)
+        if problem is not None:
+            raise fail(record, sink, f"{spec.tool}: {problem}", FailureClass.CONFIGURATION)
+        sink.note(f"running: {record.command}")
+        return record, sink, str(image), container_kwargs(spec, self.stage, log_path)
+
+    def _run_plain(self, spec: ToolSpec, *, log_path: Path, timeout_s: float | None,
+                   soft_timeout_s: float | None, log: LogFn | None) -> RunRecord:
+        record, sink, image, kwargs = self._prepare(spec, log_path, log)
+        timeout_s, soft_timeout_s = _timeouts(self.stage, timeout_s, soft_timeout_s)
+        captured: dict[str, Any] = {}
+        watchdog = _Watchdog(sink, timeout_s, soft_timeout_s, self.kill_grace_s,
+                             lambda: captured.get("container"))
+        outcome: BaseException | None = None
+        create = {"image": image, "command": list(spec.argv[1:]), "detach": True,
+                  "environment": dict(spec.env), **kwargs}
+        watchdog.start()
+        try:
+            client = self.client if self.client is not None else docker.client.from_env()
+            try:
+                container = client.containers.create(**create)
+            except docker.errors.ImageNotFound:
+                sink.note(f"pulling {image}")
+                client.images.pull(image)
+                container = client.containers.create(**create)
+            captured["container"] = container
+            if watchdog.timed_out:
+                raise TimeoutError("hard timeout reached before the container started")
+            container.start()
+            splitter = LineSplitter()
+            for chunk in container.logs(stdout=True, stderr=True, stream=True, follow=True):
+                for line in splitter.feed(chunk):
+                    sink.line(line)
+            for line in splitter.flush():
+                sink.line(line)
+            status = container.wait()
+            record.exit_code = int(status.get("StatusCode", -1))
+        except (docker.errors.DockerException, TimeoutError) as exc:
+            outcome = exc
+        except BaseException as exc:
+            container = captured.get("container")
+            if container is not None:
+                try:
+                    container.stop(timeout=max(1, round(self.kill_grace_s)))
+                except Exception as stop_exc:
+                    sink.note(f"stopping the container failed: {stop_exc}")
+            self._cancelled(record, sink, exc)
+            raise
+        finally:
+            watchdog.stop()
+            self._finish_container(record, sink, captured.get("container"))
+        if outcome is not None:
+            raise self._docker_failure(record, sink, image, outcome, watchdog) from outcome
+        if record.exit_code != 0:
+            raise self._exit_failure(record, sink, watchdog)
+        return succeed(record, sink, 0)
+
+    def _exit_failure(self, record: RunRecord, sink: LogSink, watchdog: _Watchdog) -> ToolRunError:
+        exit_code = record.exit_code
+        if watchdog.timed_out:
+            record.extra["timed_out"] = True
+            record.extra["timeout_s"] = watchdog.timeout_s
+            return fail(record, sink, f"{record.tool} exceeded its hard timeout of "
+                        f"{_fmt_s(watchdog.timeout_s or 0)} and was stopped (log: {record.log_path})",
+                        FailureClass.RESOURCE, exit_code=exit_code)
+        return exit_failure(record, sink, exit_code)
+
+    def _docker_failure(self, record: RunRecord, sink: LogSink, image: str, exc: BaseException,
+                        watchdog: _Watchdog) -> ToolRunError:
+        if watchdog.timed_out or isinstance(exc, TimeoutError):
+            record.extra["timed_out"] = True
+            return fail(record, sink, f"{record.tool}: hard timeout reached before the container ran "
+                        f"(log: {record.log_path})", FailureClass.RESOURCE)
+        text = str(exc)
+        if isinstance(exc, docker.errors.ImageNotFound | docker.errors.NotFound):
+            message = f"{record.tool}: image not found: {image} ({text})"
+            return fail(record, sink, message, FailureClass.CONFIGURATION)
+        message = f"{record.tool}: docker error with image {image}: {text}"
+        return fail(record, sink, message, classify(text, None))
+
+    def _cancelled(self, record: RunRecord, sink: LogSink, exc: BaseException) -> None:
+        record.ended = time.time()
+        record.error = f"cancelled ({type(exc).__name__})"
+        record.extra["cancelled"] = True
+        sink.note(f"interrupted by {type(exc).__name__}: container stopped")
+
+    def _finish_container(self, record: RunRecord, sink: LogSink, container: Any) -> None:
+        """Record exit code and digest, then remove the container. Never raises."""
+        if container is None:
+            if record.error is not None:
+                record.log_tail = sink.tail
+                sink.close()
+            return
+        record.extra["container_id"] = getattr(container, "id", None)
+        if record.exit_code is None:
+            record.exit_code = _container_exit_code(container)
+        try:
+            image = container.image
+            digests = (image.attrs or {}).get("RepoDigests") or []
+            record.image_digest = digests[0] if digests else image.id
+        except Exception as exc:
+            sink.note(f"could not read the image digest: {exc}")
+        try:
+            container.remove(force=True)
+            record.extra["container_removed"] = True
+        except Exception as exc:
+            record.extra["container_removed"] = False
+            sink.note(f"could not remove container {getattr(container, 'id', '?')}: {exc}")
+        if record.error is not None:  # cancelled: nothing else will finish this record
+            record.log_tail = sink.tail
+            sink.close()
+
+
+def _container_exit_code(container: Any) -> int | None:
+    if container is None:
+        return None
+    try:
+        container.reload()
+        return int(container.attrs["State"]["ExitCode"])
+    except Exception:
+        return None

@@ -1,0 +1,1 @@
+"""Test doubles for what does not exist on the test machines: a Docker engine and Apptainer."""
