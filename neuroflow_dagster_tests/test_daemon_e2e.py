@@ -59,7 +59,7 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
     drop(incoming, "20240410_1200", 4, datetime(2024, 4, 10, 12, 0))  # not mapped yet
 
     with dagster_dev(config.source, tmp_path / "home") as dev:
-        instance = dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(dev["home"])))
+        instance = dg.DagsterInstance.from_config(str(dev["home"]))
         done = {"01|SUBJA", "02|SUBJA", "01|000B"}
         wait_for(
             "qsiparc_session of the three good sessions",

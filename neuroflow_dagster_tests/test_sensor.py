@@ -48,8 +48,7 @@ def tick(
         )
         job = defs.resolve_job_def("dicom_protocol_check")
         for request in result.run_requests:
-            tags = {**request.tags, "dagster/partition": request.partition_key}
-            job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+            job.execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
     return result
 
 
@@ -94,7 +93,7 @@ def test_new_folders_become_partitions_events_and_checks(workspace: Any) -> None
         assert sorted(instance.get_dynamic_partitions("subjects")) == ["0075", "CLML01"]
         assert instance.get_dynamic_partitions("session_labels") == ["01"]
         assert materialized_partitions(instance) == {"01|0075", "01|CLML01"}
-        assert sorted(r.partition_key for r in first.run_requests) == ["01|0075", "01|CLML01"]
+        assert sorted(r.tags["dagster/partition"] for r in first.run_requests) == ["01|0075", "01|CLML01"]
         mats = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=DICOM), limit=10).records
         meta = {r.partition_key: r.asset_materialization.metadata for r in mats}  # type: ignore[union-attr]
         assert meta["01|CLML01"]["scan_id"].value == "20240115_1430"

@@ -144,8 +144,13 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             runs.append(
                 dg.RunRequest(
                     run_key=None,
-                    partition_key=str(key),
-                    tags={"neuroflow/stage": "discovery", "neuroflow/scan_id": _tag_safe(reg.scan_id)},
+                    # A check-only job has no PartitionsDefinition of its own (Dagster derives it from
+                    # assets), so the partition travels as the standard tag rather than partition_key.
+                    tags={
+                        "dagster/partition": str(key),
+                        "neuroflow/stage": "discovery",
+                        "neuroflow/scan_id": _tag_safe(reg.scan_id),
+                    },
                 )
             )
             verdict = "valid" if reg.protocol.valid else "INVALID"

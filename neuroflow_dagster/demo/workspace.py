@@ -5,7 +5,7 @@ first and renamed into place, as a careful scanner export would do):
 
 - 20240115_1430, 20240301_0900 (DEMO_01): synthetic T1w + 12-direction DWI (tensor phantom): all 4 stages.
 - 20240212_1015 (75): synthetic T1w + 20-direction DWI: all 4 stages.
-- 20240220_1100 (75): REAL Siemens Prisma DWI from heudiconv's test data: BIDS and QSIPrep; the
+- 20240220_1100 (75): REAL Siemens Prisma DWI from heudiconv's test data (+ a synthetic T1w): BIDS and QSIPrep; the
   reconstruction refuses it with the reason (one diffusion direction cannot fit a tensor).
 - 20240305_0800 (DEMO_02): only corrupt files: the protocol check fails, nothing is converted.
 - 20240410_1200: not in the mapping: held as unmapped.
@@ -55,7 +55,12 @@ def write_demo_sessions(incoming: Path) -> None:
     _stage_then_move(incoming, "20240115_1430", synthetic(1, 12, datetime(2024, 1, 15, 14, 30), "DEMO01"))
     _stage_then_move(incoming, "20240301_0900", synthetic(2, 12, datetime(2024, 3, 1, 9, 0), "DEMO01"))
     _stage_then_move(incoming, "20240212_1015", synthetic(3, 20, datetime(2024, 2, 12, 10, 15), "0075"))
-    _stage_then_move(incoming, "20240220_1100", lambda d: sources.copy_real_session(d, "b0dwiForFmap"))
+    def real_prisma(d: Path) -> None:
+        # The real diffusion series has 3 files; a synthetic T1w completes the session (and the protocol).
+        sources.copy_real_session(d, "b0dwiForFmap")
+        synth.write_session(d, seed=4, series=("t1w",), acquired=datetime(2024, 2, 20, 11, 0), patient_id="0075")
+
+    _stage_then_move(incoming, "20240220_1100", real_prisma)
     _stage_then_move(incoming, "20240305_0800", lambda d: synth.write_corrupt_files(d, 12))
     _stage_then_move(incoming, "20240410_1200", synthetic(5, 12, datetime(2024, 4, 10, 12, 0), "UNKNOWN"))
 
