@@ -1,0 +1,184 @@
+"""Where the diffusion stages read and write, and the small rules every tool spec shares.
+
+One place decides the derivative folders (``derivatives/qsiprep``,
+``derivatives/qsirecon-<workflow_name>``, ``derivatives/qsiparc``), the BIDS
+entity names, the per-run work folders and how a host path becomes the path a
+container sees. Labels are checked here before they reach any path or argv:
+a label such as ``../x`` or ``01 02`` must never become a folder name or two
+arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from neuroflow_dagster.tools.spec import Mount
+
+_LABEL = re.compile(r"[A-Za-z0-9]+")
+# A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
+_VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
+
+
+class SpecError(ValueError):
+    """A tool run that cannot be described from this configuration (the message names the key or label)."""
+
+
+def is_label(text: object) -> bool:
+    """Letters and digits (ASCII) only - nothing a path or a shell could read as structure."""
+    return isinstance(text, str) and _LABEL.fullmatch(text) is not None
+
+
+def validate_label(label: str, kind: str = "participant") -> str:
+    """Return ``label`` if it is a BIDS label (letters and digits only), else raise SpecError.
+
+    Prefixed labels (``sub-0075``) are refused rather than stripped: the
+    partition keys are bare labels, and guessing would hide a caller's bug.
+    """
+    if not is_label(label):
+        prefix = "sub-" if kind == "participant" else "ses-"
+        hint = f" (give it without the '{prefix}' prefix)" if str(label).startswith(prefix) else ""
+        raise SpecError(f"{kind} label {label!r} is not a BIDS label: letters and digits only{hint}")
+    return label
+
+
+def entities(participant: str, session: str | None = None) -> str:
+    """The file-name prefix ``sub-X_ses-Y`` (or ``sub-X``)."""
+    name = f"sub-{validate_label(participant)}"
+    if session is not None:
+        name += f"_ses-{validate_label(session, 'session')}"
+    return name
+
+
+def subject_dir(root: Path, participant: str) -> Path:
+    return Path(root) / f"sub-{validate_label(participant)}"
+
+
+def session_dir(root: Path, participant: str, session: str) -> Path:
+    """``root/sub-X/ses-Y``: the same shape in BIDS, QSIPrep, QSIRecon and QSIParc trees."""
+    return subject_dir(root, participant) / f"ses-{validate_label(session, 'session')}"
+
+
+def qsiprep_dir(config: Any) -> Path:
+    return Path(config.paths.derivatives) / "qsiprep"
+
+
+def qsirecon_dir(config: Any) -> Path:
+    """QSIRecon's output root; QSIRecon itself nests ``derivatives/qsirecon-<SUFFIX>/`` inside it."""
+    name = config.pipelines.qsirecon.workflow_name
+    if not is_label(name):
+        raise SpecError(f"pipelines.qsirecon.workflow_name {name!r}: letters and digits only")
+    return Path(config.paths.derivatives) / f"qsirecon-{name}"
+
+
+def qsiparc_dir(config: Any) -> Path:
+    return Path(config.paths.derivatives) / "qsiparc"
+
+
+def qsirecon_map_dirs(root: Path, participant: str, session: str) -> list[Path]:
+    """The session's ``dwi`` folders holding QSIRecon's model maps.
+
+    Real QSIRecon writes maps under ``ROOT/derivatives/qsirecon-<SUFFIX>/sub-X/ses-Y/dwi``
+    (one SUFFIX per reconstruction node, e.g. ``DKI``), while atlases in
+    subject space sit at ``ROOT/sub-X/ses-Y/dwi``. QSIParc looks in exactly
+    those places, so a caller checking "is there a reconstruction" must too.
+    """
+    rel = session_dir(Path(""), participant, session) / "dwi"
+    return sorted(p for p in (Path(root) / "derivatives").glob(f"qsirecon-*/{rel}") if p.is_dir())
+
+
+def qsirecon_maps(root: Path, participant: str, session: str) -> list[Path]:
+    """The session's ``*_dwimap.nii.gz`` model maps: "is there a reconstruction to parcellate?"."""
+    return sorted(p for d in qsirecon_map_dirs(root, participant, session) for p in d.glob("*_dwimap.nii.gz"))
+
+
+def work_dir(config: Any, stage: str, participant: str, session: str | None = None) -> Path:
+    """A run's own scratch folder (``work_dir/<stage>/sub-X[_ses-Y]``): concurrent runs never share one."""
+    return Path(config.paths.work_dir) / stage / entities(participant, session)
+
+
+def image_version(image: str | None) -> tuple[int, ...] | None:
+    """The tool version an image reference names (``pennlinc/qsiprep:1.1.1`` -> (1, 1, 1)), if any.
+
+    The registry path is ignored (a host such as ``registry:5000`` is not a version),
+    so only the last path component - the name, tag or .sif file name - is read.
+    """
+    if not image:
+        return None
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    match = _VERSION.search(last.split(":", 1)[1] if ":" in last else last)
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
+def package_version() -> str:
+    """neuroflow-dagster's own version: the stand-ins' code is versioned with it."""
+    try:
+        return metadata.version("neuroflow-dagster")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0+unknown"
+
+
+def file_digest(path: Path | None) -> str | None:
+    """sha256 of a small input file (recon spec, atlas) so that editing it changes the code version."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        return f"missing:{path}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def version_hash(stage: str, tool: str, fields: dict[str, Any]) -> str:
+    """``<tool version>-<10 hex>``: stable for equal inputs, different whenever an output-changing field is."""
+    payload = json.dumps({"stage": stage, "tool": tool, "fields": fields}, sort_keys=True, default=str)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:10]
+    return f"{_short_tool(tool)}-{digest}"
+
+
+def _short_tool(tool: str) -> str:
+    if tool.startswith("builtin"):
+        return "builtin"
+    version = image_version(tool)
+    return ".".join(map(str, version)) if version else "unversioned"
+
+
+def tool_identity(stage_config: Any, stand_in_module: str) -> str:
+    """What produced the outputs: the image (its tag is the version) or the stand-in and its package version."""
+    if stage_config.runtime == "builtin":
+        return f"builtin:{stand_in_module}:{package_version()}"
+    return stage_config.image or f"{stage_config.runtime}:unversioned"
+
+
+@dataclass
+class PathMap:
+    """Turns host paths into the paths the tool sees, collecting the mounts on the way.
+
+    Containers (docker, apptainer) see fixed paths (``/data/bids``, ``/out``,
+    ``/work`` ...), so argv does not depend on where the operator keeps data;
+    local and builtin runs see host paths and the mounts are identity entries
+    kept for the record.
+    """
+
+    containerized: bool
+    mounts: list[Mount] = field(default_factory=list)
+
+    def __call__(self, host: Path, container: str, *, read_only: bool = True) -> str:
+        host = Path(host)
+        seen = host.as_posix() if not self.containerized else container
+        if not any(m.host == host and m.container == seen for m in self.mounts):
+            self.mounts.append(Mount(host=host, container=seen, read_only=read_only))
+        return seen
+
+
+def check_not_inside(inner: Path, outer: Path, what: str) -> None:
+    """BIDS apps refuse a work or output folder inside their input dataset; fail before the run does."""
+    inner_r, outer_r = Path(inner).resolve(), Path(outer).resolve()
+    if inner_r == outer_r or outer_r in inner_r.parents:
+        raise SpecError(f"{what} {inner} must not be inside the input folder {outer}")

@@ -1,0 +1,90 @@
+"""QSIParc as a ToolSpec: per-region tables for one session from its QSIRecon output.
+
+The real CLI (qsiparc 0.1.2, ``qsiparc run``) reads the QSIRecon output root
+and parcellates every atlas QSIRecon wrote for the session, writing
+``sub-X/ses-Y/dwi/atlas-<A>/sub-X_ses-Y_atlas-<A>_..._diffmap.tsv``. It has
+no mask option: ``mask`` is a setting of the builtin stand-in only, and the
+stand-in has no ``--force`` / ``--n-procs``. The generated arguments are
+checked against the real click parser in the test suite.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from typing import Any
+
+from neuroflow_dagster.tools import layout
+from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.spec import ToolSpec
+
+TOOL = "qsiparc"
+STAND_IN = "neuroflow_dagster.tools.builtin.parcellate"
+
+C_QSIRECON = "/data/qsirecon"
+C_OUT = "/out"
+
+
+def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
+    ents = layout.entities(participant, session)
+    return (f"sub-{participant}/ses-{session}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
+
+
+def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
+    """The QSIParc run for one session, per the stage's runtime."""
+    cfg = config.pipelines.qsiparc
+    layout.validate_label(participant)
+    layout.validate_label(session, "session")
+    source = layout.qsirecon_dir(config)
+    out = layout.qsiparc_dir(config)
+    common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs}
+
+    if cfg.runtime == "builtin":
+        pm = PathMap(containerized=False)
+        argv = [
+            sys.executable, "-m", STAND_IN,
+            "--qsirecon-dir", pm(source, ""),
+            "--output-dir", pm(out, "", read_only=False),
+            "--participant-label", participant,
+            "--session-label", session,
+            "--mask", cfg.mask,
+        ]  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), stand_in=True, **common)
+
+    containerized = cfg.runtime in ("docker", "apptainer")
+    if containerized and not cfg.image:
+        raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.runtime} (no default image)")
+    pm = PathMap(containerized=containerized)
+    argv = [
+        TOOL, "run",
+        pm(source, C_QSIRECON),
+        pm(out, C_OUT, read_only=False),
+        "--participant-label", participant,
+        "--session-label", session,
+        "--n-procs", str(cfg.n_jobs),
+    ]  # fmt: skip
+    if cfg.stat_tier:
+        argv += ["--stat-tier", cfg.stat_tier]
+    if cfg.force:
+        argv.append("--force")
+    argv += list(cfg.extra_args)
+    out.mkdir(parents=True, exist_ok=True)
+    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), **common)
+
+
+def _identity(cfg: Any) -> str:
+    """Local runs without an image are versioned by the qsiparc installed beside neuroflow, if any."""
+    if cfg.runtime == "local" and not cfg.image:
+        try:
+            return f"qsiparc=={metadata.version('qsiparc')}"
+        except metadata.PackageNotFoundError:
+            return "local:unversioned"
+    return layout.tool_identity(cfg, STAND_IN)
+
+
+def code_version(config: Any) -> str:
+    """Changes with what changes the tables (mask, statistics tier, extra args), not with force or n_jobs."""
+    cfg = config.pipelines.qsiparc
+    fields = {"mask": cfg.mask, "stat_tier": cfg.stat_tier, "extra_args": list(cfg.extra_args)}
+    return layout.version_hash(TOOL, _identity(cfg), fields)

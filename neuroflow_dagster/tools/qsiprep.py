@@ -1,0 +1,232 @@
+"""QSIPrep as a ToolSpec: one subject, all of the given sessions in one run.
+
+QSIPrep builds one anatomical template from every session it is given, so it
+runs per subject and over an explicit session list: the list fixes which data
+went into the template, even if another session is converted while it runs.
+The sessions are passed twice, on purpose: as the session option (which
+QSIPrep uses to form its processing group) and in a BIDS filter file (which
+restricts the files it collects, and records the choice next to the run).
+
+The command line depends on QSIPrep's version, read from the image tag
+(``pennlinc/qsiprep:1.1.1``; for runtime ``local`` the tag names the
+installed version). QSIPrep 26 renamed ``--session-id`` to
+``--session-label`` and ``--hmc-model`` to ``--hmc-method`` and dropped
+``--fs-license-file``; both dialects are tested against the real parsers
+(neuroflow_dagster_tests/test_tool_specs_parsers.py).
+
+``build_spec`` writes the BIDS filter file and creates the run's work and
+output folders (a container runtime would otherwise create missing bind
+sources as root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from neuroflow_dagster.tools import layout
+from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.spec import ToolSpec
+
+TOOL = "qsiprep"
+STAND_IN = "neuroflow_dagster.tools.builtin.preproc"
+# The data types QSIPrep collects (qsiprep/utils/bids.py collect_data, 1.1.1 and 26.1.1 alike).
+FILTER_QUERIES = ("dwi", "t1w", "t2w", "fmap", "roi")
+# QSIPrep from this major version on speaks the new dialect.
+NEW_DIALECT = 26
+
+C_BIDS = "/data/bids"
+C_OUT = "/out"
+C_WORK = "/work"
+C_LICENSE = "/opt/freesurfer/license.txt"
+C_FILTER = "/neuroflow/bids_filter.json"
+
+# Switch off nipype's and QSIPrep's start-up network pings: workers on a clinical network have no internet.
+ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
+
+
+def dialect(config: Any) -> int:
+    """1 for QSIPrep 1.x (the default image), 26 for QSIPrep 26.x and later.
+
+    An image reference without a readable version (a bare digest, ``latest``)
+    is taken as the 1.x dialect of the default image.
+    """
+    version = layout.image_version(config.pipelines.qsiprep.image)
+    if version is None:
+        return 1
+    if version[0] < 1:
+        raise SpecError(
+            f"pipelines.qsiprep.image {config.pipelines.qsiprep.image!r}: QSIPrep {version[0]}.x is "
+            "not supported (1.x or 26.x and later)"
+        )
+    return NEW_DIALECT if version[0] >= NEW_DIALECT else 1
+
+
+def bids_filter_content(sessions: Sequence[str], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The filter file: the operator's ``bids_filters`` plus ``session: [...]`` for every data type.
+
+    A ``session`` key in the operator's filters is refused: which sessions go
+    in is decided per run, and a fixed one would silently contradict it.
+    """
+    content: dict[str, Any] = {}
+    for query, filters in (extra or {}).items():
+        if not isinstance(filters, Mapping):
+            raise SpecError(f"pipelines.qsiprep.bids_filters.{query}: must be a mapping of BIDS entities")
+        if "session" in filters:
+            raise SpecError(
+                f"pipelines.qsiprep.bids_filters.{query}.session: sessions are chosen per run; remove this key"
+            )
+        content[query] = dict(filters)
+    for query in FILTER_QUERIES:
+        content.setdefault(query, {})["session"] = list(sessions)
+    return content
+
+
+def write_bids_filter(path: Path, sessions: Sequence[str], extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the filter file atomically; an unchanged file is left alone (same bytes, same mtime)."""
+    path = Path(path)
+    text = json.dumps(bids_filter_content(sessions, extra), indent=2, sort_keys=True) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bids_filter.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def bids_filter_path(config: Any, participant: str) -> Path:
+    """Beside the run's work folder, not inside it: QSIPrep may clear its own work folder."""
+    return Path(config.paths.work_dir) / TOOL / f"{layout.entities(participant)}_bids_filter.json"
+
+
+def golden_outputs(participant: str, sessions: Sequence[str]) -> tuple[str, ...]:
+    """Files every successful run leaves (QSIPrep 1.1.1's own golden lists, e.g. forrest_gump_outputs.txt)."""
+    sub = layout.entities(participant)
+    outputs = ["dataset_description.json", f"{sub}.html"]
+    for session in sessions:
+        stem = f"{sub}/ses-{session}/dwi/{layout.entities(participant, session)}_*space-ACPC_"
+        outputs += [
+            f"{stem}desc-preproc_dwi.nii.gz",
+            f"{stem}desc-preproc_dwi.bval",
+            f"{stem}desc-preproc_dwi.bvec",
+            f"{stem}desc-brain_mask.nii.gz",
+        ]
+    return tuple(outputs)
+
+
+def _sessions(sessions: Sequence[str]) -> list[str]:
+    if isinstance(sessions, str) or not sessions:
+        raise SpecError(f"QSIPrep needs a non-empty list of session labels, got {sessions!r}")
+    labels = [layout.validate_label(s, "session") for s in sessions]
+    if len(set(labels)) != len(labels):
+        raise SpecError(f"session labels repeat: {labels}")
+    return sorted(labels)
+
+
+def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSpec:
+    """The QSIPrep run for ``participant`` over ``sessions`` (those with DWI), per the stage's runtime."""
+    cfg = config.pipelines.qsiprep
+    layout.validate_label(participant)
+    sessions = _sessions(sessions)
+    bids = Path(config.paths.bids_root)
+    out = layout.qsiprep_dir(config)
+    work = layout.work_dir(config, TOOL, participant)
+    layout.check_not_inside(out, bids, "QSIPrep's output folder")
+    layout.check_not_inside(work, bids, "QSIPrep's work folder")
+    outputs = golden_outputs(participant, sessions)
+    common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
+
+    if cfg.runtime == "builtin":
+        pm = PathMap(containerized=False)
+        argv = [
+            sys.executable, "-m", STAND_IN,
+            "--bids-dir", pm(bids, ""),
+            "--output-dir", pm(out, "", read_only=False),
+            "--participant-label", participant,
+            "--session-label", *sessions,
+            "--work-dir", pm(work, "", read_only=False),
+            "--nprocs", str(cfg.nprocs),
+        ]  # fmt: skip
+        _prepare(work, out)
+        return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
+                        stand_in=True, **common)
+
+    containerized = cfg.runtime in ("docker", "apptainer")
+    if containerized and not cfg.image:
+        raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.runtime}")
+    version = dialect(config)
+    if len(cfg.anatomical_template) != 1:
+        raise SpecError(
+            f"pipelines.qsiprep.anatomical_template {cfg.anatomical_template}: QSIPrep takes exactly one template"
+        )
+    if version < NEW_DIALECT and containerized and cfg.fs_license is None:
+        raise SpecError(f"pipelines.qsiprep.fs_license: required when runtime is {cfg.runtime} (QSIPrep 1.x)")
+
+    filter_file = write_bids_filter(bids_filter_path(config, participant), sessions, cfg.bids_filters)
+    pm = PathMap(containerized=containerized)
+    argv = [
+        TOOL,
+        pm(bids, C_BIDS),
+        pm(out, C_OUT, read_only=False),
+        "participant",
+        "--participant-label", participant,
+        "--session-label" if version >= NEW_DIALECT else "--session-id", *sessions,
+        "--bids-filter-file", pm(filter_file, C_FILTER),
+        "--output-resolution", f"{cfg.output_resolution:g}",
+        "--anatomical-template", cfg.anatomical_template[0],
+        "--anat-modality", cfg.anat_modality,
+    ]  # fmt: skip
+    if cfg.skip_bids_validation:
+        argv.append("--skip-bids-validation")
+    if cfg.denoise_method:
+        argv += ["--denoise-method", cfg.denoise_method]
+    if cfg.unringing_method:
+        argv += ["--unringing-method", cfg.unringing_method]
+    if cfg.hmc_model:
+        argv += ["--hmc-method" if version >= NEW_DIALECT else "--hmc-model", cfg.hmc_model]
+    argv += ["--nprocs", str(cfg.nprocs)]
+    if cfg.omp_nthreads:
+        argv += ["--omp-nthreads", str(cfg.omp_nthreads)]
+    argv += ["--mem-mb", str(cfg.mem_mb)]
+    container_work = pm(work, C_WORK, read_only=False)
+    argv += ["-w", container_work]
+    if version < NEW_DIALECT and cfg.fs_license is not None:
+        argv += ["--fs-license-file", pm(Path(cfg.fs_license), C_LICENSE)]
+    # No crash reports leave a clinical site.
+    argv.append("--notrack")
+    argv += list(cfg.extra_args)
+    _prepare(work, out)
+    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(ENV),
+                    workdir=Path(container_work), **common)
+
+
+def _prepare(work: Path, out: Path) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def code_version(config: Any) -> str:
+    """Changes when anything that changes QSIPrep's OUTPUT changes (not threads, memory, runtime limits)."""
+    cfg = config.pipelines.qsiprep
+    fields = {
+        "output_resolution": cfg.output_resolution,
+        "anatomical_template": list(cfg.anatomical_template),
+        "anat_modality": cfg.anat_modality,
+        "denoise_method": cfg.denoise_method,
+        "unringing_method": cfg.unringing_method,
+        "hmc_model": cfg.hmc_model,
+        "bids_filters": cfg.bids_filters,
+        "extra_args": list(cfg.extra_args),
+    }
+    return layout.version_hash(TOOL, layout.tool_identity(cfg, STAND_IN), fields)
