@@ -77,7 +77,7 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
         assert "dwi" in bids["bids_suffixes"]
         assert latest_metadata(instance, "qsiprep_subject", "SUBJA")["stand_in"] is True
         parc = latest_metadata(instance, "qsiparc_session", "01|SUBJA")
-        assert parc["n_tables"] >= 1
+        assert parc["neuroflow/status"] == "done" and parc["n_tables"] >= 1
 
         # The operator maps the held ScanID to SUBJ_A: it becomes A's third session.
         write_mapping(config.mapping.csv_file, {**MAPPING, "20240410_1200": "SUBJ_A"})

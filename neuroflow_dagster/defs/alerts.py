@@ -83,12 +83,17 @@ class FailureAlert:
         return "\n".join(lines)
 
 
-def _stage_of_run(run: dg.DagsterRun) -> str | None:
-    """The stage tag when the run has one; else the stage asset it materialized (UI launches have no tag)."""
+def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
+    """The stage tag when the run has one; else the stage asset it ran (UI launches carry no tag).
+
+    The stage assets are single-op assets whose op is named after the asset, so a failed step's key
+    names the asset when the run has no asset selection (ad-hoc `materialize`).
+    """
     tagged = run.tags.get(STAGE_TAG)
     if tagged:
         return tagged if tagged in STAGE_OF_ASSET.values() else None
-    for key in run.asset_selection or ():
+    keys = list(run.asset_selection or ()) + [dg.AssetKey(k) for k in step_keys]
+    for key in keys:
         if key in STAGE_OF_ASSET:
             return STAGE_OF_ASSET[key]
     return None
@@ -128,7 +133,7 @@ def alert_from_failure(
     run: dg.DagsterRun, step_failures: list[dg.DagsterEvent], run_failure_message: str | None
 ) -> FailureAlert | None:
     """What the alert says, from the failed run and its step failures; None if not a stage run."""
-    stage = _stage_of_run(run)
+    stage = _stage_of_run(run, [e.step_key for e in step_failures if e.step_key])
     if stage is None:
         return None
     subject, session = _partition_of_run(run)

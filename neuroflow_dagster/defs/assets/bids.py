@@ -5,7 +5,6 @@ published into bids_root in one rename, so a failed run leaves no partial
 session and keeps the previous good one.
 """
 
-
 import json
 import shutil
 import time
@@ -17,7 +16,7 @@ import dagster as dg
 from neuroflow_dagster.bids import dataset, validator
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.common import session_context
+from neuroflow_dagster.defs.assets.common import build_or_refuse, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -74,7 +73,8 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         try:
-            spec = heudiconv.build_spec(
+            spec = build_or_refuse(
+                heudiconv.build_spec,
                 cfg,
                 dicom_dir=ses.entry.dicom_path,
                 participant=ses.participant,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 
@@ -11,6 +13,7 @@ from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
 from neuroflow_dagster.defs.partitions import split_session_key
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
+from neuroflow_dagster.tools.spec import ToolSpec
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,14 @@ def session_context(config: NeuroflowConfig, partition_key: str) -> SessionConte
     if excluded:
         raise refuse(f"ScanID {entry.scan_id!r} was excluded by {excluded.get('by')}: {excluded.get('reason')}")
     return SessionContext(participant, session, entry)
+
+
+def build_or_refuse(build: Callable[..., ToolSpec], *args: Any, **kwargs: Any) -> ToolSpec:
+    """Build a tool spec; a spec that cannot be built is a configuration problem, never retried."""
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as exc:
+        raise refuse(f"cannot prepare the tool run: {exc}", "configuration") from exc
 
 
 def not_applicable(reason: str, **extra: object) -> dg.MaterializeResult:

@@ -1,6 +1,5 @@
 """`dicom_session`: a DICOM folder registered by the discovery sensor (external asset), and its protocol check."""
 
-
 import dagster as dg
 
 from neuroflow_dagster.defs.partitions import session_partitions, split_session_key

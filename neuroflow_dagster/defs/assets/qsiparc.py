@@ -1,11 +1,10 @@
 """`qsiparc_session`: per-region tables for one session from its reconstruction."""
 
-
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.common import not_applicable, session_context
+from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -31,10 +30,9 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def qsiparc_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        recon = layout.session_dir(layout.qsirecon_dir(cfg), ses.participant, ses.session) / "dwi"
-        if not any(recon.glob("*_dwimap.nii.gz")):
+        if not layout.qsirecon_maps(layout.qsirecon_dir(cfg), ses.participant, ses.session):
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
-        spec = qsiparc.build_spec(cfg, ses.participant, ses.session)
+        spec = build_or_refuse(qsiparc.build_spec, cfg, ses.participant, ses.session)
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
         out = layout.session_dir(spec.output_dir, ses.participant, ses.session)

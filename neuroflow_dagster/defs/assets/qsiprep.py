@@ -5,14 +5,13 @@ changes every session's output; the automation re-runs it per wave of
 arrivals and then reconstructs every session of the subject.
 """
 
-
 import dagster as dg
 
 from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.bids import validation_passed
-from neuroflow_dagster.defs.assets.common import not_applicable
+from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import subject_of_session, subjects_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -72,7 +71,7 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 f"sub-{participant} has no session QSIPrep can take",
                 left_out=dg.MetadataValue.json(left_out),
             )
-        spec = qsiprep.build_spec(cfg, participant, sessions)
+        spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions)
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
         meta.update(

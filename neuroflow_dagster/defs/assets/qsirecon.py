@@ -1,11 +1,10 @@
 """`qsirecon_session`: reconstruction of one session from its subject's (current) QSIPrep output."""
 
-
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.common import not_applicable, session_context
+from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -55,7 +54,7 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
-        spec = qsirecon.build_spec(cfg, ses.participant, ses.session)
+        spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session)
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
         meta.update({"neuroflow/status": "done", "tool": tool_name, "recon_spec": stage_cfg.recon_spec})
