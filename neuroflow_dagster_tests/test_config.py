@@ -124,3 +124,52 @@ def test_cli_config_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["--config", str(path), "config", "validate"]) == 2
     assert "bogus_section: unknown key" in capsys.readouterr().err
     assert main(["config", "frobnicate"]) == 5
+
+
+def _keys(model: type, prefix: str = "") -> list[str]:
+    import typing
+
+    from pydantic import BaseModel
+
+    out = []
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        if name == "source":
+            continue
+        ann = field.annotation
+        subs = [a for a in (*typing.get_args(ann), ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if subs and typing.get_origin(ann) is not list:
+            out.extend(_keys(subs[0], f"{prefix}{name}."))
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def test_every_config_key_is_documented() -> None:
+    """docs/configuration.md stays true to the model: each leaf key is named there."""
+    from neuroflow_dagster.config import NeuroflowConfig
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    generic = {
+        "runtime",
+        "image",
+        "max_concurrent",
+        "soft_timeout_minutes",
+        "timeout_minutes",
+        "cpus",
+        "memory_mb",
+        "user",
+        "requires_bids_suffixes",
+        "retry.max_retries",
+        "retry.delay_seconds",
+        "retry.max_delay_seconds",
+        "retry.jitter",
+    }
+    missing = []
+    for key in _keys(NeuroflowConfig):
+        stage_key = key.split(".", 2)[2] if key.startswith("pipelines.") else None
+        if stage_key in generic:
+            if f"`{stage_key}`" not in doc:
+                missing.append(key)
+        elif f"`{key}`" not in doc:
+            missing.append(key)
+    assert missing == []

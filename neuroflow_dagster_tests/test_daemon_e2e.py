@@ -32,6 +32,11 @@ def drop(incoming: Path, scan_id: str, seed: int, when: datetime) -> None:
     staging.rename(incoming / scan_id)
 
 
+def tree_digest(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every file: the inputs must come out exactly as they went in."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
 def overlapping(instance: dg.DagsterInstance, stage: str) -> int:
     """Largest number of runs of `stage` that were running at the same moment."""
     records = instance.get_run_records(dg.RunsFilter(tags={"neuroflow/stage": stage}))
@@ -57,6 +62,7 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
     corrupt = incoming / "20240305_0800"
     synth.write_corrupt_files(corrupt, 12)
     drop(incoming, "20240410_1200", 4, datetime(2024, 4, 10, 12, 0))  # not mapped yet
+    before = tree_digest(incoming)
 
     with dagster_dev(config.source, tmp_path / "home") as dev:
         instance = dg.DagsterInstance.from_config(str(dev["home"]))
@@ -95,3 +101,4 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
         assert recon["01|SUBJA"] == recon["02|SUBJA"] == 2 and recon["03|SUBJA"] == 1
         assert recon["01|000B"] == 1  # the other subject is left alone
         assert overlapping(instance, "qsiprep") <= 1
+    assert tree_digest(incoming) == before  # DICOM is never written

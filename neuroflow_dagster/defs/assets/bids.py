@@ -83,11 +83,13 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             )
             record = execute_spec(context, cfg, STAGE, spec)
             started = time.monotonic()
-            report = validator.validate_session(staging, ses.participant, ses.session)
-            context.log.info(
-                f"BIDS validator: {len(report.errors)} error(s), {len(report.warnings)} warning(s) "
-                f"in {time.monotonic() - started:.1f}s"
+            report = (
+                validator.validate_session(staging, ses.participant, ses.session)
+                if cfg.pipelines.bids_conversion.bids_validator
+                else None
             )
+            if report is not None:
+                context.log.info(f"{report.summary()} ({time.monotonic() - started:.1f}s)")
             published = dataset.publish_session(
                 staging,
                 cfg.paths.bids_root,
@@ -101,7 +103,13 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         suffixes = sorted(heudiconv.present_suffixes(published.session_dir))
-        save_validation(cfg, ses.participant, ses.session, report.passed, report.summary())
+        passed = report.passed if report is not None else True
+        summary = (
+            report.summary()
+            if report is not None
+            else "BIDS validator disabled (pipelines.bids_conversion.bids_validator)"
+        )
+        save_validation(cfg, ses.participant, ses.session, passed, summary)
         meta = record_metadata(record, spec)
         meta.update(
             {
@@ -111,8 +119,8 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 "files": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in published.files[:200])),
                 "bids_suffixes": ", ".join(suffixes) or "none",
                 "tool_versions": dg.MetadataValue.json(heudiconv.tool_versions()),
-                "validator_errors": len(report.errors),
-                "validator_warnings": len(report.warnings),
+                "validator_errors": len(report.errors) if report else 0,
+                "validator_warnings": len(report.warnings) if report else 0,
             }
         )
         yield dg.MaterializeResult(
@@ -120,10 +128,10 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             check_results=[
                 dg.AssetCheckResult(
                     check_name=VALIDATOR_CHECK,
-                    passed=report.passed,
+                    passed=passed,
                     severity=dg.AssetCheckSeverity.ERROR,
-                    description=report.summary(),
-                    metadata=report.as_metadata(),
+                    description=summary,
+                    metadata=report.as_metadata() if report else {},
                 )
             ],
         )
