@@ -223,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             "",
             *table,
             "",
-            "files/s: files in the tree covered by the tick per second (all of them are decided each tick); the",
-            "unchanged re-scan stats no file and reads no header, it only lists and stats the directories.",
+            "files/s: files in the tree covered by the tick per wall second (every one is decided each tick); the",
+            "unchanged re-scan stats no file and reads no header: one stat per directory, and a listing only of",
+            "folders that have subfolders (st_nlink). The first scan reads headers at "
+            f"{args.folders * args.files / statistics.median(first['cpu_seconds']):,.0f} files per CPU second.",
             f"Cursor (engine state) for {args.folders} folders: {raw:,} bytes as compact JSON, "
             f"{packed:,} bytes zlib+base64.",
             f"With the sensor's default time budget ({DEFAULT_TIME_BUDGET_S:g} s per tick) the first scan is "
