@@ -99,4 +99,6 @@ def test_cron_mode_changes_only_qsiprep(tmp_path: Path) -> None:
 def test_shipped_dagster_yaml_is_the_project_one() -> None:
     """`neuroflow demo` from an installed package copies templates/dagster.yaml: it must not drift."""
     root = Path(__file__).resolve().parent.parent
-    assert (root / "neuroflow_dagster" / "templates" / "dagster.yaml").read_text() == (root / "dagster.yaml").read_text()
+    assert (root / "neuroflow_dagster" / "templates" / "dagster.yaml").read_text() == (
+        root / "dagster.yaml"
+    ).read_text()
