@@ -1,0 +1,119 @@
+"""`neuroflow failures`: the dead-letter list, i.e. stage partitions whose latest attempt failed.
+
+Read from Dagster's records: the latest planned-but-unmaterialized attempt
+per partition whose run failed, the failed runs since the partition's last
+success (attempts), and the STEP_FAILURE event of the newest one, whose
+user failure metadata carries `neuroflow/failure_class` and `log_path`
+(raised by defs/execution.py and defs/assets/common.py).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import dagster as dg
+from dagster import DagsterEventType, DagsterRunStatus
+
+from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.ops import records
+from neuroflow_dagster.ops.common import FAILURE_CLASS_KEY, STAGE_ASSETS, SUBJECT_STAGES, split_partition
+
+_RUN_EVENTS = {
+    DagsterEventType.STEP_FAILURE,
+    DagsterEventType.STEP_UP_FOR_RETRY,
+    DagsterEventType.RUN_FAILURE,
+}
+
+
+def _iso(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds") if ts else ""
+
+
+def _run_failure(instance: dg.DagsterInstance, run_id: str, asset: str) -> dict[str, Any]:
+    """What one failed run says: step attempts, failure class, description and log path."""
+    conn = instance.get_records_for_run(run_id, of_type=_RUN_EVENTS)
+    retries: dict[str, int] = {}
+    failures: dict[str, Any] = {}
+    run_message = ""
+    for rec in conn.records:
+        event = rec.event_log_entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type == DagsterEventType.RUN_FAILURE:
+            run_message = rec.event_log_entry.message or ""
+        elif event.event_type == DagsterEventType.STEP_UP_FOR_RETRY:
+            retries[event.step_key or ""] = retries.get(event.step_key or "", 0) + 1
+        else:
+            failures[event.step_key or ""] = event.step_failure_data
+    # The asset's own step (its key is the asset name); else whichever step failed in that run.
+    step = asset if asset in failures else next(iter(failures), None)
+    if step is None:
+        return {"attempts": 1, "failure_class": "run", "last_error": run_message, "log_path": ""}
+    failure = failures[step]
+    user = failure.user_failure_data
+    meta = records.metadata_values(user.metadata if user else {})
+    error = failure.error.message.strip() if failure.error else ""
+    return {
+        "attempts": retries.get(step, 0) + 1,
+        "failure_class": str(meta.get(FAILURE_CLASS_KEY) or "unclassified"),
+        "last_error": (user.description if user and user.description else error) or run_message,
+        "log_path": str(meta.get("log_path") or ""),
+    }
+
+
+def collect_failures(
+    instance: dg.DagsterInstance, registry: Registry | None = None, stage: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per (stage, partition) whose latest attempt failed, newest first."""
+    rows: list[dict[str, Any]] = []
+    for name, asset in STAGE_ASSETS.items():
+        if stage and name != stage:
+            continue
+        attempts = records.open_attempts(instance, asset)
+        if not attempts:
+            continue
+        runs = records.run_records(instance, (run_id for run_id, _ in attempts.values()))
+        failed = {
+            p: run_id
+            for p, (run_id, _) in attempts.items()
+            if run_id in runs and runs[run_id].dagster_run.status in records.FAILED_RUN
+        }
+        if not failed:
+            continue
+        last_ok = records.latest_materializations(instance, asset)
+        for partition, run_id in failed.items():
+            after = last_ok[partition].storage_id if partition in last_ok else None
+            history = records.run_records(instance, records.planned_run_ids(instance, asset, partition, after))
+            failed_runs = [r for r in history.values() if r.dagster_run.status in records.FAILED_RUN]
+            total_attempts = 0
+            for rec in failed_runs:
+                total_attempts += _run_failure(instance, rec.dagster_run.run_id, asset)["attempts"]
+            latest = runs[run_id]
+            info = _run_failure(instance, run_id, asset)
+            if latest.dagster_run.status != DagsterRunStatus.FAILURE and info["failure_class"] == "run":
+                info["failure_class"] = "canceled"
+                info["last_error"] = info["last_error"] or "run canceled"
+            if name in SUBJECT_STAGES:
+                participant, session = partition, ""
+            else:
+                participant, session = split_partition(partition)
+            entry = registry.get(participant, session) if (registry is not None and session) else None
+            rows.append(
+                {
+                    "stage": name,
+                    "partition": partition,
+                    "subject": participant,
+                    "session": session,
+                    "scan_id": entry.scan_id if entry else "",
+                    "failure_class": info["failure_class"],
+                    "attempts": max(total_attempts, info["attempts"]),
+                    "failed_runs": max(len(failed_runs), 1),
+                    "last_error": info["last_error"],
+                    "log_path": info["log_path"],
+                    "run_id": run_id,
+                    "at": _iso(latest.end_time or latest.update_timestamp.timestamp()),
+                }
+            )
+    rows.sort(key=lambda r: r["at"], reverse=True)
+    return rows

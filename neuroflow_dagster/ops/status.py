@@ -1,0 +1,232 @@
+"""`neuroflow status`: every registered session's state per stage, plus the folders discovery holds back.
+
+States per stage: missing / queued / running / done / failed / stale /
+not_applicable / excluded. All of it comes from Dagster's records (latest
+materialization per partition, planned-but-unmaterialized attempts and their
+run status, in-progress runs, the `protocol` check executions), read in a few
+bulk queries per asset; the ScanID registry, exclusions and the discovery
+status report supply what Dagster has no partition for.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+from dagster import DagsterRunStatus
+
+from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.discovery.exclusions import load_exclusions
+from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.discovery.status_report import read_status_report
+from neuroflow_dagster.ops import records
+from neuroflow_dagster.ops.common import (
+    DICOM_ASSET,
+    PROTOCOL_CHECK,
+    STAGE_ASSETS,
+    STAGE_TAG,
+    SUBJECT_STAGES,
+    session_partition,
+)
+
+STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded")
+# Which upstream assets make a partition stale; "subject" = the session's subject partition.
+_UPSTREAM: dict[str, list[tuple[str, str]]] = {
+    "bids_session": [(DICOM_ASSET, "same")],
+    "qsiprep_subject": [("bids_session", "sessions_of_subject")],
+    "qsirecon_session": [("qsiprep_subject", "subject"), ("bids_session", "same")],
+    "qsiparc_session": [("qsirecon_session", "same")],
+}
+
+
+@dataclass
+class AssetView:
+    """Everything status needs about one asset, keyed by partition."""
+
+    materialized: dict[str, records.Materialization]
+    active: dict[str, str]  # partition -> queued | running
+    failed: dict[str, str]  # partition -> run id of the failed latest attempt
+
+
+def _run_state(status: DagsterRunStatus) -> str:
+    return "running" if status in (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED) else "queued"
+
+
+def _assets_of_run(run: Any) -> set[str]:
+    selection = getattr(run, "asset_selection", None) or set()
+    names = {key.to_user_string() for key in selection}
+    if not names:  # a job run without an explicit selection: the stage tag names its asset
+        asset = STAGE_ASSETS.get(run.tags.get(STAGE_TAG, ""))
+        if asset:
+            names.add(asset)
+    return names
+
+
+def load_views(instance: dg.DagsterInstance) -> tuple[dict[str, AssetView], dict[str, Any], set[str]]:
+    """Per-asset views, the protocol check's latest execution per partition, and partitions being checked."""
+    active_by_asset: dict[str, dict[str, str]] = {a: {} for a in [DICOM_ASSET, *STAGE_ASSETS.values()]}
+    checking: set[str] = set()
+    for rec in records.in_progress_runs(instance):
+        run = rec.dagster_run
+        partition = run.tags.get("dagster/partition")
+        if not partition:
+            continue
+        for asset in _assets_of_run(run):
+            if asset in active_by_asset:
+                active_by_asset[asset][partition] = _run_state(run.status)
+        for check_key in getattr(run, "asset_check_selection", None) or set():
+            if check_key.asset_key.to_user_string() == DICOM_ASSET and check_key.name == PROTOCOL_CHECK:
+                checking.add(partition)
+
+    attempts = {asset: records.open_attempts(instance, asset) for asset in STAGE_ASSETS.values()}
+    runs = records.run_records(instance, (run_id for a in attempts.values() for run_id, _ in a.values()))
+    views: dict[str, AssetView] = {}
+    for asset in [DICOM_ASSET, *STAGE_ASSETS.values()]:
+        active = dict(active_by_asset[asset])
+        failed: dict[str, str] = {}
+        for partition, (run_id, _storage_id) in attempts.get(asset, {}).items():
+            rec = runs.get(run_id)
+            if rec is None:
+                continue
+            status = rec.dagster_run.status
+            if status in records.IN_PROGRESS:
+                active.setdefault(partition, _run_state(status))
+            elif status in records.FAILED_RUN:
+                failed[partition] = run_id
+        # Only stage assets can be "not applicable"; the DICOM events are needed for their order alone.
+        mats = records.latest_materializations(instance, asset, with_metadata=asset != DICOM_ASSET)
+        views[asset] = AssetView(mats, active, failed)
+    checks = records.latest_check_executions(instance, DICOM_ASSET, PROTOCOL_CHECK)
+    return views, checks, checking
+
+
+def _protocol(check: Any, checking: bool) -> tuple[str, str]:
+    if checking:
+        return "checking", ""
+    if check is None:
+        return "unchecked", ""
+    status = check.status.value
+    evaluation = check.evaluation
+    reason = ""
+    if evaluation is not None:
+        meta = records.metadata_values(evaluation.metadata)
+        reason = str(evaluation.description or meta.get("reason") or "")
+    if status == "SUCCEEDED":
+        return "passed", reason
+    if status == "FAILED":
+        return "failed", reason
+    return "pending", ""
+
+
+def _upstream_storage_ids(
+    asset: str, participant: str, partition: str, views: dict[str, AssetView], sessions_of: dict[str, list[str]]
+) -> list[int]:
+    ids: list[int] = []
+    for upstream, how in _UPSTREAM[asset]:
+        mats = views[upstream].materialized
+        if how == "same":
+            keys = [partition]
+        elif how == "subject":
+            keys = [participant]
+        else:
+            keys = [session_partition(participant, s) for s in sessions_of.get(participant, [])]
+        ids.extend(mats[k].storage_id for k in keys if k in mats)
+    return ids
+
+
+def stage_state(
+    asset: str, partition: str, participant: str, views: dict[str, AssetView], sessions_of: dict[str, list[str]]
+) -> str:
+    """One partition of one asset: in-progress first, then a failed latest attempt, then its materialization."""
+    view = views[asset]
+    if partition in view.active:
+        return view.active[partition]
+    if partition in view.failed:
+        return "failed"
+    mat = view.materialized.get(partition)
+    if mat is None:
+        return "missing"
+    if any(sid > mat.storage_id for sid in _upstream_storage_ids(asset, participant, partition, views, sessions_of)):
+        return "stale"
+    return "not_applicable" if mat.not_applicable else "done"
+
+
+def collect_status(
+    instance: dg.DagsterInstance,
+    config: NeuroflowConfig,
+    *,
+    subject: str | None = None,
+    stage: str | None = None,
+    failed_only: bool = False,
+) -> dict[str, Any]:
+    """{"sessions": [...], "held": [...], "totals": {...}}; `stage` limits the stage columns to one."""
+    registry = Registry(config.paths.state)
+    excluded = load_exclusions(config)
+    views, checks, checking = load_views(instance)
+    entries = registry.all()
+    sessions_of: dict[str, list[str]] = {}
+    for entry in entries:
+        sessions_of.setdefault(entry.participant_id, []).append(entry.session_id)
+    stages = [stage] if stage else list(STAGE_ASSETS)
+    wanted = subject.removeprefix("sub-") if subject else None
+
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        participant, session = entry.participant_id, entry.session_id
+        if wanted and participant != wanted:
+            continue
+        partition = session_partition(participant, session)
+        protocol, reason = _protocol(checks.get(partition), partition in checking)
+        exclusion = excluded.get(entry.scan_id)
+        row: dict[str, Any] = {
+            "subject": participant,
+            "session": session,
+            "scan_id": entry.scan_id,
+            "partition": partition,
+            "mapping": f"mapped ({entry.recruitment_id})",
+            "protocol": protocol,
+            "protocol_reason": reason,
+        }
+        for name in stages:
+            asset = STAGE_ASSETS[name]
+            key = participant if name in SUBJECT_STAGES else partition
+            row[name] = "excluded" if exclusion else stage_state(asset, key, participant, views, sessions_of)
+        row["note"] = f"excluded: {exclusion.get('reason')}" if exclusion else ""
+        if failed_only and not any(row[name] == "failed" for name in stages):
+            continue
+        rows.append(row)
+
+    held: list[dict[str, Any]] = []
+    if not failed_only and not wanted:
+        report = read_status_report(config)
+        for item in report.get("held", []):
+            if registry.lookup(str(item.get("scan_id", ""))) is not None:
+                continue  # a registered session excluded later: shown above, as excluded
+            held.append(
+                {
+                    "scan_id": item.get("scan_id", ""),
+                    "state": item.get("reason", ""),
+                    "reason": item.get("message", ""),
+                    "path": item.get("path", ""),
+                }
+            )
+    return {"sessions": rows, "held": held, "totals": totals(rows, held, stages)}
+
+
+def totals(rows: list[dict[str, Any]], held: list[dict[str, Any]], stages: list[str]) -> dict[str, Any]:
+    """Counts per stage and state; QSIPrep is counted per subject (it is one run per subject)."""
+    out: dict[str, Any] = {"sessions": len(rows), "held": len(held)}
+    out["held_by_reason"] = dict(Counter(h["state"] for h in held))
+    out["protocol"] = dict(Counter(r["protocol"] for r in rows))
+    for name in stages:
+        if name in SUBJECT_STAGES:
+            per_subject = {r["subject"]: r[name] for r in rows}
+            out[name] = dict(Counter(per_subject.values()))
+        else:
+            out[name] = dict(Counter(r[name] for r in rows))
+    return out
+
+
+__all__ = ["STATES", "collect_status", "stage_state", "totals"]

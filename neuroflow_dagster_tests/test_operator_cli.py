@@ -1,0 +1,582 @@
+"""The operator's CLI against real Dagster records: status, failures, reprocess/retry, exclude/include, logs.
+
+One real temporary Dagster instance (SQLite, on disk, opened by the CLI from
+its folder as in production) holds: sessions registered in the real ScanID
+registry; materializations and `protocol` check evaluations reported as the
+discovery sensor and the stages report them; real failed runs of the real
+`bids_session` asset (refused partitions, and one real HeudiConv run on a
+folder without DICOM); queued/running run records. The CLI is called
+in-process through `neuroflow_dagster.cli.main` (one test goes through the
+installed console script).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+from dagster._core.test_utils import create_run_for_test
+
+from neuroflow_dagster import cli
+from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.definitions import build_definitions
+from neuroflow_dagster.discovery import engine
+from neuroflow_dagster.discovery.exclusions import audit_trail, exclude
+from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.discovery.status_report import write_status_report
+from neuroflow_dagster.ops.backfill import (
+    LAUNCH_BACKFILL_MUTATION,
+    BackfillError,
+    backfill_variables,
+    parse_launch_response,
+)
+from neuroflow_dagster_tests.workspace_fixtures import make_workspace
+
+DICOM, BIDS = dg.AssetKey("dicom_session"), dg.AssetKey("bids_session")
+QSIPREP, QSIRECON, QSIPARC = (
+    dg.AssetKey("qsiprep_subject"),
+    dg.AssetKey("qsirecon_session"),
+    dg.AssetKey("qsiparc_session"),
+)
+
+
+@dataclass
+class World:
+    root: Path
+    config: NeuroflowConfig
+    config_file: Path
+    home: Path
+    instance: dg.DagsterInstance
+    defs: dg.Definitions
+    tool_failure_run: str
+    refused_run: str
+
+    def cli(self, capsys: pytest.CaptureFixture[str], *argv: str, home: bool = True) -> tuple[int, str, str]:
+        """`neuroflow --config <ws> <argv...> [--dagster-home <home>]` in-process: (exit code, stdout, stderr)."""
+        capsys.readouterr()
+        extra = ["--dagster-home", str(self.home)] if home else []
+        code = cli.main(["--config", str(self.config_file), *argv, *extra])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    def json(self, capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+        code, out, err = self.cli(capsys, *argv, "--format", "json", home=argv[0] != "reprocess")
+        assert code == 0, err
+        return json.loads(out)
+
+
+def report(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str, **metadata: Any) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata))
+
+
+def report_protocol(instance: dg.DagsterInstance, partition: str, passed: bool, reason: str) -> None:
+    """The DICOM session event plus its `protocol` check evaluation, targeting that event (as the sensor's run does)."""
+    report(instance, DICOM, partition)
+    record = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=DICOM, asset_partitions=[partition]), limit=1
+    ).records[0]
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(
+            asset_key=DICOM,
+            check_name="protocol",
+            passed=passed,
+            partition=partition,
+            blocking=True,
+            description=reason,
+            metadata={"reason": reason},
+            target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
+                storage_id=record.storage_id, run_id=record.run_id, timestamp=record.timestamp
+            ),
+        )
+    )
+
+
+def run_bids(world_defs: dg.Definitions, instance: dg.DagsterInstance, partition: str) -> dg.ExecuteInProcessResult:
+    """The real bids_session asset, in-process, tagged like a stage run; failures are recorded, not raised."""
+    job = world_defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        instance=instance,
+        asset_selection=[BIDS],
+        partition_key=partition,
+        raise_on_error=False,
+        tags={"neuroflow/stage": "bids_conversion"},
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("operator")
+    config = make_workspace(root / "ws")
+    assert config.source is not None
+    defs = build_definitions(config)
+    registry = Registry(config.paths.state)
+    for scan_id, code in [
+        ("SCAN_A1", "SUBJA"),
+        ("SCAN_A2", "SUBJA"),
+        ("SCAN_B1", "SUBJB"),
+        ("SCAN_D1", "SUBJD"),
+        ("SCAN_F1", "SUBJF"),
+    ]:
+        registry.assign(scan_id, code)
+    not_dicom = root / "ws" / "incoming" / "SCAN_E1"
+    not_dicom.mkdir(parents=True)
+    (not_dicom / "notes.txt").write_text("a scanner export that holds no DICOM file\n")
+    registry.assign("SCAN_E1", "SUBJE", dicom_path=not_dicom)
+
+    home = root / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as instance:
+        instance.add_dynamic_partitions("subjects", ["SUBJA", "SUBJB", "SUBJC", "SUBJD", "SUBJE", "SUBJF", "SUBJG"])
+        instance.add_dynamic_partitions("session_labels", ["01", "02"])
+
+        # SUBJA: session 01 went all the way (parcellation not applicable); 02 converted after QSIPrep.
+        report_protocol(instance, "01|SUBJA", True, "protocol ok: T1w 176 files, DWI 1 series")
+        report(instance, BIDS, "01|SUBJA")
+        report(instance, QSIPREP, "SUBJA", **{"neuroflow/status": "done"})
+        report(instance, QSIRECON, "01|SUBJA", **{"neuroflow/status": "done"})
+        report(instance, QSIPARC, "01|SUBJA", **{"neuroflow/status": "not_applicable", "reason": "no recon"})
+        report_protocol(instance, "02|SUBJA", True, "protocol ok")
+        report(instance, BIDS, "02|SUBJA")
+        # SUBJB: blocked by the protocol check.
+        report_protocol(instance, "01|SUBJB", False, "required scan T1w missing (0 series matched)")
+        # SUBJF: converting (queued); SUBJA 02's recon running.
+        report_protocol(instance, "01|SUBJF", True, "protocol ok")
+        for job, status, partition, asset, stage in [
+            ("bids_conversion_job", dg.DagsterRunStatus.NOT_STARTED, "01|SUBJF", BIDS, "bids_conversion"),
+            ("qsirecon_job", dg.DagsterRunStatus.STARTED, "02|SUBJA", QSIRECON, "qsirecon"),
+        ]:
+            create_run_for_test(
+                instance,
+                job_name=job,
+                status=status,
+                tags={"dagster/partition": partition, "neuroflow/stage": stage},
+                asset_selection=frozenset({asset}),
+            )
+        # SUBJC: two real refused runs (the partition was not registered then), registered afterwards.
+        refused = [run_bids(defs, instance, "01|SUBJC") for _ in range(2)]
+        assert not any(r.success for r in refused)
+        registry.assign("SCAN_C1", "SUBJC")
+        # SUBJG: refused once, registered, then converted: no longer a failure.
+        assert not run_bids(defs, instance, "01|SUBJG").success
+        registry.assign("SCAN_G1", "SUBJG")
+        report(instance, BIDS, "01|SUBJG")
+        # SUBJE: a real HeudiConv run on a folder without DICOM: exits 0, writes nothing -> class "tool".
+        tool_failure = run_bids(defs, instance, "01|SUBJE")
+        assert not tool_failure.success
+        # SUBJD: excluded by an operator.
+        exclude(config, "SCAN_D1", "motion artefacts in every series")
+        # SUBJA 01's DICOM folder changed and was re-registered: its BIDS is now stale.
+        report(instance, DICOM, "01|SUBJA")
+        # The last discovery tick held three folders back (one of them the excluded, registered SCAN_D1).
+        held = [
+            engine.Held("SCAN_X", str(root / "ws" / "incoming" / "SCAN_X"), "unmapped", "no SubjectCode for SCAN_X"),
+            engine.Held("SCAN_Y", str(root / "ws" / "incoming" / "SCAN_Y"), "unstable", "still being copied? 2 min"),
+            engine.Held("SCAN_D1", str(root / "ws" / "incoming" / "SCAN_D1"), "excluded", "excluded by an operator"),
+        ]
+        write_status_report(config, engine.TickResult(held=held, mapping_source="csv"))
+        yield World(root, config, Path(config.source), home, instance, defs, tool_failure.run_id, refused[-1].run_id)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_json_states_per_stage(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    data = world.json(capsys, "status")
+    rows = {r["partition"]: r for r in data["sessions"]}
+    stages = ["bids_conversion", "qsiprep", "qsirecon", "qsiparc"]
+
+    def states(partition: str) -> list[str]:
+        return [rows[partition][s] for s in stages]
+
+    assert list(rows) == [
+        "01|SUBJA",
+        "02|SUBJA",
+        "01|SUBJB",
+        "01|SUBJC",
+        "01|SUBJD",
+        "01|SUBJE",
+        "01|SUBJF",
+        "01|SUBJG",
+    ]
+    # bids stale: its DICOM was re-registered after; qsiprep stale: session 02 converted after it.
+    assert states("01|SUBJA") == ["stale", "stale", "done", "not_applicable"]
+    assert states("02|SUBJA") == ["done", "stale", "running", "missing"]
+    assert states("01|SUBJB") == ["missing"] * 4
+    assert states("01|SUBJC") == ["failed", "missing", "missing", "missing"]
+    assert states("01|SUBJD") == ["excluded"] * 4
+    assert rows["01|SUBJD"]["note"] == "excluded: motion artefacts in every series"
+    assert states("01|SUBJE")[0] == "failed"
+    assert states("01|SUBJF")[0] == "queued"
+    assert states("01|SUBJG")[0] == "done"  # failed once, converted since
+
+    assert rows["01|SUBJA"]["protocol"] == "passed"
+    assert (rows["01|SUBJB"]["protocol"], rows["01|SUBJB"]["protocol_reason"]) == (
+        "failed",
+        "required scan T1w missing (0 series matched)",
+    )
+    assert rows["01|SUBJC"]["protocol"] == "unchecked"
+    assert rows["01|SUBJA"]["scan_id"] == "SCAN_A1" and rows["01|SUBJA"]["mapping"] == "mapped (SUBJA)"
+
+    # Held folders; the excluded SCAN_D1 is registered, so it is listed once, as a session.
+    assert [(h["scan_id"], h["state"]) for h in data["held"]] == [("SCAN_X", "unmapped"), ("SCAN_Y", "unstable")]
+    totals = data["totals"]
+    assert totals["sessions"] == 8 and totals["held"] == 2
+    assert totals["held_by_reason"] == {"unmapped": 1, "unstable": 1}
+    assert totals["bids_conversion"] == {"stale": 1, "done": 2, "missing": 1, "failed": 2, "excluded": 1, "queued": 1}
+    # QSIPrep is one run per subject: SUBJA counted once.
+    assert totals["qsiprep"] == {"stale": 1, "missing": 5, "excluded": 1}
+    assert totals["protocol"] == {"passed": 3, "failed": 1, "unchecked": 4}
+
+
+def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    only_a = world.json(capsys, "status", "--subject", "sub-SUBJA")
+    assert [r["partition"] for r in only_a["sessions"]] == ["01|SUBJA", "02|SUBJA"]
+    assert only_a["held"] == []
+
+    failed = world.json(capsys, "status", "--failed")
+    assert [r["partition"] for r in failed["sessions"]] == ["01|SUBJC", "01|SUBJE"]
+
+    recon = world.json(capsys, "status", "--stage", "qsirecon")
+    assert all("qsirecon" in r and "bids_conversion" not in r for r in recon["sessions"])
+    assert set(recon["totals"]) >= {"qsirecon"} and "qsiprep" not in recon["totals"]
+
+    code, out, _ = world.cli(capsys, "status", "--stage", "bids", "--format", "csv")
+    assert code == 0
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert {r["scan_id"]: r["bids_conversion"] for r in table if r["bids_conversion"]}["SCAN_C1"] == "failed"
+    assert any(r["mapping"] == "held: unmapped" and r["scan_id"] == "SCAN_X" for r in table)
+
+    code, out, _ = world.cli(capsys, "status")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["SUBJECT", "SESSION", "SCAN_ID", "MAPPING", "PROTOCOL"]
+    assert any(line.startswith("SUBJB") and "required scan T1w missing" in line for line in lines)
+    assert "held folders (not registered):" in lines
+    assert any(line.startswith("totals: 8 session(s), 2 held folder(s)") for line in lines)
+
+
+def test_status_watch_redraws_until_interrupted(
+    world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuroflow_dagster import operator_cli
+
+    sleeps: list[float] = []
+
+    def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(operator_cli.time, "sleep", fake_sleep)
+    code, out, _ = world.cli(capsys, "status", "--watch", "3")
+    assert code == 0
+    assert sleeps == [3.0, 3.0]
+    assert out.count("neuroflow status - ") == 2 and out.count("totals: 8 session(s)") == 2
+
+
+def test_status_through_the_console_script(world: World) -> None:
+    """The installed `neuroflow` entry point, in its own process, reading the same instance from disk."""
+    exe = Path(sys.executable).with_name("neuroflow")
+    proc = subprocess.run(
+        [str(exe), "--config", str(world.config_file), "status", "--dagster-home", str(world.home), "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["totals"]["sessions"] == 8
+
+
+# --------------------------------------------------------------------------- failures / logs
+
+
+def test_failures_lists_only_partitions_whose_latest_attempt_failed(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = {r["partition"]: r for r in world.json(capsys, "failures")}
+    assert set(rows) == {"01|SUBJC", "01|SUBJE"}  # 01|SUBJG failed once but was converted since
+    refused = rows["01|SUBJC"]
+    assert (refused["stage"], refused["failure_class"], refused["attempts"], refused["failed_runs"]) == (
+        "bids_conversion",
+        "validation",
+        2,
+        2,
+    )
+    assert "is not a registered session" in refused["last_error"]
+    assert refused["scan_id"] == "SCAN_C1" and refused["log_path"] == ""
+    tool = rows["01|SUBJE"]
+    assert (tool["failure_class"], tool["attempts"], tool["run_id"]) == ("tool", 1, world.tool_failure_run)
+    assert "expected outputs are missing" in tool["last_error"]
+    assert Path(tool["log_path"]).is_file()
+    assert Path(tool["log_path"]).parent == world.config.paths.log_dir / "bids_conversion"
+
+    assert world.json(capsys, "failures", "--stage", "qsiprep") == []
+    code, out, _ = world.cli(capsys, "failures")
+    assert code == 0 and "2 failed partition(s)" in out and "validation" in out
+
+
+def test_logs_of_a_run_and_of_a_partition(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = world.cli(capsys, "logs", world.tool_failure_run)
+    assert code == 0
+    assert out.startswith("==> ") and "heudiconv --files" in out and "Need to process 0 study sessions" in out
+
+    # A run that was refused before any tool started: its Dagster event log instead.
+    code, out, _ = world.cli(capsys, "logs", world.refused_run)
+    assert code == 0
+    assert "wrote no tool log file" in out and "STEP_FAILURE" in out and "not a registered session" in out
+
+    for spelling in ("01|SUBJE", "sub-SUBJE/ses-01", "SUBJE/01"):
+        code, out, _ = world.cli(capsys, "logs", spelling, "--stage", "bids", "--tail", "3")
+        assert code == 0, spelling
+        assert out.startswith("==> ") and "(bids_conversion)" in out and len(out.splitlines()) == 4
+
+    code, _, err = world.cli(capsys, "logs", "sub-SUBJB/ses-01")
+    assert code == 1 and "no tool log for 01|SUBJB" in err
+    code, _, err = world.cli(capsys, "logs", "00000000-0000-0000-0000-000000000000")
+    assert code == 5 and "no run" in err
+
+
+# --------------------------------------------------------------------------- reprocess / retry
+
+
+def test_reprocess_dry_run_partitions(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    every = world.json(capsys, "reprocess", "--stage", "bids", "--all", "--dry-run")
+    assert every["stage"] == "bids_conversion" and every["asset"] == "bids_session" and every["dry_run"]
+    assert every["partitions"] == ["01|SUBJA", "02|SUBJA", "01|SUBJB", "01|SUBJC", "01|SUBJE", "01|SUBJF", "01|SUBJG"]
+    assert every["skipped"] == {"SCAN_D1": "excluded: motion artefacts in every series"}
+
+    subject = world.json(capsys, "reprocess", "--stage", "qsiprep", "--subject", "SUBJA", "--dry-run")
+    assert subject["partitions"] == ["SUBJA"]  # QSIPrep is per subject
+    by_label = world.json(capsys, "reprocess", "--stage", "qsirecon", "--session", "ses-02", "--dry-run")
+    assert by_label["partitions"] == ["02|SUBJA"]
+    by_scan = world.json(capsys, "reprocess", "--stage", "qsiparc", "--session", "SCAN_B1", "--dry-run")
+    assert by_scan["partitions"] == ["01|SUBJB"]
+
+    code, out, _ = world.cli(capsys, "reprocess", "--stage", "qsirecon", "--subject", "SUBJA", "--dry-run", home=False)
+    assert code == 0 and "would reprocess 2 partition(s)" in out and "dry run: no backfill launched" in out
+
+
+def test_retry_dry_run_lists_the_failures(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    plans = world.json(capsys, "retry", "--dry-run")
+    assert [(p["stage"], p["partitions"]) for p in plans] == [("bids_conversion", ["01|SUBJC", "01|SUBJE"])]
+    assert world.json(capsys, "retry", "--stage", "qsiparc", "--dry-run") == []
+
+
+class _GraphQLRecorder(BaseHTTPRequestHandler):
+    """Answers POST /graphql like Dagster's webserver answers launchPartitionBackfill, recording each body."""
+
+    bodies: list[dict[str, Any]]
+    answer: dict[str, Any]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        self.server.bodies.append(  # type: ignore[attr-defined]
+            {"path": self.path, "type": self.headers.get("Content-Type"), **json.loads(self.rfile.read(length))}
+        )
+        payload = json.dumps(self.server.answer).encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def fake_webserver() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GraphQLRecorder)
+    server.bodies = []  # type: ignore[attr-defined]
+    server.answer = {  # type: ignore[attr-defined]
+        "data": {"launchPartitionBackfill": {"__typename": "LaunchBackfillSuccess", "backfillId": "abcdefgh"}}
+    }
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_reprocess_and_retry_send_the_ui_backfill_mutation(
+    world: World, capsys: pytest.CaptureFixture[str], fake_webserver: ThreadingHTTPServer
+) -> None:
+    """Against a local recording server (loopback) that answers like Dagster's GraphQL endpoint.
+
+    That the same mutation and variables are accepted by Dagster's real schema
+    and create the backfill is shown by test_mutation_is_accepted_by_dagsters_graphql.
+    """
+    url = f"http://127.0.0.1:{fake_webserver.server_address[1]}"
+    code, out, err = world.cli(
+        capsys, "reprocess", "--stage", "qsirecon", "--subject", "SUBJA", "--url", url, home=False
+    )
+    assert code == 0, err
+    assert "launched backfill abcdefgh" in out
+    body = fake_webserver.bodies[-1]  # type: ignore[attr-defined]
+    assert body["path"] == "/graphql" and body["type"] == "application/json"
+    assert body["query"] == LAUNCH_BACKFILL_MUTATION and body["operationName"] == "LaunchPartitionBackfill"
+    params = body["variables"]["backfillParams"]
+    assert params["assetSelection"] == [{"path": ["qsirecon_session"]}]
+    assert params["partitionNames"] == ["01|SUBJA", "02|SUBJA"]
+    assert params["tags"] == [{"key": "neuroflow/stage", "value": "qsirecon"}]
+    assert params["title"].startswith("neuroflow reprocess qsirecon: 2 partition(s)")
+
+    data = world.json(capsys, "retry", "--url", url + "/graphql")
+    assert data[0]["backfill_id"] == "abcdefgh"
+    params = fake_webserver.bodies[-1]["variables"]["backfillParams"]  # type: ignore[attr-defined]
+    assert params["assetSelection"] == [{"path": ["bids_session"]}]
+    assert params["partitionNames"] == ["01|SUBJC", "01|SUBJE"]
+    assert params["tags"] == [{"key": "neuroflow/stage", "value": "bids_conversion"}]
+
+    # The webserver refuses: the CLI says why and exits 1.
+    fake_webserver.answer = {  # type: ignore[attr-defined]
+        "data": {
+            "launchPartitionBackfill": {
+                "__typename": "PartitionKeysNotFoundError",
+                "message": "Partition keys `['01|SUBJA']` could not be found.",
+            }
+        }
+    }
+    code, _, err = world.cli(capsys, "reprocess", "--stage", "qsiparc", "--subject", "SUBJA", "--url", url, home=False)
+    assert code == 1 and "PartitionKeysNotFoundError" in err and "could not be found" in err
+
+
+def test_reprocess_without_a_webserver_fails_clearly(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    from neuroflow_dagster_tests.daemon_harness import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    code, _, err = world.cli(capsys, "reprocess", "--stage", "bids", "--subject", "SUBJA", "--url", url, home=False)
+    assert code == 1
+    assert f"cannot reach the Dagster webserver at {url}/graphql" in err
+
+
+def test_mutation_is_accepted_by_dagsters_graphql(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact mutation text and variables the CLI sends, executed by dagster_graphql on the real code location.
+
+    In-process workspace (the webserver's own GraphQL schema and resolvers, no
+    HTTP): the backfill it creates in the instance must carry the partitions,
+    the stage tag and the title.
+    """
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    monkeypatch.setenv("NEUROFLOW_CONFIG", str(world.config_file))
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(module_name="neuroflow_dagster.definitions", working_directory=str(world.root / "ws")),
+        location_name="neuroflow",
+    )
+    with WorkspaceProcessContext(world.instance, InProcessWorkspaceLoadTarget(origin)) as process_context:
+        context = process_context.create_request_context()
+        assert context.get_code_location_error("neuroflow") is None
+        variables = backfill_variables("qsirecon_session", ["01|SUBJA", "02|SUBJA"], "qsirecon", "from the test")
+        result = execute_dagster_graphql(context, LAUNCH_BACKFILL_MUTATION, variables)
+        launched = parse_launch_response({"data": result.data})
+        backfill = world.instance.get_backfill(launched["backfill_id"])
+        assert backfill is not None
+        assert backfill.tags == {"neuroflow/stage": "qsirecon"} and backfill.title == "from the test"
+        assert backfill.asset_selection == [QSIRECON]
+        target = backfill.asset_backfill_data.target_subset.partitions_subsets_by_asset_key[QSIRECON]
+        assert set(target.get_partition_keys()) == {"01|SUBJA", "02|SUBJA"}
+
+        # A partition Dagster does not know: the real schema's refusal is turned into a clear error.
+        refused = execute_dagster_graphql(
+            context, LAUNCH_BACKFILL_MUTATION, backfill_variables("qsirecon_session", ["01|NOPE"], "qsirecon", "x")
+        )
+        with pytest.raises(BackfillError, match=r"PartitionKeysNotFoundError.*01\|NOPE"):
+            parse_launch_response({"data": refused.data})
+
+
+# --------------------------------------------------------------------------- exclude / include
+
+
+def test_exclude_include_round_trip_with_audit_trail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also: without --dagster-home or $DAGSTER_HOME, the CLI uses <config folder>/.dagster_home (`neuroflow demo`)."""
+    config = make_workspace(tmp_path / "ws")
+    config_file = str(config.source)
+    Registry(config.paths.state).assign("SCAN_Z1", "SUBJZ")
+    write_status_report(
+        config,
+        engine.TickResult(held=[engine.Held("SCAN_Q", str(tmp_path / "q"), "unmapped", "no SubjectCode")]),
+    )
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    home = tmp_path / "ws" / ".dagster_home"
+    home.mkdir()
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(["--config", config_file, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    with dg.instance_for_test(temp_dir=str(home)):
+        code, out, err = run("exclude", "sub-SUBJZ/ses-01", "--reason", "consent withdrawn")
+        assert code == 0, err
+        assert "excluded ScanID 'SCAN_Z1' (sub-SUBJZ ses-01): consent withdrawn" in out
+        code, out, _ = run("status", "--format", "json")
+        row = json.loads(out)["sessions"][0]
+        assert row["bids_conversion"] == "excluded" and row["note"] == "excluded: consent withdrawn"
+        code, _, err = run("reprocess", "--stage", "bids", "--all", "--dry-run")
+        assert code == 5 and "no registered, non-excluded session" in err
+
+        code, out, _ = run("include", "SUBJZ/01")
+        assert code == 0 and "included ScanID 'SCAN_Z1'" in out
+        code, out, _ = run("status", "--format", "json")
+        assert json.loads(out)["sessions"][0]["bids_conversion"] == "missing"
+        code, out, _ = run("include", "SCAN_Z1")
+        assert code == 0 and "was not excluded" in out
+
+        # A folder discovery holds back (never registered) can be excluded by its ScanID.
+        code, out, _ = run("exclude", "SCAN_Q", "--reason", "phantom scan")
+        assert code == 0 and "held folder" in out
+
+        code, _, err = run("exclude", "SCAN_NOPE", "--reason", "x")
+        assert code == 5 and "SCAN_NOPE" in err
+        code, _, err = run("exclude", "SCAN_Z1", "--reason", "  ")
+        assert code == 5 and "--reason" in err
+
+    trail = [(e["action"], e["scan_id"], e["reason"]) for e in audit_trail(config)]
+    assert trail == [
+        ("exclude", "SCAN_Z1", "consent withdrawn"),
+        ("include", "SCAN_Z1", ""),
+        ("exclude", "SCAN_Q", "phantom scan"),
+    ]
+
+
+# --------------------------------------------------------------------------- exit codes
+
+
+def test_exit_codes(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert world.cli(capsys, "status", "--stage", "nope")[0] == 5
+    assert world.cli(capsys, "reprocess", "--stage", "nope", "--all", "--dry-run", home=False)[0] == 5
+    assert world.cli(capsys, "reprocess", "--stage", "bids", "--dry-run", home=False)[0] == 5  # no selection
+    assert world.cli(capsys, "status", "--watch", "0")[0] == 5
+    code, _, err = world.cli(capsys, "status", "--stage", "recon")
+    assert code == 5 and "accepted: bids_conversion, qsiprep" in err
+
+    capsys.readouterr()
+    assert cli.main(["--config", str(tmp_path / "missing.yaml"), "status"]) == 2
+    assert "configuration error" in capsys.readouterr().err
+    code = cli.main(["--config", str(world.config_file), "failures", "--dagster-home", str(tmp_path / "no_home")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
