@@ -9,8 +9,12 @@ Nothing is launched by hand: the test only writes folders and a mapping.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -30,6 +34,14 @@ def drop(incoming: Path, scan_id: str, seed: int, when: datetime) -> None:
     staging = incoming / f".tmp-{scan_id}"
     synth.write_session(staging, seed=seed, n_directions=12, acquired=when)
     staging.rename(incoming / scan_id)
+
+
+def run_cli(argv: list[str], parse: bool = True) -> Any:
+    """The installed `neuroflow` command in its own process, as an operator runs it."""
+    exe = Path(sys.executable).with_name("neuroflow")
+    out = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if parse else out.stdout
 
 
 def tree_digest(root: Path) -> dict[str, tuple[int, int]]:
@@ -101,4 +113,35 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
         assert recon["01|SUBJA"] == recon["02|SUBJA"] == 2 and recon["03|SUBJA"] == 1
         assert recon["01|000B"] == 1  # the other subject is left alone
         assert overlapping(instance, "qsiprep") <= 1
+
+        # The operator's view comes from Dagster's records (issue 7's "done when").
+        home = ["--config", str(config.source)]
+        status = run_cli([*home, "status", "--format", "json", "--dagster-home", str(dev["home"])])
+        rows = {(r["subject"], r["session"]): r for r in status["sessions"]}
+        assert [rows[("SUBJA", "03")][stage] for stage in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc")] == [
+            "done"
+        ] * 4
+        corrupt = rows[("000C", "01")]
+        assert corrupt["protocol"] == "failed" and "0 DICOM files" in corrupt["protocol_reason"]
+        assert status["held"] == []  # the once-unmapped ScanID is now a session
+        # Reprocess B's reconstruction through the webserver, as the UI would (a GraphQL backfill).
+        run_cli(
+            [
+                *home,
+                "reprocess",
+                "--stage",
+                "qsirecon",
+                "--subject",
+                "000B",
+                "--url",
+                f"http://127.0.0.1:{dev['port']}/graphql",
+            ],
+            parse=False,
+        )
+        wait_for(
+            "the reprocessed reconstruction of 01|000B",
+            lambda: materialized(instance, "qsirecon_session").get("01|000B", 0) >= 2,
+            timeout=300,
+            log=dev["log"],
+        )
     assert tree_digest(incoming) == before  # DICOM is never written
