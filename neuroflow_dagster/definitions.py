@@ -11,6 +11,7 @@ from __future__ import annotations
 import dagster as dg
 
 from neuroflow_dagster.config import ConfigError, NeuroflowConfig, check_paths, load_config
+from neuroflow_dagster.defs.alerts import build_alert_sensor
 from neuroflow_dagster.defs.assets.bids import build_bids_asset
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
 from neuroflow_dagster.defs.assets.qsiparc import build_qsiparc_asset
@@ -18,7 +19,7 @@ from neuroflow_dagster.defs.assets.qsiprep import build_qsiprep_asset
 from neuroflow_dagster.defs.assets.qsirecon import build_qsirecon_asset
 from neuroflow_dagster.defs.partitions import session_partitions, subjects_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.defs.sensors import build_automation_sensors, build_discovery_sensor
+from neuroflow_dagster.defs.sensors import build_automation_sensors, build_discovery_sensor, max_runtime_tags
 
 STAGE_ASSETS = {
     "bids_conversion": ("bids_session", session_partitions),
@@ -28,18 +29,22 @@ STAGE_ASSETS = {
 }
 
 
-def stage_jobs() -> list[dg.UnresolvedAssetJobDefinition]:
+def stage_jobs(config: NeuroflowConfig) -> list[dg.UnresolvedAssetJobDefinition]:
     """One job per stage, tagged with its stage, for CLI backfills (`dagster job backfill -j ...`)."""
     return [
         dg.define_asset_job(
             f"{stage}_job",
             selection=dg.AssetSelection.assets(asset),
             partitions_def=partitions,
-            tags={"neuroflow/stage": stage},
+            tags={"neuroflow/stage": stage, **max_runtime_tags(config, stage)},
             description=f"Reprocess {asset} for chosen partitions (tagged neuroflow/stage={stage}).",
         )
         for stage, (asset, partitions) in STAGE_ASSETS.items()
     ]
+
+
+def optional(sensor: dg.SensorDefinition | None) -> list[dg.SensorDefinition]:
+    return [sensor] if sensor is not None else []
 
 
 def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
@@ -57,8 +62,12 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
             build_qsiparc_asset(config),
         ],
         asset_checks=[dicom_protocol_check],
-        sensors=[build_discovery_sensor(config), *build_automation_sensors(config)],
-        jobs=stage_jobs(),
+        sensors=[
+            build_discovery_sensor(config),
+            *build_automation_sensors(config),
+            *optional(build_alert_sensor(config)),
+        ],
+        jobs=stage_jobs(config),
         resources={"neuroflow": NeuroflowResource(config_file=str(config.source))},
         # One step per run here: running it in the run worker saves a process start per run. Scaling out
         # beyond one machine swaps the run launcher (Docker, Kubernetes) or this executor (Celery).

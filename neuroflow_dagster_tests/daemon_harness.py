@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,11 @@ def dagster_dev(
             start_new_session=True,
         )
     try:
+        # Open nothing before the webserver answers: opening the SQLite instance while `dagster dev`
+        # is still creating it can race with its schema migration.
+        wait_for("the webserver", lambda: _answers(port) or proc.poll() is not None, timeout=180, log=log)
+        if proc.poll() is not None:
+            raise AssertionError(f"dagster dev exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         yield {"port": port, "log": log, "home": home, "proc": proc}
     finally:
         try:
@@ -62,6 +68,14 @@ def dagster_dev(
             except ProcessLookupError:
                 pass
             proc.wait(timeout=10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def wait_for(

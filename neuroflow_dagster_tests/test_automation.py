@@ -181,3 +181,29 @@ def test_failed_conversion_settles_and_lets_qsiprep_run(harness: Harness) -> Non
     )
     assert not result.success
     assert h.tick() == {"qsiprep_subject": {"A"}}
+
+
+def test_work_registered_before_the_first_automation_tick_is_not_forgotten(harness: Harness) -> None:
+    """The discovery sensor may register sessions (and their checks may pass) before the automation
+    sensors' first tick; and a deployment may start on sessions converted earlier."""
+    h = harness
+    h.arrive("A", "01")
+    h.arrive("A", "02")
+    h.done(BIDS, "02|A")
+    h.arrive("B", "01")
+    h.done(BIDS, "01|B")
+    assert h.tick() == {"bids_session": {"01|A"}, "qsiprep_subject": {"B"}}
+    h.done(BIDS, "01|A")
+    assert h.tick() == {"qsiprep_subject": {"A"}}
+    assert h.tick() == {}
+
+
+def test_check_passing_after_the_first_tick_triggers_conversion(harness: Harness) -> None:
+    h = harness
+    h.instance.add_dynamic_partitions("subjects", ["A"])
+    h.instance.add_dynamic_partitions("session_labels", ["01"])
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=DICOM, partition="01|A"))
+    assert h.tick() == {}  # registered, its check run has not finished yet
+    run_check(h.instance, DICOM, PROTOCOL_CHECK, "01|A", True)
+    assert h.tick() == {"bids_session": {"01|A"}}
+    assert h.tick() == {}

@@ -4,13 +4,16 @@ A `run_failure_sensor` (running by default) reads what the run already
 records: the run's tags (stage, partition) and the STEP_FAILURE event's
 user metadata written by `execute_spec` (failure class, log tail, log path).
 A run the monitoring daemon killed (max runtime exceeded, worker lost) has no
-step failure; the alert then carries the run's own failure message.
+useful step failure; the alert then carries the run's own failure message.
+A failed run that Dagster is about to retry (run_retries, tag
+`dagster/will_retry`) is not alerted: only the last attempt is.
 
 Secrets never sit in neuroflow.yaml: the config names the environment
 variables that hold the webhook URL and the SMTP credentials. Delivery has
 short timeouts so a dead mail server cannot stall the daemon; when every
-configured channel fails the tick fails (visible in the UI, retried on the
-next tick), when one of two fails it is logged and the other one is enough.
+configured channel fails the tick fails with the reasons (visible on the
+sensor's page in the UI), when one of two fails it is logged and the other one
+is enough.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from neuroflow_dagster.defs.partitions import SESSION_DIM, SUBJECT_DIM
 
 SENSOR_NAME = "neuroflow_failure_alerts"
 STAGE_TAG = "neuroflow/stage"
+WILL_RETRY_TAG = "dagster/will_retry"
 STAGE_OF_ASSET = {BIDS: "bids_conversion", QSIPREP: "qsiprep", QSIRECON: "qsirecon", QSIPARC: "qsiparc"}
 TIMEOUT_S = 15.0
 MAX_TAIL_CHARS = 3000
@@ -55,6 +59,7 @@ class FailureAlert:
     job_name: str
     log_path: str | None = None
     log_tail: str | None = None
+    attempt: int = 1
 
     @property
     def where(self) -> str:
@@ -75,7 +80,8 @@ class FailureAlert:
             f"session: {self.session or '-'}",
             f"failure class: {self.failure_class}",
             f"reason: {self.reason}",
-            f"run: {self.run_id} (job {self.job_name})",
+            f"run: {self.run_id} (job {self.job_name}"
+            + (f", attempt {self.attempt}: automatic run retries exhausted)" if self.attempt > 1 else ")"),
             f"log file: {self.log_path or '-'}",
         ]
         if self.log_tail:
@@ -152,8 +158,13 @@ def alert_from_failure(
         log_path = str(meta["log_path"]) if meta.get("log_path") else None
         tail = meta.get("log_tail")
         log_tail = _strip_fence(str(tail))[-MAX_TAIL_CHARS:] if tail else None
-    elif "maximum runtime" in reason:
+    if run_failure_message and "maximum runtime" in run_failure_message:
+        # Killed by run monitoring (dagster/max_runtime or run_monitoring.max_runtime_seconds): the step
+        # saw only the interruption, so the run's own message is the reason.
         failure_class = "max_runtime"
+        first = (reason.splitlines() or [""])[0]
+        step_reason = "" if not first or first == run_failure_message.strip() else f" (step: {first})"
+        reason = run_failure_message.strip() + step_reason
     return FailureAlert(
         stage=stage,
         subject=subject,
@@ -164,7 +175,13 @@ def alert_from_failure(
         job_name=run.job_name,
         log_path=log_path,
         log_tail=log_tail,
+        attempt=int(run.tags.get("dagster/retry_number", "0")) + 1,
     )
+
+
+def will_be_retried(run: dg.DagsterRun) -> bool:
+    """Dagster tags a failed run it is about to retry (run_retries); only the last attempt is alerted."""
+    return run.tags.get(WILL_RETRY_TAG, "").lower() == "true"
 
 
 def _env(environ: Mapping[str, str], name: str, what: str) -> str:
@@ -250,6 +267,9 @@ def build_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
         description=f"Sends a {' and '.join(channels)} alert when a stage run fails (not on success).",
     )
     def neuroflow_failure_alerts(context: dg.RunFailureSensorContext) -> None:
+        if will_be_retried(context.dagster_run):
+            context.log.info(f"run {context.dagster_run.run_id} failed and will be retried: no alert yet")
+            return
         alert = alert_from_failure(
             context.dagster_run, list(context.get_step_failure_events()), context.failure_event.message
         )

@@ -35,7 +35,21 @@ def _deps_settled_and_checks_passed() -> AC:
 
 
 def bids_condition() -> AC:
-    return (AC.eager() & AC.all_deps_blocking_checks_passed()).with_label(
+    """eager(), plus a catch-up when the protocol check newly passes on a still-missing session.
+
+    eager()'s triggers ("newly missing", "deps updated") ignore whatever happened before the
+    condition's first evaluation, and the discovery sensor may register a session (and its
+    check may pass) before the automation sensor's first tick. A check that newly passes is
+    seen whenever it happens, including at the first evaluation, so no session is left behind.
+    """
+    catch_up = (
+        AC.all_deps_blocking_checks_passed().newly_true().with_label("protocol check newly passed")
+        & AC.missing()
+        & ~AC.any_deps_missing()
+        & ~AC.in_progress()
+        & ~AC.any_deps_in_progress()
+    )
+    return ((AC.eager() | catch_up) & AC.all_deps_blocking_checks_passed()).with_label(
         "convert when registered (or changed) and the protocol check passed"
     )
 
@@ -54,8 +68,20 @@ def waiting_for_conversion() -> AC:
 
 
 def qsiprep_condition(trigger: str = "eager", cron: str = "0 2 */3 * *") -> AC:
+    # Second trigger: the subject has converted sessions and no QSIPrep yet, remembered until
+    # requested; unlike since_last_handled() it is not reset by the first evaluation, so sessions
+    # converted before the automation sensor first ran are not forgotten.
+    never_ran = (
+        (AC.missing() & AC.any_deps_match(~AC.missing()))
+        .newly_true()
+        .since(AC.newly_requested() | AC.newly_updated())
+        .with_label("converted sessions and no QSIPrep yet")
+    )
     wave = (
-        AC.any_deps_updated().since_last_handled().with_label("a session converted since the last QSIPrep")
+        (
+            AC.any_deps_updated().since_last_handled().with_label("a session converted since the last QSIPrep")
+            | never_ran
+        )
         & ~AC.any_deps_match(waiting_for_conversion()).with_label("no session of the subject still converting")
         & ~AC.in_progress()
     )

@@ -38,6 +38,8 @@ from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.status_report import series_markdown, write_status_report
 
 PROTOCOL_CHECK = "protocol"
+MAX_RUNTIME_TAG = "dagster/max_runtime"
+INSTANCE_MAX_RUNTIME_S = 48 * 3600
 CURSOR_VERSION = 1
 
 
@@ -185,6 +187,19 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
     return dicom_discovery
 
 
+def max_runtime_tags(config: NeuroflowConfig, stage: str) -> dict[str, str]:
+    """Run monitoring cancels a stage run after what its in-run retries can legitimately take.
+
+    Retries happen inside the same run, so one attempt's timeout is too short: the budget is
+    every attempt at its hard timeout plus the longest retry waits, capped at the 48 h after
+    which the predecessor cancelled stale runs.
+    """
+    cfg = config.stage(stage)
+    r = cfg.retry
+    budget = (r.max_retries + 1) * cfg.timeout_minutes * 60 + r.max_retries * r.max_delay_seconds * (1 + r.jitter) + 900
+    return {MAX_RUNTIME_TAG: str(int(min(INSTANCE_MAX_RUNTIME_S, budget)))}
+
+
 def build_automation_sensors(config: NeuroflowConfig) -> list[dg.AutomationConditionSensorDefinition]:
     """One automation sensor per stage, so every run it launches carries its stage tag.
 
@@ -202,7 +217,7 @@ def build_automation_sensors(config: NeuroflowConfig) -> list[dg.AutomationCondi
         dg.AutomationConditionSensorDefinition(
             name=f"automation_{stage}",
             target=dg.AssetSelection.assets(*keys),
-            run_tags={"neuroflow/stage": stage},
+            run_tags={"neuroflow/stage": stage, **max_runtime_tags(config, stage)},
             default_status=dg.DefaultSensorStatus.RUNNING,
             minimum_interval_seconds=interval,
             description=f"Declarative automation for {stage}; its runs carry neuroflow/stage={stage}.",
