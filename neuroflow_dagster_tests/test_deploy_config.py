@@ -1,0 +1,254 @@
+"""The deployment files, checked without a Docker engine or systemd.
+
+- docker-compose.yaml is parsed as YAML (no `docker compose` here) and held to
+  the essentials: DICOM read-only wherever it is mounted, the UI on loopback
+  only, the database not published, no secret values in the file.
+- deploy/dagster.yaml and deploy/systemd/dagster.yaml go through Dagster's own
+  instance-config validation; their storage section is resolved from the
+  environment (`env:`) with dagster-postgres' schema, and the
+  DockerRunLauncher is constructed from its config (that needs no engine).
+  Whether that storage really works against PostgreSQL is test_postgres.py.
+- The systemd units' ExecStart lines are parsed by the real Dagster CLIs
+  (click), so a wrong flag fails here, not on the server.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+from dagster._config import process_config
+from dagster._core.instance.config import dagster_instance_config
+from dagster._serdes import ConfigurableClassData
+from dagster_postgres import DagsterPostgresStorage
+from dagster_postgres.utils import pg_url_from_config
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+DICOM = "/srv/neuroflow/dicom"
+SECRET_WORDS = re.compile(r"PASSWORD|SECRET|TOKEN|WEBHOOK|API_KEY", re.I)
+PG_ENV = {
+    "DAGSTER_POSTGRES_USER": "neuroflow",
+    "DAGSTER_POSTGRES_PASSWORD": "pw-from-env",
+    "DAGSTER_POSTGRES_HOST": "postgres",
+    "DAGSTER_POSTGRES_DB": "dagster",
+    "DAGSTER_POSTGRES_PORT": "5432",
+}
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_yaml(DEPLOY / "docker-compose.yaml")
+
+
+def env_example() -> dict[str, str]:
+    pairs = {}
+    for line in (DEPLOY / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+# --------------------------------------------------------------------------- docker compose
+
+
+def test_compose_has_the_four_services_and_one_named_network(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == {"postgres", "neuroflow_code", "webserver", "daemon"}
+    assert compose["networks"]["neuroflow"]["name"] == "neuroflow"
+    for name, service in compose["services"].items():
+        assert service["networks"] == ["neuroflow"], name
+    launcher = load_yaml(DEPLOY / "dagster.yaml")["run_launcher"]["config"]
+    assert launcher["network"] == "neuroflow"  # run containers join the services' network
+
+
+def test_dicom_is_read_only_wherever_it_is_mounted(compose: dict[str, Any]) -> None:
+    mounts = []
+    for name, service in compose["services"].items():
+        mounts += [(name, v) for v in service.get("volumes", []) if v.split(":")[0] == DICOM]
+    run_volumes = load_yaml(DEPLOY / "dagster.yaml")["run_launcher"]["config"]["container_kwargs"]["volumes"]
+    mounts += [("run containers", v) for v in run_volumes if v.split(":")[0] == DICOM]
+    assert {name for name, _ in mounts} == {"neuroflow_code", "run containers"}  # sensors and runs read it
+    for name, volume in mounts:
+        source, target, mode = volume.split(":")
+        assert mode == "ro", f"{name}: {volume} is not read-only"
+        assert target == source, f"{name}: {volume}: tool containers need the host path inside too"
+
+
+def test_only_the_webserver_is_published_and_only_on_loopback(compose: dict[str, Any]) -> None:
+    published = {name: s["ports"] for name, s in compose["services"].items() if s.get("ports")}
+    assert published == {"webserver": ["127.0.0.1:3000:3000"]}
+    assert "postgres" not in published
+
+
+def test_no_secret_values_in_compose_or_dagster_yaml(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        if name != "postgres":
+            assert service["env_file"] == ".env", name
+        environment = service.get("environment") or {}
+        for key, value in environment.items():
+            assert not SECRET_WORDS.search(key), f"{name}: {key} must come from .env, not the compose file"
+            assert not SECRET_WORDS.search(str(value)), f"{name}: {key}"
+    assert compose["services"]["postgres"]["env_file"] == ".env"
+    text = (DEPLOY / "docker-compose.yaml").read_text() + (DEPLOY / "dagster.yaml").read_text()
+    assert not re.search(r"(password|secret)[ \t]*[:=][ \t]*[^\s{]", text, re.I), "literal credential in a deploy file"
+    db = load_yaml(DEPLOY / "dagster.yaml")["storage"]["postgres"]["postgres_db"]
+    assert {k: v for k, v in db.items() if k != "scheme"} == {
+        "username": {"env": "DAGSTER_POSTGRES_USER"},
+        "password": {"env": "DAGSTER_POSTGRES_PASSWORD"},
+        "hostname": {"env": "DAGSTER_POSTGRES_HOST"},
+        "db_name": {"env": "DAGSTER_POSTGRES_DB"},
+        "port": {"env": "DAGSTER_POSTGRES_PORT"},
+    }
+    for key, value in env_example().items():
+        if SECRET_WORDS.search(key):
+            assert value == "", f".env.example: {key} must be empty (a placeholder), not {value!r}"
+
+
+def test_every_variable_the_instance_reads_is_in_env_example() -> None:
+    config = load_yaml(DEPLOY / "dagster.yaml")
+    needed = set(re.findall(r"env: (\w+)", (DEPLOY / "dagster.yaml").read_text()))
+    needed |= set(config["run_launcher"]["config"]["env_vars"])
+    assert needed - set(env_example()) == set()
+    assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"} <= set(env_example())  # the postgres image's
+
+
+def test_code_server_runs_the_code_location_and_names_its_image(compose: dict[str, Any]) -> None:
+    code = compose["services"]["neuroflow_code"]
+    assert code["environment"]["DAGSTER_CURRENT_IMAGE"] == code["image"]
+    assert code["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+    command = code["command"]
+    assert command[:3] == ["dagster", "code-server", "start"]
+    assert "neuroflow_dagster.definitions" in command
+    port = command[command.index("-p") + 1]
+    workspace = load_yaml(DEPLOY / "workspace.yaml")["load_from"][0]["grpc_server"]
+    found = (workspace["host"], str(workspace["port"]), workspace["location_name"])
+    assert found == ("neuroflow_code", port, "neuroflow")
+    for name in ("webserver", "daemon"):
+        assert "/opt/dagster/dagster_home/workspace.yaml" in compose["services"][name]["command"]
+
+
+def test_dockerfile_installs_the_project_and_its_files_exist() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
+    assert re.search(r"pip install \.", text)
+    assert "dcm2niix" not in re.sub(r"#.*", "", text.split("pip install")[0]), "dcm2niix comes from PyPI"
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        *sources, _target = line.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+    assert re.search(r"^USER neuroflow$", text, re.M)
+
+
+# --------------------------------------------------------------------------- dagster.yaml
+
+
+@pytest.mark.parametrize("path", ["dagster.yaml", "systemd/dagster.yaml"])
+def test_production_instance_config_validates_and_resolves_postgres_from_env(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = (DEPLOY / path).parent
+    config, _ = dagster_instance_config(str(folder), config_filename=Path(path).name)  # Dagster's own schema
+    storage = config["storage"]["postgres"]
+    for key, value in PG_ENV.items():
+        monkeypatch.setenv(key, value)
+    resolved = process_config(DagsterPostgresStorage.config_type(), storage)
+    assert resolved.success, resolved.errors
+    assert pg_url_from_config(resolved.value) == "postgresql+psycopg2://neuroflow:pw-from-env@postgres:5432/dagster"
+    # Without the password in the environment the config does not resolve, and says which variable.
+    monkeypatch.delenv("DAGSTER_POSTGRES_PASSWORD")
+    missing = process_config(DagsterPostgresStorage.config_type(), storage)
+    assert not missing.success
+    assert "DAGSTER_POSTGRES_PASSWORD" in str(missing.errors)
+
+
+def test_docker_run_launcher_is_built_from_its_config_without_an_engine() -> None:
+    config, _ = dagster_instance_config(str(DEPLOY))
+    section = config["run_launcher"]
+    launcher = ConfigurableClassData(section["module"], section["class"], yaml.safe_dump(section["config"])).rehydrate(
+        as_type=object
+    )
+    assert type(launcher).__name__ == "DockerRunLauncher"
+    assert launcher.networks == ["neuroflow"]
+    assert "DAGSTER_POSTGRES_PASSWORD" in launcher.env_vars  # by name: the value stays in the environment
+    assert f"{DICOM}:{DICOM}:ro" in launcher.container_kwargs["volumes"]
+    assert "run_launcher" not in load_yaml(DEPLOY / "systemd" / "dagster.yaml")  # no Docker there
+
+
+@pytest.mark.parametrize("path", ["dagster.yaml", "systemd/dagster.yaml"])
+def test_same_limits_retries_and_monitoring_as_the_embedded_default(path: str) -> None:
+    root = load_yaml(REPO / "dagster.yaml")
+    prod = load_yaml(DEPLOY / path)
+    for section in ("concurrency", "run_retries", "run_monitoring", "sensors", "telemetry"):
+        assert prod[section] == root[section], f"deploy/{path}: {section} differs from dagster.yaml"
+
+
+# --------------------------------------------------------------------------- systemd
+
+
+def unit(name: str) -> dict[str, list[str]]:
+    """key -> values of a unit file (keys may repeat, e.g. Environment=)."""
+    values: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def parse_cli(argv: list[str]) -> click.Context:
+    """Parse an ExecStart command line with the real Dagster CLI (nothing is run)."""
+    from dagster._cli import cli as dagster_cli
+    from dagster._daemon.cli import cli as daemon_cli
+    from dagster_webserver.cli import dagster_webserver
+
+    program = Path(argv[0]).name
+    # The units read the workspace file installed from deploy/systemd/; parse against that copy.
+    argv = [str(DEPLOY / "systemd" / "workspace.yaml") if a == "/etc/neuroflow/workspace.yaml" else a for a in argv]
+    command: click.Command = {"dagster": dagster_cli, "dagster-daemon": daemon_cli,
+                              "dagster-webserver": dagster_webserver}[program]  # fmt: skip
+    args = argv[1:]
+    while isinstance(command, click.Group):
+        name, *args = args
+        sub = command.commands.get(name)
+        assert sub is not None, f"{program}: unknown sub-command {name!r}"
+        command = sub
+    return command.make_context(program, list(args))
+
+
+UNITS = ["neuroflow-code-server.service", "neuroflow-webserver.service", "neuroflow-daemon.service"]
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_units_parse_and_keep_dicom_read_only(name: str) -> None:
+    values = unit(name)
+    (exec_start,) = values["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert argv[0].startswith("/opt/neuroflow/.venv/bin/")
+    ctx = parse_cli(argv)
+    assert values["ReadOnlyPaths"] == [DICOM]
+    assert values["User"] == ["neuroflow"]
+    assert values["EnvironmentFile"] == ["/etc/neuroflow/neuroflow.env"]
+    assert "DAGSTER_HOME=/var/lib/neuroflow/dagster_home" in values["Environment"]
+    assert not any(SECRET_WORDS.search(v) for v in values["Environment"]), "secrets belong in the EnvironmentFile"
+    if name == "neuroflow-webserver.service":
+        assert ctx.params["host"] == "127.0.0.1"
+        assert ctx.params["port"] == 3000
+    if name == "neuroflow-code-server.service":
+        assert ctx.params["host"] == "127.0.0.1" and ctx.params["port"] == 4000
+        assert ctx.params["module_name"] in ("neuroflow_dagster.definitions", ("neuroflow_dagster.definitions",))
+        workspace = load_yaml(DEPLOY / "systemd" / "workspace.yaml")["load_from"][0]["grpc_server"]
+        assert (workspace["host"], workspace["port"]) == ("127.0.0.1", 4000)
+    else:
+        assert "/etc/neuroflow/workspace.yaml" in argv
+        assert ctx.params["workspace"] in (str(DEPLOY / "systemd" / "workspace.yaml"),
+                                           (str(DEPLOY / "systemd" / "workspace.yaml"),))
