@@ -13,8 +13,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from neuroflow_dagster.defs.automation import DICOM
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
+from neuroflow_dagster.defs.automation import DICOM
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.defs.sensors import (
     PROTOCOL_CHECK,
