@@ -38,6 +38,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.tools.heudiconv import present_suffixes, session_dir
 
 __all__ = [
@@ -136,18 +137,6 @@ def bids_root_lock(bids_root: Path, lock_dir: Path, timeout_s: float = LOCK_TIME
         yield
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: readers see old or new."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _clean(value: object) -> str:
@@ -189,7 +178,7 @@ def upsert_tsv_row(path: Path, key: str, row: Mapping[str, object], first_column
         merged[existing.get(key, NA)] = existing
     merged[new[key]] = {**merged.get(new[key], {}), **new}
     ordered = [merged[k] for k in sorted(merged)]
-    _replace_text(path, _format_tsv(columns, ordered))
+    atomic_write_text(path, _format_tsv(columns, ordered))
     return {c: _clean(merged[new[key]].get(c)) for c in columns}
 
 
@@ -203,7 +192,7 @@ def _ensure_json(path: Path, content: Mapping[str, object], *, merge_keys: bool 
         if not missing:
             return
         content = {**current, **missing}
-    _replace_text(path, json.dumps(content, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(content, indent=2, sort_keys=False) + "\n")
 
 
 def _column_descriptions(columns: list[str], known: Mapping[str, Mapping[str, str]]) -> dict[str, object]:
@@ -238,12 +227,12 @@ def ensure_dataset(bids_root: Path, *, name: str = DEFAULT_NAME) -> None:
         {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "raw", "GeneratedBy": _generated_by()},
     )
     if not (root / "README").exists() and not (root / "README.md").exists():
-        _replace_text(root / "README", README_TEXT)
+        atomic_write_text(root / "README", README_TEXT)
     ignore = root / ".bidsignore"
     current = ignore.read_text(encoding="utf-8").splitlines() if ignore.exists() else []
     missing = [line for line in BIDSIGNORE_LINES if line not in current]
     if missing:
-        _replace_text(ignore, "\n".join([*current, *missing]) + "\n")
+        atomic_write_text(ignore, "\n".join([*current, *missing]) + "\n")
     _ensure_json(root / "scans.json", SCANS_COLUMNS, merge_keys=True)
     _ensure_json(
         root / "sessions.json",
@@ -445,7 +434,7 @@ def publish_session(
                         with contextlib.suppress(FileNotFoundError):
                             table.unlink()
                     else:
-                        _replace_text(table, text)
+                        atomic_write_text(table, text)
                 raise PublishError(f"updating the top-level tables of {root} failed: {exc}") from exc
             if old is not None:
                 _rmtree(old)

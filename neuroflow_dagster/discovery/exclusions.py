@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from filelock import FileLock
 
 from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.fsutil import atomic_write_text
 
 
 def _paths(config: NeuroflowConfig) -> tuple[Path, Path, Path]:
@@ -39,10 +39,7 @@ def load_exclusions(config: NeuroflowConfig) -> dict[str, dict[str, Any]]:
 
 def _write(config: NeuroflowConfig, data: dict[str, Any], action: str, scan_id: str, reason: str) -> None:
     path, audit, _ = _paths(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
     entry = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "by": getpass.getuser(),

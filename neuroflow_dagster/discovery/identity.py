@@ -16,13 +16,14 @@ import csv
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from filelock import FileLock
+
+from neuroflow_dagster.fsutil import atomic_write_text
 
 REGISTRY_FILENAME = "registry.tsv"
 REGISTRY_COLUMNS = (
@@ -305,21 +306,3 @@ def _write_registry(path: Path, entries: Iterable[RegistryEntry]) -> None:
             ]
         )
     atomic_write_text(path, buf.getvalue())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same folder + fsync + ``os.replace``: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

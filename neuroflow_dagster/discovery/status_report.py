@@ -8,7 +8,6 @@ to hang an event on, so the sensor writes them here and logs them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.discovery.engine import TickResult
 from neuroflow_dagster.discovery.protocol import ProtocolResult, SeriesInfo, check_protocol
 from neuroflow_dagster.discovery.scanner import read_headers, stat_walk
+from neuroflow_dagster.fsutil import atomic_write_text
 
 
 def report_path(config: NeuroflowConfig) -> Path:
@@ -31,11 +31,7 @@ def write_status_report(config: NeuroflowConfig, result: TickResult) -> None:
         "held": [{"scan_id": h.scan_id, "path": h.path, "reason": h.reason, "message": h.message} for h in result.held],
         "stats": vars(result.stats),
     }
-    path = report_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(report_path(config), json.dumps(data, indent=1, default=str))
 
 
 def read_status_report(config: NeuroflowConfig) -> dict[str, Any]:

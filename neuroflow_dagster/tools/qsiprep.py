@@ -22,13 +22,12 @@ sources as root).
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.tools import layout
 from neuroflow_dagster.tools.layout import PathMap, SpecError
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -93,15 +92,7 @@ def write_bids_filter(path: Path, sessions: Sequence[str], extra: Mapping[str, A
     text = json.dumps(bids_filter_content(sessions, extra), indent=2, sort_keys=True) + "\n"
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bids_filter.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
 
 

@@ -20,6 +20,7 @@ from neuroflow_dagster.defs.assets.common import build_or_refuse, session_contex
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
+from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.tools import heudiconv
 
 STAGE = "bids_conversion"
@@ -32,9 +33,9 @@ def _validation_file(config: NeuroflowConfig, participant: str, session: str) ->
 
 def save_validation(config: NeuroflowConfig, participant: str, session: str, passed: bool, summary: str) -> None:
     """Remember the validator verdict so QSIPrep leaves out sessions whose BIDS is invalid."""
-    path = _validation_file(config, participant, session)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"passed": passed, "summary": summary}), encoding="utf-8")
+    atomic_write_text(
+        _validation_file(config, participant, session), json.dumps({"passed": passed, "summary": summary})
+    )
 
 
 def validation_passed(config: NeuroflowConfig, participant: str, session: str) -> bool:
