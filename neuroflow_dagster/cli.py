@@ -54,11 +54,22 @@ def init_workspace(
 
 
 def dagster_home(directory: Path) -> Path:
-    """A DAGSTER_HOME with the project's dagster.yaml (instance settings: limits, retries, monitoring)."""
+    """A DAGSTER_HOME with the project's dagster.yaml (instance settings: limits, retries, monitoring),
+    its storage created and migrated once, before any Dagster process opens it."""
     home = directory / ".dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(_project_dagster_yaml(), home / "dagster.yaml")
+    _prepare(home)
     return home
+
+
+def _prepare(home: Path) -> None:
+    from neuroflow_dagster.ops.instance import InstanceNotReady, prepare_instance
+
+    try:
+        prepare_instance(home)
+    except InstanceNotReady as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _project_dagster_yaml() -> Path:
@@ -163,6 +174,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return subprocess.call(argv, env=env, cwd=directory)
 
 
+def _home_option(value: str | None) -> Path:
+    home = value or os.environ.get("DAGSTER_HOME")
+    if not home:
+        raise UsageError("no Dagster instance: pass --dagster-home or set DAGSTER_HOME")
+    path = Path(home).resolve()
+    if not (path / "dagster.yaml").is_file():
+        raise UsageError(f"{path / 'dagster.yaml'} does not exist: copy the project's dagster.yaml there first "
+                         "(deploy/ has the production variants)")
+    return path
+
+
+def cmd_instance_init(args: argparse.Namespace) -> int:
+    home = _home_option(args.dagster_home)
+    _prepare(home)
+    print(f"Dagster instance at {home}: storage created and migrated")
+    return EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """`dagster dev` for this code location, after creating the instance's storage exactly once."""
+    config = load_config(args.config)
+    problems = check_paths(config)
+    if problems:
+        raise ConfigError(f"{config.source} cannot be used:\n  " + "\n  ".join(problems))
+    home = _home_option(args.dagster_home)
+    _prepare(home)
+    env = dict(os.environ, DAGSTER_HOME=str(home), NEUROFLOW_CONFIG=str(config.source))
+    dagster = Path(sys.executable).with_name("dagster")
+    argv = [str(dagster), "dev", "-m", "neuroflow_dagster.definitions", "-h", args.host, "-p", str(args.port)]
+    return subprocess.call(argv, env=env, cwd=Path(config.source).parent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neuroflow", description=__doc__)
     parser.add_argument(
@@ -204,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a late third session of the first subject after SECONDS",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("instance", help="the Dagster instance (DAGSTER_HOME)")
+    isub = p.add_subparsers(dest="instance_command", required=True, parser_class=_Parser)
+    i = isub.add_parser("init", help="create and migrate the instance's storage once (safe to repeat)")
+    i.add_argument("--dagster-home", help="the instance folder holding dagster.yaml (default: $DAGSTER_HOME)")
+    i.set_defaults(func=cmd_instance_init)
+
+    p = sub.add_parser("start", help="create the instance's storage if needed, then start dagster dev")
+    p.add_argument("--dagster-home", help="the instance folder holding dagster.yaml (default: $DAGSTER_HOME)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=cmd_start)
 
     from neuroflow_dagster import operator_cli
 
