@@ -112,3 +112,24 @@ def test_killed_dagster_dev_mid_qsiprep_recovers_with_one_materialization(tmp_pa
         sampler.join(timeout=5)
     assert sampler.most == 1, f"{sampler.most} QSIPrep processes of one subject ran at once"
     assert tool_pids() == []
+
+
+@pytest.mark.parametrize("case", ["alive", "exited", "recycled"])
+def test_worker_status_tells_a_live_worker_from_a_dead_or_recycled_pid(case: str) -> None:
+    """The launcher's health check: the pid must exist, not be a zombie, and predate the worker's report."""
+    import subprocess
+    import sys
+
+    from neuroflow_dagster.defs.launcher import worker_status
+
+    if case == "alive":
+        alive, why = worker_status(os.getpid(), reported_at=time.time())
+        assert alive, why
+    elif case == "exited":
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        alive, why = worker_status(proc.pid, reported_at=time.time())
+        assert not alive and "no longer exists" in why
+    else:  # this process stands in for a new process that got the dead worker's pid
+        alive, why = worker_status(os.getpid(), reported_at=time.time() - 3600)
+        assert not alive and "now belongs to a process started" in why
