@@ -12,6 +12,7 @@ run reports.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.runtimes import get_runtime
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
-from neuroflow_dagster.runtimes.failures import is_retryable, retry_delay
+from neuroflow_dagster.runtimes.failures import classify, is_retryable, retry_delay
+from neuroflow_dagster.tools import publish
 from neuroflow_dagster.tools.spec import ToolSpec
 
 STATUS_KEY = "neuroflow/status"
@@ -31,9 +33,23 @@ FAILURE_CLASS_KEY = "neuroflow/failure_class"
 
 def log_path_for(config: NeuroflowConfig, stage: str, partition: str, run_id: str) -> Path:
     """One log file per tool run: log_dir/<stage>/<partition>_<run>.log (partition made path-safe)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", partition) or "all"
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    return config.paths.log_dir / stage / f"{safe}_{stamp}_{run_id[:8]}.log"
+    return config.paths.log_dir / stage / f"{safe_name(partition)}_{stamp}_{run_id[:8]}.log"
+
+
+def safe_name(partition: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", partition) or "all"
+
+
+def staging_for(context: dg.AssetExecutionContext, final_dir: Path) -> Path:
+    """This run's own staging folder inside ``final_dir`` (published there only if the run succeeds)."""
+    partition = context.partition_key if context.has_partition_key else "all"
+    return publish.staging_dir(final_dir, str(partition), context.run_id)
+
+
+def work_lock(config: NeuroflowConfig, stage: str, partition: str) -> Path:
+    """One lock file per piece of work: two processes of the same stage x partition never run at once."""
+    return config.paths.state / "locks" / stage / f"{safe_name(partition)}.lock"
 
 
 def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str, Any]:
@@ -44,8 +60,10 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
         "exit_code": record.exit_code if record.exit_code is not None else -1,
         "duration_s": record.duration_s if record.duration_s is not None else -1.0,
         "log_path": dg.MetadataValue.path(record.log_path),
-        "output_dir": dg.MetadataValue.path(record.output_dir),
+        "output_dir": dg.MetadataValue.path(str(spec.final_dir) if spec is not None else record.output_dir),
     }
+    if spec is not None and spec.publish_to is not None:
+        meta["staging_dir"] = dg.MetadataValue.path(str(spec.output_dir))
     if record.image_digest:
         meta["image_digest"] = record.image_digest
     if spec is not None:
@@ -56,9 +74,14 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
 
 
 def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, spec: ToolSpec) -> RunRecord:
-    """Run `spec` with the stage's runtime; check golden outputs; raise a classified Failure."""
+    """Run `spec` with the stage's runtime; check golden outputs; publish them; raise a classified Failure.
+
+    A spec writing into a staging folder (``publish_to`` set) reaches the derivatives only here, after
+    success; a failed run leaves its partial outputs in the staging folder, named in the failure.
+    """
     stage_cfg = config.stage(stage)
     partition = context.partition_key if context.has_partition_key else "all"
+    spec = dataclasses.replace(spec, lock=work_lock(config, stage, str(partition)), lock_owner=context.run_id)
     log_path = log_path_for(config, stage, str(partition), context.run_id)
     runtime = get_runtime(stage_cfg)
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
@@ -79,11 +102,32 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
         meta[FAILURE_CLASS_KEY] = "tool"
         raise dg.Failure(
             description=f"{stage} exited 0 but expected outputs are missing under {spec.output_dir}: "
-            + ", ".join(missing),
+            + ", ".join(missing)
+            + unpublished_note(spec),
             metadata=meta,
             allow_retries=False,
         )
+    if spec.publish_to is not None:
+        try:
+            done = publish.publish_outputs(spec.output_dir, spec.publish_to, spec.publish_units,
+                                           partition=str(partition))
+        except (publish.PublishError, OSError) as exc:
+            meta = record_metadata(record, spec)
+            failure_class = str(classify(str(exc), None))
+            meta[FAILURE_CLASS_KEY] = failure_class if failure_class != "tool" else "transient"
+            raise dg.Failure(description=f"{stage}: publishing the outputs failed: {exc}" + unpublished_note(spec),
+                             metadata=meta, allow_retries=False) from exc
+        context.log.info(f"{stage}: published {', '.join(done.units) or 'files'} into {done.target} "
+                         f"({done.files} files)")
+        record.extra["published_units"] = done.units
     return record
+
+
+def unpublished_note(spec: ToolSpec) -> str:
+    """Where a failed run's partial outputs are, and that the published ones were not touched."""
+    if spec.publish_to is None:
+        return ""
+    return f"; partial outputs kept in {spec.output_dir}, nothing published ({spec.publish_to} unchanged)"
 
 
 def classified_failure(
@@ -98,7 +142,9 @@ def classified_failure(
     will_retry = retryable and attempt <= retry.max_retries
     note = f"attempt {attempt}/{retry.max_retries + 1}" + (", will retry" if will_retry else ", not retried")
     failure = dg.Failure(
-        description=f"{stage} failed [{failure_class}; {note}]: {exc}", metadata=meta, allow_retries=False
+        description=f"{stage} failed [{failure_class}; {note}]: {exc}{unpublished_note(spec)}",
+        metadata=meta,
+        allow_retries=False,
     )
     if not will_retry:
         return failure

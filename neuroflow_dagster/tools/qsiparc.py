@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from neuroflow_dagster.tools import layout
@@ -30,14 +31,16 @@ def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
     return (f"sub-{participant}/ses-{session}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
 
 
-def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
-    """The QSIParc run for one session, per the stage's runtime."""
+def build_spec(config: Any, participant: str, session: str, *, output_dir: Path | None = None) -> ToolSpec:
+    """The QSIParc run for one session, per the stage's runtime (``output_dir``: the run's staging folder)."""
     cfg = config.pipelines.qsiparc
     layout.validate_label(participant)
     layout.validate_label(session, "session")
     source = layout.qsirecon_dir(config)
-    out = layout.qsiparc_dir(config)
-    common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs}
+    final = layout.qsiparc_dir(config)
+    out = Path(output_dir) if output_dir is not None else final
+    common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs,
+              **layout.publish_plan(out, final, [f"sub-{participant}/ses-{session}"])}
 
     if cfg.runtime == "builtin":
         pm = PathMap(containerized=False)

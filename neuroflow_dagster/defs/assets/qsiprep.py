@@ -12,12 +12,12 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.bids import validation_passed
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.partitions import subject_of_session, subjects_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
-from neuroflow_dagster.tools import heudiconv, qsiprep
+from neuroflow_dagster.tools import heudiconv, layout, qsiprep
 
 STAGE = "qsiprep"
 
@@ -71,7 +71,8 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 f"sub-{participant} has no session QSIPrep can take",
                 left_out=dg.MetadataValue.json(left_out),
             )
-        spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions)
+        spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions,
+                               output_dir=staging_for(context, layout.qsiprep_dir(cfg)))
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
         meta.update(

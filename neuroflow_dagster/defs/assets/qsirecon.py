@@ -6,7 +6,7 @@ from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.tools import heudiconv, layout, qsirecon
@@ -62,11 +62,12 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
-        spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session)
+        spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session,
+                               output_dir=staging_for(context, layout.qsirecon_dir(cfg)))
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
         meta.update({"neuroflow/status": "done", "tool": tool_name, "recon_spec": stage_cfg.recon_spec})
-        out = layout.session_dir(spec.output_dir, ses.participant, ses.session)
+        out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         meta["n_outputs"] = sum(1 for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
         pngs = sorted(out.rglob("*desc-qc*.png")) if out.is_dir() else []
         if pngs:
