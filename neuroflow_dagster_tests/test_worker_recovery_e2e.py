@@ -31,8 +31,9 @@ pytestmark = pytest.mark.slow
 PREPROC = "neuroflow_dagster.tools.builtin.preproc"
 
 
-def tool_pids(marker: str = PREPROC) -> list[int]:
-    """Live processes whose command line runs the QSIPrep stand-in (not their guards)."""
+def tool_pids(root: Path, marker: str = PREPROC) -> list[int]:
+    """Live processes running the QSIPrep stand-in on the workspace under ``root`` (not their guards;
+    not the stand-ins of other test runs sharing the machine)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -45,7 +46,8 @@ def tool_pids(marker: str = PREPROC) -> list[int]:
         if state[state.rfind(")") + 2 :].split()[0] == "Z":
             continue
         args = [a.decode(errors="replace") for a in argv]
-        if marker in args and "guard.py" not in " ".join(args):
+        joined = " ".join(args)
+        if marker in args and "guard.py" not in joined and str(root) in joined:
             found.append(int(entry.name))
     return found
 
@@ -53,14 +55,15 @@ def tool_pids(marker: str = PREPROC) -> list[int]:
 class Sampler(threading.Thread):
     """Records the largest number of QSIPrep stand-in processes seen at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
         super().__init__(daemon=True)
+        self.root = root
         self.most = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.most = max(self.most, len(tool_pids()))
+            self.most = max(self.most, len(tool_pids(self.root)))
             time.sleep(0.2)
 
 
@@ -81,16 +84,20 @@ def test_killed_dagster_dev_mid_qsiprep_recovers_with_one_materialization(tmp_pa
     dagster_yaml.write_text(yaml.safe_dump(settings))
     home = tmp_path / "home"
 
-    sampler = Sampler()
+    sampler = Sampler(tmp_path)
+
+    def in_ws() -> list[int]:
+        return tool_pids(tmp_path)
+
     sampler.start()
     try:
         with dagster_dev(config.source, home, dagster_yaml=dagster_yaml) as dev:
-            orphans = wait_for("the QSIPrep stand-in to start", tool_pids, timeout=600, log=dev["log"], interval=0.2)
+            orphans = wait_for("the QSIPrep stand-in to start", in_ws, timeout=600, log=dev["log"], interval=0.2)
             os.killpg(dev["proc"].pid, signal.SIGKILL)  # dagster dev and everything in its process group
             dev["proc"].wait(timeout=30)
         # The tool ran in its own session (it survived the group kill); its guard stops it.
         wait_for("the orphaned QSIPrep stand-in to be stopped by its guard",
-                 lambda: not any(p in tool_pids() for p in orphans), timeout=30, interval=0.5)
+                 lambda: not any(p in in_ws() for p in orphans), timeout=30, interval=0.5)
 
         with dagster_dev(config.source, home, dagster_yaml=dagster_yaml) as dev:
             instance = dg.DagsterInstance.from_config(str(home))
@@ -111,7 +118,7 @@ def test_killed_dagster_dev_mid_qsiprep_recovers_with_one_materialization(tmp_pa
         sampler.stop.set()
         sampler.join(timeout=5)
     assert sampler.most == 1, f"{sampler.most} QSIPrep processes of one subject ran at once"
-    assert tool_pids() == []
+    assert in_ws() == []
 
 
 @pytest.mark.parametrize("case", ["alive", "exited", "recycled"])
