@@ -20,6 +20,7 @@ from neuroflow_dagster.defs.assets.qsirecon import build_qsirecon_asset
 from neuroflow_dagster.defs.partitions import session_partitions, subjects_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.defs.sensors import build_automation_sensors, build_discovery_sensor, max_runtime_tags
+from neuroflow_dagster.naming.tags import STAGE_TAG
 
 STAGE_ASSETS = {
     "bids_conversion": ("bids_session", session_partitions),
@@ -36,7 +37,7 @@ def stage_jobs(config: NeuroflowConfig) -> list[dg.UnresolvedAssetJobDefinition]
             f"{stage}_job",
             selection=dg.AssetSelection.assets(asset),
             partitions_def=partitions,
-            tags={"neuroflow/stage": stage, **max_runtime_tags(config, stage)},
+            tags={STAGE_TAG: stage, **max_runtime_tags(config, stage)},
             description=f"Reprocess {asset} for chosen partitions (tagged neuroflow/stage={stage}).",
         )
         for stage, (asset, partitions) in STAGE_ASSETS.items()

@@ -12,38 +12,27 @@ run reports.
 
 from __future__ import annotations
 
-import re
-import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.runtimes import get_runtime
+from neuroflow_dagster.naming.logs import run_log_path
+from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY, LOG_TAIL_KEY
+from neuroflow_dagster.runtimes import STAND_IN_IMAGE, get_runtime
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import is_retryable, retry_delay
 from neuroflow_dagster.tools.spec import ToolSpec
-
-STATUS_KEY = "neuroflow/status"
-FAILURE_CLASS_KEY = "neuroflow/failure_class"
-
-
-def log_path_for(config: NeuroflowConfig, stage: str, partition: str, run_id: str) -> Path:
-    """One log file per tool run: log_dir/<stage>/<partition>_<run>.log (partition made path-safe)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", partition) or "all"
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    return config.paths.log_dir / stage / f"{safe}_{stamp}_{run_id[:8]}.log"
 
 
 def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "command": dg.MetadataValue.text(record.command),
         "runtime": record.runtime,
-        "image": record.image or ("builtin stand-in (not the real tool)" if spec and spec.stand_in else "local"),
+        "image": record.image or (STAND_IN_IMAGE if spec and spec.stand_in else "local"),
         "exit_code": record.exit_code if record.exit_code is not None else -1,
         "duration_s": record.duration_s if record.duration_s is not None else -1.0,
-        "log_path": dg.MetadataValue.path(record.log_path),
+        LOG_PATH_KEY: dg.MetadataValue.path(record.log_path),
         "output_dir": dg.MetadataValue.path(record.output_dir),
     }
     if record.image_digest:
@@ -51,7 +40,7 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
     if spec is not None:
         meta["stand_in"] = spec.stand_in
     if record.log_tail:
-        meta["log_tail"] = dg.MetadataValue.md("```\n" + record.log_tail[-4000:] + "\n```")
+        meta[LOG_TAIL_KEY] = dg.MetadataValue.md("```\n" + record.log_tail[-4000:] + "\n```")
     return meta
 
 
@@ -59,7 +48,7 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
     """Run `spec` with the stage's runtime; check golden outputs; raise a classified Failure."""
     stage_cfg = config.stage(stage)
     partition = context.partition_key if context.has_partition_key else "all"
-    log_path = log_path_for(config, stage, str(partition), context.run_id)
+    log_path = run_log_path(config.paths.log_dir, stage, str(partition), context.run_id)
     runtime = get_runtime(stage_cfg)
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
     try:

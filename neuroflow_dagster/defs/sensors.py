@@ -27,18 +27,14 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.automation import DICOM
-from neuroflow_dagster.defs.partitions import (
-    session_key,
-    session_labels_partitions,
-    session_partitions,
-    subjects_partitions,
-)
+from neuroflow_dagster.defs.partitions import session_labels_partitions, session_partitions, subjects_partitions
 from neuroflow_dagster.discovery import engine
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.status_report import series_markdown, write_status_report
+from neuroflow_dagster.naming.partitions import session_key
+from neuroflow_dagster.naming.tags import DISCOVERY_TAG_VALUE, MAX_RUNTIME_TAG, PARTITION_TAG, SCAN_ID_TAG, STAGE_TAG
 
 PROTOCOL_CHECK = "protocol"
-MAX_RUNTIME_TAG = "dagster/max_runtime"
 INSTANCE_MAX_RUNTIME_S = 48 * 3600
 CURSOR_VERSION = 1
 
@@ -102,7 +98,7 @@ protocol_check_job = dg.define_asset_job(
     "dicom_protocol_check",
     selection=dg.AssetSelection.checks(dg.AssetCheckKey(DICOM, PROTOCOL_CHECK)),
     partitions_def=session_partitions,
-    tags={"neuroflow/stage": "discovery"},
+    tags={STAGE_TAG: DISCOVERY_TAG_VALUE},
     description="Runs the blocking protocol check of a (re)registered DICOM session.",
 )
 
@@ -138,7 +134,7 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             events.append(
                 dg.AssetMaterialization(
                     asset_key=DICOM,
-                    partition=str(key),
+                    partition=key,
                     description=f"DICOM session {reg.scan_id}",
                     metadata=registration_metadata(reg),
                 )
@@ -149,9 +145,9 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
                     # A check-only job has no PartitionsDefinition of its own (Dagster derives it from
                     # assets), so the partition travels as the standard tag rather than partition_key.
                     tags={
-                        "dagster/partition": str(key),
-                        "neuroflow/stage": "discovery",
-                        "neuroflow/scan_id": _tag_safe(reg.scan_id),
+                        PARTITION_TAG: key,
+                        STAGE_TAG: DISCOVERY_TAG_VALUE,
+                        SCAN_ID_TAG: _tag_safe(reg.scan_id),
                     },
                 )
             )
@@ -217,7 +213,7 @@ def build_automation_sensors(config: NeuroflowConfig) -> list[dg.AutomationCondi
         dg.AutomationConditionSensorDefinition(
             name=f"automation_{stage}",
             target=dg.AssetSelection.assets(*keys),
-            run_tags={"neuroflow/stage": stage, **max_runtime_tags(config, stage)},
+            run_tags={STAGE_TAG: stage, **max_runtime_tags(config, stage)},
             default_status=dg.DefaultSensorStatus.RUNNING,
             minimum_interval_seconds=interval,
             description=f"Declarative automation for {stage}; its runs carry neuroflow/stage={stage}.",

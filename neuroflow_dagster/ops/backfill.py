@@ -18,7 +18,9 @@ from typing import Any
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
-from neuroflow_dagster.ops.common import STAGE_ASSETS, STAGE_TAG, SUBJECT_STAGES, OpsUsageError, session_partition
+from neuroflow_dagster.naming.partitions import session_key
+from neuroflow_dagster.naming.tags import STAGE_TAG
+from neuroflow_dagster.ops.common import STAGE_ASSETS, SUBJECT_STAGES, OpsUsageError
 
 DEFAULT_URL = "http://127.0.0.1:3000/graphql"
 
@@ -84,7 +86,7 @@ def select_partitions(
         key = (
             entry.participant_id
             if stage in SUBJECT_STAGES
-            else session_partition(entry.participant_id, entry.session_id)
+            else session_key(entry.participant_id, entry.session_id)
         )
         if key not in partitions:
             partitions.append(key)

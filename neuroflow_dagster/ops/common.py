@@ -14,10 +14,7 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
-
-STAGE_TAG = "neuroflow/stage"
-FAILURE_CLASS_KEY = "neuroflow/failure_class"
-STATUS_KEY = "neuroflow/status"
+from neuroflow_dagster.naming.partitions import session_key
 
 # Pipeline order; the asset each stage materializes.
 STAGE_ASSETS: dict[str, str] = {
@@ -89,17 +86,6 @@ def open_instance(home: Path) -> Iterator[dg.DagsterInstance]:
 # --------------------------------------------------------------------------- partitions
 
 
-def session_partition(participant: str, session: str) -> str:
-    """The multi-partition key string of a session ("01|SUBJA": dimension names sorted: session|subject)."""
-    return str(dg.MultiPartitionKey({"subject": participant, "session": session}))
-
-
-def split_partition(key: str) -> tuple[str, str]:
-    """(participant, session) of "01|SUBJA"."""
-    session, _, participant = key.partition("|")
-    return participant, session
-
-
 @dataclass(frozen=True)
 class PartitionRef:
     """What an operator typed, as a subject (session None) or a session."""
@@ -109,7 +95,7 @@ class PartitionRef:
 
     @property
     def key(self) -> str:
-        return self.participant if self.session is None else session_partition(self.participant, self.session)
+        return self.participant if self.session is None else session_key(self.participant, self.session)
 
 
 _SUB_SES = re.compile(r"^(?:sub-)?([A-Za-z0-9]+)/(?:ses-)?([A-Za-z0-9]+)$")

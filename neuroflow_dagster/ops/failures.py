@@ -16,8 +16,10 @@ import dagster as dg
 from dagster import DagsterEventType, DagsterRunStatus
 
 from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.naming.partitions import split_session_key
+from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY
 from neuroflow_dagster.ops import records
-from neuroflow_dagster.ops.common import FAILURE_CLASS_KEY, STAGE_ASSETS, SUBJECT_STAGES, split_partition
+from neuroflow_dagster.ops.common import STAGE_ASSETS, SUBJECT_STAGES
 
 _RUN_EVENTS = {
     DagsterEventType.STEP_FAILURE,
@@ -58,7 +60,7 @@ def _run_failure(instance: dg.DagsterInstance, run_id: str, asset: str) -> dict[
         "attempts": retries.get(step, 0) + 1,
         "failure_class": str(meta.get(FAILURE_CLASS_KEY) or "unclassified"),
         "last_error": (user.description if user and user.description else error) or run_message,
-        "log_path": str(meta.get("log_path") or ""),
+        "log_path": str(meta.get(LOG_PATH_KEY) or ""),
     }
 
 
@@ -97,7 +99,7 @@ def collect_failures(
             if name in SUBJECT_STAGES:
                 participant, session = partition, ""
             else:
-                participant, session = split_partition(partition)
+                participant, session = split_session_key(partition)
             entry = registry.get(participant, session) if (registry is not None and session) else None
             rows.append(
                 {

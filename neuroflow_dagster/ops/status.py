@@ -21,14 +21,14 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import read_status_report
+from neuroflow_dagster.naming.partitions import session_key
+from neuroflow_dagster.naming.tags import PARTITION_TAG, STAGE_TAG
 from neuroflow_dagster.ops import records
 from neuroflow_dagster.ops.common import (
     DICOM_ASSET,
     PROTOCOL_CHECK,
     STAGE_ASSETS,
-    STAGE_TAG,
     SUBJECT_STAGES,
-    session_partition,
 )
 
 STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded")
@@ -70,7 +70,7 @@ def load_views(instance: dg.DagsterInstance) -> tuple[dict[str, AssetView], dict
     checking: set[str] = set()
     for rec in records.in_progress_runs(instance):
         run = rec.dagster_run
-        partition = run.tags.get("dagster/partition")
+        partition = run.tags.get(PARTITION_TAG)
         if not partition:
             continue
         for asset in _assets_of_run(run):
@@ -131,7 +131,7 @@ def _upstream_storage_ids(
         elif how == "subject":
             keys = [participant]
         else:
-            keys = [session_partition(participant, s) for s in sessions_of.get(participant, [])]
+            keys = [session_key(participant, s) for s in sessions_of.get(participant, [])]
         ids.extend(mats[k].storage_id for k in keys if k in mats)
     return ids
 
@@ -177,7 +177,7 @@ def collect_status(
         participant, session = entry.participant_id, entry.session_id
         if wanted and participant != wanted:
             continue
-        partition = session_partition(participant, session)
+        partition = session_key(participant, session)
         protocol, reason = _protocol(checks.get(partition), partition in checking)
         exclusion = excluded.get(entry.scan_id)
         row: dict[str, Any] = {

@@ -36,6 +36,8 @@ from importlib import metadata
 from pathlib import Path
 
 from neuroflow_dagster.config import ConfigError, NeuroflowConfig
+from neuroflow_dagster.naming.bids import entities, session_path
+from neuroflow_dagster.tools.layout import validate_label
 from neuroflow_dagster.tools.spec import Mount, ToolSpec
 
 TOOL = "heudiconv"
@@ -43,7 +45,6 @@ CONTAINER_DICOM = "/dicom"
 CONTAINER_OUT = "/out"
 CONTAINER_HEURISTIC = "/heuristic.py"
 SHIPPED_HEURISTICS = Path(__file__).resolve().parent.parent / "heuristics"
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 _SUFFIX = re.compile(r"_([A-Za-z0-9]+)\.(?:nii\.gz|nii)$")
 
 
@@ -68,24 +69,14 @@ def resolve_heuristic(value: str) -> Path:
     return shipped[value]
 
 
-def _check_label(kind: str, label: str) -> None:
-    if not _LABEL.match(label):
-        raise ValueError(f"{kind} label {label!r} is not a BIDS label (letters and digits only)")
-
-
-def session_dir(root: Path, participant: str, session: str) -> Path:
-    """``root/sub-<participant>/ses-<session>`` (root is a staging dir or bids_root)."""
-    return Path(root) / f"sub-{participant}" / f"ses-{session}"
-
-
 def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
     """Patterns that must each match after a good conversion (relative to the staging dir)."""
-    base = f"sub-{participant}/ses-{session}"
+    base = session_path(participant, session)
     return (
         "dataset_description.json",
         f"{base}/*/*.nii.gz",
         f"{base}/*/*.json",
-        f"{base}/sub-{participant}_ses-{session}_scans.tsv",
+        f"{base}/{entities(participant, session)}_scans.tsv",
     )
 
 
@@ -114,8 +105,8 @@ def build_spec(
     docker/apptainer, host paths otherwise. Labels are without ``sub-``/``ses-``.
     """
     cfg = config.pipelines.bids_conversion
-    _check_label("participant", participant)
-    _check_label("session", session)
+    validate_label(participant)
+    validate_label(session, "session")
     dicom = Path(dicom_dir).resolve()
     staging = Path(staging_dir).resolve()
     if not dicom.is_dir():

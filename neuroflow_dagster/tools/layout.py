@@ -1,11 +1,11 @@
 """Where the diffusion stages read and write, and the small rules every tool spec shares.
 
 One place decides the derivative folders (``derivatives/qsiprep``,
-``derivatives/qsirecon-<workflow_name>``, ``derivatives/qsiparc``), the BIDS
-entity names, the per-run work folders and how a host path becomes the path a
-container sees. Labels are checked here before they reach any path or argv:
-a label such as ``../x`` or ``01 02`` must never become a folder name or two
-arguments.
+``derivatives/qsirecon-<workflow_name>``, ``derivatives/qsiparc``), the
+per-run work folders and how a host path becomes the path a container sees.
+The BIDS spelling itself is naming/bids.py; labels are checked here before
+they reach any path or argv: a label such as ``../x`` or ``01 02`` must never
+become a folder name or two arguments.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.naming import bids
+from neuroflow_dagster.naming.bids import is_label
 from neuroflow_dagster.tools.spec import Mount
 
-_LABEL = re.compile(r"[A-Za-z0-9]+")
 # A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
 _VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
 
@@ -29,9 +30,7 @@ class SpecError(ValueError):
     """A tool run that cannot be described from this configuration (the message names the key or label)."""
 
 
-def is_label(text: object) -> bool:
-    """Letters and digits (ASCII) only - nothing a path or a shell could read as structure."""
-    return isinstance(text, str) and _LABEL.fullmatch(text) is not None
+
 
 
 def validate_label(label: str, kind: str = "participant") -> str:
@@ -41,27 +40,20 @@ def validate_label(label: str, kind: str = "participant") -> str:
     partition keys are bare labels, and guessing would hide a caller's bug.
     """
     if not is_label(label):
-        prefix = "sub-" if kind == "participant" else "ses-"
+        prefix = bids.SUBJECT_PREFIX if kind == "participant" else bids.SESSION_PREFIX
         hint = f" (give it without the '{prefix}' prefix)" if str(label).startswith(prefix) else ""
         raise SpecError(f"{kind} label {label!r} is not a BIDS label: letters and digits only{hint}")
     return label
 
 
 def entities(participant: str, session: str | None = None) -> str:
-    """The file-name prefix ``sub-X_ses-Y`` (or ``sub-X``)."""
-    name = f"sub-{validate_label(participant)}"
-    if session is not None:
-        name += f"_ses-{validate_label(session, 'session')}"
-    return name
-
-
-def subject_dir(root: Path, participant: str) -> Path:
-    return Path(root) / f"sub-{validate_label(participant)}"
+    """The file-name prefix ``sub-X_ses-Y`` (or ``sub-X``), labels checked."""
+    return bids.entities(validate_label(participant), None if session is None else validate_label(session, "session"))
 
 
 def session_dir(root: Path, participant: str, session: str) -> Path:
-    """``root/sub-X/ses-Y``: the same shape in BIDS, QSIPrep, QSIRecon and QSIParc trees."""
-    return subject_dir(root, participant) / f"ses-{validate_label(session, 'session')}"
+    """``root/sub-X/ses-Y`` with the labels checked: the same shape in BIDS, QSIPrep, QSIRecon and QSIParc trees."""
+    return bids.session_dir(root, validate_label(participant), validate_label(session, "session"))
 
 
 def qsiprep_dir(config: Any) -> Path:

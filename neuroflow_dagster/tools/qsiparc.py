@@ -14,6 +14,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
 from neuroflow_dagster.tools.layout import PathMap, SpecError
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -27,7 +28,7 @@ C_OUT = "/out"
 
 def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
     ents = layout.entities(participant, session)
-    return (f"sub-{participant}/ses-{session}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
+    return (f"{session_path(participant, session)}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
 
 
 def build_spec(config: Any, participant: str, session: str) -> ToolSpec:

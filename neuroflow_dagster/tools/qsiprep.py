@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
 from neuroflow_dagster.tools.layout import PathMap, SpecError
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -106,7 +107,7 @@ def golden_outputs(participant: str, sessions: Sequence[str]) -> tuple[str, ...]
     sub = layout.entities(participant)
     outputs = ["dataset_description.json", f"{sub}.html"]
     for session in sessions:
-        stem = f"{sub}/ses-{session}/dwi/{layout.entities(participant, session)}_*space-ACPC_"
+        stem = f"{session_path(participant, session)}/dwi/{layout.entities(participant, session)}_*space-ACPC_"
         outputs += [
             f"{stem}desc-preproc_dwi.nii.gz",
             f"{stem}desc-preproc_dwi.bval",

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
 from neuroflow_dagster.tools.layout import PathMap, SpecError
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -51,7 +52,7 @@ def golden_outputs(participant: str, session: str, atlases: list[str], *, stand_
     so its atlas patterns are ``seg-*`` rather than the configured atlases.
     """
     ents = layout.entities(participant, session)
-    dwi = f"sub-{participant}/ses-{session}/dwi/{ents}_*space-ACPC_"
+    dwi = f"{session_path(participant, session)}/dwi/{ents}_*space-ACPC_"
     outputs = [f"derivatives/qsirecon-*/{dwi}model-*_param-*_dwimap.nii.gz"]
     for atlas in (["*"] if stand_in else atlases):
         outputs += [f"{dwi}seg-{atlas}_dseg.nii.gz", f"atlases/atlas-{atlas}/atlas-{atlas}_dseg.tsv"]

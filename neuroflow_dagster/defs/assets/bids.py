@@ -21,6 +21,7 @@ from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import entities
 from neuroflow_dagster.tools import heudiconv
 
 STAGE = "bids_conversion"
@@ -28,7 +29,7 @@ VALIDATOR_CHECK = "bids_validator"
 
 
 def _validation_file(config: NeuroflowConfig, participant: str, session: str) -> Path:
-    return config.paths.state / "validation" / f"sub-{participant}_ses-{session}.json"
+    return config.paths.state / "validation" / f"{entities(participant, session)}.json"
 
 
 def save_validation(config: NeuroflowConfig, participant: str, session: str, passed: bool, summary: str) -> None:
@@ -69,7 +70,7 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def bids_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> Iterator[dg.MaterializeResult]:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        staging = cfg.paths.work_dir / "bids_staging" / f"sub-{ses.participant}_ses-{ses.session}_{context.run_id[:8]}"
+        staging = cfg.paths.work_dir / "bids_staging" / f"{entities(ses.participant, ses.session)}_{context.run_id[:8]}"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)

@@ -9,10 +9,10 @@ from typing import Any
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
-from neuroflow_dagster.defs.partitions import split_session_key
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
+from neuroflow_dagster.naming.partitions import split_session_key
+from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, STATUS_KEY, STATUS_NOT_APPLICABLE
 from neuroflow_dagster.tools.spec import ToolSpec
 
 
@@ -53,5 +53,5 @@ def build_or_refuse(build: Callable[..., ToolSpec], *args: Any, **kwargs: Any) -
 def not_applicable(reason: str, **extra: object) -> dg.MaterializeResult:
     """A stage that does not apply (e.g. no DWI) is recorded as such, visibly, not as a failure."""
     return dg.MaterializeResult(
-        metadata={"neuroflow/status": "not_applicable", "reason": reason, **extra},
+        metadata={STATUS_KEY: STATUS_NOT_APPLICABLE, "reason": reason, **extra},
     )

@@ -2,11 +2,12 @@
 
 import dagster as dg
 
-from neuroflow_dagster.defs.partitions import session_partitions, split_session_key
+from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.defs.sensors import PROTOCOL_CHECK
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import recheck_protocol
+from neuroflow_dagster.naming.partitions import split_session_key
 
 dicom_session = dg.AssetSpec(
     "dicom_session",

@@ -8,6 +8,7 @@ from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
+from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.tools import layout, qsiparc
 
 STAGE = "qsiparc"
@@ -39,7 +40,7 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         tables = sorted(out.rglob("*.tsv")) if out.is_dir() else []
         meta.update(
             {
-                "neuroflow/status": "done",
+                STATUS_KEY: STATUS_DONE,
                 "n_tables": len(tables),
                 "tables": dg.MetadataValue.md("\n".join(f"- `{t.relative_to(out)}`" for t in tables[:50])),
             }

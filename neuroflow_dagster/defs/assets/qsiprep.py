@@ -17,6 +17,7 @@ from neuroflow_dagster.defs.partitions import subject_of_session, subjects_parti
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.tools import heudiconv, qsiprep
 
 STAGE = "qsiprep"
@@ -76,7 +77,7 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         meta = record_metadata(record, spec)
         meta.update(
             {
-                "neuroflow/status": "done",
+                STATUS_KEY: STATUS_DONE,
                 "sessions": ", ".join(sessions),
                 "left_out": dg.MetadataValue.json(left_out),
                 "tool": tool_name,

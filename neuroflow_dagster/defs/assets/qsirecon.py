@@ -9,6 +9,7 @@ from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
 from neuroflow_dagster.defs.resources import NeuroflowResource
+from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.tools import heudiconv, layout, qsirecon
 
 STAGE = "qsirecon"
@@ -65,7 +66,7 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session)
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
-        meta.update({"neuroflow/status": "done", "tool": tool_name, "recon_spec": stage_cfg.recon_spec})
+        meta.update({STATUS_KEY: STATUS_DONE, "tool": tool_name, "recon_spec": stage_cfg.recon_spec})
         out = layout.session_dir(spec.output_dir, ses.participant, ses.session)
         meta["n_outputs"] = sum(1 for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
         pngs = sorted(out.rglob("*desc-qc*.png")) if out.is_dir() else []
