@@ -15,13 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from neuroflow_dagster.config import ConfigError, check_paths, load_config
+from neuroflow_dagster.config import check_paths, load_config
+from neuroflow_dagster.errors import ConfigError, UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2, 5
-
-
-class UsageError(Exception):
-    """Bad arguments: exit 5."""
 
 
 class _Parser(argparse.ArgumentParser):

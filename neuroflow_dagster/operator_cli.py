@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from neuroflow_dagster.config import ConfigError, NeuroflowConfig, load_config
+from neuroflow_dagster import stages
+from neuroflow_dagster.config import NeuroflowConfig, load_config
+from neuroflow_dagster.errors import UsageError
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2, 5
 
@@ -30,20 +32,14 @@ FAILURE_COLUMNS = ["stage", "partition", "scan_id", "failure_class", "attempts",
 
 
 def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Map the helpers' errors onto the CLI's exit codes (usage 5, configuration 2, anything else 1)."""
+    """Errors of the records and the webserver exit 1 (usage and configuration errors go to main)."""
 
     def run(args: argparse.Namespace) -> int:
-        from neuroflow_dagster.cli import UsageError
         from neuroflow_dagster.discovery.identity import RegistryError
         from neuroflow_dagster.ops.backfill import BackfillError
-        from neuroflow_dagster.ops.common import OpsConfigError, OpsUsageError
 
         try:
             return func(args)
-        except OpsUsageError as exc:
-            raise UsageError(str(exc)) from exc
-        except OpsConfigError as exc:
-            raise ConfigError(str(exc)) from exc
         except (BackfillError, RegistryError, RuntimeError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
@@ -64,9 +60,7 @@ def _instance(args: argparse.Namespace, config: NeuroflowConfig) -> Any:
 
 
 def _stage(value: str | None) -> str | None:
-    from neuroflow_dagster.ops.common import normalize_stage
-
-    return normalize_stage(value) if value else None
+    return stages.stage(value).name if value else None
 
 
 def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], *, max_width: int = 90) -> None:
@@ -94,11 +88,11 @@ def _json(data: Any) -> None:
 # --------------------------------------------------------------------------- status
 
 
-def _render_status(report: dict[str, Any], fmt: str, stages: list[str]) -> None:
+def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     if fmt == "json":
         _json(report)
         return
-    columns = [*STATUS_COLUMNS, *stages, "note"]
+    columns = [*STATUS_COLUMNS, *names, "note"]
     if fmt == "csv":
         rows = list(report["sessions"])
         rows += [
@@ -122,8 +116,8 @@ def _render_status(report: dict[str, Any], fmt: str, stages: list[str]) -> None:
         + (f" {totals['held_by_reason']}" if totals["held_by_reason"] else "")
     )
     print("  protocol: " + _counts(totals["protocol"]))
-    for name in stages:
-        unit = " (per subject)" if name == "qsiprep" else ""
+    for name in names:
+        unit = " (per subject)" if stages.stage(name).per_subject else ""
         print(f"  {name}{unit}: " + _counts(totals[name]))
 
 
@@ -133,22 +127,21 @@ def _counts(counter: dict[str, int]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One row per registered session (state per stage), one per held folder, and totals."""
-    from neuroflow_dagster.ops.common import STAGE_ASSETS
     from neuroflow_dagster.ops.status import collect_status
 
     config = _config(args)
     stage = _stage(args.stage)
-    stages = [stage] if stage else list(STAGE_ASSETS)
+    names = [stage] if stage else stages.names()
     with _instance(args, config) as instance:
         while True:
             report = collect_status(instance, config, subject=args.subject, stage=stage, failed_only=args.failed)
             if args.watch is None:
-                _render_status(report, args.format, stages)
+                _render_status(report, args.format, names)
                 return EXIT_OK
             if sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
             print(f"neuroflow status - {time.strftime('%Y-%m-%d %H:%M:%S')} (every {args.watch:g}s, Ctrl-C stops)")
-            _render_status(report, args.format, stages)
+            _render_status(report, args.format, names)
             sys.stdout.flush()
             try:
                 time.sleep(args.watch)
@@ -229,7 +222,6 @@ def cmd_retry(args: argparse.Namespace) -> int:
     """Relaunch the partitions listed by `failures` (one backfill per stage); excluded sessions stay out."""
     from neuroflow_dagster.discovery.exclusions import load_exclusions
     from neuroflow_dagster.discovery.identity import Registry
-    from neuroflow_dagster.ops.common import STAGE_ASSETS
     from neuroflow_dagster.ops.failures import collect_failures
 
     config = _config(args)
@@ -247,9 +239,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if row["partition"] not in keys:
             keys.append(row["partition"])
     results = []
-    for name in STAGE_ASSETS:
+    for record in stages.stages():
+        name = record.name
         if name in by_stage:
-            result = _launch(args, "retry", name, STAGE_ASSETS[name], sorted(by_stage[name]))
+            result = _launch(args, "retry", name, record.asset, sorted(by_stage[name]))
             result["skipped"] = skipped.get(name, {})
             results.append(result)
     if args.format == "json":
@@ -269,12 +262,12 @@ def _resolve_scan_id(config: NeuroflowConfig, text: str) -> tuple[str, str]:
     """(ScanID, description): a registered session, or a folder discovery holds back (never registered)."""
     from neuroflow_dagster.discovery.identity import Registry
     from neuroflow_dagster.discovery.status_report import read_status_report
-    from neuroflow_dagster.ops.common import OpsUsageError, resolve_session
+    from neuroflow_dagster.ops.common import resolve_session
 
     registry = Registry(config.paths.state)
     try:
         entry = resolve_session(registry, text)
-    except OpsUsageError:
+    except UsageError:
         held = {str(h.get("scan_id")): h for h in read_status_report(config).get("held", [])}
         if text in held:
             return text, f"held folder {held[text].get('path', text)} ({held[text].get('reason')})"
@@ -285,11 +278,10 @@ def _resolve_scan_id(config: NeuroflowConfig, text: str) -> tuple[str, str]:
 def cmd_exclude(args: argparse.Namespace) -> int:
     """Exclude a session (ScanID or sub-X/ses-Y) with a reason: every stage refuses it; discovery skips it."""
     from neuroflow_dagster.discovery import exclusions
-    from neuroflow_dagster.ops.common import OpsUsageError
 
     config = _config(args)
     if not args.reason.strip():
-        raise OpsUsageError("--reason must say why the session is excluded")
+        raise UsageError("--reason must say why the session is excluded")
     scan_id, what = _resolve_scan_id(config, args.session)
     exclusions.exclude(config, scan_id, args.reason)
     print(f"excluded ScanID {scan_id!r} ({what}): {args.reason.strip()}")
@@ -322,7 +314,7 @@ def cmd_include(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     """A run id: its tool log files (else its Dagster event log). A partition: its newest tool log(s)."""
     from neuroflow_dagster.ops import logs
-    from neuroflow_dagster.ops.common import OpsUsageError, parse_partition
+    from neuroflow_dagster.ops.common import parse_partition
 
     config = _config(args)
     stage = _stage(args.stage)
@@ -330,7 +322,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if logs.looks_like_run_id(target):
         with _instance(args, config) as instance:
             if instance.get_run_by_id(target) is None:
-                raise OpsUsageError(f"no run {target} in this Dagster instance")
+                raise UsageError(f"no run {target} in this Dagster instance")
             paths = logs.run_log_paths(instance, target)
             messages = [] if paths else logs.run_event_messages(instance, target)
         if not paths:
@@ -387,7 +379,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="every session's state per stage, held folders and totals")
     common(p)
     p.add_argument("--subject", help="only this participant label (with or without sub-)")
-    p.add_argument("--stage", help="only this stage's column: bids_conversion (bids), qsiprep, qsirecon, qsiparc")
+    p.add_argument("--stage", help=f"only this stage's column: {stages.help_names()}")
     p.add_argument("--failed", action="store_true", help="only sessions with a failed stage")
     p.add_argument(
         "--watch",
@@ -407,7 +399,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("reprocess", help="backfill a stage for chosen sessions through the Dagster webserver")
     common(p, home=False)
-    p.add_argument("--stage", required=True, help="bids_conversion (bids), qsiprep, qsirecon or qsiparc")
+    p.add_argument("--stage", required=True, help=stages.help_names(" or "))
     p.add_argument("--subject")
     p.add_argument("--session", help="a session label (01 / ses-01) or a ScanID")
     p.add_argument("--all", action="store_true", help="every registered, non-excluded session")

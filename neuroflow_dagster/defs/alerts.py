@@ -31,8 +31,8 @@ from typing import Any
 
 import dagster as dg
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import EmailConfig, NeuroflowConfig
-from neuroflow_dagster.defs.automation import BIDS, QSIPARC, QSIPREP, QSIRECON
 from neuroflow_dagster.naming.partitions import SESSION_DIM, SUBJECT_DIM, is_session_key, split_session_key
 from neuroflow_dagster.naming.tags import (
     FAILURE_CLASS_KEY,
@@ -46,7 +46,6 @@ from neuroflow_dagster.naming.tags import (
 )
 
 SENSOR_NAME = "neuroflow_failure_alerts"
-STAGE_OF_ASSET = {BIDS: "bids_conversion", QSIPREP: "qsiprep", QSIRECON: "qsirecon", QSIPARC: "qsiparc"}
 TIMEOUT_S = 15.0
 MAX_TAIL_CHARS = 3000
 
@@ -104,11 +103,13 @@ def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
     """
     tagged = run.tags.get(STAGE_TAG)
     if tagged:
-        return tagged if tagged in STAGE_OF_ASSET.values() else None
+        by_tag = stages.by_tag(tagged)
+        return by_tag.name if by_tag else None
     keys = list(run.asset_selection or ()) + [dg.AssetKey(k) for k in step_keys]
     for key in keys:
-        if key in STAGE_OF_ASSET:
-            return STAGE_OF_ASSET[key]
+        stage = stages.by_asset(key.to_user_string())
+        if stage is not None:
+            return stage.name
     return None
 
 

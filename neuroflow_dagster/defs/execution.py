@@ -17,6 +17,7 @@ from typing import Any
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.defs.graph import stage_settings
 from neuroflow_dagster.naming.logs import run_log_path
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY, LOG_TAIL_KEY
 from neuroflow_dagster.runtimes import STAND_IN_IMAGE, get_runtime
@@ -46,7 +47,7 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
 
 def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, spec: ToolSpec) -> RunRecord:
     """Run `spec` with the stage's runtime; check golden outputs; raise a classified Failure."""
-    stage_cfg = config.stage(stage)
+    stage_cfg = stage_settings(config, stage)
     partition = context.partition_key if context.has_partition_key else "all"
     log_path = run_log_path(config.paths.log_dir, stage, str(partition), context.run_id)
     runtime = get_runtime(stage_cfg)

@@ -1,4 +1,4 @@
-"""Shared pieces of the operator helpers: stage names, the Dagster instance, partition spellings."""
+"""Shared pieces of the operator helpers: the Dagster instance, what an operator typed."""
 
 from __future__ import annotations
 
@@ -14,39 +14,8 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
+from neuroflow_dagster.errors import ConfigError, UsageError
 from neuroflow_dagster.naming.partitions import session_key
-
-# Pipeline order; the asset each stage materializes.
-STAGE_ASSETS: dict[str, str] = {
-    "bids_conversion": "bids_session",
-    "qsiprep": "qsiprep_subject",
-    "qsirecon": "qsirecon_session",
-    "qsiparc": "qsiparc_session",
-}
-STAGE_OF_ASSET = {asset: stage for stage, asset in STAGE_ASSETS.items()}
-SUBJECT_STAGES = frozenset({"qsiprep"})
-STAGE_ALIASES = {"bids": "bids_conversion", "conversion": "bids_conversion"}
-DICOM_ASSET = "dicom_session"
-PROTOCOL_CHECK = "protocol"
-
-
-class OpsUsageError(ValueError):
-    """The operator asked for something that cannot name a stage, session or run (exit 5)."""
-
-
-class OpsConfigError(ValueError):
-    """The Dagster instance cannot be found or opened (exit 2)."""
-
-
-def normalize_stage(name: str) -> str:
-    """`bids` -> `bids_conversion`; unknown names raise with the accepted list."""
-    key = (name or "").strip().lower()
-    key = STAGE_ALIASES.get(key, key)
-    if key not in STAGE_ASSETS:
-        accepted = ", ".join([*STAGE_ASSETS, *(f"{a} (= {t})" for a, t in STAGE_ALIASES.items())])
-        raise OpsUsageError(f"unknown stage {name!r}; accepted: {accepted}")
-    return key
-
 
 # --------------------------------------------------------------------------- the instance
 
@@ -60,9 +29,9 @@ def resolve_dagster_home(option: str | None, config: NeuroflowConfig | None) -> 
     elif config is not None and config.source is not None:
         candidate, origin = Path(config.source).resolve().parent / ".dagster_home", "the config's folder"
     else:
-        raise OpsConfigError("no Dagster instance: pass --dagster-home or set DAGSTER_HOME")
+        raise ConfigError("no Dagster instance: pass --dagster-home or set DAGSTER_HOME")
     if not candidate.is_dir():
-        raise OpsConfigError(
+        raise ConfigError(
             f"Dagster home {candidate} (from {origin}) does not exist; pass --dagster-home or set DAGSTER_HOME "
             "to the folder holding dagster.yaml"
         )
@@ -112,7 +81,7 @@ def parse_partition(text: str) -> PartitionRef:
         return PartitionRef(m.group(1), m.group(2))
     if m := _SUB.match(value):
         return PartitionRef(m.group(1))
-    raise OpsUsageError(
+    raise UsageError(
         f"{text!r} is not a partition: use '01|SUBJA', 'sub-SUBJA/ses-01', 'SUBJA/01' or a subject label"
     )
 
@@ -124,14 +93,14 @@ def resolve_session(registry: Registry, text: str) -> RegistryEntry:
         return entry
     try:
         ref = parse_partition(text)
-    except OpsUsageError:
+    except UsageError:
         ref = None
     if ref is not None and ref.session is not None:
         entry = registry.get(ref.participant, ref.session)
         if entry is not None:
             return entry
-        raise OpsUsageError(
+        raise UsageError(
             f"sub-{ref.participant} ses-{ref.session} is not in the ScanID registry {registry.path} "
             f"(and {text!r} is not a registered ScanID)"
         )
-    raise OpsUsageError(f"{text!r} is neither a registered ScanID nor 'sub-X/ses-Y' (registry {registry.path})")
+    raise UsageError(f"{text!r} is neither a registered ScanID nor 'sub-X/ses-Y' (registry {registry.path})")

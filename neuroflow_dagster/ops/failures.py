@@ -15,11 +15,11 @@ from typing import Any
 import dagster as dg
 from dagster import DagsterEventType, DagsterRunStatus
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.naming.partitions import split_session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY
 from neuroflow_dagster.ops import records
-from neuroflow_dagster.ops.common import STAGE_ASSETS, SUBJECT_STAGES
 
 _RUN_EVENTS = {
     DagsterEventType.STEP_FAILURE,
@@ -69,7 +69,8 @@ def collect_failures(
 ) -> list[dict[str, Any]]:
     """One row per (stage, partition) whose latest attempt failed, newest first."""
     rows: list[dict[str, Any]] = []
-    for name, asset in STAGE_ASSETS.items():
+    for record in stages.stages():
+        name, asset = record.name, record.asset
         if stage and name != stage:
             continue
         attempts = records.open_attempts(instance, asset)
@@ -96,7 +97,7 @@ def collect_failures(
             if latest.dagster_run.status != DagsterRunStatus.FAILURE and info["failure_class"] == "run":
                 info["failure_class"] = "canceled"
                 info["last_error"] = info["last_error"] or "run canceled"
-            if name in SUBJECT_STAGES:
+            if record.per_subject:
                 participant, session = partition, ""
             else:
                 participant, session = split_session_key(partition)

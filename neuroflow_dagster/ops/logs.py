@@ -16,11 +16,12 @@ from pathlib import Path
 import dagster as dg
 from dagster import DagsterEventType
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.naming.logs import partition_log_glob, stage_log_dir
 from neuroflow_dagster.naming.tags import LOG_PATH_KEY
 from neuroflow_dagster.ops import records
-from neuroflow_dagster.ops.common import STAGE_ASSETS, SUBJECT_STAGES, PartitionRef
+from neuroflow_dagster.ops.common import PartitionRef
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 
@@ -76,10 +77,11 @@ def partition_log_files(config: NeuroflowConfig, ref: PartitionRef, stage: str |
     log (session stages need a session).
     """
     out: list[tuple[str, Path]] = []
-    for name in STAGE_ASSETS:
+    for record in stages.stages():
+        name = record.name
         if stage and name != stage:
             continue
-        if name in SUBJECT_STAGES:
+        if record.per_subject:
             key = ref.participant
         elif ref.session is not None:
             key = ref.key

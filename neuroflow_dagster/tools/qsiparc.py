@@ -53,7 +53,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
         out.mkdir(parents=True, exist_ok=True)
         return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), stand_in=True, **common)
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
         raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.runtime} (no default image)")
     pm = PathMap(containerized=containerized)

@@ -154,7 +154,7 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSp
         return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
                         stand_in=True, **common)
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
         raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.runtime}")
     version = dialect(config)

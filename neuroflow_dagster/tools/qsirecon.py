@@ -93,7 +93,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
                         outputs=golden_outputs(participant, session, cfg.atlases, stand_in=True),
                         stand_in=True, **common)
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
         raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.runtime}")
     if containerized and cfg.fs_license is None:

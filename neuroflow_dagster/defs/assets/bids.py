@@ -18,10 +18,11 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import session_partitions
+from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.naming.bids import entities
+from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import heudiconv
 
 STAGE = "bids_conversion"
@@ -47,21 +48,20 @@ def validation_passed(config: NeuroflowConfig, participant: str, session: str) -
 
 
 def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
+    args = stage_asset_args(stage(STAGE))
+
     @dg.asset(
-        name="bids_session",
-        partitions_def=session_partitions,
-        deps=[dg.AssetDep("dicom_session")],
+        **args,
         group_name="conversion",
         kinds={"bids"},
-        pool=STAGE,
         code_version=heudiconv.code_version(config),
         automation_condition=automation.bids_condition(),
         check_specs=[
             dg.AssetCheckSpec(
                 VALIDATOR_CHECK,
-                asset="bids_session",
+                asset=args["name"],
                 blocking=True,
-                partitions_def=session_partitions,
+                partitions_def=args["partitions_def"],
                 description="The real BIDS validator (bids-validator-deno) on the converted session.",
             )
         ],

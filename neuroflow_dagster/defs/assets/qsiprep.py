@@ -13,11 +13,12 @@ from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.bids import validation_passed
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import subject_of_session, subjects_partitions
+from neuroflow_dagster.defs.graph import runtime_kind, stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
+from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import heudiconv, qsiprep
 
 STAGE = "qsiprep"
@@ -50,12 +51,9 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     tool_name = "QSIPrep stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIPrep"
 
     @dg.asset(
-        name="qsiprep_subject",
-        partitions_def=subjects_partitions,
-        ins={"bids_session": dg.AssetIn(partition_mapping=subject_of_session, dagster_type=dg.Nothing)},
+        **stage_asset_args(stage(STAGE)),
         group_name="preprocessing",
-        kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
-        pool=STAGE,
+        kinds={runtime_kind(stage_cfg)},
         code_version=qsiprep.code_version(config),
         automation_condition=automation.qsiprep_condition(stage_cfg.trigger, stage_cfg.cron),
         description=f"{tool_name} over all of the subject's diffusion sessions (one anatomical template); "

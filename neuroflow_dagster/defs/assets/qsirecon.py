@@ -7,9 +7,10 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
+from neuroflow_dagster.defs.graph import runtime_kind, stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
+from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import heudiconv, layout, qsirecon
 
 STAGE = "qsirecon"
@@ -35,15 +36,9 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     tool_name = "QSIRecon stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIRecon"
 
     @dg.asset(
-        name="qsirecon_session",
-        partitions_def=session_partitions,
-        ins={
-            "qsiprep_subject": dg.AssetIn(partition_mapping=subject_of_session, dagster_type=dg.Nothing),
-            "bids_session": dg.AssetIn(dagster_type=dg.Nothing),
-        },
+        **stage_asset_args(stage(STAGE)),
         group_name="reconstruction",
-        kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
-        pool=STAGE,
+        kinds={runtime_kind(stage_cfg)},
         code_version=qsirecon.code_version(config),
         automation_condition=automation.qsirecon_condition(),
         description=f"{tool_name} ({stage_cfg.recon_spec}) for one session, after each QSIPrep of its subject.",
