@@ -35,8 +35,8 @@ def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     """Errors of the records and the webserver exit 1 (usage and configuration errors go to main)."""
 
     def run(args: argparse.Namespace) -> int:
+        from neuroflow_dagster.control.backfill import BackfillError
         from neuroflow_dagster.discovery.identity import RegistryError
-        from neuroflow_dagster.ops.backfill import BackfillError
 
         try:
             return func(args)
@@ -54,7 +54,7 @@ def _config(args: argparse.Namespace) -> NeuroflowConfig:
 
 
 def _instance(args: argparse.Namespace, config: NeuroflowConfig) -> Any:
-    from neuroflow_dagster.ops.common import open_instance, resolve_dagster_home
+    from neuroflow_dagster.control.instance import open_instance, resolve_dagster_home
 
     return open_instance(resolve_dagster_home(getattr(args, "dagster_home", None), config))
 
@@ -127,7 +127,7 @@ def _counts(counter: dict[str, int]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One row per registered session (state per stage), one per held folder, and totals."""
-    from neuroflow_dagster.ops.status import collect_status
+    from neuroflow_dagster.control.status import collect_status
 
     config = _config(args)
     stage = _stage(args.stage)
@@ -154,8 +154,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_failures(args: argparse.Namespace) -> int:
     """The dead-letter list: partitions whose latest attempt failed, with class, attempts and log."""
+    from neuroflow_dagster.control.failures import collect_failures
     from neuroflow_dagster.discovery.identity import Registry
-    from neuroflow_dagster.ops.failures import collect_failures
 
     config = _config(args)
     stage = _stage(args.stage)
@@ -175,7 +175,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, command: str, stage: str, asset: str, partitions: list[str]) -> dict[str, Any]:
-    from neuroflow_dagster.ops.backfill import default_title, graphql_url, launch_backfill
+    from neuroflow_dagster.control.backfill import default_title, graphql_url, launch_backfill
 
     result: dict[str, Any] = {"stage": stage, "asset": asset, "partitions": partitions, "dry_run": args.dry_run}
     if args.dry_run:
@@ -203,7 +203,7 @@ def _print_launch(result: dict[str, Any], fmt: str) -> None:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     """Backfill a stage for chosen sessions (or subjects, for QSIPrep) through the webserver."""
-    from neuroflow_dagster.ops.backfill import select_partitions
+    from neuroflow_dagster.control.backfill import select_partitions
 
     config = _config(args)
     stage = _stage(args.stage)
@@ -220,9 +220,9 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Relaunch the partitions listed by `failures` (one backfill per stage); excluded sessions stay out."""
+    from neuroflow_dagster.control.failures import collect_failures
     from neuroflow_dagster.discovery.exclusions import load_exclusions
     from neuroflow_dagster.discovery.identity import Registry
-    from neuroflow_dagster.ops.failures import collect_failures
 
     config = _config(args)
     stage = _stage(args.stage)
@@ -260,9 +260,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def _resolve_scan_id(config: NeuroflowConfig, text: str) -> tuple[str, str]:
     """(ScanID, description): a registered session, or a folder discovery holds back (never registered)."""
+    from neuroflow_dagster.control.targets import resolve_session
     from neuroflow_dagster.discovery.identity import Registry
     from neuroflow_dagster.discovery.status_report import read_status_report
-    from neuroflow_dagster.ops.common import resolve_session
 
     registry = Registry(config.paths.state)
     try:
@@ -313,8 +313,8 @@ def cmd_include(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """A run id: its tool log files (else its Dagster event log). A partition: its newest tool log(s)."""
-    from neuroflow_dagster.ops import logs
-    from neuroflow_dagster.ops.common import parse_partition
+    from neuroflow_dagster.control import logs
+    from neuroflow_dagster.control.targets import parse_partition
 
     config = _config(args)
     stage = _stage(args.stage)

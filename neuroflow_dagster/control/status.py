@@ -19,12 +19,12 @@ from dagster import DagsterRunStatus
 
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.control import records
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import read_status_report
 from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import PARTITION_TAG, STAGE_TAG
-from neuroflow_dagster.ops import records
 from neuroflow_dagster.stages import PROTOCOL_CHECK, SOURCE_ASSET, SUBJECT
 
 STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded")

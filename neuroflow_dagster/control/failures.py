@@ -16,10 +16,10 @@ import dagster as dg
 from dagster import DagsterEventType, DagsterRunStatus
 
 from neuroflow_dagster import stages
+from neuroflow_dagster.control import records
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.naming.partitions import split_session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY
-from neuroflow_dagster.ops import records
 
 _RUN_EVENTS = {
     DagsterEventType.STEP_FAILURE,

@@ -18,10 +18,10 @@ from dagster import DagsterEventType
 
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.control import records
+from neuroflow_dagster.control.targets import PartitionRef
 from neuroflow_dagster.naming.logs import partition_log_glob, stage_log_dir
 from neuroflow_dagster.naming.tags import LOG_PATH_KEY
-from neuroflow_dagster.ops import records
-from neuroflow_dagster.ops.common import PartitionRef
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 
