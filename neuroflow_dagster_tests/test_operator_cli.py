@@ -272,7 +272,7 @@ def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[
 def test_status_watch_redraws_until_interrupted(
     world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from neuroflow_dagster import operator_cli
+    from neuroflow_dagster.cli import operator_commands as operator_cli
 
     sleeps: list[float] = []
 

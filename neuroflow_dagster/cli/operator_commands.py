@@ -1,52 +1,31 @@
-"""Operator subcommands that read Dagster's own records (status, failures, reprocess, ...).
+"""Operator commands that read Dagster's own records (status, failures, reprocess, ...).
 
 status / failures / logs read the instance (event log, runs, check
 executions) of --dagster-home, else $DAGSTER_HOME, else
 <folder of neuroflow.yaml>/.dagster_home; reprocess / retry launch a backfill
 through the running webserver's GraphQL API, as the UI does; exclude /
 include edit the exclusion list (with its audit trail) through
-discovery/exclusions.py. Exit codes: 0 ok, 1 error, 2 configuration, 5 bad arguments.
+discovery/exclusions.py. Exit codes: cli/exits.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from neuroflow_dagster import stages
+from neuroflow_dagster.cli.exits import EXIT_ERROR, EXIT_OK, records_errors_exit_1
+from neuroflow_dagster.cli.output import add_format_option, print_json, print_rows
 from neuroflow_dagster.config import NeuroflowConfig, load_config
 from neuroflow_dagster.errors import UsageError
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2, 5
-
 STATUS_COLUMNS = ["subject", "session", "scan_id", "mapping", "protocol"]
 HELD_COLUMNS = ["scan_id", "state", "reason"]
+CELL_WIDTH = 90  # table cells are cut here (held folders: 110, failures: 70)
 FAILURE_COLUMNS = ["stage", "partition", "scan_id", "failure_class", "attempts", "last_error", "log_path"]
-
-
-# --------------------------------------------------------------------------- plumbing
-
-
-def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Errors of the records and the webserver exit 1 (usage and configuration errors go to main)."""
-
-    def run(args: argparse.Namespace) -> int:
-        from neuroflow_dagster.control.backfill import BackfillError
-        from neuroflow_dagster.discovery.identity import RegistryError
-
-        try:
-            return func(args)
-        except (BackfillError, RegistryError, RuntimeError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-
-    run.__name__ = func.__name__
-    run.__doc__ = func.__doc__
-    return run
 
 
 def _config(args: argparse.Namespace) -> NeuroflowConfig:
@@ -63,34 +42,12 @@ def _stage(value: str | None) -> str | None:
     return stages.stage(value).name if value else None
 
 
-def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], *, max_width: int = 90) -> None:
-    if fmt in ("json", "csv"):
-        from neuroflow_dagster.cli import _print_rows as print_rows
-
-        print_rows(rows, fmt, columns)
-        return
-    cells = [{c: _cell(row.get(c, ""), max_width) for c in columns} for row in rows]
-    widths = {c: max([len(c)] + [len(r[c]) for r in cells]) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for r in cells:
-        print("  ".join(r[c].ljust(widths[c]) for c in columns).rstrip())
-
-
-def _cell(value: Any, max_width: int) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= max_width else text[: max_width - 3] + "..."
-
-
-def _json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
-
 # --------------------------------------------------------------------------- status
 
 
 def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     if fmt == "json":
-        _json(report)
+        print_json(report)
         return
     columns = [*STATUS_COLUMNS, *names, "note"]
     if fmt == "csv":
@@ -98,17 +55,17 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
         rows += [
             {"scan_id": h["scan_id"], "mapping": f"held: {h['state']}", "note": h["reason"]} for h in report["held"]
         ]
-        _print_rows(rows, "csv", columns)
+        print_rows(rows, "csv", columns)
         return
     rows = [
         {**r, "note": r["note"] or (f"protocol: {r['protocol_reason']}" if r["protocol"] == "failed" else "")}
         for r in report["sessions"]
     ]
-    _print_rows(rows, "table", columns)
+    print_rows(rows, "table", columns, max_width=CELL_WIDTH)
     if report["held"]:
         print()
         print("held folders (not registered):")
-        _print_rows(report["held"], "table", HELD_COLUMNS, max_width=110)
+        print_rows(report["held"], "table", HELD_COLUMNS, max_width=110)
     totals = report["totals"]
     print()
     print(
@@ -162,11 +119,11 @@ def cmd_failures(args: argparse.Namespace) -> int:
     with _instance(args, config) as instance:
         rows = collect_failures(instance, Registry(config.paths.state), stage)
     if args.format == "json":
-        _json(rows)
+        print_json(rows)
     elif args.format == "csv":
-        _print_rows(rows, "csv", [*FAILURE_COLUMNS, "subject", "session", "failed_runs", "run_id", "at"])
+        print_rows(rows, "csv", [*FAILURE_COLUMNS, "subject", "session", "failed_runs", "run_id", "at"])
     else:
-        _print_rows(rows, "table", FAILURE_COLUMNS, max_width=70)
+        print_rows(rows, "table", FAILURE_COLUMNS, max_width=70)
         print(f"\n{len(rows)} failed partition(s)" + ("" if not rows else "; `neuroflow retry` relaunches them"))
     return EXIT_OK
 
@@ -212,7 +169,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     result = _launch(args, "reprocess", stage, selection.asset, selection.partitions)
     result["skipped"] = selection.skipped
     if args.format == "json":
-        _json(result)
+        print_json(result)
     else:
         _print_launch(result, args.format)
     return EXIT_OK
@@ -246,7 +203,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
             result["skipped"] = skipped.get(name, {})
             results.append(result)
     if args.format == "json":
-        _json(results)
+        print_json(results)
     elif not results:
         print("no failed partitions to retry" + (f" for {stage}" if stage else ""))
     else:
@@ -340,8 +297,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _print_files(files: list[tuple[str, str]], tail: int | None) -> int:
-    from pathlib import Path
-
     status = EXIT_OK
     for label, name in files:
         path = Path(name)
@@ -374,7 +329,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                 help="the Dagster instance folder (default: $DAGSTER_HOME, else <config folder>/.dagster_home)",
             )
         if fmt:
-            p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+            add_format_option(p)
 
     p = sub.add_parser("status", help="every session's state per stage, held folders and totals")
     common(p)
@@ -390,12 +345,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="SECS",
         help="redraw every SECS seconds (default 10) until Ctrl-C",
     )
-    p.set_defaults(func=_guard(cmd_status))
+    p.set_defaults(func=records_errors_exit_1(cmd_status))
 
     p = sub.add_parser("failures", help="partitions whose latest attempt failed (the dead-letter list)")
     common(p)
     p.add_argument("--stage")
-    p.set_defaults(func=_guard(cmd_failures))
+    p.set_defaults(func=records_errors_exit_1(cmd_failures))
 
     p = sub.add_parser("reprocess", help="backfill a stage for chosen sessions through the Dagster webserver")
     common(p, home=False)
@@ -405,27 +360,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="every registered, non-excluded session")
     p.add_argument("--dry-run", action="store_true", help="list the partitions; launch nothing")
     p.add_argument("--url", default=None, help="the webserver (default http://127.0.0.1:3000/graphql)")
-    p.set_defaults(func=_guard(cmd_reprocess))
+    p.set_defaults(func=records_errors_exit_1(cmd_reprocess))
 
     p = sub.add_parser("retry", help="relaunch the partitions `failures` lists (one backfill per stage)")
     common(p)
     p.add_argument("--stage")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--url", default=None, help="the webserver (default http://127.0.0.1:3000/graphql)")
-    p.set_defaults(func=_guard(cmd_retry))
+    p.set_defaults(func=records_errors_exit_1(cmd_retry))
 
     p = sub.add_parser("exclude", help="exclude a session (ScanID or sub-X/ses-Y) with a reason")
     p.add_argument("session", metavar="SESSION")
     p.add_argument("--reason", required=True)
-    p.set_defaults(func=_guard(cmd_exclude))
+    p.set_defaults(func=records_errors_exit_1(cmd_exclude))
 
     p = sub.add_parser("include", help="lift an exclusion")
     p.add_argument("session", metavar="SESSION")
-    p.set_defaults(func=_guard(cmd_include))
+    p.set_defaults(func=records_errors_exit_1(cmd_include))
 
     p = sub.add_parser("logs", help="tool logs of a run id, or the newest of a partition")
     common(p, fmt=False)
     p.add_argument("target", metavar="RUN_OR_PARTITION", help="run id, '01|SUBJA', 'sub-SUBJA/ses-01' or a subject")
     p.add_argument("--stage")
     p.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N lines of each file")
-    p.set_defaults(func=_guard(cmd_logs))
+    p.set_defaults(func=records_errors_exit_1(cmd_logs))
