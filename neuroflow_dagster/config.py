@@ -104,7 +104,7 @@ class ProtocolConfig(_Section):
 
 
 class RetryConfig(_Section):
-    """Requirements §6: 3 attempts, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
+    """docs/domain-rules.md#failures: 3 retries, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
 
     max_retries: int = Field(3, ge=0)
     delay_seconds: float = Field(300, ge=0)

@@ -1,7 +1,7 @@
 """Automation conditions: how work propagates through the graph by itself.
 
 Built only from Dagster's built-in conditions, so they serialize and the
-daemon evaluates exactly what is tested here. The rules (requirements §5):
+daemon evaluates exactly what is tested here. The rules (docs/domain-rules.md#state):
 
 - bids_session: convert when its DICOM session is (re)registered and the
   protocol check passed.

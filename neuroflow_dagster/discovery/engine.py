@@ -329,7 +329,7 @@ class _Tick:
         self.stats.folders_header_read += 1
         self.stats.header_files_read += headers.n_read
         if not self.flat and headers.n_dicom == 0 and entry is None:
-            # Path layout: a leaf is a session only if it holds DICOM (requirements §1).
+            # Path layout: a leaf is a session only if it holds DICOM (docs/domain-rules.md#arrival).
             self.new[sid] = ["E", walk.signature.value]
             self.hold(
                 folder,

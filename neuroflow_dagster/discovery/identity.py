@@ -50,7 +50,7 @@ class RegistryError(Exception):
 
 
 def participant_label(subject_code: str) -> str:
-    """SubjectCode -> participant label (requirements §1): keep ASCII letters/digits, zero-pad to 4.
+    """SubjectCode -> participant label (docs/domain-rules.md#identity): keep ASCII letters/digits, zero-pad to 4.
 
     ``75`` -> ``0075``, ``CLM_L_01`` -> ``CLML01``. Only ASCII is kept because BIDS labels are
     ``[a-zA-Z0-9]+``; a code with nothing left raises :class:`IdentityError`.

@@ -1,6 +1,6 @@
 """The runtime interface: how a ToolSpec is executed, and what every run records.
 
-Requirements §4: every run records the exact command, container image, exit
+docs/domain-rules.md#pipelines: every run records the exact command, container image, exit
 code, start, end, duration, output path, log path and error text. RunRecord
 is that record; it becomes the Dagster materialization (or failure) metadata.
 """
