@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -40,7 +41,6 @@ from filelock import FileLock, Timeout
 
 from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.naming.bids import BIDS_VERSION, entities, ses, session_dir, session_path, sub, subject_dir
-from neuroflow_dagster.tools.heudiconv import present_suffixes
 
 __all__ = [
     "PublishError",
@@ -48,11 +48,13 @@ __all__ = [
     "bids_root_lock",
     "ensure_dataset",
     "new_staging_dir",
+    "present_suffixes",
     "publish_session",
     "read_tsv",
     "recover_session",
     "session_acq_time",
     "session_dir",
+    "sessions_table",
     "upsert_participant",
     "upsert_session",
 ]
@@ -60,6 +62,7 @@ __all__ = [
 DEFAULT_NAME = "Neuroflow brain bank MRI"
 NA = "n/a"
 LOCK_TIMEOUT_S = 300.0
+_SUFFIX = re.compile(r"_([A-Za-z0-9]+)\.(?:nii\.gz|nii)$")
 _INCOMING = ".{session}.incoming-"
 _OLD = ".{session}.old-"
 
@@ -266,6 +269,23 @@ def upsert_session(
     described = _column_descriptions([c for c in columns if c != "session_id"], SESSION_COLUMNS)
     _ensure_json(root / "sessions.json", described, merge_keys=True)
     return written
+
+
+def present_suffixes(session_path: str | os.PathLike[str]) -> set[str]:
+    """BIDS suffixes of the NIfTI files in a session folder, e.g. {"T1w", "dwi", "epi"}.
+
+    What the stages after conversion gate on (``requires_bids_suffixes: [dwi]``).
+    A missing folder has no suffixes.
+    """
+    root = Path(session_path)
+    found: set[str] = set()
+    if not root.is_dir():
+        return found
+    for path in root.glob("*/*.nii*"):
+        match = _SUFFIX.search(path.name)
+        if match:
+            found.add(match.group(1))
+    return found
 
 
 def sessions_table(bids_root: Path, participant: str) -> Path:

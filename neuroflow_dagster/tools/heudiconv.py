@@ -45,7 +45,6 @@ CONTAINER_DICOM = "/dicom"
 CONTAINER_OUT = "/out"
 CONTAINER_HEURISTIC = "/heuristic.py"
 SHIPPED_HEURISTICS = Path(__file__).resolve().parent.parent / "heuristics"
-_SUFFIX = re.compile(r"_([A-Za-z0-9]+)\.(?:nii\.gz|nii)$")
 
 
 def shipped_heuristics() -> dict[str, Path]:
@@ -180,23 +179,6 @@ def _package_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "absent"
-
-
-def present_suffixes(session_path: str | os.PathLike[str]) -> set[str]:
-    """BIDS suffixes of the NIfTI files in a session folder, e.g. {"T1w", "dwi", "epi"}.
-
-    What the diffusion stages gate on (``requires_bids_suffixes: [dwi]``).
-    A missing folder has no suffixes.
-    """
-    root = Path(session_path)
-    found: set[str] = set()
-    if not root.is_dir():
-        return found
-    for path in root.glob("*/*.nii*"):
-        match = _SUFFIX.search(path.name)
-        if match:
-            found.add(match.group(1))
-    return found
 
 
 def _version_of(argv: list[str], env: dict[str, str]) -> str | None:

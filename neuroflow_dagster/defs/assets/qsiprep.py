@@ -7,43 +7,18 @@ arrivals and then reconstructs every session of the subject.
 
 import dagster as dg
 
-from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.bids import validation_passed
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.graph import runtime_kind, stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.discovery.exclusions import load_exclusions
-from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.eligibility import qsiprep_sessions
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.stages import stage
-from neuroflow_dagster.tools import heudiconv, qsiprep
+from neuroflow_dagster.tools import qsiprep
 
 STAGE = "qsiprep"
-
-
-def eligible_sessions(config: NeuroflowConfig, participant: str) -> tuple[list[str], dict[str, str]]:
-    """The subject's sessions QSIPrep takes, and why each other one is left out."""
-    required = set(config.pipelines.qsiprep.requires_bids_suffixes)
-    excluded = load_exclusions(config)
-    take: list[str] = []
-    left_out: dict[str, str] = {}
-    for entry in Registry(config.paths.state).sessions_of(participant):
-        ses = entry.session_id
-        folder = bids_session_dir(config.paths.bids_root, participant, ses)
-        if entry.scan_id in excluded:
-            left_out[ses] = f"excluded: {excluded[entry.scan_id].get('reason')}"
-        elif not folder.is_dir():
-            left_out[ses] = "not converted to BIDS"
-        elif not validation_passed(config, participant, ses):
-            left_out[ses] = "BIDS validator reported errors"
-        elif missing := required - heudiconv.present_suffixes(folder):
-            left_out[ses] = f"no {', '.join(sorted(missing))} in BIDS"
-        else:
-            take.append(ses)
-    return take, left_out
 
 
 def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
@@ -62,7 +37,7 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def qsiprep_subject(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         participant = context.partition_key
-        sessions, left_out = eligible_sessions(cfg, participant)
+        sessions, left_out = qsiprep_sessions(cfg, participant)
         for ses, why in left_out.items():
             context.log.warning(f"sub-{participant} ses-{ses} left out of QSIPrep: {why}")
         if not sessions:

@@ -2,16 +2,16 @@
 
 import dagster as dg
 
-from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.graph import runtime_kind, stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
+from neuroflow_dagster.eligibility import missing_suffixes
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.stages import stage
-from neuroflow_dagster.tools import heudiconv, layout, qsirecon
+from neuroflow_dagster.tools import layout, qsirecon
 
 STAGE = "qsirecon"
 
@@ -46,9 +46,7 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def qsirecon_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        missing = set(stage_cfg.requires_bids_suffixes) - heudiconv.present_suffixes(
-            bids_session_dir(cfg.paths.bids_root, ses.participant, ses.session)
-        )
+        missing = missing_suffixes(stage_cfg.requires_bids_suffixes, cfg, ses.participant, ses.session)
         if missing:
             return not_applicable(
                 f"sub-{ses.participant} ses-{ses.session} has no {', '.join(sorted(missing))} in BIDS"
