@@ -17,10 +17,7 @@ check run also targets the latest materialization natively, which is what
 
 from __future__ import annotations
 
-import json
 import time
-import zlib
-from base64 import b64decode, b64encode
 from typing import Any
 
 import dagster as dg
@@ -39,21 +36,10 @@ INSTANCE_MAX_RUNTIME_S = 48 * 3600
 CURSOR_VERSION = 1
 
 
-def encode_cursor(data: dict[str, Any]) -> str:
-    """Compressed JSON: the per-folder state of a large incoming tree stays a few tens of KB."""
-    raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
-    return "z" + b64encode(zlib.compress(raw, 6)).decode()
-
-
 def decode_cursor(cursor: str | None) -> dict[str, Any]:
-    if not cursor:
-        return {}
-    try:
-        raw = zlib.decompress(b64decode(cursor[1:])) if cursor.startswith("z") else cursor.encode()
-        data = json.loads(raw)
-    except (ValueError, zlib.error):
-        return {}
-    return data if isinstance(data, dict) and data.get("v") == CURSOR_VERSION else {}
+    """The sensor's cursor (engine state + held digest; encoded by discovery.engine), {} if not this version."""
+    data = engine.decode_cursor(cursor) or {}
+    return data if data.get("v") == CURSOR_VERSION else {}
 
 
 def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
@@ -177,7 +163,7 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             dynamic_partitions_requests=requests,
             asset_events=events,
             run_requests=runs,
-            cursor=encode_cursor(new_cursor),
+            cursor=engine.encode_cursor(new_cursor),
         )
 
     return dicom_discovery
