@@ -109,15 +109,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- failures
 
 
-def cmd_failures(args: argparse.Namespace) -> int:
-    """The dead-letter list: partitions whose latest attempt failed, with class, attempts and log."""
+def _failures(args: argparse.Namespace) -> tuple[NeuroflowConfig, str | None, list[dict[str, Any]]]:
+    """The config, the chosen stage (None: all) and the failure rows (`failures`, `retry`)."""
     from neuroflow_dagster.control.failures import collect_failures
     from neuroflow_dagster.discovery.identity import Registry
 
     config = _config(args)
     stage = _stage(args.stage)
     with _instance(args, config) as instance:
-        rows = collect_failures(instance, Registry(config.paths.state), stage)
+        return config, stage, collect_failures(instance, Registry(config.paths.state), stage)
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    """The dead-letter list: partitions whose latest attempt failed, with class, attempts and log."""
+    _, _, rows = _failures(args)
     if args.format == "json":
         print_json(rows)
     elif args.format == "csv":
@@ -177,14 +182,9 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Relaunch the partitions listed by `failures` (one backfill per stage); excluded sessions stay out."""
-    from neuroflow_dagster.control.failures import collect_failures
     from neuroflow_dagster.discovery.exclusions import load_exclusions
-    from neuroflow_dagster.discovery.identity import Registry
 
-    config = _config(args)
-    stage = _stage(args.stage)
-    with _instance(args, config) as instance:
-        rows = collect_failures(instance, Registry(config.paths.state), stage)
+    config, stage, rows = _failures(args)
     excluded = load_exclusions(config)
     by_stage: dict[str, list[str]] = {}
     skipped: dict[str, dict[str, str]] = {}

@@ -36,14 +36,18 @@ def deps(stage: stages.Stage) -> list[dg.AssetDep]:
     ]
 
 
-def stage_asset_args(stage: stages.Stage) -> dict[str, Any]:
-    """``@dg.asset`` arguments that come from the registry: name, partitions, inputs, pool."""
-    return {
+def stage_asset_args(stage: stages.Stage, settings: StageConfig | None = None) -> dict[str, Any]:
+    """``@dg.asset`` arguments that come from the registry: name, partitions, inputs, pool; with the
+    stage's settings also its kind (where its tool runs)."""
+    args: dict[str, Any] = {
         "name": stage.asset,
         "partitions_def": partitions_def(stage.level),
         "deps": deps(stage),
         "pool": stage.pool,
     }
+    if settings is not None:
+        args["kinds"] = {runtime_kind(settings)}
+    return args
 
 
 def stage_settings(config: NeuroflowConfig, stage: stages.Stage | str) -> StageConfig:
@@ -55,6 +59,11 @@ def stage_settings(config: NeuroflowConfig, stage: stages.Stage | str) -> StageC
 def runtime_kind(settings: StageConfig) -> str:
     """The asset's kind tag: where its tool runs (the embedded stand-ins are plain Python)."""
     return "python" if settings.runtime == "builtin" else settings.runtime
+
+
+def tool_label(settings: StageConfig, tool: str) -> str:
+    """How descriptions and metadata name the tool: a stand-in is never presented as the real one."""
+    return f"{tool} stand-in (builtin)" if settings.runtime == "builtin" else tool
 
 
 def build_stage_assets(config: NeuroflowConfig) -> list[dg.AssetsDefinition]:

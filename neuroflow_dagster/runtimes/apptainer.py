@@ -21,10 +21,9 @@ import shlex
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from neuroflow_dagster.config import StageConfig
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord
+from neuroflow_dagster.runtimes.base import DEFAULT_KILL_GRACE_S, RunRecord, RunRequest, Runtime
 from neuroflow_dagster.runtimes.container import (
     Flags,
     container_user,
@@ -35,14 +34,7 @@ from neuroflow_dagster.runtimes.container import (
     spec_problem,
 )
 from neuroflow_dagster.runtimes.failures import FailureClass
-from neuroflow_dagster.runtimes.process import (
-    DEFAULT_KILL_GRACE_S,
-    LogSink,
-    fail,
-    new_record,
-    resolve_timeouts,
-    run_process,
-)
+from neuroflow_dagster.runtimes.process import LogSink, fail, new_record, run_process
 from neuroflow_dagster.tools.spec import ToolSpec
 
 EXECUTABLES = ("apptainer", "singularity")
@@ -111,7 +103,7 @@ def apptainer_exec_argv(
     return [executable, "exec", "--cleanenv", *run_options(spec, stage_config, FLAGS), *extra_args, image, *spec.argv]
 
 
-class ApptainerRuntime:
+class ApptainerRuntime(Runtime):
     """``apptainer exec`` a ToolSpec; cpus/memory need cgroups v2 delegation (see docs/runtimes.md)."""
 
     name = "apptainer"
@@ -125,30 +117,20 @@ class ApptainerRuntime:
         extra_args: Sequence[str] = (),
         hash_image: bool = True,
     ) -> None:
-        self.stage = stage
+        super().__init__(stage, kill_grace_s=kill_grace_s)
         self.executable = executable
-        self.kill_grace_s = kill_grace_s
         self.extra_args = tuple(extra_args)
         self.hash_image = hash_image
 
-    def run(
-        self,
-        spec: ToolSpec,
-        *,
-        log_path: Path,
-        timeout_s: float | None = None,
-        soft_timeout_s: float | None = None,
-        log: LogFn | None = None,
-        context: Any | None = None,
-    ) -> RunRecord:
-        log_path = Path(log_path)
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        log_path = request.log_path
         image = resolve_image(spec, self.stage)
         executable = find_executable(self.executable)
         shown = executable or self.executable or EXECUTABLES[0]
         argv = apptainer_exec_argv(spec, self.stage, shown, image=image, extra_args=self.extra_args)
         record = new_record(spec, runtime=self.name, command=argv, log_path=log_path, image=image)
         record.extra["container_command"] = shlex.join(spec.argv)
-        sink = LogSink(log_path, log)
+        sink = LogSink(log_path, request.log)
         sink.note(f"tool {spec.tool} on runtime apptainer, image {image}")
 
         problem = None
@@ -173,14 +155,13 @@ class ApptainerRuntime:
                 record.image_digest = image_digest(image)
             except OSError as exc:
                 sink.note(f"could not hash image {image}: {exc}")
-        timeout_s, soft_timeout_s = resolve_timeouts(self.stage, timeout_s, soft_timeout_s)
         return run_process(
             argv,
             record=record,
             sink=sink,
             env=dict(os.environ),  # for apptainer itself; --cleanenv keeps it out of the container
             cwd=None,
-            timeout_s=timeout_s,
-            soft_timeout_s=soft_timeout_s,
+            timeout_s=request.timeout_s,
+            soft_timeout_s=request.soft_timeout_s,
             kill_grace_s=self.kill_grace_s,
         )

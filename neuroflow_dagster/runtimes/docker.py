@@ -36,7 +36,15 @@ import docker
 import docker.errors
 
 from neuroflow_dagster.config import StageConfig
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord, ToolRunError
+from neuroflow_dagster.runtimes.base import (
+    DEFAULT_KILL_GRACE_S,
+    LogFn,
+    RunRecord,
+    RunRequest,
+    Runtime,
+    ToolRunError,
+    resolve_timeouts,
+)
 from neuroflow_dagster.runtimes.container import (
     Flags,
     bind_spec,
@@ -48,7 +56,6 @@ from neuroflow_dagster.runtimes.container import (
 )
 from neuroflow_dagster.runtimes.failures import FailureClass, classify
 from neuroflow_dagster.runtimes.process import (
-    DEFAULT_KILL_GRACE_S,
     LineSplitter,
     LogSink,
     Watchdog,
@@ -56,7 +63,6 @@ from neuroflow_dagster.runtimes.process import (
     fail,
     mark_cancelled,
     new_record,
-    resolve_timeouts,
     succeed,
     timeout_failure,
 )
@@ -118,7 +124,7 @@ def _is_pipes_message(line: str) -> dict[str, Any] | None:
     return None
 
 
-class DockerRuntime:
+class DockerRuntime(Runtime):
     """Runs a ToolSpec in Docker; see the module docstring for what is enforced and recorded."""
 
     name = "docker"
@@ -131,31 +137,21 @@ class DockerRuntime:
         kill_grace_s: float = DEFAULT_KILL_GRACE_S,
         registry: dict[str, str] | None = None,
     ) -> None:
-        self.stage = stage
+        super().__init__(stage, kill_grace_s=kill_grace_s)
         self.client = client  # plain path only; the Pipes client calls docker.client.from_env() itself
-        self.kill_grace_s = kill_grace_s
         self.registry = registry
 
     # -- public -----------------------------------------------------------------------------
 
-    def run(
-        self,
-        spec: ToolSpec,
-        *,
-        log_path: Path,
-        timeout_s: float | None = None,
-        soft_timeout_s: float | None = None,
-        log: LogFn | None = None,
-        context: Any | None = None,
-    ) -> RunRecord:
-        """With ``context``: through Dagster Pipes (results other than logs are dropped; an asset
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        """With a Dagster context: through Dagster Pipes (results other than logs are dropped; an asset
         that wants what a Pipes-speaking tool reports uses :meth:`run_with_pipes`)."""
-        if context is not None:
-            record, _ = self.run_with_pipes(spec, context=context, log_path=log_path, timeout_s=timeout_s,
-                                            soft_timeout_s=soft_timeout_s, log=log)
+        if request.context is not None:
+            record, _ = self.run_with_pipes(spec, context=request.context, log_path=request.log_path,
+                                            timeout_s=request.timeout_s, soft_timeout_s=request.soft_timeout_s,
+                                            log=request.log)
             return record
-        return self._run_plain(spec, log_path=Path(log_path), timeout_s=timeout_s,
-                               soft_timeout_s=soft_timeout_s, log=log)
+        return self._run_plain(spec, request)
 
     def run_with_pipes(
         self,
@@ -251,11 +247,10 @@ class DockerRuntime:
         sink.note(f"running: {record.command}")
         return record, sink, str(image), container_kwargs(spec, self.stage, log_path)
 
-    def _run_plain(self, spec: ToolSpec, *, log_path: Path, timeout_s: float | None,
-                   soft_timeout_s: float | None, log: LogFn | None) -> RunRecord:
-        record, sink, image, kwargs = self._prepare(spec, log_path, log)
+    def _run_plain(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        record, sink, image, kwargs = self._prepare(spec, request.log_path, request.log)
         captured: dict[str, Any] = {}
-        watchdog = self._watchdog(sink, timeout_s, soft_timeout_s, captured)
+        watchdog = self._watchdog(sink, request.timeout_s, request.soft_timeout_s, captured)
         outcome: BaseException | None = None
         create = {"image": image, "command": list(spec.argv[1:]), "detach": True,
                   "environment": dict(spec.env), **kwargs}

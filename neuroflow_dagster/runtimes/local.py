@@ -5,25 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from neuroflow_dagster.config import StageConfig
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord
+from neuroflow_dagster.runtimes.base import RunRecord, RunRequest, Runtime
 from neuroflow_dagster.runtimes.failures import FailureClass
-from neuroflow_dagster.runtimes.process import (
-    DEFAULT_KILL_GRACE_S,
-    LogSink,
-    fail,
-    new_record,
-    resolve_timeouts,
-    run_process,
-)
+from neuroflow_dagster.runtimes.process import LogSink, fail, new_record, run_process
 from neuroflow_dagster.tools.spec import ToolSpec
 
 STAND_IN_IMAGE = "builtin stand-in (not the real tool)"
 
 
-class LocalRuntime:
+class LocalRuntime(Runtime):
     """The tool is installed on the worker (pip/conda/system): argv runs as is.
 
     Mounts are identity mappings here (argv already holds host paths); the stage's cpus and
@@ -33,30 +24,17 @@ class LocalRuntime:
 
     name = "local"
 
-    def __init__(self, stage: StageConfig | None = None, *, kill_grace_s: float = DEFAULT_KILL_GRACE_S) -> None:
-        self.stage = stage
-        self.kill_grace_s = kill_grace_s
-
     def image_label(self, spec: ToolSpec) -> str | None:
         return STAND_IN_IMAGE if spec.stand_in else None
 
     def check(self, spec: ToolSpec, record: RunRecord, sink: LogSink) -> None:
         """Refuse specs this runtime must not run (raise ToolRunError)."""
 
-    def run(
-        self,
-        spec: ToolSpec,
-        *,
-        log_path: Path,
-        timeout_s: float | None = None,
-        soft_timeout_s: float | None = None,
-        log: LogFn | None = None,
-        context: Any | None = None,
-    ) -> RunRecord:
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
         argv = list(spec.argv)
-        record = new_record(spec, runtime=self.name, command=argv, log_path=Path(log_path),
+        record = new_record(spec, runtime=self.name, command=argv, log_path=request.log_path,
                             image=self.image_label(spec))
-        sink = LogSink(Path(log_path), log)
+        sink = LogSink(request.log_path, request.log)
         self.check(spec, record, sink)
         sink.note(f"tool {spec.tool} on runtime {self.name}" + (f" ({record.image})" if record.image else ""))
         if not argv:
@@ -70,15 +48,14 @@ class LocalRuntime:
             except OSError as exc:
                 raise fail(record, sink, f"{spec.tool}: cannot create working directory {spec.workdir}: "
                            f"{exc.strerror}", FailureClass.CONFIGURATION) from exc
-        timeout_s, soft_timeout_s = resolve_timeouts(self.stage, timeout_s, soft_timeout_s)
         return run_process(
             argv,
             record=record,
             sink=sink,
             env={**os.environ, **spec.env},
             cwd=spec.workdir,
-            timeout_s=timeout_s,
-            soft_timeout_s=soft_timeout_s,
+            timeout_s=request.timeout_s,
+            soft_timeout_s=request.soft_timeout_s,
             kill_grace_s=self.kill_grace_s,
         )
 

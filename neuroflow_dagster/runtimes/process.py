@@ -33,14 +33,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from neuroflow_dagster.config import StageConfig
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord, ToolRunError
+from neuroflow_dagster.runtimes.base import DEFAULT_KILL_GRACE_S, LogFn, RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import FailureClass, classify
 from neuroflow_dagster.tools.spec import ToolSpec
 
 NOTE_PREFIX = "[neuroflow] "
 TAIL_LINES = 50
-DEFAULT_KILL_GRACE_S = 10.0
 # After the leader exits, how long its children may keep the output pipe open before being killed.
 STRAGGLER_GRACE_S = 5.0
 _POLL_S = 0.1
@@ -200,16 +198,6 @@ def succeed(record: RunRecord, sink: LogSink, exit_code: int = 0) -> RunRecord:
 
 
 # --------------------------------------------------------------------------- timeouts and cancellation
-
-
-def resolve_timeouts(
-    stage: StageConfig | None, timeout_s: float | None, soft_timeout_s: float | None
-) -> tuple[float | None, float | None]:
-    """Explicit arguments win; otherwise the stage's own limits (StageConfig.timeout_s / soft_timeout_s)."""
-    if stage is not None:
-        timeout_s = stage.timeout_s if timeout_s is None else timeout_s
-        soft_timeout_s = stage.soft_timeout_s if soft_timeout_s is None else soft_timeout_s
-    return timeout_s, soft_timeout_s
 
 
 def soft_timeout_note(elapsed: float, soft_timeout_s: float, timeout_s: float | None) -> str:

@@ -37,12 +37,11 @@ from pathlib import Path
 
 from neuroflow_dagster.config import ConfigError, NeuroflowConfig
 from neuroflow_dagster.naming.bids import entities, session_path
-from neuroflow_dagster.tools.layout import validate_label
+from neuroflow_dagster.tools.layout import C_OUT, validate_label
 from neuroflow_dagster.tools.spec import Mount, ToolSpec
 
 TOOL = "heudiconv"
 CONTAINER_DICOM = "/dicom"
-CONTAINER_OUT = "/out"
 CONTAINER_HEURISTIC = "/heuristic.py"
 SHIPPED_HEURISTICS = Path(__file__).resolve().parent.parent / "heuristics"
 
@@ -120,10 +119,10 @@ def build_spec(
     if containerized:
         mounts = (
             Mount(dicom, CONTAINER_DICOM, read_only=True),
-            Mount(staging, CONTAINER_OUT, read_only=False),
+            Mount(staging, C_OUT, read_only=False),
             Mount(heuristic, CONTAINER_HEURISTIC, read_only=True),
         )
-        dicom_arg, out_arg, heuristic_arg = CONTAINER_DICOM, CONTAINER_OUT, CONTAINER_HEURISTIC
+        dicom_arg, out_arg, heuristic_arg = CONTAINER_DICOM, C_OUT, CONTAINER_HEURISTIC
         env = {"NO_ET": "1"}
     else:
         mounts = (

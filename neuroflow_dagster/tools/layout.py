@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +25,13 @@ from neuroflow_dagster.naming.bids import is_label
 from neuroflow_dagster.tools.spec import Mount
 
 # A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
+# Where a containerized tool sees its output, work folder and FreeSurfer licence (fixed paths, so argv
+# does not depend on where the operator keeps data); every tool module uses these.
+C_OUT = "/out"
+C_WORK = "/work"
+C_LICENSE = "/opt/freesurfer/license.txt"
+# Switch off nipype's and the BIDS apps' start-up network pings: workers on a clinical network have no internet.
+NO_PING_ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
 _VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
 
 
@@ -146,6 +155,31 @@ def tool_identity(stage_config: Any, stand_in_module: str) -> str:
     if stage_config.runtime == "builtin":
         return f"builtin:{stand_in_module}:{package_version()}"
     return stage_config.image or f"{stage_config.runtime}:unversioned"
+
+
+def stand_in_command(
+    module: str,
+    source: tuple[str, Path],
+    out: Path,
+    participant: str,
+    sessions: Sequence[str],
+    work: Path | None = None,
+) -> tuple[list[str], PathMap]:
+    """An embedded stand-in's command and its host-path map: ``python -m <module> <--X-dir> SOURCE
+    --output-dir OUT --participant-label P --session-label S... [--work-dir WORK]`` (the options every
+    stand-in takes, in that order; the caller appends the tool's own)."""
+    pm = PathMap(containerized=False)
+    flag, folder = source
+    argv = [
+        sys.executable, "-m", module,
+        flag, pm(folder, ""),
+        "--output-dir", pm(out, "", read_only=False),
+        "--participant-label", participant,
+        "--session-label", *sessions,
+    ]  # fmt: skip
+    if work is not None:
+        argv += ["--work-dir", pm(work, "", read_only=False)]
+    return argv, pm
 
 
 @dataclass

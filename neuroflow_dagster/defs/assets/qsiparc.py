@@ -6,7 +6,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.graph import runtime_kind, stage_asset_args
+from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.stages import stage
@@ -19,9 +19,8 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsiparc
 
     @dg.asset(
-        **stage_asset_args(stage(STAGE)),
+        **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="parcellation",
-        kinds={runtime_kind(stage_cfg)},
         code_version=qsiparc.code_version(config),
         automation_condition=automation.qsiparc_condition(),
         description="Per-region statistics of the session's diffusion maps (QSIParc layout).",

@@ -11,7 +11,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.graph import runtime_kind, stage_asset_args
+from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import qsiprep_sessions
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
@@ -23,12 +23,11 @@ STAGE = "qsiprep"
 
 def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsiprep
-    tool_name = "QSIPrep stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIPrep"
+    tool_name = tool_label(stage_cfg, "QSIPrep")
 
     @dg.asset(
-        **stage_asset_args(stage(STAGE)),
+        **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="preprocessing",
-        kinds={runtime_kind(stage_cfg)},
         code_version=qsiprep.code_version(config),
         automation_condition=automation.qsiprep_condition(stage_cfg.trigger, stage_cfg.cron),
         description=f"{tool_name} over all of the subject's diffusion sessions (one anatomical template); "

@@ -6,7 +6,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.graph import runtime_kind, stage_asset_args
+from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import missing_suffixes
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
@@ -33,12 +33,11 @@ def qc_image_metadata(png: object) -> dict[str, dg.MetadataValue]:
 
 def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsirecon
-    tool_name = "QSIRecon stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIRecon"
+    tool_name = tool_label(stage_cfg, "QSIRecon")
 
     @dg.asset(
-        **stage_asset_args(stage(STAGE)),
+        **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="reconstruction",
-        kinds={runtime_kind(stage_cfg)},
         code_version=qsirecon.code_version(config),
         automation_condition=automation.qsirecon_condition(),
         description=f"{tool_name} ({stage_cfg.recon_spec}) for one session, after each QSIPrep of its subject.",
