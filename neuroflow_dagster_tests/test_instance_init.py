@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from neuroflow_dagster.ops.instance import SQLITE_DATABASES
+from neuroflow_dagster.control.storage import SQLITE_DATABASES
 from neuroflow_dagster_tests.daemon_harness import REPO
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 

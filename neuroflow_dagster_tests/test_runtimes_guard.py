@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from neuroflow_dagster.runtimes import LocalRuntime, ToolRunError
-from neuroflow_dagster.runtimes.local import run_process
+from neuroflow_dagster.runtimes.process import run_process
 from neuroflow_dagster.tools.spec import ToolSpec
 from neuroflow_dagster_tests.fakes.process_tree import kill_leftovers, pid_alive, read_pids, wait_dead
 
@@ -154,7 +154,7 @@ def test_one_process_per_work_even_when_the_first_guard_died(tmp_path: Path) -> 
 
 
 def _run_locked(tmp_path: Path, lock: Path, *, lines: list[str], wait_s: float) -> object:
-    from neuroflow_dagster.runtimes.local import LogSink, new_record
+    from neuroflow_dagster.runtimes.process import LogSink, new_record
 
     spec = ToolSpec(tool="t", argv=(PY, "-c", "print('second')"), output_dir=tmp_path)
     record = new_record(spec, runtime="local", command=spec.argv, log_path=tmp_path / "second.log", image=None)
