@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -53,6 +54,9 @@ RECEIVE_GRADIENT_PER_MM = np.array([0.008, 0.006, 0.008])
 # A slice hit by bulk motion during the diffusion gradients keeps this fraction of its signal.
 DROPOUT_SIGNAL_FRACTION = 0.2
 B0_PLACEMENTS = ("leading", "interleaved")
+# write_session arguments of a session that image QC must flag (the demo's DEMO_03; measured values
+# in docs/stand-ins.md): noise 60 on S0 ~1000, every other slice of three DW volumes lost to motion.
+POOR_QUALITY: dict[str, Any] = {"noise_sd": 60.0, "dropout_volumes": (3, 7, 11)}
 
 
 def fractional_anisotropy(evals: Sequence[float]) -> float:
