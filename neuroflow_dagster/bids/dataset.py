@@ -40,12 +40,22 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from neuroflow_dagster.fsutil import atomic_write_text
-from neuroflow_dagster.naming.bids import BIDS_VERSION, entities, ses, session_dir, session_path, sub, subject_dir
+from neuroflow_dagster.naming.bids import (
+    BIDS_VERSION,
+    PROVENANCE_SUFFIX,
+    entities,
+    ses,
+    session_dir,
+    session_path,
+    sub,
+    subject_dir,
+)
 
 __all__ = [
     "PublishError",
     "PublishResult",
     "bids_root_lock",
+    "ensure_bidsignore",
     "ensure_dataset",
     "new_staging_dir",
     "present_suffixes",
@@ -93,7 +103,8 @@ session labels to the bank's ScanIDs (scan_id).
 
 Do not edit files here by hand: re-run the conversion of the session instead.
 """
-BIDSIGNORE_LINES = ("**/.ses-*.incoming-*", "**/.ses-*.old-*")
+# Hidden publish leftovers, and the provenance file of each session (not a BIDS file: docs/provenance.md).
+BIDSIGNORE_LINES = ("**/.ses-*.incoming-*", "**/.ses-*.old-*", f"**/*_{PROVENANCE_SUFFIX}.json")
 
 
 class PublishError(RuntimeError):
@@ -231,17 +242,26 @@ def ensure_dataset(bids_root: Path, *, name: str = DEFAULT_NAME) -> None:
     )
     if not (root / "README").exists() and not (root / "README.md").exists():
         atomic_write_text(root / "README", README_TEXT)
-    ignore = root / ".bidsignore"
-    current = ignore.read_text(encoding="utf-8").splitlines() if ignore.exists() else []
-    missing = [line for line in BIDSIGNORE_LINES if line not in current]
-    if missing:
-        atomic_write_text(ignore, "\n".join([*current, *missing]) + "\n")
+    ensure_bidsignore(root)
     _ensure_json(root / "scans.json", SCANS_COLUMNS, merge_keys=True)
     _ensure_json(
         root / "sessions.json",
         {k: v for k, v in SESSION_COLUMNS.items() if k != "session_id"},
         merge_keys=True,
     )
+
+
+def ensure_bidsignore(root: Path) -> None:
+    """Add the lines the validator must skip (BIDSIGNORE_LINES) to ``root/.bidsignore``, keeping the rest.
+
+    Called for bids_root under the lock, and for a staged dataset before it is validated, so the staged
+    session is judged exactly as it will be once published.
+    """
+    ignore = Path(root) / ".bidsignore"
+    current = ignore.read_text(encoding="utf-8").splitlines() if ignore.exists() else []
+    missing = [line for line in BIDSIGNORE_LINES if line not in current]
+    if missing:
+        atomic_write_text(ignore, "\n".join([*current, *missing]) + "\n")
 
 
 def upsert_participant(bids_root: Path, participant: str, row: Mapping[str, object] | None = None) -> dict[str, str]:

@@ -9,21 +9,28 @@ things (docs/domain-rules.md#pipelines) and fails the same way
 When the retries are spent the last Failure (with its metadata) is what the
 run reports. The derivative stages write into their run's staging folder and
 their outputs are published only here, after success (tools/publish.py).
-"""
+
+Provenance (provenance.py): given a Plan, the input files are hashed before
+the tool starts and the document is written into the staged outputs after
+the golden outputs are verified, so it is published with them or not at all."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from neuroflow_dagster import provenance as prov
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig, RetryConfig
 from neuroflow_dagster.defs.graph import stage_settings
 from neuroflow_dagster.naming.logs import run_log_path, safe_partition
+from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY, LOG_TAIL_KEY
 from neuroflow_dagster.runtimes import STAND_IN_IMAGE, get_runtime, verify_outputs
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
@@ -64,9 +71,15 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
     return meta
 
 
-def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, spec: ToolSpec) -> RunRecord:
+def execute_spec(
+    context: dg.AssetExecutionContext,
+    config: NeuroflowConfig,
+    stage: str,
+    spec: ToolSpec,
+    provenance: prov.Plan | None = None,
+) -> RunRecord:
     """Run `spec` with the stage's runtime (its limits come from the stage's settings); check the
-    golden outputs; publish them; raise a classified Failure or RetryRequested.
+    golden outputs; write the provenance file; publish them; raise a classified Failure or RetryRequested.
 
     A spec writing into a staging folder (``publish_to`` set) reaches the derivatives only here, after
     success; a failed run leaves its partial outputs in the staging folder, named in the failure.
@@ -77,6 +90,22 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
     spec = dataclasses.replace(spec, lock=work_lock(config, stage, str(partition)), lock_owner=context.run_id)
     log_path = run_log_path(config.paths.log_dir, stage, str(partition), context.run_id)
     runtime = get_runtime(stage_cfg)
+
+    def failed(message: str, failure_class: FailureClass, record: RunRecord | None = None) -> Exception:
+        record = record or RunRecord(tool=spec.tool, runtime=runtime.name, command=spec.command_line(),
+                                     output_dir=str(spec.output_dir), log_path=str(log_path), started=time.time())
+        error = ToolRunError(message, record, str(failure_class))
+        return tool_failure(error, stage_cfg.retry, context.retry_number, stage, spec, log=context.log.warning)
+
+    inputs: prov.Inputs | None = None
+    if provenance is not None:
+        try:
+            inputs = prov.collect_inputs(provenance)
+        except OSError as exc:  # an input vanished or is unreadable while being hashed: another run moved it
+            raise failed(f"{stage}: cannot read the inputs for the provenance record: {exc}",
+                         FailureClass.TRANSIENT) from exc
+        context.log.info(f"{stage}: inputs identified for provenance in {inputs.seconds:.1f}s "
+                         f"({inputs.bytes_hashed / 1e6:.1f} MB hashed)")
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
     try:
         record = runtime.run(spec, log_path=log_path, log=context.log.info, context=context)
@@ -86,6 +115,16 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
         verify_outputs(spec, record, what=stage)
     except ToolRunError as exc:
         raise final_failure(exc, spec, str(exc) + unpublished_note(spec)) from exc
+    if provenance is not None and inputs is not None:
+        try:
+            written = write_provenance(context, config, stage, spec, record, provenance, inputs)
+        except OSError as exc:
+            failure_class = classify(str(exc), None)
+            if failure_class == FailureClass.TOOL:
+                failure_class = FailureClass.TRANSIENT
+            raise failed(f"{stage}: writing the provenance file failed: {exc}", failure_class, record) from exc
+        record.extra["provenance"] = str(spec.final_dir / provenance.document)
+        context.log.info(f"{stage}: provenance written ({written.name}, {provenance.document})")
     if spec.publish_to is not None:
         try:
             done = publish.publish_outputs(spec.output_dir, spec.publish_to, spec.publish_units,
@@ -94,12 +133,92 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
             failure_class = classify(str(exc), None)
             if failure_class == FailureClass.TOOL:
                 failure_class = FailureClass.TRANSIENT  # a rename that failed: the filesystem, not the tool
-            error = ToolRunError(f"{stage}: publishing the outputs failed: {exc}", record, str(failure_class))
-            raise final_failure(error, spec, str(error) + unpublished_note(spec)) from exc
+            message = f"{stage}: publishing the outputs failed: {exc}"
+            error = ToolRunError(message, record, str(failure_class))
+            raise final_failure(error, spec, message + unpublished_note(spec)) from exc
         context.log.info(f"{stage}: published {', '.join(done.units) or 'files'} into {done.target} "
                          f"({done.files} files)")
         record.extra["published_units"] = done.units
     return record
+
+
+def upstream_materializations(
+    context: dg.AssetExecutionContext, stage: str, participant: str, sessions: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The latest materialization of each upstream partition this run read: asset, partition, run id,
+    event storage id, time, code version (and the ScanID of a DICOM session)."""
+    record = stages.stage(stage)
+    out: list[dict[str, Any]] = []
+    for asset, level in stages.upstream_assets(record):
+        if level == stages.SUBJECT:
+            partitions = [participant]
+        elif record.level == stages.SUBJECT:
+            partitions = [session_key(participant, s) for s in sessions]
+        else:
+            partitions = [str(context.partition_key)]
+        for partition in partitions:
+            found = context.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+            ).records
+            if not found:
+                out.append({"asset": asset, "partition": partition, "run_id": None, "note": "never materialized"})
+                continue
+            event = found[0]
+            mat = event.asset_materialization
+            tags = dict(mat.tags or {}) if mat is not None else {}
+            row: dict[str, Any] = {
+                "asset": asset,
+                "partition": partition,
+                "run_id": event.run_id or None,  # runless events (the discovery sensor's) have none
+                "storage_id": event.storage_id,
+                "materialized_at": prov.iso(event.timestamp),
+                "code_version": tags.get("dagster/code_version"),
+            }
+            scan_id = mat.metadata.get("scan_id") if mat is not None else None
+            if scan_id is not None:
+                row["scan_id"] = getattr(scan_id, "value", scan_id)
+            out.append(row)
+    return out
+
+
+def write_provenance(
+    context: dg.AssetExecutionContext,
+    config: NeuroflowConfig,
+    stage: str,
+    spec: ToolSpec,
+    record: RunRecord,
+    plan: prov.Plan,
+    inputs: prov.Inputs,
+) -> Path:
+    """Build the run's provenance document and write it into its output folder (before publication)."""
+    outputs, out_bytes, out_seconds = prov.describe_outputs(spec.output_dir, plan)
+    code_version = None
+    if context.has_assets_def:
+        code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
+    settings = stage_settings(config, stage).model_dump(mode="json")
+    document = prov.build_document(
+        plan,
+        stage=stage,
+        asset=context.asset_key.to_user_string() if context.has_assets_def else "",
+        partition=str(context.partition_key) if context.has_partition_key else "",
+        code_version=code_version,
+        settings=settings,
+        spec=spec,
+        record=record.as_dict(),
+        run={
+            "dagster_run_id": context.run_id,
+            "job": context.run.job_name,
+            "attempt": context.retry_number + 1,
+            "config_file": str(config.source) if config.source is not None else None,
+        },
+        upstream=upstream_materializations(context, stage, plan.participant, plan.sessions)
+        if stages.by_asset(context.asset_key.to_user_string()) is not None else [],
+        inputs=inputs,
+        outputs=outputs,
+        outputs_seconds=out_seconds,
+        outputs_bytes=out_bytes,
+    )
+    return prov.write_document(spec.output_dir, plan, document)
 
 
 def unpublished_note(spec: ToolSpec | None) -> str:

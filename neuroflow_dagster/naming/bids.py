@@ -55,3 +55,22 @@ def session_dir(root: Path, participant: str, session: str) -> Path:
 def describe(participant: str, session: str | None = None) -> str:
     """How messages name a session (``sub-X ses-Y``) or a subject (``sub-X``)."""
     return sub(participant) if session is None else f"{sub(participant)} {ses(session)}"
+
+
+# Provenance beside the data (docs/provenance.md): one JSON file per published unit, named like a BIDS
+# file so that it sorts with the files it describes. In the raw dataset it has no desc entity; in the
+# derivatives it carries desc-neuroflow (BIDS-Derivatives style: who wrote it).
+PROVENANCE_SUFFIX = "provenance"
+PROVENANCE_DESC = "neuroflow"
+
+
+def provenance_name(participant: str, session: str | None = None, *, derivative: bool = True) -> str:
+    """``sub-X_ses-Y_desc-neuroflow_provenance.json`` (derivatives) or ``sub-X_ses-Y_provenance.json`` (raw)."""
+    desc = f"_desc-{PROVENANCE_DESC}" if derivative else ""
+    return f"{entities(participant, session)}{desc}_{PROVENANCE_SUFFIX}.json"
+
+
+def provenance_path(participant: str, session: str | None = None, *, derivative: bool = True) -> str:
+    """Where a unit's provenance lives, relative to its tree: ``sub-X/ses-Y/<name>`` or ``sub-X/<name>``."""
+    folder = sub(participant) if session is None else session_path(participant, session)
+    return f"{folder}/{provenance_name(participant, session, derivative=derivative)}"

@@ -68,6 +68,13 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), **common)
 
 
+def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, list[str]]]:
+    """What a run for one session reads, as (label, root, globs relative to root): the session's QSIRecon
+    folders (atlases in subject space, the model maps of every workflow) and the atlas tables."""
+    ses = session_path(participant, session)
+    return [("derivatives/qsirecon", layout.qsirecon_dir(config), [ses, f"derivatives/qsirecon-*/{ses}", "atlases"])]
+
+
 def _identity(cfg: Any) -> str:
     """Local runs without an image are versioned by the qsiparc installed beside neuroflow, if any."""
     if cfg.runtime == "local" and not cfg.image:

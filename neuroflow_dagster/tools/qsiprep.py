@@ -195,6 +195,18 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
                     workdir=Path(container_work), **common)
 
 
+def reads(config: Any, participant: str, sessions: Sequence[str]) -> list[tuple[str, Path, list[str]]]:
+    """What a run over ``sessions`` reads, as (label, root, globs relative to root): the sessions' BIDS
+    folders (not the subject's other sessions), the dataset description and the BIDS filter file."""
+    sessions = _sessions(sessions)
+    bids = Path(config.paths.bids_root)
+    reads = [("bids_root", bids, ["dataset_description.json", *(session_path(participant, s) for s in sessions)])]
+    if config.pipelines.qsiprep.runtime != "builtin":
+        filter_file = bids_filter_path(config, participant)
+        reads.append(("bids_filter", filter_file.parent, [filter_file.name]))
+    return reads
+
+
 def _prepare(work: Path, out: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)

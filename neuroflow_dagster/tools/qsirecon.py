@@ -126,6 +126,23 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
                     **common)
 
 
+def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, list[str]]]:
+    """What a run for one session reads, as (label, root, globs relative to root): the subject's QSIPrep
+    anatomy, this session's QSIPrep folder, QSIPrep's provenance and dataset description; the recon spec
+    and (stand-in) atlas files when they are files."""
+    cfg = config.pipelines.qsirecon
+    sub = layout.entities(participant)
+    reads = [("derivatives/qsiprep", layout.qsiprep_dir(config), [
+        "dataset_description.json", f"{sub}/anat", session_path(participant, session), f"{sub}/{sub}_*provenance.json",
+    ])]
+    spec_file = recon_spec_file(cfg.recon_spec)
+    files = [spec_file] if spec_file is not None else []
+    if cfg.runtime == "builtin":
+        files += [Path(f) for f in (cfg.atlas_file, cfg.atlas_labels) if f is not None]
+    reads += [(f"config:{path.name}", path.parent, [path.name]) for path in files]
+    return reads
+
+
 def _prepare(work: Path, out: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)

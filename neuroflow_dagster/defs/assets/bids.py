@@ -8,18 +8,20 @@ session and keeps the previous good one.
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 
+from neuroflow_dagster import provenance as prov
 from neuroflow_dagster.bids import dataset, validator
 from neuroflow_dagster.bids.verdicts import save_verdict
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.common import build_or_refuse, session_context
+from neuroflow_dagster.defs.assets.common import SessionContext, build_or_refuse, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.naming.bids import entities
+from neuroflow_dagster.naming.bids import entities, provenance_path, session_path
 from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import heudiconv
 
@@ -50,6 +52,8 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def bids_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> Iterator[dg.MaterializeResult]:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
+        stage_cfg = cfg.pipelines.bids_conversion
+        versions = {} if stage_cfg.containerized else heudiconv.tool_versions()
         staging = cfg.paths.work_dir / "bids_staging" / f"{entities(ses.participant, ses.session)}_{context.run_id[:8]}"
         if staging.exists():
             shutil.rmtree(staging)
@@ -63,7 +67,8 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 session=ses.session,
                 staging_dir=staging,
             )
-            record = execute_spec(context, cfg, STAGE, spec)
+            record = execute_spec(context, cfg, STAGE, spec, provenance=conversion_plan(cfg, ses, versions))
+            dataset.ensure_bidsignore(staging)  # the validator skips what bids_root's .bidsignore skips
             started = time.monotonic()
             report = (
                 validator.validate_session(staging, ses.participant, ses.session)
@@ -100,7 +105,10 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 "n_files": len(published.files),
                 "files": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in published.files[:200])),
                 "bids_suffixes": ", ".join(suffixes) or "none",
-                "tool_versions": dg.MetadataValue.json(heudiconv.tool_versions()),
+                "tool_versions": dg.MetadataValue.json(versions or {"image": stage_cfg.image}),
+                "provenance": dg.MetadataValue.path(
+                    str(cfg.paths.bids_root / provenance_path(ses.participant, ses.session, derivative=False))
+                ),
                 "validator_errors": len(report.errors) if report else 0,
                 "validator_warnings": len(report.warnings) if report else 0,
             }
@@ -119,3 +127,25 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         )
 
     return bids_session
+
+
+def conversion_plan(cfg: NeuroflowConfig, ses: SessionContext, versions: dict[str, str | None]) -> prov.Plan:
+    """The conversion's provenance: in the session folder, the DICOM series as inputs, the heuristic."""
+    heuristic = heudiconv.resolve_heuristic(cfg.pipelines.bids_conversion.heuristic)
+    return prov.Plan(
+        participant=ses.participant,
+        sessions=(ses.session,),
+        document=provenance_path(ses.participant, ses.session, derivative=False),
+        dicom_dir=Path(ses.entry.dicom_path),
+        outputs_under=(session_path(ses.participant, ses.session),),
+        tool_versions=versions,
+        tool_extra={
+            "heuristic": {
+                "name": cfg.pipelines.bids_conversion.heuristic,
+                "file": str(heuristic),
+                "sha256": prov.sha256_file(heuristic),
+            },
+            "converter": cfg.pipelines.bids_conversion.converter,
+            "scan_id": ses.entry.scan_id,
+        },
+    )

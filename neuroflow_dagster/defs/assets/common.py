@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster import provenance as prov
+from neuroflow_dagster.config import NeuroflowConfig, StageConfig
 from neuroflow_dagster.discovery.identity import RegistryEntry
 from neuroflow_dagster.eligibility import NotEligible, registered_session
+from neuroflow_dagster.naming.bids import provenance_path
 from neuroflow_dagster.naming.partitions import split_session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, STATUS_KEY, STATUS_NOT_APPLICABLE
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -49,4 +52,33 @@ def not_applicable(reason: str, **extra: object) -> dg.MaterializeResult:
     """A stage that does not apply (e.g. no DWI) is recorded as such, visibly, not as a failure."""
     return dg.MaterializeResult(
         metadata={STATUS_KEY: STATUS_NOT_APPLICABLE, "reason": reason, **extra},
+    )
+
+
+def tool_versions(stage_cfg: StageConfig, tool: str) -> dict[str, str]:
+    """Versions to record for a run: the stand-in's packages (builtin), the installed tool (local);
+    a container's image and digest are recorded from the run itself."""
+    if stage_cfg.runtime == "builtin":
+        return prov.package_versions(prov.STAND_IN_PACKAGES)
+    if stage_cfg.runtime == "local":
+        return prov.package_versions([tool])
+    return {}
+
+
+def derivative_plan(
+    stage_cfg: StageConfig,
+    tool: str,
+    participant: str,
+    sessions: Sequence[str],
+    reads: Sequence[tuple[str, Path, list[str]]],
+    session: str | None = None,
+) -> prov.Plan:
+    """The provenance plan of a derivative stage: its document in ``sub-X[/ses-Y]/`` of the staged tree,
+    the files the tool reads (``reads`` from its tool module) hashed before it starts."""
+    return prov.Plan(
+        participant=participant,
+        sessions=tuple(sessions),
+        document=provenance_path(participant, session),
+        inputs=tuple(prov.input_tree(label, root, patterns) for label, root, patterns in reads),
+        tool_versions=tool_versions(stage_cfg, tool),
     )

@@ -4,7 +4,7 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
+from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -32,13 +32,16 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
         spec = build_or_refuse(qsiparc.build_spec, cfg, ses.participant, ses.session,
                                output_dir=staging_for(context, layout.qsiparc_dir(cfg)))
-        record = execute_spec(context, cfg, STAGE, spec)
+        plan = derivative_plan(cfg.pipelines.qsiparc, qsiparc.TOOL, ses.participant, [ses.session],
+                               qsiparc.reads(cfg, ses.participant, ses.session), session=ses.session)
+        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
         out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         tables = sorted(out.rglob("*.tsv")) if out.is_dir() else []
         meta.update(
             {
                 STATUS_KEY: STATUS_DONE,
+                "provenance": dg.MetadataValue.path(record.extra["provenance"]),
                 "n_tables": len(tables),
                 "tables": dg.MetadataValue.md("\n".join(f"- `{t.relative_to(out)}`" for t in tables[:50])),
             }

@@ -9,7 +9,7 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
+from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -46,7 +46,9 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             )
         spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions,
                                output_dir=staging_for(context, layout.qsiprep_dir(cfg)))
-        record = execute_spec(context, cfg, STAGE, spec)
+        plan = derivative_plan(cfg.pipelines.qsiprep, qsiprep.TOOL, participant, sessions,
+                               qsiprep.reads(cfg, participant, sessions))
+        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
         meta.update(
             {
@@ -54,6 +56,7 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 "sessions": ", ".join(sessions),
                 "left_out": dg.MetadataValue.json(left_out),
                 "tool": tool_name,
+                "provenance": dg.MetadataValue.path(record.extra["provenance"]),
             }
         )
         return dg.MaterializeResult(metadata=meta)
