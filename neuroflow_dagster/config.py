@@ -241,6 +241,25 @@ class AlertsConfig(_Section):
     email: EmailConfig | None = None
 
 
+class DiskFloorsConfig(_Section):
+    """Per-folder floors (GB) that replace ``disk.min_free_gb`` for one guarded folder."""
+
+    work_dir: float | None = Field(None, ge=0)
+    derivatives: float | None = Field(None, ge=0)
+    bids_root: float | None = Field(None, ge=0)
+
+
+class DiskConfig(_Section):
+    """The disk-space guard (docs/operations.md): below a floor, no new stage run starts."""
+
+    # Free space every guarded folder (paths.work_dir, paths.derivatives, paths.bids_root) must keep;
+    # 0 switches the guard off for that folder.
+    min_free_gb: float = Field(10, ge=0)
+    per_path: DiskFloorsConfig = Field(default_factory=DiskFloorsConfig)
+    # How often the disk_guard sensor looks (the discovery sensor looks on each of its ticks too).
+    interval_seconds: int = Field(60, ge=1)
+
+
 class NeuroflowConfig(_Section):
     paths: PathsConfig
     mapping: MappingConfig = Field(default_factory=MappingConfig)
@@ -248,6 +267,7 @@ class NeuroflowConfig(_Section):
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     pipelines: PipelinesConfig = Field(default_factory=PipelinesConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    disk: DiskConfig = Field(default_factory=DiskConfig)
     # The file this was loaded from (None when built in code); not a YAML key.
     source: Path | None = Field(default=None, exclude=True)
 

@@ -16,20 +16,29 @@ from neuroflow_dagster.errors import UsageError
 FOLDERS = ("incoming", "bids", "derivatives", "work", "logs", "state")
 
 
-def template_text(stability_minutes: float = 180, interval_seconds: int = 60) -> str:
+def template_text(stability_minutes: float = 180, interval_seconds: int = 60, min_free_gb: float = 10) -> str:
     text = resources.files("neuroflow_dagster").joinpath("templates/neuroflow.yaml").read_text(encoding="utf-8")
-    return text.replace("__STABILITY__", f"{stability_minutes:g}").replace("__INTERVAL__", str(interval_seconds))
+    return (
+        text.replace("__STABILITY__", f"{stability_minutes:g}")
+        .replace("__INTERVAL__", str(interval_seconds))
+        .replace("__DISK_FLOOR__", f"{min_free_gb:g}")
+    )
 
 
 def init_workspace(
-    directory: Path, *, stability_minutes: float = 180, interval_seconds: int = 60, force: bool = False
+    directory: Path,
+    *,
+    stability_minutes: float = 180,
+    interval_seconds: int = 60,
+    min_free_gb: float = 10,
+    force: bool = False,
 ) -> Path:
     """Write DIR/neuroflow.yaml (commented starter config for the embedded default) and its folders."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CONFIG_FILENAME
     if target.exists() and not force:
         raise UsageError(f"{target} exists; use --force to overwrite")
-    target.write_text(template_text(stability_minutes, interval_seconds), encoding="utf-8")
+    target.write_text(template_text(stability_minutes, interval_seconds, min_free_gb), encoding="utf-8")
     for sub in FOLDERS:
         (directory / sub).mkdir(exist_ok=True)
     mapping = directory / "mapping.csv"

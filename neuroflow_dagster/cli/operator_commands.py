@@ -76,6 +76,8 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     for name in names:
         unit = " (per subject)" if stages.stage(name).per_subject else ""
         print(f"  {name}{unit}: " + _counts(totals[name]))
+    if report.get("disk_guard"):
+        print(report["disk_guard"]["message"])
 
 
 def _counts(counter: dict[str, int]) -> str:
@@ -84,6 +86,7 @@ def _counts(counter: dict[str, int]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One row per registered session (state per stage), one per held folder, and totals."""
+    from neuroflow_dagster.control.disk import disk_guard_view
     from neuroflow_dagster.control.status import collect_status
 
     config = _config(args)
@@ -92,6 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     with _instance(args, config) as instance:
         while True:
             report = collect_status(instance, config, subject=args.subject, stage=stage, failed_only=args.failed)
+            report["disk_guard"] = disk_guard_view(instance, config)
             if args.watch is None:
                 _render_status(report, args.format, names)
                 return EXIT_OK

@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Protocol
 
 import dagster as dg
 
@@ -54,6 +54,17 @@ class AlertDeliveryError(Exception):
     """Every configured channel failed; the message says which and why."""
 
 
+class Alert(Protocol):
+    """What `deliver` sends: a title (mail subject) and a text; ``what`` names it in delivery errors."""
+
+    @property
+    def what(self) -> str: ...
+
+    def title(self) -> str: ...
+
+    def text(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class FailureAlert:
     stage: str
@@ -66,6 +77,10 @@ class FailureAlert:
     log_path: str | None = None
     log_tail: str | None = None
     attempt: int = 1
+
+    @property
+    def what(self) -> str:
+        return f"run {self.run_id}"
 
     @property
     def where(self) -> str:
@@ -236,7 +251,7 @@ def send_email(
         raise AlertDeliveryError(f"e-mail via {cfg.smtp_host}:{cfg.smtp_port} failed: {exc}") from exc
 
 
-def deliver(config: NeuroflowConfig, alert: FailureAlert, environ: Mapping[str, str] | None = None) -> list[str]:
+def deliver(config: NeuroflowConfig, alert: Alert, environ: Mapping[str, str] | None = None) -> list[str]:
     """Send on every configured channel; returns the channels that worked; raises if none did."""
     environ = os.environ if environ is None else environ
     sent: list[str] = []
@@ -254,9 +269,9 @@ def deliver(config: NeuroflowConfig, alert: FailureAlert, environ: Mapping[str, 
         except AlertDeliveryError as exc:
             errors.append(str(exc))
     if errors and not sent:
-        raise AlertDeliveryError(f"alert for run {alert.run_id} not delivered: " + "; ".join(errors))
+        raise AlertDeliveryError(f"alert for {alert.what} not delivered: " + "; ".join(errors))
     if errors:
-        dg.get_dagster_logger().warning(f"alert for run {alert.run_id}: " + "; ".join(errors))
+        dg.get_dagster_logger().warning(f"alert for {alert.what}: " + "; ".join(errors))
     return sent
 
 

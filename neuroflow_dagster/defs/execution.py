@@ -12,12 +12,17 @@ their outputs are published only here, after success (tools/publish.py).
 
 Provenance (provenance.py): given a Plan, the input files are hashed before
 the tool starts and the document is written into the staged outputs after
-the golden outputs are verified, so it is published with them or not at all."""
+the golden outputs are verified, so it is published with them or not at all.
+A run that fills the disk (ENOSPC) deletes its own staging folder: keeping a
+half-written tree for inspection would hold on to the space every other run
+needs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +34,7 @@ from neuroflow_dagster import provenance as prov
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig, RetryConfig
 from neuroflow_dagster.defs.graph import stage_settings
+from neuroflow_dagster.diskspace import is_disk_full
 from neuroflow_dagster.naming.logs import run_log_path, safe_partition
 from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY, LOG_TAIL_KEY
@@ -82,7 +88,8 @@ def execute_spec(
     golden outputs; write the provenance file; publish them; raise a classified Failure or RetryRequested.
 
     A spec writing into a staging folder (``publish_to`` set) reaches the derivatives only here, after
-    success; a failed run leaves its partial outputs in the staging folder, named in the failure.
+    success; a failed run leaves its partial outputs in the staging folder, named in the failure, unless
+    it failed because the disk is full: then the staging folder is deleted.
     The tool holds the per-work lock (stage x partition) for as long as any of its processes lives.
     """
     stage_cfg = stage_settings(config, stage)
@@ -94,7 +101,7 @@ def execute_spec(
     def failed(message: str, failure_class: FailureClass, record: RunRecord | None = None) -> Exception:
         record = record or RunRecord(tool=spec.tool, runtime=runtime.name, command=spec.command_line(),
                                      output_dir=str(spec.output_dir), log_path=str(log_path), started=time.time())
-        error = ToolRunError(message, record, str(failure_class))
+        error = ToolRunError(message + release_if_disk_full(spec, message), record, str(failure_class))
         return tool_failure(error, stage_cfg.retry, context.retry_number, stage, spec, log=context.log.warning)
 
     inputs: prov.Inputs | None = None
@@ -103,13 +110,16 @@ def execute_spec(
             inputs = prov.collect_inputs(provenance)
         except OSError as exc:  # an input vanished or is unreadable while being hashed: another run moved it
             raise failed(f"{stage}: cannot read the inputs for the provenance record: {exc}",
-                         FailureClass.TRANSIENT) from exc
+                         FailureClass.RESOURCE if is_disk_full(exc) else FailureClass.TRANSIENT) from exc
         context.log.info(f"{stage}: inputs identified for provenance in {inputs.seconds:.1f}s "
                          f"({inputs.bytes_hashed / 1e6:.1f} MB hashed)")
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
     try:
         record = runtime.run(spec, log_path=log_path, log=context.log.info, context=context)
     except ToolRunError as exc:
+        note = release_if_disk_full(spec, f"{exc}\n{exc.record.log_tail}")
+        if note:
+            exc = ToolRunError(str(exc) + note, exc.record, exc.failure_class)
         raise tool_failure(exc, stage_cfg.retry, context.retry_number, stage, spec, log=context.log.warning) from exc
     try:
         verify_outputs(spec, record, what=stage)
@@ -119,9 +129,7 @@ def execute_spec(
         try:
             written = write_provenance(context, config, stage, spec, record, provenance, inputs)
         except OSError as exc:
-            failure_class = classify(str(exc), None)
-            if failure_class == FailureClass.TOOL:
-                failure_class = FailureClass.TRANSIENT
+            failure_class = FailureClass.RESOURCE if is_disk_full(exc) else FailureClass.TRANSIENT
             raise failed(f"{stage}: writing the provenance file failed: {exc}", failure_class, record) from exc
         record.extra["provenance"] = str(spec.final_dir / provenance.document)
         context.log.info(f"{stage}: provenance written ({written.name}, {provenance.document})")
@@ -134,12 +142,24 @@ def execute_spec(
             if failure_class == FailureClass.TOOL:
                 failure_class = FailureClass.TRANSIENT  # a rename that failed: the filesystem, not the tool
             message = f"{stage}: publishing the outputs failed: {exc}"
+            note = release_if_disk_full(spec, message) or unpublished_note(spec)
             error = ToolRunError(message, record, str(failure_class))
-            raise final_failure(error, spec, message + unpublished_note(spec)) from exc
+            raise final_failure(error, spec, message + note) from exc
         context.log.info(f"{stage}: published {', '.join(done.units) or 'files'} into {done.target} "
                          f"({done.files} files)")
         record.extra["published_units"] = done.units
     return record
+
+
+def release_if_disk_full(spec: ToolSpec | None, text: str) -> str:
+    """A run that failed because the disk is full deletes its own staging folder (the space it took);
+    returns the note for the failure message ('' when the disk was not full or nothing was staged)."""
+    if spec is None or spec.publish_to is None or not is_disk_full(text):
+        return ""
+    shutil.rmtree(spec.output_dir, ignore_errors=True)
+    state = "could not be deleted" if spec.output_dir.exists() else "deleted to free the space it took"
+    return (f"; the disk is full: staging folder {spec.output_dir} {state}, "
+            f"nothing published ({spec.publish_to} unchanged)")
 
 
 def upstream_materializations(
@@ -222,8 +242,9 @@ def write_provenance(
 
 
 def unpublished_note(spec: ToolSpec | None) -> str:
-    """Where a failed run's partial outputs are, and that the published ones were not touched."""
-    if spec is None or spec.publish_to is None:
+    """Where a failed run's partial outputs are, and that the published ones were not touched
+    ('' when nothing was staged, or the staging folder is gone: a full disk deletes it)."""
+    if spec is None or spec.publish_to is None or not spec.output_dir.exists():
         return ""
     return f"; partial outputs kept in {spec.output_dir}, nothing published ({spec.publish_to} unchanged)"
 

@@ -24,6 +24,7 @@ import dagster as dg
 
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.defs.diskguard import apply_pool_limits
 from neuroflow_dagster.defs.graph import DICOM_KEY, stage_settings
 from neuroflow_dagster.defs.partitions import session_labels_partitions, session_partitions, subjects_partitions
 from neuroflow_dagster.discovery import engine
@@ -60,18 +61,12 @@ def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
 
 
 def ensure_pool_limits(instance: dg.DagsterInstance, config: NeuroflowConfig) -> list[str]:
-    """Pool limits live in the instance database: the project sets them from config, not a person."""
-    changed = []
-    storage = instance.event_log_storage
-    for stage in stages.stages():
-        limit = stage_settings(config, stage).max_concurrent
-        try:
-            current = storage.get_concurrency_info(stage.pool).slot_count
-        except Exception:  # pragma: no cover - storage without pool support
-            current = None
-        if current != limit:
-            storage.set_concurrency_slots(stage.pool, limit)
-            changed.append(f"{stage.pool}={limit}")
+    """Pool limits live in the instance database: the project sets them from config, not a person.
+
+    The limit is ``pipelines.<stage>.max_concurrent``, or 0 while the disk guard holds new runs: one
+    function decides both (defs/diskguard.py), so this sensor never undoes the guard. Returns what changed.
+    """
+    _decision, changed = apply_pool_limits(instance, config)
     return changed
 
 
@@ -103,7 +98,7 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
         cursor = decode_cursor(context.cursor)
         changed_pools = ensure_pool_limits(context.instance, config)
         if changed_pools:
-            context.log.info(f"pool limits set from config: {', '.join(changed_pools)}")
+            context.log.info(f"pool limits set: {', '.join(changed_pools)} (config, or 0 while the disk guard holds)")
 
         events: list[Any] = []
         result = engine.run_discovery(config, cursor.get("engine"), excluded=set(load_exclusions(config).keys()))

@@ -106,8 +106,9 @@ def build_demo_workspace(directory: Path, *, reset: bool = False, sessions: bool
         shutil.rmtree(directory)
     config = directory / "neuroflow.yaml"
     if not config.exists():
-        # Seconds, not hours: the demo's folders are written by a rename, never half-copied.
-        init_workspace(directory, stability_minutes=0.1, interval_seconds=5)
+        # Seconds, not hours: the demo's folders are written by a rename, never half-copied. The demo's
+        # data take a few MB, so a 1 GB disk floor is enough to show the guard without holding a laptop.
+        init_workspace(directory, stability_minutes=0.1, interval_seconds=5, min_free_gb=1)
     mapping = directory / "mapping.csv"
     mapping.write_text("ScanID,SubjectCode\n" + "".join(f"{k},{v}\n" for k, v in MAPPING.items()), encoding="utf-8")
     if sessions:

@@ -18,6 +18,7 @@ from neuroflow_dagster.bids.verdicts import save_verdict
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import SessionContext, build_or_refuse, session_context
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -52,6 +53,7 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def bids_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> Iterator[dg.MaterializeResult]:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
+        refuse_if_disk_low(context, cfg, STAGE)
         stage_cfg = cfg.pipelines.bids_conversion
         versions = {} if stage_cfg.containerized else heudiconv.tool_versions()
         staging = cfg.paths.work_dir / "bids_staging" / f"{entities(ses.participant, ses.session)}_{context.run_id[:8]}"

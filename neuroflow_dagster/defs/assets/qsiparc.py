@@ -5,6 +5,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -30,6 +31,7 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         ses = session_context(cfg, context.partition_key)
         if not layout.qsirecon_maps(layout.qsirecon_dir(cfg), ses.participant, ses.session):
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
+        refuse_if_disk_low(context, cfg, STAGE)
         spec = build_or_refuse(qsiparc.build_spec, cfg, ses.participant, ses.session,
                                output_dir=staging_for(context, layout.qsiparc_dir(cfg)))
         plan = derivative_plan(cfg.pipelines.qsiparc, qsiparc.TOOL, ses.participant, [ses.session],

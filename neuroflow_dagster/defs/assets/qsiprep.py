@@ -10,6 +10,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -44,6 +45,7 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 f"sub-{participant} has no session QSIPrep can take",
                 left_out=dg.MetadataValue.json(left_out),
             )
+        refuse_if_disk_low(context, cfg, STAGE)
         spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions,
                                output_dir=staging_for(context, layout.qsiprep_dir(cfg)))
         plan = derivative_plan(cfg.pipelines.qsiprep, qsiprep.TOOL, participant, sessions,

@@ -5,6 +5,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
@@ -55,6 +56,7 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
+        refuse_if_disk_low(context, cfg, STAGE)
         spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session,
                                output_dir=staging_for(context, layout.qsirecon_dir(cfg)))
         plan = derivative_plan(cfg.pipelines.qsirecon, qsirecon.TOOL, ses.participant, [ses.session],
