@@ -444,6 +444,16 @@ class _Tick:
         if walk.errors:
             self.hold_unreadable(folder, walk.errors)
             return
+        entry = self.registry.lookup(sid)
+        prev = self.prev.get(sid)
+        if entry is not None and prev is not None and prev[0] == "R" and prev[2] == walk.fingerprint and not why:
+            # Only directory times changed (permissions, owner, a move out and back, a hidden file): the
+            # same files with the same size, time and inode. Nothing to re-check or re-convert.
+            conflict = self.remap_conflict(folder, entry)
+            if conflict:
+                self.hold(folder, "remapped", conflict, entry)
+            self.new[sid] = ["R", walk.signature.value, prev[2], prev[3]]
+            return
         quiet_s = self.now - walk.latest_change
         if walk.churn or quiet_s < self.wait_s:
             wait_min = self.config.discovery.stability_wait_minutes
@@ -452,10 +462,9 @@ class _Tick:
                 folder,
                 "unstable",
                 f"{why}still being copied? {ago}; waiting for {wait_min:g} min without changes",
-                self.registry.lookup(sid),
+                entry,
             )
             return
-        entry = self.registry.lookup(sid)
         if entry is not None:
             conflict = self.remap_conflict(folder, entry)
             if conflict:
@@ -594,7 +603,10 @@ class _Tick:
                 # Another code took the label earlier in this same tick (arrival order decides).
                 sid = p.folder.scan_id
                 self.new[sid] = ["U", p.walk.signature.value]
-                where = f"ScanID {sid!r} ({self.mapping.where(sid.strip())})" if self.flat else f"{sid!r}"
+                if self.flat:
+                    where = f"ScanID {sid!r} ({self.mapping.where(sid.strip())})"
+                else:
+                    where = f"subject folder {p.folder.subject_folder!r}"
                 self.hold(p.folder, "identity_conflict", f"{where}: {a.refused}")
                 continue
             self.result.registrations.append(

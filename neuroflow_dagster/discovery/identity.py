@@ -371,7 +371,10 @@ class Registry:
     def problems(self) -> list[IdentityProblem]:
         """Registry rows that break the rule (possible only in registries written by older versions)."""
         found: list[IdentityProblem] = []
-        for entries in self._active_by_fold.values():
+        by_label: dict[str, list[RegistryEntry]] = {}
+        for entry in self._by_scan.values():
+            by_label.setdefault(entry.participant_id, []).append(entry)
+        for entries in by_label.values():
             codes: dict[str, list[RegistryEntry]] = {}
             for e in entries:
                 codes.setdefault(code_key(e.recruitment_id), []).append(e)
