@@ -284,7 +284,7 @@ def test_retired_binding_keeps_its_labels_and_frees_the_scan_id(tmp_path: Path) 
     assert again.retired_entry("A1", "02").note.endswith("belongs to B2")
     assert again.assign("S2", "B2").entry.participant_id == "B2"
     assert again.assign("S3", "A1").entry.session_id == "03"  # ses-02 of A1 is never given again
-    with pytest.raises(RegistryError, match="changed while re-keying|no longer"):
+    with pytest.raises(RegistryError, match=r"changed while re-keying|no longer"):
         reg.replace_entries([(old, retire(old, "twice"))])
 
 
