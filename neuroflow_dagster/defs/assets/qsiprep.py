@@ -11,12 +11,13 @@ from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.bids import validation_passed
-from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
+from neuroflow_dagster.defs.assets.common import IDENTITY, build_or_refuse, not_applicable, refuse
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import subject_of_session, subjects_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.discovery.status_report import subject_block
 from neuroflow_dagster.tools import heudiconv, qsiprep
 
 STAGE = "qsiprep"
@@ -63,6 +64,8 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def qsiprep_subject(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         participant = context.partition_key
+        if blocked := subject_block(cfg, participant):
+            raise refuse(f"no template from a subject whose identity is in question: {blocked}", IDENTITY)
         sessions, left_out = eligible_sessions(cfg, participant)
         for ses, why in left_out.items():
             context.log.warning(f"sub-{participant} ses-{ses} left out of QSIPrep: {why}")
