@@ -24,6 +24,7 @@ again under the subject the mapping names now.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import os
@@ -315,6 +316,10 @@ class Registry:
 
     # ------------------------------------------------------------------ identity
 
+    def labels_of(self, subject_code: str) -> set[str]:
+        """The labels ``subject_code`` (as :func:`code_key`) holds active sessions under."""
+        return set(self._labels_of_code.get(code_key(subject_code), set()))
+
     def decide_label(self, subject_code: str, overrides: Mapping[str, str] | None = None) -> LabelDecision:
         """The label ``subject_code`` gets now, or the reason it may not get one.
 
@@ -535,6 +540,23 @@ class Registry:
                 _write_registry(self.path, [*self._by_scan.values(), *self._retired])
             finally:
                 self.reload(force=True)
+
+
+    def with_changes(self, changes: Sequence[tuple[RegistryEntry, RegistryEntry]]) -> Registry:
+        """A copy in memory with (old -> new) applied, for planning a re-key; never written."""
+        sim = copy.copy(self)
+        sim.persist = False
+        sim._by_scan = dict(self._by_scan)
+        sim._retired = list(self._retired)
+        sim._pending = {}
+        for old, new in changes:
+            if new.retired:
+                del sim._by_scan[old.scan_id]
+                sim._retired.append(new)
+            else:
+                sim._by_scan[old.scan_id] = new
+        sim._index()
+        return sim
 
 
 def retire(entry: RegistryEntry, note: str) -> RegistryEntry:

@@ -31,7 +31,7 @@ from neuroflow_dagster.ops.common import (
     session_partition,
 )
 
-STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded")
+STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded", "retired")
 # Which upstream assets make a partition stale; "subject" = the session's subject partition.
 _UPSTREAM: dict[str, list[tuple[str, str]]] = {
     "bids_session": [(DICOM_ASSET, "same")],
@@ -172,6 +172,10 @@ def collect_status(
     stages = [stage] if stage else list(STAGE_ASSETS)
     wanted = subject.removeprefix("sub-") if subject else None
 
+    report = read_status_report(config)
+    # Registered sessions the last tick held for a new reason (remapped, missing, unreadable, ...).
+    held_now = {str(h.get("scan_id")): h for h in report.get("held", []) if h.get("reason") != "excluded"}
+    merged = registry.blocked_labels()
     rows: list[dict[str, Any]] = []
     for entry in entries:
         participant, session = entry.participant_id, entry.session_id
@@ -194,32 +198,60 @@ def collect_status(
             key = participant if name in SUBJECT_STAGES else partition
             row[name] = "excluded" if exclusion else stage_state(asset, key, participant, views, sessions_of)
         row["note"] = f"excluded: {exclusion.get('reason')}" if exclusion else ""
+        if participant in merged:
+            row["note"] = "identity conflict: sessions of two SubjectCodes (see problems)"
+        elif entry.scan_id in held_now:
+            row["note"] = f"held: {held_now[entry.scan_id].get('reason')} (see held folders)"
         if failed_only and not any(row[name] == "failed" for name in stages):
             continue
         rows.append(row)
+    if not failed_only:
+        rows += [_retired_row(e, stages) for e in registry.retired() if not wanted or e.participant_id == wanted]
 
     held: list[dict[str, Any]] = []
     if not failed_only and not wanted:
-        report = read_status_report(config)
         for item in report.get("held", []):
-            if registry.lookup(str(item.get("scan_id", ""))) is not None:
+            if item.get("reason") == "excluded" and registry.lookup(str(item.get("scan_id", ""))) is not None:
                 continue  # a registered session excluded later: shown above, as excluded
             held.append(
                 {
                     "scan_id": item.get("scan_id", ""),
                     "state": item.get("reason", ""),
+                    "registered": item.get("registered", ""),
                     "reason": item.get("message", ""),
                     "path": item.get("path", ""),
                 }
             )
-    return {"sessions": rows, "held": held, "totals": totals(rows, held, stages)}
+    return {
+        "sessions": rows,
+        "held": held,
+        "problems": report.get("problems", []) if not wanted else [],
+        "notes": report.get("notes", []) if not wanted else [],
+        "totals": totals(rows, held, stages),
+    }
+
+
+def _retired_row(entry: Any, stages: list[str]) -> dict[str, Any]:
+    """A binding re-keyed by an operator: its labels stay reserved and its outputs stay on disk."""
+    row: dict[str, Any] = {
+        "subject": entry.participant_id,
+        "session": entry.session_id,
+        "scan_id": entry.scan_id,
+        "partition": session_partition(entry.participant_id, entry.session_id),
+        "mapping": f"retired ({entry.recruitment_id})",
+        "protocol": "-",
+        "protocol_reason": "",
+    }
+    row.update({name: "retired" for name in stages})
+    row["note"] = f"re-keyed: {entry.note}"
+    return row
 
 
 def totals(rows: list[dict[str, Any]], held: list[dict[str, Any]], stages: list[str]) -> dict[str, Any]:
     """Counts per stage and state; QSIPrep is counted per subject (it is one run per subject)."""
     out: dict[str, Any] = {"sessions": len(rows), "held": len(held)}
     out["held_by_reason"] = dict(Counter(h["state"] for h in held))
-    out["protocol"] = dict(Counter(r["protocol"] for r in rows))
+    out["protocol"] = dict(Counter(r["protocol"] for r in rows if r["protocol"] != "-"))
     for name in stages:
         if name in SUBJECT_STAGES:
             per_subject = {r["subject"]: r[name] for r in rows}
