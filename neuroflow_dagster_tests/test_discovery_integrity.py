@@ -306,8 +306,8 @@ def test_file_rewritten_in_place_is_detected_and_rereported(tmp_path: Path, inco
     assert tree_signature(folder, leaf_skip=True).value == signature  # invisible to the directory times
     now = time.time()
     seen = run_discovery(config, first.new_state, now=now + 60, mapping_result=mapping)
-    assert seen.stats.folders_rewrite_checked == 2 and seen.stats.folders_rewritten == 1
     assert held(seen) == {"S1": "unstable"}  # waits out the stability rule like any change
+    assert seen.stats.folders_rewrite_checked == 2 and seen.stats.folders_rewritten == 1
     assert "files rewritten in place" in message(seen, "S1")
     assert any("'S1': files were rewritten in place" in w for w in seen.warnings)
 
@@ -412,9 +412,9 @@ def test_legacy_merged_registry_is_reported_every_tick(cfg: Any, incoming: Path)
     make_session(incoming, "S3", [("T1", 12)])
     mapping = mapped(("S1", "CLM_L_01"), ("S2", "CLML01"), ("S3", "CLM_L_01"))
     result = run_discovery(cfg, None, mapping_result=mapping)
+    assert held(result) == {"S3": "identity_conflict"}  # no third session joins a merged subject
     [problem] = result.problems
     assert problem.kind == "registry" and "sub-CLML01 holds sessions of 2 SubjectCodes" in problem.message
-    assert held(result) == {"S3": "identity_conflict"}  # no third session joins a merged subject
     assert sorted(registered(result)) == ["S1", "S2"]  # the old ones keep their labels
     assert [p.kind for p in run_discovery(cfg, result.new_state, mapping_result=mapping).problems] == ["registry"]
 

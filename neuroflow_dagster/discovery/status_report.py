@@ -61,7 +61,12 @@ def read_status_report(config: NeuroflowConfig) -> dict[str, Any]:
     return data
 
 
-def session_block(config: NeuroflowConfig, entry: RegistryEntry, registry: Registry | None = None) -> str | None:
+def session_block(
+    config: NeuroflowConfig,
+    entry: RegistryEntry,
+    registry: Registry | None = None,
+    report: dict[str, Any] | None = None,
+) -> str | None:
     """Why no stage may process this registered session now, or None.
 
     Two causes: its subject holds sessions of two SubjectCodes (a merge written before codes were
@@ -72,7 +77,8 @@ def session_block(config: NeuroflowConfig, entry: RegistryEntry, registry: Regis
     merged = registry.blocked_labels().get(entry.participant_id)
     if merged:
         return f"identity conflict: {merged}"
-    for item in read_status_report(config).get("held", []):
+    report = report if report is not None else read_status_report(config)
+    for item in report.get("held", []):
         if item.get("blocks") and item.get("scan_id") == entry.scan_id:
             return f"identity conflict: {item.get('message')}"
     return None
@@ -81,8 +87,9 @@ def session_block(config: NeuroflowConfig, entry: RegistryEntry, registry: Regis
 def subject_block(config: NeuroflowConfig, participant: str, registry: Registry | None = None) -> str | None:
     """Why the subject-level stage (one template from all sessions) must not run now, or None."""
     registry = registry if registry is not None else Registry(config.paths.state)
+    report = read_status_report(config)
     for entry in registry.sessions_of(participant):
-        reason = session_block(config, entry, registry)
+        reason = session_block(config, entry, registry, report)
         if reason:
             return f"sub-{participant} ses-{entry.session_id} is held: {reason}"
     return None
