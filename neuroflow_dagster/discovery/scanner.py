@@ -79,6 +79,11 @@ def os_error_text(exc: OSError) -> str:
     return f"{words} ({code})" if code else words
 
 
+def printable_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (surrogate-escaped by os) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class SessionFolder:
     """A folder that is one scan session. ``scan_id`` is its path relative to the incoming root."""
@@ -119,16 +124,21 @@ def _classify(entry: os.DirEntry[str], prefix: str, subject_level: bool) -> Entr
         return False
     path = Path(entry.path)
 
-    def problem(reason: str, message: str, rel: str = prefix + name) -> EntryProblem:
-        return EntryProblem(rel, path, reason, message, subject_level)
+    def problem(reason: str, message: str, rel: str = prefix + name, where: Path = path) -> EntryProblem:
+        return EntryProblem(rel, where, reason, message, subject_level)
 
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        # A name with bytes that are not UTF-8 cannot be written to the registry, a JSON cursor or a
-        # Dagster event; it is shown with replacement characters and held until renamed.
-        shown = prefix + name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        return problem("unreadable", f"the name {shown!r} is not valid UTF-8; rename it (e.g. convmv)", shown)
+        # A name with bytes that are not UTF-8 cannot be written to the registry, a JSON cursor, a
+        # Dagster event or an e-mail; it is shown with replacement characters and held until renamed.
+        shown = printable_name(name)
+        return problem(
+            "unreadable",
+            f"the name {prefix + shown!r} is not valid UTF-8; rename it (e.g. convmv)",
+            prefix + shown,
+            path.parent / shown,
+        )
     try:
         if entry.is_dir(follow_symlinks=True):
             return True
@@ -143,7 +153,7 @@ def _classify(entry: os.DirEntry[str], prefix: str, subject_level: bool) -> Entr
         return problem("unreadable", f"cannot be read: {os_error_text(exc)}")
     if is_link:
         try:
-            target = os.readlink(path)
+            target = printable_name(os.readlink(path))
         except OSError:
             target = "?"
         if not os.path.exists(path):
@@ -296,9 +306,9 @@ def _file_error(entry: os.DirEntry[str], rel: str, exc: OSError) -> str | None:
                 target = os.readlink(entry.path)
             except OSError:
                 target = "?"
-            return f"{rel}: a symbolic link to {target!r}, which does not exist"
+            return f"{printable_name(rel)}: a symbolic link to {printable_name(target)!r}, which does not exist"
         return None
-    return f"{rel}: {os_error_text(exc)}"
+    return f"{printable_name(rel)}: {os_error_text(exc)}"
 
 
 def stat_walk(path: Path) -> WalkResult:
@@ -334,7 +344,7 @@ def stat_walk(path: Path) -> WalkResult:
         except OSError as exc:
             if not rel:
                 raise
-            errors.append(f"{rel}/: {os_error_text(exc)}")
+            errors.append(f"{printable_name(rel)}/: {os_error_text(exc)}")
             continue
         n_stat += 1
         parts.append((rel, st.st_mtime_ns, st.st_ctime_ns))
@@ -548,7 +558,7 @@ def _read_headers(files: Iterable[Path], root: Path | None) -> HeaderSummary:
         if reason is not None:
             summary.n_unreadable += 1
             if len(summary.unreadable_examples) < MAX_UNREADABLE_EXAMPLES:
-                name = os.path.relpath(f, root) if root is not None else str(f)
+                name = printable_name(os.path.relpath(f, root) if root is not None else str(f))
                 summary.unreadable_examples.append(f"{name}: {reason[:160]}")
         else:
             summary.n_dicom += 1
