@@ -10,7 +10,7 @@ header read. Folders are re-tried when their signature changes, when the config 
 State format (compact on purpose, it is a sensor cursor)::
 
     {"v": 2, "k": "<config key>", "rr": {"r": "<scan id>", "o": "<scan id>"},
-     "f": {"<scan id>": ["R", "<L|F><signature>", "<file fingerprint>", <registered at, epoch s>]
+     "f": {"<scan id>": ["R", "<L|F><signature>", "<file fingerprint>", <(re)registered on, epoch day>]
                       | ["U" | "E", "<L|F><signature>"]}}
 
 ``R`` registered, ``U`` stable but not registrable yet (unmapped, a malformed mapping row, or a label
@@ -64,6 +64,7 @@ from neuroflow_dagster.discovery.scanner import (
 STATE_VERSION = 2
 # Dagster cancels a sensor tick after 60 s and then stores no cursor: stay well inside it.
 DEFAULT_TIME_BUDGET_S = 40.0
+DAY_S = 86400.0
 HeldReason = Literal[
     "unstable",
     "unmapped",
@@ -498,7 +499,7 @@ class _Tick:
                 + (f" (e.g. {headers.unreadable_examples[0]})" if headers.unreadable_examples else ""),
             )
             return
-        self.new[sid] = ["R", walk.signature.value, walk.fingerprint, int(self.now)]
+        self.new[sid] = ["R", walk.signature.value, walk.fingerprint, int(self.now // DAY_S)]
         self.pending.append(_Pending(folder, walk, headers, recruitment, source))
 
     # ------------------------------------------------------------------ rewrites in place
@@ -514,7 +515,7 @@ class _Tick:
         budget = self.config.discovery.rewrite_check_files_per_tick
         if budget <= 0 or not self.unchanged:
             return
-        horizon = self.now - self.config.discovery.rewrite_check_recent_days * 86400.0
+        horizon = (self.now - self.config.discovery.rewrite_check_recent_days * DAY_S) // DAY_S
         recent = sorted((c for c in self.unchanged if float(c[1][3] or 0) >= horizon), key=lambda c: c[0].scan_id)
         old = sorted((c for c in self.unchanged if float(c[1][3] or 0) < horizon), key=lambda c: c[0].scan_id)
         share = budget // 2 if recent and old else budget
