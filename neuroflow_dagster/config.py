@@ -12,18 +12,34 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from neuroflow_dagster.errors import ConfigError
+from neuroflow_dagster.naming.bids import is_label
+from neuroflow_dagster.naming.subjects import code_key, label_fold
+
+
+class RuntimeEntry(NamedTuple):
+    implementation: str  # "module:Class", imported only when a stage uses it
+    container: bool  # runs an image: the tool sees container paths and needs one
+
+
+# Where a stage's tool can run (`pipelines.<stage>.runtime`). A new runtime is one entry here plus
+# its module under runtimes/; a worker without the docker package still runs the other runtimes.
+RUNTIMES: dict[str, RuntimeEntry] = {
+    "builtin": RuntimeEntry("neuroflow_dagster.runtimes.local:BuiltinRuntime", container=False),
+    "local": RuntimeEntry("neuroflow_dagster.runtimes.local:LocalRuntime", container=False),
+    "docker": RuntimeEntry("neuroflow_dagster.runtimes.docker:DockerRuntime", container=True),
+    "apptainer": RuntimeEntry("neuroflow_dagster.runtimes.apptainer:ApptainerRuntime", container=True),
+}
+RuntimeName = Literal[tuple(RUNTIMES)]  # type: ignore[valid-type]  # pydantic checks values against RUNTIMES
+
 ENV_PREFIX = "NEUROFLOW_"
 CONFIG_ENV = "NEUROFLOW_CONFIG"
 CONFIG_FILENAME = "neuroflow.yaml"
-
-
-class ConfigError(Exception):
-    """A configuration problem an operator must fix; the message names key and file."""
 
 
 class _Section(BaseModel):
@@ -64,7 +80,6 @@ class MappingConfig(_Section):
     @field_validator("label_overrides", mode="before")
     @classmethod
     def _overrides_are_one_label_per_person(cls, value: Any) -> Any:
-        from neuroflow_dagster.discovery.identity import code_key, is_valid_label, label_fold
 
         if value is None:
             return {}
@@ -84,7 +99,7 @@ class MappingConfig(_Section):
             if not code.strip():
                 problems.append(f"{code!r}: an empty SubjectCode")
                 continue
-            if not is_valid_label(label):
+            if not is_label(label):
                 problems.append(f"{code!r}: label {label!r} is not a valid BIDS label (ASCII letters and digits only)")
                 continue
             key = code_key(code)
@@ -141,7 +156,7 @@ class ProtocolConfig(_Section):
 
 
 class RetryConfig(_Section):
-    """Requirements §6: 3 attempts, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
+    """docs/domain-rules.md#failures: 3 retries, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
 
     max_retries: int = Field(3, ge=0)
     delay_seconds: float = Field(300, ge=0)
@@ -152,7 +167,7 @@ class RetryConfig(_Section):
 class StageConfig(_Section):
     """Settings every stage has: where it runs, how much at once, how long, how often."""
 
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    runtime: RuntimeName = "local"
     image: str | None = None
     max_concurrent: int = Field(1, ge=1)
     soft_timeout_minutes: float | None = Field(None, gt=0)
@@ -165,9 +180,24 @@ class StageConfig(_Section):
     user: str | None = None
     requires_bids_suffixes: list[str] = Field(default_factory=list)
 
+    @property
+    def timeout_s(self) -> float:
+        """The hard limit of one attempt: the run is stopped after it."""
+        return float(self.timeout_minutes) * 60
+
+    @property
+    def soft_timeout_s(self) -> float | None:
+        """After this a warning is logged; the run goes on."""
+        return float(self.soft_timeout_minutes) * 60 if self.soft_timeout_minutes else None
+
+    @property
+    def containerized(self) -> bool:
+        """The tool runs in a container image, so it sees container paths, not host paths."""
+        return RUNTIMES[self.runtime].container
+
 
 class BidsConversionConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    runtime: RuntimeName = "local"
     image: str | None = "nipy/heudiconv:1.3.4"
     heuristic: str = "neuroflow_default"
     converter: Literal["dcm2niix"] = "dcm2niix"
@@ -179,7 +209,7 @@ class BidsConversionConfig(StageConfig):
 
 
 class QsiprepConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsiprep:1.1.1"
     fs_license: Path | None = None
     output_resolution: float = Field(1.6, gt=0)
@@ -204,7 +234,7 @@ class QsiprepConfig(StageConfig):
 
 
 class QsireconConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsirecon:1.1.1"
     recon_spec: str = "dipy_dki"
     # Name of the derivatives folder suffix: derivatives/qsirecon-<workflow_name>.
@@ -224,7 +254,7 @@ class QsireconConfig(StageConfig):
 
 
 class QsiparcConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = None
     mask: str = "gm"
     force: bool = False
@@ -448,8 +478,8 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     heuristic = config.pipelines.bids_conversion.heuristic
     if heuristic.endswith(".py") and not Path(heuristic).is_file():
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
-    for stage in ("qsiprep", "qsirecon"):
-        cfg = config.stage(stage)
-        if cfg.runtime in ("docker", "apptainer") and getattr(cfg, "fs_license", None) is None:
-            problems.append(f"pipelines.{stage}.fs_license: required when runtime is {cfg.runtime}")
+    for section, cfg in config.pipelines:
+        # The FreeSurfer licence: every section that has the setting needs it inside a container.
+        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:
+            problems.append(f"pipelines.{section}.fs_license: required when runtime is {cfg.runtime}")
     return problems

@@ -37,6 +37,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import is_label
+from neuroflow_dagster.naming.subjects import code_key, label_fold
 
 REGISTRY_FILENAME = "registry.tsv"
 REGISTRY_COLUMNS = (
@@ -52,7 +54,6 @@ REGISTRY_COLUMNS = (
 OPTIONAL_COLUMNS = ("status", "note")
 RETIRED = "retired"
 _NOT_LABEL_CHARS = re.compile(r"[^A-Za-z0-9]")
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 PARTICIPANT_LABEL_WIDTH = 4
 SESSION_LABEL_WIDTH = 2
 
@@ -66,7 +67,8 @@ class RegistryError(Exception):
 
 
 def participant_label(subject_code: str) -> str:
-    """SubjectCode -> participant label: keep ASCII letters/digits; a purely numeric code is a number.
+    """SubjectCode -> participant label (docs/domain-rules.md#identity): keep ASCII letters/digits; a
+    purely numeric code is a number.
 
     ``CLM_L_01`` -> ``CLML01``; ``75``, ``075``, ``0075`` and ``00075`` -> ``0075`` (leading zeros dropped,
     then zero-padded to 4 digits); ``12345`` -> ``12345``. Codes with a letter are never padded
@@ -83,24 +85,6 @@ def participant_label(subject_code: str) -> str:
     return cleaned
 
 
-def code_key(subject_code: str) -> str:
-    """What makes two SubjectCodes the same person: equal keys.
-
-    Surrounding whitespace is ignored and a purely numeric code is compared as a number (``75``,
-    ``075`` and ``0075`` are one person). Anything else must match exactly, case included: ``ab1`` and
-    ``AB1``, ``CLM_L_01`` and ``CLML01`` may be two people, so they are never merged silently.
-    """
-    text = (subject_code or "").strip()
-    if text.isascii() and text.isdigit():
-        return str(int(text))
-    return text
-
-
-def label_fold(label: str) -> str:
-    """Labels that differ only in case are one folder on a case-insensitive file system."""
-    return label.lower()
-
-
 def session_label(ordinal: int) -> str:
     """Per-subject ordinal -> session label: 1 -> ``01`` (wider from 100 on)."""
     if ordinal < 1:
@@ -110,7 +94,7 @@ def session_label(ordinal: int) -> str:
 
 def is_valid_label(label: str) -> bool:
     """True if ``label`` is safe as a partition key and BIDS label (ASCII letters/digits only)."""
-    return bool(_LABEL.match(label or ""))
+    return is_label(label)
 
 
 def normalize_overrides(overrides: Mapping[str, str] | None) -> dict[str, str]:

@@ -1,90 +1,18 @@
-"""The `neuroflow` command: set-up, checks and operator actions around the Dagster deployment.
-
-Exit codes are stable for scripts: 0 ok, 1 error, 2 configuration problem, 5 bad arguments.
-"""
+"""Set-up commands: `neuroflow init`, `config validate`, `scan` and `demo` (no Dagster instance needed)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from neuroflow_dagster.config import ConfigError, check_paths, load_config
-
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2, 5
-
-
-class UsageError(Exception):
-    """Bad arguments: exit 5."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 by default; 2 means "config" here
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
-def template_text(stability_minutes: float = 180, interval_seconds: int = 60) -> str:
-    text = resources.files("neuroflow_dagster").joinpath("templates/neuroflow.yaml").read_text(encoding="utf-8")
-    return text.replace("__STABILITY__", f"{stability_minutes:g}").replace("__INTERVAL__", str(interval_seconds))
-
-
-def init_workspace(
-    directory: Path, *, stability_minutes: float = 180, interval_seconds: int = 60, force: bool = False
-) -> Path:
-    """Write DIR/neuroflow.yaml (commented starter config for the embedded default) and its folders."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "neuroflow.yaml"
-    if target.exists() and not force:
-        raise UsageError(f"{target} exists; use --force to overwrite")
-    target.write_text(template_text(stability_minutes, interval_seconds), encoding="utf-8")
-    for sub in ("incoming", "bids", "derivatives", "work", "logs", "state"):
-        (directory / sub).mkdir(exist_ok=True)
-    mapping = directory / "mapping.csv"
-    if not mapping.exists():
-        mapping.write_text("ScanID,SubjectCode\n", encoding="utf-8")
-    return target
-
-
-def dagster_home(directory: Path) -> Path:
-    """A DAGSTER_HOME with the project's dagster.yaml (instance settings: limits, retries, monitoring)."""
-    home = directory / ".dagster_home"
-    home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_project_dagster_yaml(), home / "dagster.yaml")
-    return home
-
-
-def _project_dagster_yaml() -> Path:
-    shipped = Path(str(resources.files("neuroflow_dagster").joinpath("templates/dagster.yaml")))
-    top = Path(__file__).resolve().parent.parent / "dagster.yaml"
-    return top if top.is_file() else shipped
-
-
-def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> None:
-    if fmt == "json":
-        print(json.dumps(rows, indent=2, default=str))
-        return
-    if fmt == "csv":
-        import csv
-
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        return
-    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
-
-
-# --------------------------------------------------------------------------- commands
+from neuroflow_dagster.cli.exits import EXIT_CONFIG, EXIT_OK, Parser
+from neuroflow_dagster.cli.output import add_format_option, print_rows
+from neuroflow_dagster.config import check_paths, load_config
+from neuroflow_dagster.scaffold import dagster_home, init_workspace
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -141,7 +69,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         print(f"problem ({problem.kind}): {problem.message}", file=sys.stderr)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    _print_rows(rows, args.format, ["scan_id", "decision", "subject", "session", "reason"])
+    print_rows(rows, args.format, ["scan_id", "decision", "subject", "session", "reason"])
     return EXIT_OK
 
 
@@ -168,20 +96,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return subprocess.call(argv, env=env, cwd=directory)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="neuroflow", description=__doc__)
-    parser.add_argument(
-        "--config", help="neuroflow.yaml (default: $NEUROFLOW_CONFIG, ./, ~/.config/neuroflow/, /etc/neuroflow/)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write DIR/neuroflow.yaml, a commented starter config")
     p.add_argument("dir")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("config", help="configuration commands")
-    csub = p.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    csub = p.add_subparsers(dest="config_command", required=True, parser_class=Parser)
     v = csub.add_parser("validate", help="load, validate and check the paths of the configuration")
     v.set_defaults(func=cmd_config_validate)
 
@@ -192,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="(always) nothing is written; the sensor does the real registration",
     )
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    add_format_option(p)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("demo", help="build a demo workspace with real and synthetic DICOM and start dagster dev")
@@ -209,30 +131,3 @@ def build_parser() -> argparse.ArgumentParser:
         help="drop a late third session of the first subject after SECONDS",
     )
     p.set_defaults(func=cmd_demo)
-
-    from neuroflow_dagster import operator_cli
-
-    operator_cli.add_commands(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help exits 0; bad arguments exit 5 (see _Parser.error)
-        return int(exc.code or 0)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return EXIT_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())
