@@ -98,10 +98,84 @@ class RetryConfig(_Section):
     jitter: float = Field(0.2, ge=0, le=1)
 
 
+RuntimeName = Literal["builtin", "local", "docker", "apptainer", "slurm"]
+# sbatch options that SlurmConfig sets from its own keys or that the runtime owns (output file,
+# parsable job id): refused in extra_args so that a job is never submitted with two answers.
+_SBATCH_OWNED = {
+    "--output": "set by neuroflow (the job's output file in log_dir)",
+    "-o": "set by neuroflow (the job's output file in log_dir)",
+    "--error": "set by neuroflow (stderr goes to the same file as stdout)",
+    "-e": "set by neuroflow (stderr goes to the same file as stdout)",
+    "--parsable": "set by neuroflow",
+    "--wrap": "neuroflow submits its own batch script",
+    "--array": "one job per tool run",
+    "-a": "one job per tool run",
+    "--time": "use slurm.time_limit_minutes (default: timeout_minutes)",
+    "-t": "use slurm.time_limit_minutes (default: timeout_minutes)",
+    "--mem": "use slurm.mem_mb",
+    "--cpus-per-task": "use slurm.cpus",
+    "-c": "use slurm.cpus",
+    "--partition": "use slurm.partition",
+    "-p": "use slurm.partition",
+    "--account": "use slurm.account",
+    "-A": "use slurm.account",
+    "--qos": "use slurm.qos",
+    "-q": "use slurm.qos",
+    "--job-name": "set by neuroflow (nf-<stage>-<partition>)",
+    "-J": "set by neuroflow (nf-<stage>-<partition>)",
+}
+
+
+class SlurmConfig(_Section):
+    """``pipelines.<stage>.slurm``: how a stage's tool runs become Slurm jobs (``runtime: slurm``)."""
+
+    # What runs inside the job: the stage's usual way (None: builtin for the QSI stages' stand-ins,
+    # local for conversion), the locally installed tool, or the stage's image with apptainer exec.
+    inside: Literal["builtin", "local", "apptainer"] | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    # --time in minutes; None: the stage's timeout_minutes (rounded up).
+    time_limit_minutes: int | None = Field(None, ge=1)
+    # --mem (MB) and --cpus-per-task; None: the stage's memory_mb / cpus, else the cluster's defaults.
+    mem_mb: int | None = Field(None, gt=0)
+    cpus: int | None = Field(None, ge=1)
+    # More sbatch options, one per item ("--constraint=avx2", "--gres=gpu:1"); never a shell string.
+    extra_args: list[str] = Field(default_factory=list)
+    # inside: apptainer only: the executable on the nodes, and binds beyond the tool's own mounts.
+    apptainer: str = "apptainer"
+    binds: list[str] = Field(default_factory=list)
+    # How often the run worker asks Slurm about its job and copies new output lines to the run's log.
+    poll_seconds: float = Field(10, gt=0, le=600)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            if not arg.startswith("-") or any(c in arg for c in "\n\r\0"):
+                raise ValueError(f"{arg!r}: each item must be one sbatch option starting with '-' "
+                                 "(e.g. --constraint=avx2)")
+            name = arg.split("=", 1)[0]
+            if name in _SBATCH_OWNED:
+                raise ValueError(f"{arg!r}: {name} is {_SBATCH_OWNED[name]}")
+        return value
+
+    @field_validator("binds")
+    @classmethod
+    def _binds(cls, value: list[str]) -> list[str]:
+        for bind in value:
+            parts = bind.split(":")
+            if not 1 <= len(parts) <= 3 or not all(parts[:2]) or "," in bind or not bind.startswith("/"):
+                raise ValueError(f"{bind!r}: expected /host/path[:/container/path[:ro|rw]] without commas")
+            if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+                raise ValueError(f"{bind!r}: the mode must be ro or rw")
+        return value
+
+
 class StageConfig(_Section):
     """Settings every stage has: where it runs, how much at once, how long, how often."""
 
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    runtime: RuntimeName = "local"
     image: str | None = None
     max_concurrent: int = Field(1, ge=1)
     soft_timeout_minutes: float | None = Field(None, gt=0)
@@ -113,10 +187,27 @@ class StageConfig(_Section):
     # Run containers as this "uid:gid"; None = the current user's.
     user: str | None = None
     requires_bids_suffixes: list[str] = Field(default_factory=list)
+    # runtime: slurm only (see docs/runtimes.md).
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @property
+    def tool_runtime(self) -> str:
+        """The runtime the tool's command line is built for: for slurm, what runs inside the job.
+
+        ``slurm.inside`` when set, else the stage's default runtime (the stand-ins for the QSI
+        stages, the local HeudiConv for conversion), so ``runtime: slurm`` alone moves exactly
+        what the stage ran before onto the cluster.
+        """
+        if self.runtime != "slurm":
+            return self.runtime
+        if self.slurm.inside is not None:
+            return self.slurm.inside
+        default = type(self).model_fields["runtime"].default
+        return default if default != "slurm" else "local"
 
 
 class BidsConversionConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    runtime: RuntimeName = "local"
     image: str | None = "nipy/heudiconv:1.3.4"
     heuristic: str = "neuroflow_default"
     converter: Literal["dcm2niix"] = "dcm2niix"
@@ -128,7 +219,7 @@ class BidsConversionConfig(StageConfig):
 
 
 class QsiprepConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsiprep:1.1.1"
     fs_license: Path | None = None
     output_resolution: float = Field(1.6, gt=0)
@@ -153,7 +244,7 @@ class QsiprepConfig(StageConfig):
 
 
 class QsireconConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsirecon:1.1.1"
     recon_spec: str = "dipy_dki"
     # Name of the derivatives folder suffix: derivatives/qsirecon-<workflow_name>.
@@ -173,7 +264,7 @@ class QsireconConfig(StageConfig):
 
 
 class QsiparcConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = None
     mask: str = "gm"
     force: bool = False
@@ -399,6 +490,7 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
     for stage in ("qsiprep", "qsirecon"):
         cfg = config.stage(stage)
-        if cfg.runtime in ("docker", "apptainer") and getattr(cfg, "fs_license", None) is None:
-            problems.append(f"pipelines.{stage}.fs_license: required when runtime is {cfg.runtime}")
+        if cfg.tool_runtime in ("docker", "apptainer") and getattr(cfg, "fs_license", None) is None:
+            how = cfg.tool_runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
+            problems.append(f"pipelines.{stage}.fs_license: required when runtime is {how}")
     return problems

@@ -23,6 +23,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.runtimes import get_runtime
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import is_retryable, retry_delay
+from neuroflow_dagster.runtimes.jobs import JobStore
 from neuroflow_dagster.tools.spec import ToolSpec
 
 STATUS_KEY = "neuroflow/status"
@@ -50,9 +51,27 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
         meta["image_digest"] = record.image_digest
     if spec is not None:
         meta["stand_in"] = spec.stand_in
+    for key, value in record.extra.items():  # job id, node, state, exit code, elapsed, max RSS
+        if key.startswith("slurm_") and isinstance(value, (str, int, float, bool)):
+            meta[f"slurm/{key[len('slurm_'):]}"] = value
     if record.log_tail:
         meta["log_tail"] = dg.MetadataValue.md("```\n" + record.log_tail[-4000:] + "\n```")
     return meta
+
+
+def runtime_options(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str,
+                    partition: str) -> dict[str, Any]:
+    """What a runtime needs beyond the stage's settings: for slurm, who owns the job and where its record goes."""
+    if config.stage(stage).runtime != "slurm":
+        return {}
+    return {
+        "stage_name": stage,
+        "partition": partition,
+        "run_id": context.run_id,
+        # A run retry (worker died) is a new run in the same chain: it may adopt the job's result.
+        "root_run_id": context.run.root_run_id or context.run_id,
+        "jobs": JobStore(config.paths.state / "jobs"),
+    }
 
 
 def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, spec: ToolSpec) -> RunRecord:
@@ -60,7 +79,7 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
     stage_cfg = config.stage(stage)
     partition = context.partition_key if context.has_partition_key else "all"
     log_path = log_path_for(config, stage, str(partition), context.run_id)
-    runtime = get_runtime(stage_cfg)
+    runtime = get_runtime(stage_cfg, **runtime_options(context, config, stage, str(partition)))
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
     try:
         record = runtime.run(

@@ -1,4 +1,4 @@
-"""Where a ToolSpec runs: local process, embedded stand-in, Docker or Apptainer.
+"""Where a ToolSpec runs: local process, embedded stand-in, Docker, Apptainer or a Slurm job.
 
 The stage's ``runtime`` setting picks the implementation; every one returns a
 RunRecord or raises ToolRunError with a failure class (see failures.py), so
@@ -35,8 +35,9 @@ def get_runtime(stage_config: Any, **options: Any) -> Runtime:
     """The runtime the stage's ``runtime`` field names, bound to that stage's settings.
 
     ``options`` go to the runtime's constructor (e.g. ``kill_grace_s``, ``client`` for docker,
-    ``executable`` for apptainer). docker/apptainer are imported here, on demand, so that a
-    worker without the ``docker`` package can still run local and builtin stages.
+    ``executable`` for apptainer; ``stage_name``, ``partition``, ``run_id``, ``root_run_id``,
+    ``jobs`` for slurm). docker/apptainer/slurm are imported here, on demand, so that a worker
+    without the ``docker`` package can still run local and builtin stages.
     """
     kind = getattr(stage_config, "runtime", None)
     if kind == "local":
@@ -51,7 +52,11 @@ def get_runtime(stage_config: Any, **options: Any) -> Runtime:
         from neuroflow_dagster.runtimes.apptainer import ApptainerRuntime
 
         return ApptainerRuntime(stage_config, **options)
-    raise ValueError(f"unknown runtime {kind!r} (expected builtin, local, docker or apptainer)")
+    if kind == "slurm":
+        from neuroflow_dagster.runtimes.slurm import SlurmRuntime
+
+        return SlurmRuntime(stage_config, **options)
+    raise ValueError(f"unknown runtime {kind!r} (expected builtin, local, docker, apptainer or slurm)")
 
 
 def verify_outputs(spec: ToolSpec, record: RunRecord) -> RunRecord:

@@ -126,7 +126,7 @@ def build_spec(
             "(its .heudiconv cache would replay an old heuristic's decisions)"
         )
     heuristic = resolve_heuristic(cfg.heuristic)
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.tool_runtime in ("docker", "apptainer")
     if containerized:
         mounts = (
             Mount(dicom, CONTAINER_DICOM, read_only=True),
@@ -176,7 +176,7 @@ def code_version(config: NeuroflowConfig) -> str:
         digest.update(resolve_heuristic(cfg.heuristic).read_bytes())
     except (ConfigError, OSError):
         digest.update(f"missing heuristic {cfg.heuristic}".encode())
-    if cfg.runtime in ("docker", "apptainer"):
+    if cfg.tool_runtime in ("docker", "apptainer"):
         tools = f"image={cfg.image}"
     else:
         tools = ";".join(f"{name}={_package_version(name)}" for name in ("heudiconv", "dcm2niix"))

@@ -39,7 +39,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
     out = layout.qsiparc_dir(config)
     common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs}
 
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         pm = PathMap(containerized=False)
         argv = [
             sys.executable, "-m", STAND_IN,
@@ -52,9 +52,9 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
         out.mkdir(parents=True, exist_ok=True)
         return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), stand_in=True, **common)
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.tool_runtime in ("docker", "apptainer")
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.runtime} (no default image)")
+        raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.tool_runtime} (no default image)")
     pm = PathMap(containerized=containerized)
     argv = [
         TOOL, "run",
@@ -75,7 +75,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
 
 def _identity(cfg: Any) -> str:
     """Local runs without an image are versioned by the qsiparc installed beside neuroflow, if any."""
-    if cfg.runtime == "local" and not cfg.image:
+    if cfg.tool_runtime == "local" and not cfg.image:
         try:
             return f"qsiparc=={metadata.version('qsiparc')}"
         except metadata.PackageNotFoundError:

@@ -138,7 +138,7 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSp
     outputs = golden_outputs(participant, sessions)
     common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
 
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         pm = PathMap(containerized=False)
         argv = [
             sys.executable, "-m", STAND_IN,
@@ -153,16 +153,16 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSp
         return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
                         stand_in=True, **common)
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.tool_runtime in ("docker", "apptainer")
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.tool_runtime}")
     version = dialect(config)
     if len(cfg.anatomical_template) != 1:
         raise SpecError(
             f"pipelines.qsiprep.anatomical_template {cfg.anatomical_template}: QSIPrep takes exactly one template"
         )
     if version < NEW_DIALECT and containerized and cfg.fs_license is None:
-        raise SpecError(f"pipelines.qsiprep.fs_license: required when runtime is {cfg.runtime} (QSIPrep 1.x)")
+        raise SpecError(f"pipelines.qsiprep.fs_license: required when runtime is {cfg.tool_runtime} (QSIPrep 1.x)")
 
     filter_file = write_bids_filter(bids_filter_path(config, participant), sessions, cfg.bids_filters)
     pm = PathMap(containerized=containerized)

@@ -71,7 +71,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
     work = layout.work_dir(config, TOOL, participant, session)
     common = {"output_dir": out, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
 
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         pm = PathMap(containerized=False)
         argv = [
             sys.executable, "-m", STAND_IN,
@@ -92,11 +92,11 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
                         outputs=golden_outputs(participant, session, cfg.atlases, stand_in=True),
                         stand_in=True, **common)
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.tool_runtime in ("docker", "apptainer")
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.tool_runtime}")
     if containerized and cfg.fs_license is None:
-        raise SpecError(f"pipelines.qsirecon.fs_license: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsirecon.fs_license: required when runtime is {cfg.tool_runtime}")
     pm = PathMap(containerized=containerized)
     source_arg, out_arg = pm(source, C_QSIPREP), pm(out, C_OUT, read_only=False)
     spec_file = recon_spec_file(cfg.recon_spec)
@@ -147,7 +147,7 @@ def code_version(config: Any) -> str:
         "atlases": list(cfg.atlases),
         "extra_args": list(cfg.extra_args),
     }
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         fields["atlas_file"] = layout.file_digest(cfg.atlas_file)
         fields["atlas_labels"] = layout.file_digest(cfg.atlas_labels)
     return layout.version_hash(TOOL, layout.tool_identity(cfg, STAND_IN), fields)

@@ -46,7 +46,7 @@ def eligible_sessions(config: NeuroflowConfig, participant: str) -> tuple[list[s
 
 def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsiprep
-    tool_name = "QSIPrep stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIPrep"
+    tool_name = "QSIPrep stand-in (builtin)" if stage_cfg.tool_runtime == "builtin" else "QSIPrep"
 
     @dg.asset(
         name="qsiprep_subject",

@@ -31,7 +31,7 @@ def qc_image_metadata(png: object) -> dict[str, dg.MetadataValue]:
 
 def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsirecon
-    tool_name = "QSIRecon stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIRecon"
+    tool_name = "QSIRecon stand-in (builtin)" if stage_cfg.tool_runtime == "builtin" else "QSIRecon"
 
     @dg.asset(
         name="qsirecon_session",
