@@ -13,6 +13,8 @@ import pytest
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.demo import sources, synth
 from neuroflow_dagster.tools.spec import ToolSpec
+from neuroflow_dagster_tests.engines.docker_engine import DockerEngine
+from neuroflow_dagster_tests.engines.docker_engine import docker_engine as start_docker_engine
 from neuroflow_dagster_tests.engines.slurm_cluster import SlurmCluster, slurm_cluster
 
 
@@ -93,3 +95,10 @@ def slurm_no_accounting() -> Iterator[SlurmCluster]:
     """A second real cluster WITHOUT accounting (sacct disabled), as on sites that run no slurmdbd."""
     with slurm_cluster(accounting=False) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """One real Docker engine (private dockerd) with the local busybox test image; raises if it cannot start."""
+    with start_docker_engine() as engine:
+        yield engine
