@@ -386,6 +386,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Keep a one-node test Slurm cluster up until Ctrl-C.")
     parser.add_argument("--no-accounting", action="store_true", help="no slurmdbd/MariaDB (sacct disabled)")
     args = parser.parse_args()
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)  # a background job ignores SIGINT: stop cleanly on SIGTERM too
     with slurm_cluster(accounting=not args.no_accounting) as cluster:
         print(f"export SLURM_CONF={cluster.conf}", flush=True)
         try:
