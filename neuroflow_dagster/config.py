@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -488,6 +489,10 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     heuristic = config.pipelines.bids_conversion.heuristic
     if heuristic.endswith(".py") and not Path(heuristic).is_file():
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
+    for stage in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"):
+        if config.stage(stage).runtime == "slurm" and shutil.which("sbatch") is None:
+            problems.append(f"pipelines.{stage}.runtime: slurm, but sbatch is not on PATH of this host "
+                            "(run the services on a login/submit node with Slurm's client commands)")
     for stage in ("qsiprep", "qsirecon"):
         cfg = config.stage(stage)
         if cfg.tool_runtime in ("docker", "apptainer") and getattr(cfg, "fs_license", None) is None:

@@ -22,6 +22,7 @@ from neuroflow_dagster.runtimes.slurm import (
     parse_exit,
     parse_key_values,
     parse_size_kb,
+    poll_interval,
     sbatch_argv,
 )
 from neuroflow_dagster.tools import qsiprep
@@ -146,6 +147,11 @@ def test_fingerprint_ignores_per_run_paths_only() -> None:
                                                               "--time=5"])
     assert base != fingerprint(["t", "b"], {"E": "1"}, "/w", ["sbatch", "--output=/l/1.out", "--time=5"])
     assert base != fingerprint(["t", "a"], {"E": "1"}, "/w", ["sbatch", "--output=/l/1.out", "--time=6"])
+
+
+def test_polling_starts_fast_and_settles_at_poll_seconds() -> None:
+    assert [poll_interval(10, t) for t in (0, 5, 20, 60, 100, 3600)] == [1.0, 1.0, 2.0, 6.0, 10, 10]
+    assert poll_interval(0.5, 0) == 0.5 and poll_interval(0.5, 3600) == 0.5
 
 
 def test_parsers() -> None:

@@ -150,6 +150,11 @@ class SlurmCLI:
         self.timeout_s = timeout_s
         self._accounting: bool | None = None
 
+    @property
+    def accounting_disabled(self) -> bool:
+        """sacct said the cluster keeps no accounting (known after the first ``accounting()`` call)."""
+        return self._accounting is False
+
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         try:
             proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=self.timeout_s,
@@ -321,6 +326,12 @@ def fingerprint(argv: list[str], env: dict[str, str], cwd: str | None, sbatch_op
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def poll_interval(poll_s: float, watched_s: float) -> float:
+    """Every second at first, growing to ``poll_s`` after ``10 x poll_s``: a short job is seen to end
+    within a second or two, a 24 h job costs the controller one squeue per ``poll_s``."""
+    return max(min(poll_s, 1.0), min(poll_s, watched_s / 10))
+
+
 # --------------------------------------------------------------------------- output tail
 
 
@@ -398,8 +409,11 @@ class SlurmRuntime:
         log_path = Path(log_path)
         inside = self.stage.tool_runtime
         argv, env, cwd = inner_argv(spec, self.stage, inside)
-        image = STAND_IN_IMAGE if inside == "builtin" else (spec.image or self.stage.image
-                                                          if inside == "apptainer" else None)
+        image: str | None = None
+        if inside == "builtin":
+            image = STAND_IN_IMAGE
+        elif inside == "apptainer":
+            image = spec.image or self.stage.image
         record = new_record(spec, runtime=self.name, command=argv, log_path=log_path, image=image)
         record.extra["slurm_inside"] = inside
         sink = LogSink(log_path, log)
@@ -419,17 +433,22 @@ class SlurmRuntime:
         print_ = fingerprint(argv, env, cwd, sbatch[: sbatch.index(str(files["sbatch.sh"]))])
         record.extra["slurm_sbatch"] = shlex.join(sbatch)
 
-        job = self._existing_job(print_, record, sink)
+        try:
+            job = self._existing_job(print_, record, sink)
+        except SlurmCommandError as exc:
+            raise fail(record, sink, f"{spec.tool}: cannot ask slurm about the earlier job: {exc}",
+                       FailureClass.TRANSIENT) from exc
+        pending: dict[str, JobRecord] = {}
         try:
             if job is None:
-                job = self._submit(spec, argv, env, cwd, sbatch, files, name, print_, record, sink)
-            final = self._wait(job, record, sink, soft_timeout_s)
-        except BaseException as exc:
-            if isinstance(exc, ToolRunError):
-                raise
-            self._cancel(job, record, sink, exc)
+                job = self._submit(spec, argv, env, cwd, sbatch, files, name, print_, record, sink, pending)
+            queue = self._wait(job, record, sink, soft_timeout_s)
+        except ToolRunError:
             raise
-        return self._finish(job, final, record, sink)
+        except BaseException as exc:  # the run was terminated (or a bug): the job must not outlive it
+            self._cancel(job or pending.get("job"), record, sink, exc)
+            raise
+        return self._finish(job, queue, record, sink)
 
     # -- steps --------------------------------------------------------------------------------------
 
@@ -499,7 +518,8 @@ class SlurmRuntime:
             self.jobs.save(job)
 
     def _submit(self, spec: ToolSpec, argv: list[str], env: dict[str, str], cwd: str | None, sbatch: list[str],
-                files: dict[str, Path], name: str, print_: str, record: RunRecord, sink: LogSink) -> JobRecord:
+                files: dict[str, Path], name: str, print_: str, record: RunRecord, sink: LogSink,
+                pending: dict[str, JobRecord]) -> JobRecord:
         atomic_write_text(files["job.json"], json.dumps({"tool": spec.tool, "argv": argv, "env": env, "cwd": cwd,
                                                          "result": str(files["result.json"])}, indent=1))
         atomic_write_text(files["sbatch.sh"], BATCH_SCRIPT)
@@ -510,6 +530,7 @@ class SlurmRuntime:
                         result_path=str(files["result.json"]))
         if self.jobs is not None:
             self.jobs.save(job)
+        pending["job"] = job  # an interrupt during sbatch still finds the job (by name) to cancel
         sink.note(f"submitting: {shlex.join(sbatch)}")
         sink.note(f"in the job: {record.command}")
         try:
@@ -551,6 +572,7 @@ class SlurmRuntime:
         last_state = ""
         warned = False
         failures = 0
+        watching_since = time.monotonic()
         while True:
             for line in tail.read():
                 sink.line(line)
@@ -581,7 +603,7 @@ class SlurmRuntime:
                 warned = True
                 sink.note(f"WARNING soft timeout: still running after {_fmt_s(time.monotonic() - running_since)} "
                           f"(soft limit {_fmt_s(soft_timeout_s)}); not stopped")
-            time.sleep(self.poll_s)
+            time.sleep(poll_interval(self.poll_s, time.monotonic() - watching_since))
 
     def final_state(self, job: JobRecord, sink: LogSink | None = None) -> JobState:
         """Accounting first (retried while slurmdbd catches up), then controller, jobcomp, result file."""
@@ -591,12 +613,12 @@ class SlurmRuntime:
             state = self.cli.accounting(job.job_id)
             if state is not None and not state.active:
                 break
-            if self.cli._accounting is False or time.monotonic() > deadline:
+            if self.cli.accounting_disabled or time.monotonic() > deadline:
                 state = None
                 break
             time.sleep(1.0)
         if state is None:
-            if sink is not None and self.cli._accounting is False:
+            if sink is not None and self.cli.accounting_disabled:
                 sink.note("slurm accounting is not available (sacct disabled): reading the controller, "
                           "jobcomp and the job's result file instead")
             for source in (self.cli.controller, self.cli.jobcomp):
@@ -624,7 +646,16 @@ class SlurmRuntime:
         return state
 
     def _finish(self, job: JobRecord, queue: JobState, record: RunRecord, sink: LogSink) -> RunRecord:
-        final = self.final_state(job, sink)
+        for attempt in range(3):
+            try:
+                final = self.final_state(job, sink)
+                break
+            except SlurmCommandError as exc:
+                if attempt == 2:
+                    raise fail(record, sink, f"{record.tool}: slurm job {job.job_id} ended, but its final state "
+                               f"could not be read: {exc}", FailureClass.TRANSIENT) from exc
+                sink.note(f"reading the final state of slurm job {job.job_id} failed ({exc}); trying again")
+                time.sleep(min(self.poll_s * 3, 30))
         if final.node is None:
             final.node = queue.node
         self._record_final(record, final)
@@ -701,6 +732,8 @@ class SlurmRuntime:
     def _cancel(self, job: JobRecord | None, record: RunRecord, sink: LogSink, exc: BaseException) -> None:
         """Interrupted (the Dagster run was terminated) or a bug: the job must not outlive the run."""
         try:
+            if job is not None and job.job_id is None and job.job_name:
+                job.job_id = self.cli.find_by_name(job.job_name)  # sbatch answered after all?
             if job is not None and job.job_id is not None:
                 sink.note(f"interrupted by {type(exc).__name__}: cancelling slurm job {job.job_id}")
                 self.cli.cancel(job.job_id)

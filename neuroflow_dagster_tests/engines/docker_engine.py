@@ -121,7 +121,7 @@ def _docker_cli() -> str:
 
 
 @contextmanager
-def docker_engine() -> Iterator[DockerEngine]:
+def docker_engine(extra_args: tuple[str, ...] = ()) -> Iterator[DockerEngine]:
     """Start a private dockerd, import the test image; yield; remove containers, stop it, delete its files."""
     dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
     if not Path(dockerd).is_file():
@@ -134,7 +134,7 @@ def docker_engine() -> Iterator[DockerEngine]:
     proc = subprocess.Popen(
         [dockerd, f"--data-root={root / 'data'}", f"--exec-root={root / 'exec'}", f"--pidfile={root / 'docker.pid'}",
          "-H", f"unix://{root / 'docker.sock'}", "--bridge=none", "--iptables=false", "--ip-masq=false",
-         "--log-level=warn"],
+         "--log-level=warn", *extra_args],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     engine = DockerEngine(root=root, proc=proc)

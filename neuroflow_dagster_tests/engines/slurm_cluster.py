@@ -133,7 +133,7 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
-def _slurm_conf(cluster: SlurmCluster, ports: dict[str, int], munge_socket: Path) -> str:
+def _slurm_conf(cluster: SlurmCluster, ports: dict[str, int], munge_socket: Path, extra: str = "") -> str:
     root = cluster.root
     lines = {
         "ClusterName": "neuroflowtest",
@@ -183,7 +183,7 @@ def _slurm_conf(cluster: SlurmCluster, ports: dict[str, int], munge_socket: Path
     text = "".join(f"{key}={value}\n" for key, value in lines.items())
     text += (f"NodeName={cluster.node} NodeAddr=127.0.0.1 CPUs={CPUS} RealMemory={REAL_MEMORY_MB} State=UNKNOWN\n"
              f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n")
-    return text
+    return text + extra
 
 
 def _wait(check, timeout: float, what: str, cluster: SlurmCluster) -> None:
@@ -283,8 +283,11 @@ def _node_idle(cluster: SlurmCluster) -> bool:
 
 
 @contextmanager
-def slurm_cluster(*, accounting: bool = True, root: Path | None = None) -> Iterator[SlurmCluster]:
-    """Start munged, (MariaDB + slurmdbd,) slurmctld and slurmd; yield; stop them and remove the folder."""
+def slurm_cluster(*, accounting: bool = True, root: Path | None = None, extra_conf: str = "") -> Iterator[SlurmCluster]:
+    """Start munged, (MariaDB + slurmdbd,) slurmctld and slurmd; yield; stop them and remove the folder.
+
+    ``extra_conf`` is appended to slurm.conf (lines ``Key=value``).
+    """
     if os.geteuid() != 0:
         raise EngineStartError("the test Slurm cluster runs its daemons as root (SlurmUser=root); run as root")
     own_root = root is None
@@ -298,7 +301,7 @@ def slurm_cluster(*, accounting: bool = True, root: Path | None = None) -> Itera
         ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
         munge_socket = _start_munge(cluster)
         ports = {"ctld": ctld_port, "slurmd": slurmd_port, "dbd": dbd_port}
-        _write(cluster.conf, _slurm_conf(cluster, ports, munge_socket))
+        _write(cluster.conf, _slurm_conf(cluster, ports, munge_socket, extra_conf))
         if accounting:
             db_user, db_password = _start_mariadb(cluster, db_port)
             _write(cluster.conf.parent / "slurmdbd.conf", "".join(f"{k}={v}\n" for k, v in {
