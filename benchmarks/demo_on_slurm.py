@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true", help="the same demo without Slurm (runtime unchanged)")
     parser.add_argument("--poll-seconds", type=float, default=None, help="pipelines.<stage>.slurm.poll_seconds")
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--keep", action="store_true", help="keep the demo workspace and DAGSTER_HOME (printed)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="neuroflow-demo-slurm-"))
     load_before = os.getloadavg()[0]
@@ -124,6 +126,10 @@ def main() -> None:
             time.sleep(5)  # slurmdbd hears of the last job's end asynchronously
             result["slurm"] = job_figures(cluster)
     result["load_1min_after"] = os.getloadavg()[0]
+    if args.keep:
+        result["kept"] = str(root)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(result, indent=2))
 
 
