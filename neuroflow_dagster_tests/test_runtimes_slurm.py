@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from neuroflow_dagster.defs.execution import execute_spec
 from neuroflow_dagster.runtimes import ToolRunError, get_runtime
 from neuroflow_dagster.runtimes.jobs import JobStore
 from neuroflow_dagster.runtimes.slurm import SlurmCLI, SlurmRuntime
-from neuroflow_dagster.tools.spec import ToolSpec
+from neuroflow_dagster.tools.spec import Mount, ToolSpec
 from neuroflow_dagster_tests.engines.slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
@@ -63,11 +64,12 @@ def py_spec(root: Path, code: str, tool: str = "tool", **kw: Any) -> ToolSpec:
 
 def sacct_jobs(cluster: SlurmCluster, name: str, at_least: int = 1) -> list[dict[str, str]]:
     """Accounting's jobs named ``name``; waits (30 s at most) for ``at_least``: slurmdbd hears of them late."""
-    keys = ["id", "name", "state", "exit", "start", "end", "timelimit", "reqmem", "cpus", "partition", "qos"]
+    keys = ["id", "name", "state", "exit", "start", "end", "timelimit", "reqmem", "cpus", "partition", "qos",
+            "account"]
     deadline = time.monotonic() + 30
     while True:
         out = cluster.client("sacct", "-X", "-n", "-P", "-S", "2020-01-01", "--name", name, "-o",
-                             "JobIDRaw,JobName,State,ExitCode,Start,End,TimeLimitRaw,ReqMem,AllocCPUS,Partition,QOS")
+                             "JobIDRaw,JobName,State,ExitCode,Start,End,TimeLimitRaw,ReqMem,AllocCPUS,Partition,QOS,Account")
         jobs = [dict(zip(keys, line.split("|"), strict=False)) for line in out.stdout.splitlines() if line.strip()]
         if len(jobs) >= at_least or time.monotonic() > deadline:
             return jobs
@@ -167,7 +169,7 @@ def test_time_limit_job_is_submitted(time_limit_job: dict[str, Any]) -> None:
 
 
 def test_success_records_the_job_and_streams_its_output(slurm: SlurmCluster, tmp_path: Path) -> None:
-    st = stage(partition="debug", qos="normal", mem_mb=300, cpus=1, time_limit_minutes=7,
+    st = stage(partition="debug", account="root", qos="normal", mem_mb=300, cpus=1, time_limit_minutes=7,
                extra_args=["--comment=neuroflow-test"])
     rt = runtime(slurm, st, tmp_path, "sub-01|ses-1")
     spec = py_spec(tmp_path, """
@@ -201,8 +203,8 @@ def test_success_records_the_job_and_streams_its_output(slurm: SlurmCluster, tmp
     assert "hello from spec-env" in text and "bye" in text and "ended COMPLETED (exit 0:0, from sacct)" in text
     (job,) = sacct_jobs(slurm, "nf-qsiprep-sub-01_ses-1")
     assert job["id"] == extra["slurm_job_id"] and job["state"] == "COMPLETED"
-    assert (job["timelimit"], job["reqmem"], job["cpus"], job["partition"], job["qos"]) == \
-        ("7", "300M", "1", "debug", "normal")
+    assert (job["timelimit"], job["reqmem"], job["cpus"], job["partition"], job["qos"], job["account"]) == \
+        ("7", "300M", "1", "debug", "normal", "root")
     shown = slurm.client("scontrol", "show", "job", "-o", job["id"]).stdout
     assert " Comment=neuroflow-test " in shown  # an extra_args option reached sbatch
     stored = JobStore(tmp_path / "state" / "jobs").load("qsiprep", "sub-01|ses-1")
@@ -240,6 +242,39 @@ def test_over_memory_kill_is_a_resource_failure(slurm: SlurmCluster, tmp_path: P
     assert "exceeded its memory limit" in str(err)
     assert "exceeded memory limit" in (tmp_path / "run.log").read_text()  # slurmstepd's own words
     assert "survived" not in (tmp_path / "run.log").read_text().splitlines()
+
+
+def test_inside_apptainer_the_job_runs_apptainer_exec_with_the_binds(slurm: SlurmCluster, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`slurm.inside: apptainer` on a real job. Apptainer itself is not packaged for this Debian: the
+    job runs fakes/fake_apptainer.py (the apptainer tests' fake), which maps container paths back
+    through the binds, so a wrong bind breaks the run."""
+    fake = tmp_path / "bin" / "apptainer"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{PY}\n" + (Path(__file__).parent / "fakes" / "fake_apptainer.py").read_text())
+    fake.chmod(0o755)
+    monkeypatch.setenv("FAKE_APPTAINER_LOG", str(tmp_path / "apptainer.jsonl"))  # reaches the job (--export)
+    monkeypatch.setenv("NF_HOST_ONLY", "must-not-leak")
+    for name in ("in", "out", "code"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "in" / "x.txt").write_text("payload")
+    (tmp_path / "code" / "tool.py").write_text(
+        "import os, sys\nopen(sys.argv[2], 'w').write(open(sys.argv[1]).read().upper())\n"
+        "print('FOO', os.environ.get('FOO'), 'HOST', os.environ.get('NF_HOST_ONLY'), 'cwd', os.getcwd())\n")
+    sif = tmp_path / "tool.sif"
+    sif.write_bytes(b"SIF")
+    spec = ToolSpec(tool="copytool", argv=(PY, "/code/tool.py", "/data/in/x.txt", "/out/y.txt"),
+                    output_dir=tmp_path / "out", image=str(sif), env={"FOO": "bar"}, workdir=Path("/out"),
+                    mounts=(Mount(tmp_path / "in", "/data/in", True), Mount(tmp_path / "out", "/out", False),
+                            Mount(tmp_path / "code", "/code", True)))
+    st = stage(inside="apptainer", apptainer=str(fake), binds=[f"{tmp_path}:/scratch:rw"])
+    record = runtime(slurm, st, tmp_path, "apptainer").run(spec, log_path=tmp_path / "run.log")
+    assert (tmp_path / "out" / "y.txt").read_text() == "PAYLOAD"  # the binds mapped the paths in the job
+    assert f"FOO bar HOST None cwd {tmp_path / 'out'}" in (tmp_path / "run.log").read_text().splitlines()
+    assert record.extra["slurm_inside"] == "apptainer" and record.image == str(sif)
+    assert shlex.split(record.command)[:3] == [str(fake), "exec", "--cleanenv"]
+    (parsed,) = [json.loads(line) for line in (tmp_path / "apptainer.jsonl").read_text().splitlines()]
+    assert parsed["binds"][-1] == [str(tmp_path), "/scratch", "rw"] and parsed["env"] == {"FOO": "bar"}
 
 
 def test_sbatch_refusal_is_a_configuration_failure(slurm: SlurmCluster, tmp_path: Path) -> None:
