@@ -17,7 +17,6 @@ Prints a table and, unless ``--no-docs``, writes the figures to docs/benchmarks.
 from __future__ import annotations
 
 import argparse
-import base64
 import math
 import multiprocessing
 import os
@@ -29,7 +28,6 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -117,11 +115,10 @@ def _phase(args: tuple[str, str, str, dict[str, Any] | None, int]) -> dict[str, 
 
 
 def cursor_sizes(state: dict[str, Any]) -> tuple[int, int]:
-    """(raw compact JSON bytes, zlib+base64 bytes as the sensor may store it)."""
-    from neuroflow_dagster.discovery.engine import encode_state
+    """(raw compact JSON bytes, zlib+base64 bytes as the sensor stores it)."""
+    from neuroflow_dagster.discovery.engine import encode_cursor, encode_state
 
-    raw = encode_state(state).encode()
-    return len(raw), len(base64.b64encode(zlib.compress(raw, 6)))
+    return len(encode_state(state).encode()), len(encode_cursor(state)) - 1
 
 
 def write_docs(text: str) -> None:

@@ -13,18 +13,34 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from neuroflow_dagster.errors import ConfigError
+
+
+class RuntimeEntry(NamedTuple):
+    implementation: str  # "module:Class", imported only when a stage uses it
+    container: bool  # runs an image: the tool sees container paths and needs one
+
+
+# Where a stage's tool can run (`pipelines.<stage>.runtime`). A new runtime is one entry here plus
+# its module under runtimes/; a worker without the docker package still runs the other runtimes.
+RUNTIMES: dict[str, RuntimeEntry] = {
+    "builtin": RuntimeEntry("neuroflow_dagster.runtimes.local:BuiltinRuntime", container=False),
+    "local": RuntimeEntry("neuroflow_dagster.runtimes.local:LocalRuntime", container=False),
+    "docker": RuntimeEntry("neuroflow_dagster.runtimes.docker:DockerRuntime", container=True),
+    "apptainer": RuntimeEntry("neuroflow_dagster.runtimes.apptainer:ApptainerRuntime", container=True),
+    # One Slurm job per run; what runs inside the job is pipelines.<stage>.slurm.inside (tool_runtime).
+    "slurm": RuntimeEntry("neuroflow_dagster.runtimes.slurm:SlurmRuntime", container=False),
+}
+RuntimeName = Literal[tuple(RUNTIMES)]  # type: ignore[valid-type]  # pydantic checks values against RUNTIMES
+
 ENV_PREFIX = "NEUROFLOW_"
 CONFIG_ENV = "NEUROFLOW_CONFIG"
 CONFIG_FILENAME = "neuroflow.yaml"
-
-
-class ConfigError(Exception):
-    """A configuration problem an operator must fix; the message names key and file."""
 
 
 class _Section(BaseModel):
@@ -91,7 +107,7 @@ class ProtocolConfig(_Section):
 
 
 class RetryConfig(_Section):
-    """Requirements §6: 3 attempts, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
+    """docs/domain-rules.md#failures: 3 retries, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
 
     max_retries: int = Field(3, ge=0)
     delay_seconds: float = Field(300, ge=0)
@@ -99,7 +115,6 @@ class RetryConfig(_Section):
     jitter: float = Field(0.2, ge=0, le=1)
 
 
-RuntimeName = Literal["builtin", "local", "docker", "apptainer", "slurm"]
 # sbatch options that SlurmConfig sets from its own keys or that the runtime owns (output file,
 # parsable job id): refused in extra_args so that a job is never submitted with two answers.
 _SBATCH_OWNED = {
@@ -205,6 +220,21 @@ class StageConfig(_Section):
             return self.slurm.inside
         default = type(self).model_fields["runtime"].default
         return default if default != "slurm" else "local"
+
+    @property
+    def timeout_s(self) -> float:
+        """The hard limit of one attempt: the run is stopped after it."""
+        return float(self.timeout_minutes) * 60
+
+    @property
+    def soft_timeout_s(self) -> float | None:
+        """After this a warning is logged; the run goes on."""
+        return float(self.soft_timeout_minutes) * 60 if self.soft_timeout_minutes else None
+
+    @property
+    def containerized(self) -> bool:
+        """The tool runs in a container image, so it sees container paths, not host paths."""
+        return RUNTIMES[self.tool_runtime].container
 
 
 class BidsConversionConfig(StageConfig):
@@ -489,13 +519,12 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     heuristic = config.pipelines.bids_conversion.heuristic
     if heuristic.endswith(".py") and not Path(heuristic).is_file():
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
-    for stage in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"):
-        if config.stage(stage).runtime == "slurm" and shutil.which("sbatch") is None:
-            problems.append(f"pipelines.{stage}.runtime: slurm, but sbatch is not on PATH of this host "
+    for section, cfg in config.pipelines:
+        # The FreeSurfer licence: every section that has the setting needs it inside a container.
+        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:
+            how = cfg.runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
+            problems.append(f"pipelines.{section}.fs_license: required when runtime is {how}")
+        if cfg.runtime == "slurm" and shutil.which("sbatch") is None:
+            problems.append(f"pipelines.{section}.runtime: slurm, but sbatch is not on PATH of this host "
                             "(run the services on a login/submit node with Slurm's client commands)")
-    for stage in ("qsiprep", "qsirecon"):
-        cfg = config.stage(stage)
-        if cfg.tool_runtime in ("docker", "apptainer") and getattr(cfg, "fs_license", None) is None:
-            how = cfg.tool_runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
-            problems.append(f"pipelines.{stage}.fs_license: required when runtime is {how}")
     return problems

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from neuroflow_dagster.cli import init_workspace, main
+from neuroflow_dagster.cli import main
 from neuroflow_dagster.config import ConfigError, check_paths, find_config_file, load_config
+from neuroflow_dagster.scaffold import init_workspace
 
 
 def test_init_writes_a_config_that_validates(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Participant/session labels and the ScanID registry (requirements §1)."""
+"""Participant/session labels and the ScanID registry (docs/domain-rules.md#identity)."""
 
 from __future__ import annotations
 

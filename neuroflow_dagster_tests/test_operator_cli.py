@@ -33,17 +33,17 @@ from dagster._core.test_utils import create_run_for_test
 
 from neuroflow_dagster import cli
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.definitions import build_definitions
-from neuroflow_dagster.discovery import engine
-from neuroflow_dagster.discovery.exclusions import audit_trail, exclude
-from neuroflow_dagster.discovery.identity import Registry
-from neuroflow_dagster.discovery.status_report import write_status_report
-from neuroflow_dagster.ops.backfill import (
+from neuroflow_dagster.control.backfill import (
     LAUNCH_BACKFILL_MUTATION,
     BackfillError,
     backfill_variables,
     parse_launch_response,
 )
+from neuroflow_dagster.definitions import build_definitions
+from neuroflow_dagster.discovery import engine
+from neuroflow_dagster.discovery.exclusions import audit_trail, exclude
+from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.discovery.status_report import write_status_report
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
 DICOM, BIDS = dg.AssetKey("dicom_session"), dg.AssetKey("bids_session")
@@ -272,7 +272,7 @@ def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[
 def test_status_watch_redraws_until_interrupted(
     world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from neuroflow_dagster import operator_cli
+    from neuroflow_dagster.cli import operator_commands as operator_cli
 
     sleeps: list[float] = []
 

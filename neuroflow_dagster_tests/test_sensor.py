@@ -14,17 +14,13 @@ import dagster as dg
 import pytest
 
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
-from neuroflow_dagster.defs.automation import DICOM
+from neuroflow_dagster.defs.graph import DICOM_KEY as DICOM
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.defs.sensors import (
-    PROTOCOL_CHECK,
-    build_discovery_sensor,
-    decode_cursor,
-    encode_cursor,
-    protocol_check_job,
-)
+from neuroflow_dagster.defs.sensors import build_discovery_sensor, decode_cursor, protocol_check_job
+from neuroflow_dagster.discovery.engine import encode_cursor
 from neuroflow_dagster.discovery.exclusions import exclude
 from neuroflow_dagster.discovery.status_report import read_status_report
+from neuroflow_dagster.stages import PROTOCOL_CHECK
 from neuroflow_dagster_tests.discovery_fixtures import make_session, write_corrupt
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace, write_mapping
 

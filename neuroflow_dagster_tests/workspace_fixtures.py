@@ -8,8 +8,8 @@ from typing import Any
 
 import yaml
 
-from neuroflow_dagster.cli import init_workspace
 from neuroflow_dagster.config import NeuroflowConfig, load_config
+from neuroflow_dagster.scaffold import init_workspace
 
 
 def make_workspace(

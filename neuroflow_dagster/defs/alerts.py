@@ -31,15 +31,21 @@ from typing import Any
 
 import dagster as dg
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import EmailConfig, NeuroflowConfig
-from neuroflow_dagster.defs.automation import BIDS, QSIPARC, QSIPREP, QSIRECON
-from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
-from neuroflow_dagster.defs.partitions import SESSION_DIM, SUBJECT_DIM
+from neuroflow_dagster.naming.partitions import SESSION_DIM, SUBJECT_DIM, is_session_key, split_session_key
+from neuroflow_dagster.naming.tags import (
+    FAILURE_CLASS_KEY,
+    LOG_PATH_KEY,
+    LOG_TAIL_KEY,
+    PARTITION_TAG,
+    RETRY_NUMBER_TAG,
+    STAGE_TAG,
+    WILL_RETRY_TAG,
+    partition_dimension_tag,
+)
 
 SENSOR_NAME = "neuroflow_failure_alerts"
-STAGE_TAG = "neuroflow/stage"
-WILL_RETRY_TAG = "dagster/will_retry"
-STAGE_OF_ASSET = {BIDS: "bids_conversion", QSIPREP: "qsiprep", QSIRECON: "qsirecon", QSIPARC: "qsiparc"}
 TIMEOUT_S = 15.0
 MAX_TAIL_CHARS = 3000
 
@@ -97,27 +103,27 @@ def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
     """
     tagged = run.tags.get(STAGE_TAG)
     if tagged:
-        return tagged if tagged in STAGE_OF_ASSET.values() else None
+        by_tag = stages.by_tag(tagged)
+        return by_tag.name if by_tag else None
     keys = list(run.asset_selection or ()) + [dg.AssetKey(k) for k in step_keys]
     for key in keys:
-        if key in STAGE_OF_ASSET:
-            return STAGE_OF_ASSET[key]
+        stage = stages.by_asset(key.to_user_string())
+        if stage is not None:
+            return stage.name
     return None
 
 
 def _partition_of_run(run: dg.DagsterRun) -> tuple[str | None, str | None]:
     tags = run.tags
-    subject = tags.get(f"dagster/partition/{SUBJECT_DIM}")
-    session = tags.get(f"dagster/partition/{SESSION_DIM}")
+    subject = tags.get(partition_dimension_tag(SUBJECT_DIM))
+    session = tags.get(partition_dimension_tag(SESSION_DIM))
     if subject:
         return subject, session
-    partition = tags.get("dagster/partition")
-    if partition and "|" in partition:
-        from neuroflow_dagster.defs.partitions import split_session_key
-
+    partition = tags.get(PARTITION_TAG)
+    if partition and is_session_key(partition):
         try:
             return split_session_key(partition)
-        except Exception:  # a key from another partitioning: show it as is
+        except ValueError:  # a key from another partitioning: show it as is
             return partition, None
     return partition, None
 
@@ -155,8 +161,8 @@ def alert_from_failure(
             reason = user.description
         elif data and data.error:
             reason = data.error.message.strip()
-        log_path = str(meta["log_path"]) if meta.get("log_path") else None
-        tail = meta.get("log_tail")
+        log_path = str(meta[LOG_PATH_KEY]) if meta.get(LOG_PATH_KEY) else None
+        tail = meta.get(LOG_TAIL_KEY)
         log_tail = _strip_fence(str(tail))[-MAX_TAIL_CHARS:] if tail else None
     if run_failure_message and "maximum runtime" in run_failure_message:
         # Killed by run monitoring (dagster/max_runtime or run_monitoring.max_runtime_seconds): the step
@@ -175,7 +181,7 @@ def alert_from_failure(
         job_name=run.job_name,
         log_path=log_path,
         log_tail=log_tail,
-        attempt=int(run.tags.get("dagster/retry_number", "0")) + 1,
+        attempt=int(run.tags.get(RETRY_NUMBER_TAG, "0")) + 1,
     )
 
 

@@ -1,7 +1,7 @@
 """Automation conditions: how work propagates through the graph by itself.
 
 Built only from Dagster's built-in conditions, so they serialize and the
-daemon evaluates exactly what is tested here. The rules (requirements §5):
+daemon evaluates exactly what is tested here. The rules (docs/domain-rules.md#state):
 
 - bids_session: convert when its DICOM session is (re)registered and the
   protocol check passed.
@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-AC = dg.AutomationCondition
+from neuroflow_dagster.defs.graph import asset_key
 
-DICOM = dg.AssetKey("dicom_session")
-BIDS = dg.AssetKey("bids_session")
-QSIPREP = dg.AssetKey("qsiprep_subject")
-QSIRECON = dg.AssetKey("qsirecon_session")
-QSIPARC = dg.AssetKey("qsiparc_session")
+AC = dg.AutomationCondition
 
 
 def _deps_settled_and_checks_passed() -> AC:
@@ -93,7 +89,7 @@ def qsiprep_condition(trigger: str = "eager", cron: str = "0 2 */3 * *") -> AC:
 def qsirecon_condition() -> AC:
     return (
         AC.any_deps_updated()
-        .allow(dg.AssetSelection.assets(QSIPREP))
+        .allow(dg.AssetSelection.assets(asset_key("qsiprep")))
         .since_last_handled()
         .with_label("the subject's QSIPrep was updated")
         & _deps_settled_and_checks_passed()

@@ -17,47 +17,29 @@ check run also targets the latest materialization natively, which is what
 
 from __future__ import annotations
 
-import json
 import time
-import zlib
-from base64 import b64decode, b64encode
 from typing import Any
 
 import dagster as dg
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.automation import DICOM
-from neuroflow_dagster.defs.partitions import (
-    session_key,
-    session_labels_partitions,
-    session_partitions,
-    subjects_partitions,
-)
+from neuroflow_dagster.defs.graph import DICOM_KEY, stage_settings
+from neuroflow_dagster.defs.partitions import session_labels_partitions, session_partitions, subjects_partitions
 from neuroflow_dagster.discovery import engine
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.status_report import series_markdown, write_status_report
+from neuroflow_dagster.naming.partitions import session_key
+from neuroflow_dagster.naming.tags import DISCOVERY_TAG_VALUE, MAX_RUNTIME_TAG, PARTITION_TAG, SCAN_ID_TAG, STAGE_TAG
 
-PROTOCOL_CHECK = "protocol"
-MAX_RUNTIME_TAG = "dagster/max_runtime"
 INSTANCE_MAX_RUNTIME_S = 48 * 3600
 CURSOR_VERSION = 1
 
 
-def encode_cursor(data: dict[str, Any]) -> str:
-    """Compressed JSON: the per-folder state of a large incoming tree stays a few tens of KB."""
-    raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
-    return "z" + b64encode(zlib.compress(raw, 6)).decode()
-
-
 def decode_cursor(cursor: str | None) -> dict[str, Any]:
-    if not cursor:
-        return {}
-    try:
-        raw = zlib.decompress(b64decode(cursor[1:])) if cursor.startswith("z") else cursor.encode()
-        data = json.loads(raw)
-    except (ValueError, zlib.error):
-        return {}
-    return data if isinstance(data, dict) and data.get("v") == CURSOR_VERSION else {}
+    """The sensor's cursor (engine state + held digest; encoded by discovery.engine), {} if not this version."""
+    data = engine.decode_cursor(cursor) or {}
+    return data if data.get("v") == CURSOR_VERSION else {}
 
 
 def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
@@ -81,15 +63,15 @@ def ensure_pool_limits(instance: dg.DagsterInstance, config: NeuroflowConfig) ->
     """Pool limits live in the instance database: the project sets them from config, not a person."""
     changed = []
     storage = instance.event_log_storage
-    for stage in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"):
-        limit = config.stage(stage).max_concurrent
+    for stage in stages.stages():
+        limit = stage_settings(config, stage).max_concurrent
         try:
-            current = storage.get_concurrency_info(stage).slot_count
+            current = storage.get_concurrency_info(stage.pool).slot_count
         except Exception:  # pragma: no cover - storage without pool support
             current = None
         if current != limit:
-            storage.set_concurrency_slots(stage, limit)
-            changed.append(f"{stage}={limit}")
+            storage.set_concurrency_slots(stage.pool, limit)
+            changed.append(f"{stage.pool}={limit}")
     return changed
 
 
@@ -100,9 +82,9 @@ def _tag_safe(text: str) -> str:
 
 protocol_check_job = dg.define_asset_job(
     "dicom_protocol_check",
-    selection=dg.AssetSelection.checks(dg.AssetCheckKey(DICOM, PROTOCOL_CHECK)),
+    selection=dg.AssetSelection.checks(dg.AssetCheckKey(DICOM_KEY, stages.PROTOCOL_CHECK)),
     partitions_def=session_partitions,
-    tags={"neuroflow/stage": "discovery"},
+    tags={STAGE_TAG: DISCOVERY_TAG_VALUE},
     description="Runs the blocking protocol check of a (re)registered DICOM session.",
 )
 
@@ -137,8 +119,8 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             labels.append(reg.session_label)
             events.append(
                 dg.AssetMaterialization(
-                    asset_key=DICOM,
-                    partition=str(key),
+                    asset_key=DICOM_KEY,
+                    partition=key,
                     description=f"DICOM session {reg.scan_id}",
                     metadata=registration_metadata(reg),
                 )
@@ -149,9 +131,9 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
                     # A check-only job has no PartitionsDefinition of its own (Dagster derives it from
                     # assets), so the partition travels as the standard tag rather than partition_key.
                     tags={
-                        "dagster/partition": str(key),
-                        "neuroflow/stage": "discovery",
-                        "neuroflow/scan_id": _tag_safe(reg.scan_id),
+                        PARTITION_TAG: key,
+                        STAGE_TAG: DISCOVERY_TAG_VALUE,
+                        SCAN_ID_TAG: _tag_safe(reg.scan_id),
                     },
                 )
             )
@@ -181,22 +163,22 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             dynamic_partitions_requests=requests,
             asset_events=events,
             run_requests=runs,
-            cursor=encode_cursor(new_cursor),
+            cursor=engine.encode_cursor(new_cursor),
         )
 
     return dicom_discovery
 
 
-def max_runtime_tags(config: NeuroflowConfig, stage: str) -> dict[str, str]:
+def max_runtime_tags(config: NeuroflowConfig, stage: stages.Stage) -> dict[str, str]:
     """Run monitoring cancels a stage run after what its in-run retries can legitimately take.
 
     Retries happen inside the same run, so one attempt's timeout is too short: the budget is
     every attempt at its hard timeout plus the longest retry waits, capped at the 48 h after
     which the predecessor cancelled stale runs.
     """
-    cfg = config.stage(stage)
+    cfg = stage_settings(config, stage)
     r = cfg.retry
-    budget = (r.max_retries + 1) * cfg.timeout_minutes * 60 + r.max_retries * r.max_delay_seconds * (1 + r.jitter) + 900
+    budget = (r.max_retries + 1) * cfg.timeout_s + r.max_retries * r.max_delay_seconds * (1 + r.jitter) + 900
     return {MAX_RUNTIME_TAG: str(int(min(INSTANCE_MAX_RUNTIME_S, budget)))}
 
 
@@ -207,20 +189,14 @@ def build_automation_sensors(config: NeuroflowConfig) -> list[dg.AutomationCondi
     the pools on the assets hold the limit for runs launched without tags too.
     """
     interval = max(5, min(30, config.discovery.interval_seconds))
-    stages = {
-        "bids_conversion": ["bids_session"],
-        "qsiprep": ["qsiprep_subject"],
-        "qsirecon": ["qsirecon_session"],
-        "qsiparc": ["qsiparc_session"],
-    }
     return [
         dg.AutomationConditionSensorDefinition(
-            name=f"automation_{stage}",
-            target=dg.AssetSelection.assets(*keys),
-            run_tags={"neuroflow/stage": stage, **max_runtime_tags(config, stage)},
+            name=f"automation_{stage.name}",
+            target=dg.AssetSelection.assets(stage.asset),
+            run_tags={STAGE_TAG: stage.tag, **max_runtime_tags(config, stage)},
             default_status=dg.DefaultSensorStatus.RUNNING,
             minimum_interval_seconds=interval,
-            description=f"Declarative automation for {stage}; its runs carry neuroflow/stage={stage}.",
+            description=f"Declarative automation for {stage.name}; its runs carry {STAGE_TAG}={stage.tag}.",
         )
-        for stage, keys in stages.items()
+        for stage in stages.stages()
     ]

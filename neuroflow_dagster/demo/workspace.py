@@ -10,7 +10,7 @@ first and renamed into place, as a careful scanner export would do):
 - 20240305_0800 (DEMO_02): only corrupt files: the protocol check fails, nothing is converted.
 - 20240410_1200: not in the mapping: held as unmapped.
 
-Subject codes follow requirements §1: `DEMO_01` -> `DEMO01`, `75` -> `0075`.
+Subject codes follow docs/domain-rules.md#identity: `DEMO_01` -> `DEMO01`, `75` -> `0075`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from neuroflow_dagster.demo import sources, synth
+from neuroflow_dagster.scaffold import init_workspace
 
 MAPPING = {
     "20240115_1430": "DEMO_01",
@@ -90,8 +91,6 @@ def schedule_late_session(directory: Path, after_seconds: float) -> threading.Th
 
 def build_demo_workspace(directory: Path, *, reset: bool = False, sessions: bool = True) -> Path:
     """Create (or reuse) the demo workspace; returns its neuroflow.yaml."""
-    from neuroflow_dagster.cli import init_workspace
-
     if reset and directory.exists():
         shutil.rmtree(directory)
     config = directory / "neuroflow.yaml"

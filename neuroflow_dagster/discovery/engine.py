@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
+from base64 import b64decode, b64encode
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -126,6 +128,21 @@ def decode_state(cursor: str | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return state if isinstance(state, dict) else None
+
+
+def encode_cursor(data: dict[str, Any]) -> str:
+    """The compact JSON zlib-compressed: what the sensor stores (a large tree's state stays a few tens of KB)."""
+    return "z" + b64encode(zlib.compress(encode_state(data).encode("utf-8"), 6)).decode()
+
+
+def decode_cursor(cursor: str | None) -> dict[str, Any] | None:
+    """A stored cursor (compressed, or plain JSON) -> its data; anything unreadable -> None."""
+    if cursor and cursor.startswith("z"):
+        try:
+            cursor = zlib.decompress(b64decode(cursor[1:])).decode("utf-8")
+        except (ValueError, zlib.error):
+            return None
+    return decode_state(cursor)
 
 
 def config_key(config: NeuroflowConfig) -> str:
@@ -329,7 +346,7 @@ class _Tick:
         self.stats.folders_header_read += 1
         self.stats.header_files_read += headers.n_read
         if not self.flat and headers.n_dicom == 0 and entry is None:
-            # Path layout: a leaf is a session only if it holds DICOM (requirements §1).
+            # Path layout: a leaf is a session only if it holds DICOM (docs/domain-rules.md#arrival).
             self.new[sid] = ["E", walk.signature.value]
             self.hold(
                 folder,
@@ -471,8 +488,10 @@ __all__ = [
     "Registration",
     "TickResult",
     "TickStats",
+    "decode_cursor",
     "decode_state",
     "dry_run_discovery",
+    "encode_cursor",
     "encode_state",
     "run_discovery",
 ]

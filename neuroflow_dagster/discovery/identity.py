@@ -24,6 +24,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import is_label
 
 REGISTRY_FILENAME = "registry.tsv"
 REGISTRY_COLUMNS = (
@@ -36,7 +37,6 @@ REGISTRY_COLUMNS = (
     "registered_at",
 )
 _NOT_LABEL_CHARS = re.compile(r"[^A-Za-z0-9]")
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
 PARTICIPANT_LABEL_WIDTH = 4
 SESSION_LABEL_WIDTH = 2
 
@@ -50,7 +50,7 @@ class RegistryError(Exception):
 
 
 def participant_label(subject_code: str) -> str:
-    """SubjectCode -> participant label (requirements §1): keep ASCII letters/digits, zero-pad to 4.
+    """SubjectCode -> participant label (docs/domain-rules.md#identity): keep ASCII letters/digits, zero-pad to 4.
 
     ``75`` -> ``0075``, ``CLM_L_01`` -> ``CLML01``. Only ASCII is kept because BIDS labels are
     ``[a-zA-Z0-9]+``; a code with nothing left raises :class:`IdentityError`.
@@ -72,7 +72,7 @@ def session_label(ordinal: int) -> str:
 
 def is_valid_label(label: str) -> bool:
     """True if ``label`` is safe as a partition key and BIDS label (ASCII letters/digits only)."""
-    return bool(_LABEL.match(label or ""))
+    return is_label(label)
 
 
 def _now_iso() -> str:

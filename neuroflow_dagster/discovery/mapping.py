@@ -1,4 +1,4 @@
-"""ScanID -> SubjectCode (requirements §2): local CSV first, else a Google Sheet, else the last good copy.
+"""ScanID -> SubjectCode (docs/domain-rules.md#mapping): local CSV first, else a Google Sheet, else the last good copy.
 
 The mapping is fetched once per discovery tick. Every successful read is cached on disk (atomically) in
 ``paths.state``; when the source cannot be read, the cache is used and the result carries a warning that

@@ -38,17 +38,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.config import StageConfig
 from neuroflow_dagster.fsutil import atomic_write_text
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord, ToolRunError
+from neuroflow_dagster.runtimes.apptainer import apptainer_exec_argv, apptainer_image_problem
+from neuroflow_dagster.runtimes.base import DEFAULT_KILL_GRACE_S, RunRecord, RunRequest, Runtime, ToolRunError
+from neuroflow_dagster.runtimes.container import mount_problem, resolve_image
 from neuroflow_dagster.runtimes.failures import FailureClass, classify
 from neuroflow_dagster.runtimes.jobs import JobRecord, JobStore
-from neuroflow_dagster.runtimes.local import (
-    STAND_IN_IMAGE,
+from neuroflow_dagster.runtimes.local import STAND_IN_IMAGE
+from neuroflow_dagster.runtimes.process import (
     LogSink,
-    _fmt_s,
     exit_failure,
     fail,
+    mark_cancelled,
     new_record,
+    soft_timeout_note,
     succeed,
 )
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -266,7 +270,7 @@ class SlurmCLI:
 # --------------------------------------------------------------------------- argv building
 
 
-def _time_limit(stage: Any, timeout_s: float | None) -> int:
+def _time_limit(stage: StageConfig, timeout_s: float | None) -> int:
     cfg = stage.slurm
     if cfg.time_limit_minutes:
         return int(cfg.time_limit_minutes)
@@ -280,16 +284,16 @@ def job_name(stage_name: str, partition: str) -> str:
     return f"nf-{stage_name}-{safe}"
 
 
-def sbatch_argv(stage: Any, *, name: str, output: Path, workdir: Path, script: Path, timeout_s: float | None,
+def sbatch_argv(stage: StageConfig, *, name: str, output: Path, workdir: Path, script: Path, timeout_s: float | None,
                 job_args: list[str]) -> list[str]:
     """The sbatch command: resources from the stage, then the operator's extra options, then the script."""
     cfg = stage.slurm
     argv = ["sbatch", "--parsable", f"--job-name={name}", f"--output={output}", "--open-mode=append",
             f"--chdir={workdir}", "--no-requeue", f"--time={_time_limit(stage, timeout_s)}"]
-    mem = cfg.mem_mb or getattr(stage, "memory_mb", None)
+    mem = cfg.mem_mb or stage.memory_mb
     if mem:
         argv.append(f"--mem={int(mem)}M")
-    cpus = cfg.cpus or getattr(stage, "cpus", None)
+    cpus = cfg.cpus or stage.cpus
     if cpus:
         argv.append(f"--cpus-per-task={math.ceil(cpus)}")
     for key in ("partition", "account", "qos"):
@@ -301,13 +305,10 @@ def sbatch_argv(stage: Any, *, name: str, output: Path, workdir: Path, script: P
     return argv
 
 
-def inner_argv(spec: ToolSpec, stage: Any, inside: str) -> tuple[list[str], dict[str, str], str | None]:
+def inner_argv(spec: ToolSpec, stage: StageConfig, inside: str) -> tuple[list[str], dict[str, str], str | None]:
     """(argv, env, cwd) the wrapper runs in the job: the tool itself, or apptainer exec around it."""
     if inside != "apptainer":
         return list(spec.argv), dict(spec.env), str(spec.workdir) if spec.workdir is not None else None
-    from neuroflow_dagster.runtimes.apptainer import apptainer_exec_argv
-    from neuroflow_dagster.runtimes.docker import resolve_image
-
     extra: list[str] = []
     for bind in stage.slurm.binds:
         extra += ["--bind", bind]
@@ -366,15 +367,17 @@ class OutputTail:
 # --------------------------------------------------------------------------- the runtime
 
 
-class SlurmRuntime:
+class SlurmRuntime(Runtime):
     """One Slurm job per tool run; see the module docstring."""
 
     name = "slurm"
+    stage: StageConfig
 
     def __init__(
         self,
-        stage: Any,
+        stage: StageConfig,
         *,
+        kill_grace_s: float = DEFAULT_KILL_GRACE_S,
         stage_name: str = "tool",
         partition: str = "all",
         run_id: str | None = None,
@@ -384,7 +387,7 @@ class SlurmRuntime:
         poll_s: float | None = None,
         cancel_wait_s: float = 60.0,
     ) -> None:
-        self.stage = stage
+        super().__init__(stage, kill_grace_s=kill_grace_s)
         self.stage_name = stage_name
         self.partition = partition
         self.run_id = run_id
@@ -396,17 +399,11 @@ class SlurmRuntime:
 
     # -- public -----------------------------------------------------------------------------------
 
-    def run(
-        self,
-        spec: ToolSpec,
-        *,
-        log_path: Path,
-        timeout_s: float | None = None,
-        soft_timeout_s: float | None = None,
-        log: LogFn | None = None,
-        context: Any | None = None,
-    ) -> RunRecord:
-        log_path = Path(log_path)
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        """The limits in ``request`` are resolved from the stage (Runtime.run): ``timeout_s`` becomes
+        ``--time`` unless ``slurm.time_limit_minutes`` is set; the soft timeout counts from RUNNING."""
+        log_path = request.log_path
+        timeout_s, soft_timeout_s = request.timeout_s, request.soft_timeout_s
         inside = self.stage.tool_runtime
         argv, env, cwd = inner_argv(spec, self.stage, inside)
         image: str | None = None
@@ -416,13 +413,9 @@ class SlurmRuntime:
             image = spec.image or self.stage.image
         record = new_record(spec, runtime=self.name, command=argv, log_path=log_path, image=image)
         record.extra["slurm_inside"] = inside
-        sink = LogSink(log_path, log)
+        sink = LogSink(log_path, request.log)
         sink.note(f"tool {spec.tool} on runtime slurm (inside the job: {inside})")
         self._check(spec, inside, argv, record, sink)
-        if soft_timeout_s is None and getattr(self.stage, "soft_timeout_minutes", None):
-            soft_timeout_s = float(self.stage.soft_timeout_minutes) * 60
-        if timeout_s is None:
-            timeout_s = float(self.stage.timeout_minutes) * 60
 
         stem = log_path.name[: -len(log_path.suffix)] if log_path.suffix else log_path.name
         files = {k: log_path.with_name(f"{stem}.{k}") for k in ("slurm.out", "job.json", "result.json", "sbatch.sh")}
@@ -462,9 +455,6 @@ class SlurmRuntime:
             problem = ("runtime slurm with slurm.inside builtin got a spec for the real tool (stand_in=False); "
                        "set pipelines.<stage>.slurm.inside to local or apptainer")
         elif inside == "apptainer":
-            from neuroflow_dagster.runtimes.apptainer import apptainer_image_problem
-            from neuroflow_dagster.runtimes.docker import mount_problem, resolve_image
-
             problem = apptainer_image_problem(resolve_image(spec, self.stage))
             problem = problem or next((p for p in map(mount_problem, spec.mounts) if p), None)
         if problem is not None:
@@ -601,8 +591,7 @@ class SlurmRuntime:
             if (soft_timeout_s is not None and not warned and running_since is not None
                     and time.monotonic() - running_since >= soft_timeout_s):
                 warned = True
-                sink.note(f"WARNING soft timeout: still running after {_fmt_s(time.monotonic() - running_since)} "
-                          f"(soft limit {_fmt_s(soft_timeout_s)}); not stopped")
+                sink.note(soft_timeout_note(time.monotonic() - running_since, soft_timeout_s, None))
             time.sleep(poll_interval(self.poll_s, time.monotonic() - watching_since))
 
     def final_state(self, job: JobRecord, sink: LogSink | None = None) -> JobState:
@@ -743,10 +732,7 @@ class SlurmRuntime:
             elif job is not None:
                 self._collected(job, {"state": "NOT_SUBMITTED", "reason": "run cancelled"})
         finally:
-            record.ended = time.time()
-            record.error = f"cancelled ({type(exc).__name__})"
-            record.extra["cancelled"] = True
-            sink.note(record.error)
+            sink.note(mark_cancelled(record, exc))
             record.log_tail = sink.tail
             sink.close()
 

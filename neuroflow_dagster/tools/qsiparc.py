@@ -10,24 +10,23 @@ checked against the real click parser in the test suite.
 
 from __future__ import annotations
 
-import sys
 from importlib import metadata
 from typing import Any
 
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.layout import C_OUT, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsiparc"
 STAND_IN = "neuroflow_dagster.tools.builtin.parcellate"
 
 C_QSIRECON = "/data/qsirecon"
-C_OUT = "/out"
 
 
 def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
     ents = layout.entities(participant, session)
-    return (f"sub-{participant}/ses-{session}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
+    return (f"{session_path(participant, session)}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
 
 
 def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
@@ -40,19 +39,12 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
     common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs}
 
     if cfg.tool_runtime == "builtin":
-        pm = PathMap(containerized=False)
-        argv = [
-            sys.executable, "-m", STAND_IN,
-            "--qsirecon-dir", pm(source, ""),
-            "--output-dir", pm(out, "", read_only=False),
-            "--participant-label", participant,
-            "--session-label", session,
-            "--mask", cfg.mask,
-        ]  # fmt: skip
+        argv, pm = stand_in_command(STAND_IN, ("--qsirecon-dir", source), out, participant, [session])
+        argv += ["--mask", cfg.mask]
         out.mkdir(parents=True, exist_ok=True)
         return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), stand_in=True, **common)
 
-    containerized = cfg.tool_runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
         raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.tool_runtime} (no default image)")
     pm = PathMap(containerized=containerized)

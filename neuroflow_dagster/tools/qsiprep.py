@@ -22,14 +22,14 @@ sources as root).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.layout import C_LICENSE, C_OUT, C_WORK, NO_PING_ENV, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsiprep"
@@ -40,13 +40,8 @@ FILTER_QUERIES = ("dwi", "t1w", "t2w", "fmap", "roi")
 NEW_DIALECT = 26
 
 C_BIDS = "/data/bids"
-C_OUT = "/out"
-C_WORK = "/work"
-C_LICENSE = "/opt/freesurfer/license.txt"
 C_FILTER = "/neuroflow/bids_filter.json"
 
-# Switch off nipype's and QSIPrep's start-up network pings: workers on a clinical network have no internet.
-ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
 
 
 def dialect(config: Any) -> int:
@@ -106,7 +101,7 @@ def golden_outputs(participant: str, sessions: Sequence[str]) -> tuple[str, ...]
     sub = layout.entities(participant)
     outputs = ["dataset_description.json", f"{sub}.html"]
     for session in sessions:
-        stem = f"{sub}/ses-{session}/dwi/{layout.entities(participant, session)}_*space-ACPC_"
+        stem = f"{session_path(participant, session)}/dwi/{layout.entities(participant, session)}_*space-ACPC_"
         outputs += [
             f"{stem}desc-preproc_dwi.nii.gz",
             f"{stem}desc-preproc_dwi.bval",
@@ -139,21 +134,13 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSp
     common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
 
     if cfg.tool_runtime == "builtin":
-        pm = PathMap(containerized=False)
-        argv = [
-            sys.executable, "-m", STAND_IN,
-            "--bids-dir", pm(bids, ""),
-            "--output-dir", pm(out, "", read_only=False),
-            "--participant-label", participant,
-            "--session-label", *sessions,
-            "--work-dir", pm(work, "", read_only=False),
-            "--nprocs", str(cfg.nprocs),
-        ]  # fmt: skip
+        argv, pm = stand_in_command(STAND_IN, ("--bids-dir", bids), out, participant, sessions, work)
+        argv += ["--nprocs", str(cfg.nprocs)]
         _prepare(work, out)
         return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
                         stand_in=True, **common)
 
-    containerized = cfg.tool_runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
         raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.tool_runtime}")
     version = dialect(config)
@@ -198,7 +185,7 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSp
     argv.append("--notrack")
     argv += list(cfg.extra_args)
     _prepare(work, out)
-    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(ENV),
+    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(NO_PING_ENV),
                     workdir=Path(container_work), **common)
 
 

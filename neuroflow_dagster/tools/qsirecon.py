@@ -16,24 +16,20 @@ parser is not exercised by the test suite; see docs/tools.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.layout import C_LICENSE, C_OUT, C_WORK, NO_PING_ENV, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsirecon"
 STAND_IN = "neuroflow_dagster.tools.builtin.recon"
 
 C_QSIPREP = "/data/qsiprep"
-C_OUT = "/out"
-C_WORK = "/work"
-C_LICENSE = "/opt/freesurfer/license.txt"
 C_SPEC = "/neuroflow/recon_spec"
 
-ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -51,7 +47,7 @@ def golden_outputs(participant: str, session: str, atlases: list[str], *, stand_
     so its atlas patterns are ``seg-*`` rather than the configured atlases.
     """
     ents = layout.entities(participant, session)
-    dwi = f"sub-{participant}/ses-{session}/dwi/{ents}_*space-ACPC_"
+    dwi = f"{session_path(participant, session)}/dwi/{ents}_*space-ACPC_"
     outputs = [f"derivatives/qsirecon-*/{dwi}model-*_param-*_dwimap.nii.gz"]
     for atlas in (["*"] if stand_in else atlases):
         outputs += [f"{dwi}seg-{atlas}_dseg.nii.gz", f"atlases/atlas-{atlas}/atlas-{atlas}_dseg.tsv"]
@@ -72,15 +68,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
     common = {"output_dir": out, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
 
     if cfg.tool_runtime == "builtin":
-        pm = PathMap(containerized=False)
-        argv = [
-            sys.executable, "-m", STAND_IN,
-            "--qsiprep-dir", pm(source, ""),
-            "--output-dir", pm(out, "", read_only=False),
-            "--participant-label", participant,
-            "--session-label", session,
-            "--work-dir", pm(work, "", read_only=False),
-        ]  # fmt: skip
+        argv, pm = stand_in_command(STAND_IN, ("--qsiprep-dir", source), out, participant, [session], work)
         if cfg.atlas_file is not None:
             argv += ["--atlas-file", pm(Path(cfg.atlas_file), "")]
             if cfg.atlas_labels is not None:
@@ -92,7 +80,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
                         outputs=golden_outputs(participant, session, cfg.atlases, stand_in=True),
                         stand_in=True, **common)
 
-    containerized = cfg.tool_runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
         raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.tool_runtime}")
     if containerized and cfg.fs_license is None:
@@ -126,7 +114,7 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
     argv.append("--notrack")
     argv += list(cfg.extra_args)
     _prepare(work, out)
-    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(ENV),
+    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(NO_PING_ENV),
                     workdir=Path(container_work), outputs=golden_outputs(participant, session, cfg.atlases),
                     **common)
 

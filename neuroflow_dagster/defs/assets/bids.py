@@ -5,62 +5,43 @@ published into bids_root in one rename, so a failed run leaves no partial
 session and keeps the previous good one.
 """
 
-import json
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 
 from neuroflow_dagster.bids import dataset, validator
+from neuroflow_dagster.bids.verdicts import save_verdict
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import session_partitions
+from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import entities
+from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import heudiconv
 
 STAGE = "bids_conversion"
 VALIDATOR_CHECK = "bids_validator"
 
 
-def _validation_file(config: NeuroflowConfig, participant: str, session: str) -> Path:
-    return config.paths.state / "validation" / f"sub-{participant}_ses-{session}.json"
-
-
-def save_validation(config: NeuroflowConfig, participant: str, session: str, passed: bool, summary: str) -> None:
-    """Remember the validator verdict so QSIPrep leaves out sessions whose BIDS is invalid."""
-    atomic_write_text(
-        _validation_file(config, participant, session), json.dumps({"passed": passed, "summary": summary})
-    )
-
-
-def validation_passed(config: NeuroflowConfig, participant: str, session: str) -> bool:
-    try:
-        return bool(json.loads(_validation_file(config, participant, session).read_text())["passed"])
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
+    args = stage_asset_args(stage(STAGE))
+
     @dg.asset(
-        name="bids_session",
-        partitions_def=session_partitions,
-        deps=[dg.AssetDep("dicom_session")],
+        **args,
         group_name="conversion",
         kinds={"bids"},
-        pool=STAGE,
         code_version=heudiconv.code_version(config),
         automation_condition=automation.bids_condition(),
         check_specs=[
             dg.AssetCheckSpec(
                 VALIDATOR_CHECK,
-                asset="bids_session",
+                asset=args["name"],
                 blocking=True,
-                partitions_def=session_partitions,
+                partitions_def=args["partitions_def"],
                 description="The real BIDS validator (bids-validator-deno) on the converted session.",
             )
         ],
@@ -69,7 +50,7 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def bids_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> Iterator[dg.MaterializeResult]:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        staging = cfg.paths.work_dir / "bids_staging" / f"sub-{ses.participant}_ses-{ses.session}_{context.run_id[:8]}"
+        staging = cfg.paths.work_dir / "bids_staging" / f"{entities(ses.participant, ses.session)}_{context.run_id[:8]}"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
@@ -103,14 +84,14 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        suffixes = sorted(heudiconv.present_suffixes(published.session_dir))
+        suffixes = sorted(dataset.present_suffixes(published.session_dir))
         passed = report.passed if report is not None else True
         summary = (
             report.summary()
             if report is not None
             else "BIDS validator disabled (pipelines.bids_conversion.bids_validator)"
         )
-        save_validation(cfg, ses.participant, ses.session, passed, summary)
+        save_verdict(cfg.paths.state, ses.participant, ses.session, passed, summary)
         meta = record_metadata(record, spec)
         meta.update(
             {

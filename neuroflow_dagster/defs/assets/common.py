@@ -9,10 +9,10 @@ from typing import Any
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
-from neuroflow_dagster.defs.partitions import split_session_key
-from neuroflow_dagster.discovery.exclusions import load_exclusions
-from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
+from neuroflow_dagster.discovery.identity import RegistryEntry
+from neuroflow_dagster.eligibility import NotEligible, registered_session
+from neuroflow_dagster.naming.partitions import split_session_key
+from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, STATUS_KEY, STATUS_NOT_APPLICABLE
 from neuroflow_dagster.tools.spec import ToolSpec
 
 
@@ -30,15 +30,10 @@ def refuse(reason: str, failure_class: str = "validation") -> dg.Failure:
 
 def session_context(config: NeuroflowConfig, partition_key: str) -> SessionContext:
     participant, session = split_session_key(partition_key)
-    entry = Registry(config.paths.state).get(participant, session)
-    if entry is None:
-        raise refuse(
-            f"sub-{participant} ses-{session} is not a registered session (no ScanID maps to it); "
-            "only partitions added by the discovery sensor can be processed"
-        )
-    excluded = load_exclusions(config).get(entry.scan_id)
-    if excluded:
-        raise refuse(f"ScanID {entry.scan_id!r} was excluded by {excluded.get('by')}: {excluded.get('reason')}")
+    try:
+        entry = registered_session(config, participant, session)
+    except NotEligible as exc:
+        raise refuse(str(exc)) from None
     return SessionContext(participant, session, entry)
 
 
@@ -53,5 +48,5 @@ def build_or_refuse(build: Callable[..., ToolSpec], *args: Any, **kwargs: Any) -
 def not_applicable(reason: str, **extra: object) -> dg.MaterializeResult:
     """A stage that does not apply (e.g. no DWI) is recorded as such, visibly, not as a failure."""
     return dg.MaterializeResult(
-        metadata={"neuroflow/status": "not_applicable", "reason": reason, **extra},
+        metadata={STATUS_KEY: STATUS_NOT_APPLICABLE, "reason": reason, **extra},
     )

@@ -6,8 +6,10 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import session_partitions
+from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
+from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
+from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import layout, qsiparc
 
 STAGE = "qsiparc"
@@ -17,12 +19,8 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsiparc
 
     @dg.asset(
-        name="qsiparc_session",
-        partitions_def=session_partitions,
-        deps=[dg.AssetDep("qsirecon_session")],
+        **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="parcellation",
-        kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
-        pool=STAGE,
         code_version=qsiparc.code_version(config),
         automation_condition=automation.qsiparc_condition(),
         description="Per-region statistics of the session's diffusion maps (QSIParc layout).",
@@ -39,7 +37,7 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         tables = sorted(out.rglob("*.tsv")) if out.is_dir() else []
         meta.update(
             {
-                "neuroflow/status": "done",
+                STATUS_KEY: STATUS_DONE,
                 "n_tables": len(tables),
                 "tables": dg.MetadataValue.md("\n".join(f"- `{t.relative_to(out)}`" for t in tables[:50])),
             }
