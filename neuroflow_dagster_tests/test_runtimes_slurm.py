@@ -109,7 +109,7 @@ def test_two_stages_run_side_by_side(slurm: SlurmCluster, tmp_path: Path) -> Non
     def one(stage_name: str) -> None:
         rt = runtime(slurm, stage(), tmp_path / stage_name, "side", stage_name=stage_name)
         spec = py_spec(tmp_path / stage_name, "import time; print('START=%f' % time.time(), flush=True); "
-                                              "time.sleep(4); print('END=%f' % time.time())")
+                                              "time.sleep(6); print('END=%f' % time.time())")
         try:
             results[stage_name] = rt.run(spec, log_path=tmp_path / stage_name / "run.log")
         except BaseException as exc:  # reported by the assertion below
@@ -175,7 +175,7 @@ def test_success_records_the_job_and_streams_its_output(slurm: SlurmCluster, tmp
     spec = py_spec(tmp_path, """
         import os, time
         print('hello from', os.environ['NF_SPEC_ENV'], 'in', os.getcwd(), flush=True)
-        time.sleep(1.5)
+        time.sleep(3)
         x = bytearray(60 * 1024 * 1024)
         x[::4096] = b'x' * len(x[::4096])
         print('bye', flush=True)
