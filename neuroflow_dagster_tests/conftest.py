@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,20 @@ from neuroflow_dagster.tools.spec import ToolSpec
 from neuroflow_dagster_tests.engines.docker_engine import DockerEngine
 from neuroflow_dagster_tests.engines.docker_engine import docker_engine as start_docker_engine
 from neuroflow_dagster_tests.engines.slurm_cluster import SlurmCluster, slurm_cluster
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite behaves the same however it was started.
+
+    A background job of a non-interactive shell (`make test &`, CI runners) starts with SIGINT ignored,
+    and Dagster's interrupt handling then maps SIGTERM to the same ignored handler after every in-process
+    run. Ignored dispositions are inherited by every process the tests start: spawn-pool workers that
+    never die on `Pool.terminate()`, tools that ignore the runtime's SIGTERM. Restore the defaults first.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture

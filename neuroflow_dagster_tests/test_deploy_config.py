@@ -212,7 +212,10 @@ def test_docker_run_launcher_is_built_from_its_config_without_an_engine() -> Non
     assert launcher.networks == ["neuroflow"]
     assert "DAGSTER_POSTGRES_PASSWORD" in launcher.env_vars  # by name: the value stays in the environment
     assert f"{DICOM}:{DICOM}:ro" in launcher.container_kwargs["volumes"]
-    assert "run_launcher" not in load_yaml(DEPLOY / "systemd" / "dagster.yaml")  # no Docker there
+    # No Docker there: runs are local processes of the default launcher, with the run-worker health check.
+    assert load_yaml(DEPLOY / "systemd" / "dagster.yaml")["run_launcher"] == load_yaml(REPO / "dagster.yaml")[
+        "run_launcher"
+    ] == {"module": "neuroflow_dagster.defs.launcher", "class": "HealthCheckedRunLauncher"}
 
 
 @pytest.mark.parametrize("path", ["dagster.yaml", "systemd/dagster.yaml"])

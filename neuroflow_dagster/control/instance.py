@@ -37,6 +37,12 @@ def open_instance(home: Path) -> Iterator[dg.DagsterInstance]:
     """The instance of `home`, opened from its dagster.yaml for reading (the CLI never writes Dagster records)."""
     from dagster._core.instance.ref import InstanceRef
 
+    from neuroflow_dagster.control.storage import storage_problem
+
+    # Opening creates missing storage: never do that here, beside a starting `dagster dev`.
+    problem = storage_problem(home)
+    if problem:
+        raise ConfigError(problem)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))

@@ -7,26 +7,41 @@ things (docs/domain-rules.md#pipelines) and fails the same way
 +-20 %), so Dagster retries the step in the same run; validation, configuration and tool failures raise
 `Failure(allow_retries=False)` with the reason, so Dagster stops at once.
 When the retries are spent the last Failure (with its metadata) is what the
-run reports.
+run reports. The derivative stages write into their run's staging folder and
+their outputs are published only here, after success (tools/publish.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig, RetryConfig
 from neuroflow_dagster.defs.graph import stage_settings
-from neuroflow_dagster.naming.logs import run_log_path
+from neuroflow_dagster.naming.logs import run_log_path, safe_partition
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY, LOG_TAIL_KEY
 from neuroflow_dagster.runtimes import STAND_IN_IMAGE, get_runtime, verify_outputs
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
-from neuroflow_dagster.runtimes.failures import FailureClass, is_retryable, retry_delay
+from neuroflow_dagster.runtimes.failures import FailureClass, classify, is_retryable, retry_delay
 from neuroflow_dagster.runtimes.jobs import JobStore
+from neuroflow_dagster.tools import publish
 from neuroflow_dagster.tools.spec import ToolSpec
+
+
+def staging_for(context: dg.AssetExecutionContext, final_dir: Path) -> Path:
+    """This run's own staging folder inside ``final_dir`` (published there only if the run succeeds)."""
+    partition = context.partition_key if context.has_partition_key else "all"
+    return publish.staging_dir(final_dir, str(partition), context.run_id)
+
+
+def work_lock(config: NeuroflowConfig, stage: str, partition: str) -> Path:
+    """One lock file per piece of work: two processes of the same stage x partition never run at once."""
+    return config.paths.state / "locks" / stage / f"{safe_partition(partition)}.lock"
 
 
 def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str, Any]:
@@ -37,8 +52,10 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
         "exit_code": record.exit_code if record.exit_code is not None else -1,
         "duration_s": record.duration_s if record.duration_s is not None else -1.0,
         LOG_PATH_KEY: dg.MetadataValue.path(record.log_path),
-        "output_dir": dg.MetadataValue.path(record.output_dir),
+        "output_dir": dg.MetadataValue.path(str(spec.final_dir) if spec is not None else record.output_dir),
     }
+    if spec is not None and spec.publish_to is not None:
+        meta["staging_dir"] = dg.MetadataValue.path(str(spec.output_dir))
     if record.image_digest:
         meta["image_digest"] = record.image_digest
     if spec is not None:
@@ -68,9 +85,15 @@ def runtime_options(context: dg.AssetExecutionContext, config: NeuroflowConfig, 
 
 def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, spec: ToolSpec) -> RunRecord:
     """Run `spec` with the stage's runtime (its limits come from the stage's settings); check the
-    golden outputs; raise a classified Failure or RetryRequested."""
+    golden outputs; publish them; raise a classified Failure or RetryRequested.
+
+    A spec writing into a staging folder (``publish_to`` set) reaches the derivatives only here, after
+    success; a failed run leaves its partial outputs in the staging folder, named in the failure.
+    The tool holds the per-work lock (stage x partition) for as long as any of its processes lives.
+    """
     stage_cfg = stage_settings(config, stage)
     partition = context.partition_key if context.has_partition_key else "all"
+    spec = dataclasses.replace(spec, lock=work_lock(config, stage, str(partition)), lock_owner=context.run_id)
     log_path = run_log_path(config.paths.log_dir, stage, str(partition), context.run_id)
     runtime = get_runtime(stage_cfg, **runtime_options(context, config, stage, str(partition)))
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
@@ -79,9 +102,30 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
     except ToolRunError as exc:
         raise tool_failure(exc, stage_cfg.retry, context.retry_number, stage, spec, log=context.log.warning) from exc
     try:
-        return verify_outputs(spec, record, what=stage)
+        verify_outputs(spec, record, what=stage)
     except ToolRunError as exc:
-        raise final_failure(exc, spec, str(exc)) from exc
+        raise final_failure(exc, spec, str(exc) + unpublished_note(spec)) from exc
+    if spec.publish_to is not None:
+        try:
+            done = publish.publish_outputs(spec.output_dir, spec.publish_to, spec.publish_units,
+                                           partition=str(partition))
+        except (publish.PublishError, OSError) as exc:
+            failure_class = classify(str(exc), None)
+            if failure_class == FailureClass.TOOL:
+                failure_class = FailureClass.TRANSIENT  # a rename that failed: the filesystem, not the tool
+            error = ToolRunError(f"{stage}: publishing the outputs failed: {exc}", record, str(failure_class))
+            raise final_failure(error, spec, str(error) + unpublished_note(spec)) from exc
+        context.log.info(f"{stage}: published {', '.join(done.units) or 'files'} into {done.target} "
+                         f"({done.files} files)")
+        record.extra["published_units"] = done.units
+    return record
+
+
+def unpublished_note(spec: ToolSpec | None) -> str:
+    """Where a failed run's partial outputs are, and that the published ones were not touched."""
+    if spec is None or spec.publish_to is None:
+        return ""
+    return f"; partial outputs kept in {spec.output_dir}, nothing published ({spec.publish_to} unchanged)"
 
 
 def final_failure(error: ToolRunError, spec: ToolSpec | None, description: str) -> dg.Failure:
@@ -112,7 +156,7 @@ def tool_failure(
     attempt = retry_number + 1
     will_retry = is_retryable(failure_class) and attempt <= retry.max_retries
     note = f"attempt {attempt}/{retry.max_retries + 1}" + (", will retry" if will_retry else ", not retried")
-    failure = final_failure(error, spec, f"{stage} failed [{failure_class}; {note}]: {error}")
+    failure = final_failure(error, spec, f"{stage} failed [{failure_class}; {note}]: {error}{unpublished_note(spec)}")
     if not will_retry:
         return failure
     wait = retry_delay(attempt, retry, rng)

@@ -8,6 +8,10 @@ first and renamed into place, as a careful scanner export would do):
 - 20240220_1100 (75): REAL Siemens Prisma DWI from heudiconv's test data (+ a synthetic T1w): BIDS and QSIPrep; the
   reconstruction refuses it with the reason (one diffusion direction cannot fit a tensor).
 - 20240305_0800 (DEMO_02): only corrupt files: the protocol check fails, nothing is converted.
+- 20240320_1000 (DEMO_03): synthetic T1w + 12-direction DWI of poor quality (heavy noise, slice signal
+  dropouts in three volumes): every stage completes, and its image QC table
+  (``*_desc-image_qc.tsv``) has a low neighbouring-DWI correlation and many bad slices - the
+  session an image QC check must stop (docs/stand-ins.md, "Image QC table").
 - 20240410_1200: not in the mapping: held as unmapped.
 
 Subject codes follow docs/domain-rules.md#identity: `DEMO_01` -> `DEMO01`, `75` -> `0075`.
@@ -31,6 +35,7 @@ MAPPING = {
     "20240212_1015": "75",
     "20240220_1100": "75",
     "20240305_0800": "DEMO_02",
+    "20240320_1000": "DEMO_03",  # poor image quality (see synth.POOR_QUALITY)
     "20240601_0930": "DEMO_01",  # the late session (see schedule_late_session)
 }
 LATE_SCAN_ID = "20240601_0930"
@@ -63,6 +68,12 @@ def write_demo_sessions(incoming: Path) -> None:
 
     _stage_then_move(incoming, "20240220_1100", real_prisma)
     _stage_then_move(incoming, "20240305_0800", lambda d: synth.write_corrupt_files(d, 12))
+    _stage_then_move(
+        incoming,
+        "20240320_1000",
+        lambda d: synth.write_session(d, seed=7, n_b0=2, n_directions=12, acquired=datetime(2024, 3, 20, 10, 0),
+                                      patient_id="DEMO03", **synth.POOR_QUALITY),
+    )
     _stage_then_move(incoming, "20240410_1200", synthetic(5, 12, datetime(2024, 4, 10, 12, 0), "UNKNOWN"))
 
 

@@ -164,4 +164,6 @@ class ApptainerRuntime(Runtime):
             timeout_s=request.timeout_s,
             soft_timeout_s=request.soft_timeout_s,
             kill_grace_s=self.kill_grace_s,
+            lock=spec.lock,
+            lock_info={"owner": spec.lock_owner, "tool": spec.tool} if spec.lock else None,
         )

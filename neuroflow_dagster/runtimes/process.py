@@ -21,18 +21,22 @@ from the thread that owns the context. Runs that are not child processes
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shlex
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from neuroflow_dagster.runtimes import guard
 from neuroflow_dagster.runtimes.base import DEFAULT_KILL_GRACE_S, LogFn, RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import FailureClass, classify
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -344,6 +348,35 @@ def read_lines(stream: IO[bytes], sink_queue: queue.Queue[str | None]) -> None:
         sink_queue.put(None)
 
 
+GUARD_SCRIPT = Path(guard.__file__).resolve()
+
+
+def guarded(argv: Sequence[str], *, grace_s: float, log_path: Path | str | None = None, lock: Path | None = None,
+            lock_info: Mapping[str, Any] | None = None, lock_wait_s: float = 120.0) -> list[str]:
+    """``argv`` wrapped in its guard: ``python -I -S guard.py --grace S [--log F] [--lock F ...] -- argv``."""
+    wrapper = [sys.executable, "-I", "-S", str(GUARD_SCRIPT), "--grace", f"{grace_s:g}"]
+    if log_path:
+        wrapper += ["--log", str(log_path)]
+    if lock is not None:
+        wrapper += ["--lock", str(lock), "--lock-info", json.dumps(dict(lock_info or {}), sort_keys=True),
+                    "--lock-wait", f"{lock_wait_s:g}"]
+    return [*wrapper, "--", *argv]
+
+
+def executable_problem(program: str, env: Mapping[str, str], cwd: Path | None = None) -> str | None:
+    """Why ``program`` cannot be executed on this worker (None if it can), as exec would find it."""
+    if os.sep in program:
+        path = program if os.path.isabs(program) or cwd is None else os.path.join(cwd, program)
+        if not os.path.exists(path):
+            return f"executable not found: {program} (looked up on PATH of the worker)"
+        if os.path.isdir(path) or not os.access(path, os.X_OK):
+            return f"cannot execute {program}: permission denied"
+        return None
+    if shutil.which(program, path=env.get("PATH", os.defpath)) is None:
+        return f"executable not found: {program} (looked up on PATH of the worker)"
+    return None
+
+
 def run_process(
     argv: Sequence[str],
     *,
@@ -354,32 +387,39 @@ def run_process(
     timeout_s: float | None,
     soft_timeout_s: float | None,
     kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+    lock: Path | None = None,
+    lock_info: Mapping[str, Any] | None = None,
+    lock_wait_s: float = 120.0,
 ) -> RunRecord:
-    """Run ``argv`` (never through a shell), stream its output, enforce the timeouts.
+    """Run ``argv`` (never through a shell) under its guard, stream its output, enforce the timeouts.
 
     Returns the finished record on exit code 0, raises ToolRunError otherwise. Interrupts
-    (cancellation) stop the process group and are re-raised unchanged.
+    (cancellation) stop the process group and are re-raised unchanged. The guard (guard.py)
+    stops the group by itself if this process dies, resets inherited ignored signals, and holds
+    ``lock`` (if given) for as long as any process of the tool lives.
     """
     sink.note(f"running: {record.command}")
+    if cwd is not None and not Path(cwd).is_dir():
+        raise fail(record, sink, f"{record.tool}: working directory {cwd} does not exist",
+                   FailureClass.CONFIGURATION)
+    problem = executable_problem(argv[0], env, cwd)
+    if problem:
+        raise fail(record, sink, f"{record.tool}: {problem}", FailureClass.CONFIGURATION)
+    guard_argv = guarded(argv, grace_s=kill_grace_s, log_path=record.log_path, lock=lock, lock_info=lock_info,
+                         lock_wait_s=lock_wait_s)
     try:
         proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
+            guard_argv,
+            # The guard's stdin is the run worker's lifeline: end-of-file = the worker is gone.
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=dict(env),
             cwd=str(cwd) if cwd is not None else None,
             start_new_session=True,
         )
-    except FileNotFoundError as exc:
-        missing = exc.filename or argv[0]
-        if cwd is not None and not Path(cwd).is_dir():
-            raise fail(record, sink, f"{record.tool}: working directory {cwd} does not exist",
-                       FailureClass.CONFIGURATION) from exc
-        raise fail(record, sink, f"{record.tool}: executable not found: {missing} "
-                   f"(looked up on PATH of the worker)", FailureClass.CONFIGURATION) from exc
-    except PermissionError as exc:
-        raise fail(record, sink, f"{record.tool}: cannot execute {argv[0]}: permission denied",
+    except OSError as exc:  # the interpreter itself cannot start: the worker is broken
+        raise fail(record, sink, f"{record.tool}: cannot start {guard_argv[0]}: {exc.strerror}",
                    FailureClass.CONFIGURATION) from exc
     record.extra["pid"] = proc.pid
     assert proc.stdout is not None
@@ -413,7 +453,16 @@ def run_process(
         reader.join(timeout=1.0)
         if not reader.is_alive():
             proc.stdout.close()
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
     rc = proc.returncode
+    if lock is not None and rc == guard.EXIT_LOCK_TIMEOUT and guard.LOCK_BUSY in sink.tail:
+        message = (f"{record.tool} was not started: another process of the same work is still running "
+                   f"(lock {lock}); see the log {record.log_path}")
+        raise fail(record, sink, message, FailureClass.TRANSIENT, exit_code=rc)
     if timed_out:
         raise timeout_failure(record, sink, timeout_s, rc)
     if rc != 0:

@@ -98,6 +98,13 @@ def qsirecon_maps(root: Path, participant: str, session: str) -> list[Path]:
     return sorted(p for d in qsirecon_map_dirs(root, participant, session) for p in d.glob("*_dwimap.nii.gz"))
 
 
+def publish_plan(output_dir: Path, final: Path, units: list[str]) -> dict[str, Any]:
+    """ToolSpec fields for a run writing into ``output_dir``: publish into ``final`` if that is elsewhere."""
+    if Path(output_dir) == Path(final):
+        return {}
+    return {"publish_to": Path(final), "publish_units": tuple(units)}
+
+
 def work_dir(config: Any, stage: str, participant: str, session: str | None = None) -> Path:
     """A run's own scratch folder (``work_dir/<stage>/sub-X[_ses-Y]``): concurrent runs never share one."""
     return Path(config.paths.work_dir) / stage / entities(participant, session)

@@ -11,6 +11,7 @@ checked against the real click parser in the test suite.
 from __future__ import annotations
 
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from neuroflow_dagster.naming.bids import session_path
@@ -29,14 +30,16 @@ def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
     return (f"{session_path(participant, session)}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
 
 
-def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
-    """The QSIParc run for one session, per the stage's runtime."""
+def build_spec(config: Any, participant: str, session: str, *, output_dir: Path | None = None) -> ToolSpec:
+    """The QSIParc run for one session, per the stage's runtime (``output_dir``: the run's staging folder)."""
     cfg = config.pipelines.qsiparc
     layout.validate_label(participant)
     layout.validate_label(session, "session")
     source = layout.qsirecon_dir(config)
-    out = layout.qsiparc_dir(config)
-    common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs}
+    final = layout.qsiparc_dir(config)
+    out = Path(output_dir) if output_dir is not None else final
+    common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs,
+              **layout.publish_plan(out, final, [f"sub-{participant}/ses-{session}"])}
 
     if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--qsirecon-dir", source), out, participant, [session])

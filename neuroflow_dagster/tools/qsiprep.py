@@ -120,18 +120,24 @@ def _sessions(sessions: Sequence[str]) -> list[str]:
     return sorted(labels)
 
 
-def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSpec:
-    """The QSIPrep run for ``participant`` over ``sessions`` (those with DWI), per the stage's runtime."""
+def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output_dir: Path | None = None) -> ToolSpec:
+    """The QSIPrep run for ``participant`` over ``sessions`` (those with DWI), per the stage's runtime.
+
+    ``output_dir``: the run's staging folder (tools/publish.py); the outputs are then published into
+    ``derivatives/qsiprep`` after success, the subject's folder replaced as a whole.
+    """
     cfg = config.pipelines.qsiprep
     layout.validate_label(participant)
     sessions = _sessions(sessions)
     bids = Path(config.paths.bids_root)
-    out = layout.qsiprep_dir(config)
+    final = layout.qsiprep_dir(config)
+    out = Path(output_dir) if output_dir is not None else final
     work = layout.work_dir(config, TOOL, participant)
     layout.check_not_inside(out, bids, "QSIPrep's output folder")
     layout.check_not_inside(work, bids, "QSIPrep's work folder")
     outputs = golden_outputs(participant, sessions)
-    common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
+    common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb,
+              **layout.publish_plan(out, final, [f"sub-{participant}"])}
 
     if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--bids-dir", bids), out, participant, sessions, work)

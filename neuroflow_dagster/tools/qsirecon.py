@@ -54,8 +54,12 @@ def golden_outputs(participant: str, session: str, atlases: list[str], *, stand_
     return tuple(outputs)
 
 
-def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
-    """The QSIRecon run for one session, per the stage's runtime."""
+def build_spec(config: Any, participant: str, session: str, *, output_dir: Path | None = None) -> ToolSpec:
+    """The QSIRecon run for one session, per the stage's runtime.
+
+    ``output_dir``: the run's staging folder; after success every ``sub-X/ses-Y`` it wrote (QSIRecon
+    nests them under ``derivatives/qsirecon-*/`` too) replaces the published one as a whole.
+    """
     cfg = config.pipelines.qsirecon
     layout.validate_label(participant)
     layout.validate_label(session, "session")
@@ -63,9 +67,12 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
         if not layout.is_label(atlas):
             raise SpecError(f"pipelines.qsirecon.atlases: {atlas!r} is not an atlas name (letters and digits)")
     source = layout.qsiprep_dir(config)
-    out = layout.qsirecon_dir(config)
+    final = layout.qsirecon_dir(config)
+    out = Path(output_dir) if output_dir is not None else final
     work = layout.work_dir(config, TOOL, participant, session)
-    common = {"output_dir": out, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
+    unit = f"sub-{participant}/ses-{session}"
+    common = {"output_dir": out, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb,
+              **layout.publish_plan(out, final, [unit, f"**/{unit}"])}
 
     if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--qsiprep-dir", source), out, participant, [session], work)

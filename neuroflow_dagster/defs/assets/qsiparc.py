@@ -5,7 +5,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
@@ -30,10 +30,11 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         ses = session_context(cfg, context.partition_key)
         if not layout.qsirecon_maps(layout.qsirecon_dir(cfg), ses.participant, ses.session):
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
-        spec = build_or_refuse(qsiparc.build_spec, cfg, ses.participant, ses.session)
+        spec = build_or_refuse(qsiparc.build_spec, cfg, ses.participant, ses.session,
+                               output_dir=staging_for(context, layout.qsiparc_dir(cfg)))
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
-        out = layout.session_dir(spec.output_dir, ses.participant, ses.session)
+        out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         tables = sorted(out.rglob("*.tsv")) if out.is_dir() else []
         meta.update(
             {

@@ -10,13 +10,13 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import qsiprep_sessions
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.stages import stage
-from neuroflow_dagster.tools import qsiprep
+from neuroflow_dagster.tools import layout, qsiprep
 
 STAGE = "qsiprep"
 
@@ -44,7 +44,8 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 f"sub-{participant} has no session QSIPrep can take",
                 left_out=dg.MetadataValue.json(left_out),
             )
-        spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions)
+        spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions,
+                               output_dir=staging_for(context, layout.qsiprep_dir(cfg)))
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
         meta.update(

@@ -5,7 +5,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import missing_suffixes
@@ -55,11 +55,12 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
-        spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session)
+        spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session,
+                               output_dir=staging_for(context, layout.qsirecon_dir(cfg)))
         record = execute_spec(context, cfg, STAGE, spec)
         meta = record_metadata(record, spec)
         meta.update({STATUS_KEY: STATUS_DONE, "tool": tool_name, "recon_spec": stage_cfg.recon_spec})
-        out = layout.session_dir(spec.output_dir, ses.participant, ses.session)
+        out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         meta["n_outputs"] = sum(1 for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
         pngs = sorted(out.rglob("*desc-qc*.png")) if out.is_dir() else []
         if pngs:

@@ -57,7 +57,7 @@ def write_qc_png(out_path: Path, *, fa: np.ndarray, mask: np.ndarray, b0: np.nda
     ):
         ax = axes[0, col]
         ax.imshow(fa_s, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=asp, interpolation="nearest")
-        if m_s.any() and not m_s.all():
+        if m_s.any() and not m_s.all() and min(m_s.shape) >= 2:  # contour needs a 2x2 grid (not 1-slice views)
             ax.contour(m_s, levels=[0.5], colors="red", linewidths=0.8)
         ax.set_title(f"FA {names[col]}", fontsize=8)
         ax = axes[1, col]

@@ -38,6 +38,7 @@ from neuroflow_dagster.tools.builtin.common import (
     ConfigurationError,
     ValidationError,
     bids_prefix,
+    check_gradients,
     check_label,
     count_directions,
     generated_by,
@@ -224,6 +225,10 @@ def run_recon(qsiprep_dir: Path, output_dir: Path, participant: str, session: st
     if img.ndim != 4:
         raise ValidationError(f"{dwi_path} is {img.ndim}D; a DWI series must be 4D")
     bvals, bvecs = load_gradients(bval_path, bvec_path, img.shape[3])
+    # Refuses tables no model can use; non-unit directions (dipy's gradient_table would raise) are normalised.
+    bvals, bvecs, gradient_notes = check_gradients(bvals, bvecs, bval_path.name)
+    for note in gradient_notes:
+        print(f"note: {note}", flush=True)
     n_dirs = count_directions(bvals, bvecs)
     if n_dirs < MIN_DIRECTIONS:
         raise ValidationError(
