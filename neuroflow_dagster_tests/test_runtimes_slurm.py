@@ -29,10 +29,11 @@ import dagster as dg
 import pytest
 
 from neuroflow_dagster.config import NeuroflowConfig, SlurmConfig, StageConfig
-from neuroflow_dagster.defs.execution import execute_spec
+from neuroflow_dagster.defs.execution import execute_spec, staging_for
 from neuroflow_dagster.runtimes import ToolRunError, get_runtime
 from neuroflow_dagster.runtimes.jobs import JobStore
 from neuroflow_dagster.runtimes.slurm import SlurmCLI, SlurmRuntime
+from neuroflow_dagster.tools import publish
 from neuroflow_dagster.tools.spec import Mount, ToolSpec
 from neuroflow_dagster_tests.engines.slurm_cluster import SlurmCluster
 
@@ -443,6 +444,77 @@ def test_job_metadata_reaches_a_real_materialization(slurm: SlurmCluster, tmp_pa
     assert any(m.endswith("parcellated") for m in messages)  # the job's output reached the run's log
     stored = JobStore(config.paths.state / "jobs").load("qsiparc", "sub-1_ses-1")
     assert stored is not None and stored.owner_run_id == result.run_id and stored.status == "finished"
+
+
+STAGED_WORKER = """
+import sys
+from pathlib import Path
+from neuroflow_dagster.config import QsiparcConfig, SlurmConfig
+from neuroflow_dagster.runtimes.jobs import JobStore
+from neuroflow_dagster.runtimes.slurm import SlurmRuntime
+sys.path.insert(0, sys.argv[4])  # the repository: the spec comes from the test module itself
+from neuroflow_dagster_tests.test_runtimes_slurm import staged_spec
+state, staging, final = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+st = QsiparcConfig(runtime="slurm", slurm=SlurmConfig(poll_seconds=0.5))
+rt = SlurmRuntime(st, stage_name="qsiparc", partition="sub-1_ses-1", run_id="dead-run", root_run_id="dead-run",
+                  jobs=JobStore(state / "jobs"))
+rt.run(staged_spec(staging, final), log_path=staging.parent.parent / "worker.log")
+"""
+
+
+def staged_spec(staging: Path, final: Path) -> ToolSpec:
+    """A session stage's spec as the assets build it: outputs into the run's staging folder, published after."""
+    code = ("import pathlib, sys, time; out = pathlib.Path(sys.argv[1]); print('parcellating', flush=True); "
+            "time.sleep(6); (out / 'sub-1').mkdir(parents=True, exist_ok=True); "
+            "(out / 'sub-1' / 'table.tsv').write_text('region\\tvalue\\n'); print('parcellated')")
+    return ToolSpec(tool="qsiparc", argv=(PY, "-c", code, str(staging)), output_dir=staging,
+                    outputs=("sub-1/table.tsv",), stand_in=True, publish_to=final, publish_units=("sub-1",))
+
+
+def test_a_retry_in_dagster_adopts_the_running_job_and_publishes_its_staged_outputs(
+        slurm: SlurmCluster, tmp_path: Path, make_config: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole path: a worker (run "dead-run") submits, writing into its own staging folder, and is
+    killed; the next run's execute_spec, with a fresh staging folder of its own, waits on that job
+    (no second job), then verifies and publishes from the job's staging folder."""
+    monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
+    config: NeuroflowConfig = make_config(pipelines={"qsiparc": {"runtime": "slurm", "slurm": {"poll_seconds": 0.5}}})
+    final = tmp_path / "derivatives" / "qsiparc"
+    first = publish.staging_dir(final, "sub-1_ses-1", "dead-run")
+    script = tmp_path / "worker.py"
+    script.write_text(STAGED_WORKER)
+    with open(tmp_path / "worker.err", "wb") as err:
+        proc = subprocess.Popen([PY, str(script), str(config.paths.state), str(first), str(final),
+                                 str(Path(__file__).resolve().parents[1])], env={**os.environ, **slurm.env},
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    store = JobStore(config.paths.state / "jobs")
+
+    def running() -> str | None:
+        record = store.load("qsiparc", "sub-1_ses-1")
+        ok = record is not None and record.job_id and job_state(slurm, record.job_id) == "RUNNING"
+        return record.job_id if ok else None  # type: ignore[union-attr]
+
+    try:
+        job_id = wait_until("the first worker's job to run", running, 120)
+    except AssertionError:
+        raise AssertionError((tmp_path / "worker.err").read_text()[-3000:]) from None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    seen: dict[str, Path] = {}
+
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["sub-1_ses-1"]))
+    def parc(context):  # unannotated: a string annotation in a local def is unresolvable
+        seen["staging"] = staging_for(context, final)
+        record = execute_spec(context, config, "qsiparc", staged_spec(seen["staging"], final))
+        return dg.MaterializeResult(metadata={"job": record.extra["slurm_job_id"]})
+
+    result = dg.materialize([parc], partition_key="sub-1_ses-1", instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    assert (final / "sub-1" / "table.tsv").read_text() == "region\tvalue\n"  # published from the job's folder
+    (mat,) = result.asset_materializations_for_node("parc")
+    assert mat.metadata["job"].value == job_id
+    assert [j["id"] for j in sacct_jobs(slurm, "nf-qsiparc-sub-1_ses-1")] == [job_id]  # no second job
+    assert not seen["staging"].exists() and not first.exists()  # no staging folder left behind
 
 
 # --------------------------------------------------------------------------- without accounting

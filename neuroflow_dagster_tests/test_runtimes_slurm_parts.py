@@ -147,6 +147,10 @@ def test_fingerprint_ignores_per_run_paths_only() -> None:
                                                               "--time=5"])
     assert base != fingerprint(["t", "b"], {"E": "1"}, "/w", ["sbatch", "--output=/l/1.out", "--time=5"])
     assert base != fingerprint(["t", "a"], {"E": "1"}, "/w", ["sbatch", "--output=/l/1.out", "--time=6"])
+    # Each attempt writes into its own staging folder: the same work otherwise.
+    one, two = "/d/.neuroflow-staging/S1.1.aaaa", "/d/.neuroflow-staging/S1.2.bbbb"
+    assert fingerprint(["t", "--out", one], {}, None, [], one) == fingerprint(["t", "--out", two], {}, None, [], two)
+    assert fingerprint(["t", "--out", one], {}, None, [], one) != fingerprint(["t", "--out", "/d/x"], {}, None, [], two)
 
 
 def test_polling_starts_fast_and_settles_at_poll_seconds() -> None:

@@ -13,6 +13,7 @@ their outputs are published only here, after success (tools/publish.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable
@@ -101,6 +102,13 @@ def execute_spec(context: dg.AssetExecutionContext, config: NeuroflowConfig, sta
         record = runtime.run(spec, log_path=log_path, log=context.log.info, context=context)
     except ToolRunError as exc:
         raise tool_failure(exc, stage_cfg.retry, context.retry_number, stage, spec, log=context.log.warning) from exc
+    if record.output_dir != str(spec.output_dir):
+        # A Slurm job of an earlier attempt, adopted by this run, wrote into that attempt's staging
+        # folder: verify and publish from there; this run's own (empty) staging folder goes.
+        context.log.info(f"{stage}: outputs of the adopted job are in {record.output_dir}")
+        with contextlib.suppress(OSError):
+            spec.output_dir.rmdir()
+        spec = dataclasses.replace(spec, output_dir=Path(record.output_dir))
     try:
         verify_outputs(spec, record, what=stage)
     except ToolRunError as exc:

@@ -61,8 +61,11 @@ class JobRecord:
     submitted: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     log_path: str = ""
-    output_path: str = ""
+    output_path: str = ""  # the job's own output file (stdout/stderr)
     result_path: str = ""
+    # Where the tool writes its outputs (a run's staging folder): a run that adopts the job publishes
+    # from here, not from its own fresh staging folder.
+    output_dir: str = ""
     # Filled in when a run collects the final state (state, exit code, ...).
     final: dict[str, Any] | None = None
     collected_by: str | None = None

@@ -24,6 +24,7 @@ submitting a second one. Cancelling the Dagster run cancels the job (``scancel``
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -34,6 +35,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,7 @@ _SBATCH_LIMIT = re.compile(r"submit ?limit|MaxSubmit|job violates accounting/qos
                            r"slurm temporarily unable|unable to contact slurm controller|"
                            r"socket timed out|connection refused|transient", re.I)
 SACCT_RETRY_S = 20.0
+LOCK_WAIT_S = 120.0
 
 
 class SlurmCommandError(Exception):
@@ -317,13 +321,18 @@ def inner_argv(spec: ToolSpec, stage: StageConfig, inside: str) -> tuple[list[st
     return argv, {}, None
 
 
-def fingerprint(argv: list[str], env: dict[str, str], cwd: str | None, sbatch_options: list[str]) -> str:
+def fingerprint(argv: list[str], env: dict[str, str], cwd: str | None, sbatch_options: list[str],
+                output_dir: str | None = None) -> str:
     """Same tool command and the same job request: the job a restarted run may adopt.
 
-    ``sbatch_options`` are the options before the script; the per-run file paths are left out.
+    ``sbatch_options`` are the options before the script; the per-run file paths are left out, and
+    so is ``output_dir`` (each attempt writes into a staging folder of its own: a run that adopts an
+    earlier job takes that job's folder instead, see SlurmRuntime).
     """
     stable = [a for a in sbatch_options if not a.startswith(("--output=", "--chdir="))]
     blob = json.dumps({"argv": argv, "env": env, "cwd": cwd, "sbatch": stable}, sort_keys=True)
+    if output_dir:
+        blob = blob.replace(json.dumps(output_dir)[1:-1], "<output_dir>")
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -423,18 +432,23 @@ class SlurmRuntime(Runtime):
         job_args = [sys.executable, "-I", str(WRAPPER), str(files["job.json"])]
         sbatch = sbatch_argv(self.stage, name=name, output=files["slurm.out"], workdir=log_path.parent,
                              script=files["sbatch.sh"], timeout_s=timeout_s, job_args=job_args)
-        print_ = fingerprint(argv, env, cwd, sbatch[: sbatch.index(str(files["sbatch.sh"]))])
+        print_ = fingerprint(argv, env, cwd, sbatch[: sbatch.index(str(files["sbatch.sh"]))],
+                             output_dir=str(spec.output_dir))
         record.extra["slurm_sbatch"] = shlex.join(sbatch)
 
-        try:
-            job = self._existing_job(print_, record, sink)
-        except SlurmCommandError as exc:
-            raise fail(record, sink, f"{spec.tool}: cannot ask slurm about the earlier job: {exc}",
-                       FailureClass.TRANSIENT) from exc
         pending: dict[str, JobRecord] = {}
+        job: JobRecord | None = None
         try:
-            if job is None:
-                job = self._submit(spec, argv, env, cwd, sbatch, files, name, print_, record, sink, pending)
+            # Look and submit under the work's lock: two runs of the same work at once end up
+            # waiting on one job, never submitting two.
+            with self._exclusive(spec, record, sink):
+                try:
+                    job = self._existing_job(print_, record, sink)
+                except SlurmCommandError as exc:
+                    raise fail(record, sink, f"{spec.tool}: cannot ask slurm about the earlier job: {exc}",
+                               FailureClass.TRANSIENT) from exc
+                if job is None:
+                    job = self._submit(spec, argv, env, cwd, sbatch, files, name, print_, record, sink, pending)
             queue = self._wait(job, record, sink, soft_timeout_s)
         except ToolRunError:
             raise
@@ -442,6 +456,37 @@ class SlurmRuntime(Runtime):
             self._cancel(job or pending.get("job"), record, sink, exc)
             raise
         return self._finish(job, queue, record, sink)
+
+    @contextmanager
+    def _exclusive(self, spec: ToolSpec, record: RunRecord, sink: LogSink) -> Iterator[None]:
+        """The work's lock (``spec.lock``, the one local tools hold for their lifetime), held while
+        looking for an earlier job and submitting. Afterwards the job record, not a lock, says who owns
+        the work: a file lock would die with the run worker, the job does not."""
+        if spec.lock is None:
+            yield
+            return
+        path = Path(spec.lock)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip() or "unknown"
+                        raise fail(record, sink, f"{spec.tool}: another process of this work still holds "
+                                   f"{path} after {LOCK_WAIT_S:g} s: {holder}", FailureClass.TRANSIENT) from None
+                    time.sleep(0.5)
+            os.ftruncate(fd, 0)
+            info = {"owner": spec.lock_owner or self.run_id, "tool": spec.tool, "runtime": self.name,
+                    "pid": os.getpid()}
+            os.pwrite(fd, (json.dumps(info, sort_keys=True) + "\n").encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # -- steps --------------------------------------------------------------------------------------
 
@@ -481,7 +526,7 @@ class SlurmRuntime(Runtime):
                 sink.note(f"re-attaching to slurm job {old.job_id} ({state.state}), submitted by {who} "
                           f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.submitted))}")
                 record.extra["slurm_reattached"] = True
-                self._own(old)
+                self._own(old, record)
                 return old
             sink.note(f"slurm job {old.job_id} of {who} is {state.state} with a different command or request: "
                       "cancelling it before submitting (two jobs must not write the same outputs)")
@@ -495,11 +540,15 @@ class SlurmRuntime(Runtime):
                 and old.owner_run_id != self.run_id):
             sink.note(f"slurm job {old.job_id} of {who} ended while no run was watching it: using its result")
             record.extra["slurm_reattached"] = True
-            self._own(old)
+            self._own(old, record)
             return old
         return None
 
-    def _own(self, job: JobRecord) -> None:
+    def _own(self, job: JobRecord, record: RunRecord) -> None:
+        """This run takes over an earlier run's job: its outputs are where that job writes them."""
+        if job.output_dir and job.output_dir != record.output_dir:
+            record.extra["slurm_adopted_output_dir"] = job.output_dir
+            record.output_dir = job.output_dir
         job.owner_run_id = self.run_id
         job.owner_root_run_id = self.root_run_id
         job.owner_host = os.uname().nodename
@@ -517,7 +566,7 @@ class SlurmRuntime(Runtime):
         job = JobRecord(stage=self.stage_name, partition=self.partition, runtime=self.name, status="submitting",
                         owner_run_id=self.run_id, owner_root_run_id=self.root_run_id, fingerprint=print_,
                         job_name=name, log_path=str(record.log_path), output_path=str(files["slurm.out"]),
-                        result_path=str(files["result.json"]))
+                        result_path=str(files["result.json"]), output_dir=str(spec.output_dir))
         if self.jobs is not None:
             self.jobs.save(job)
         pending["job"] = job  # an interrupt during sbatch still finds the job (by name) to cancel
