@@ -38,7 +38,7 @@ from neuroflow_dagster_tests.daemon_harness import dagster_dev, materialized, wa
 from neuroflow_dagster_tests.engines.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: E402
 
 STAGES = ("bids_conversion", "qsiprep", "qsirecon", "qsiparc")
-GOOD_SESSIONS = 3  # the demo's sessions that reach qsiparc (the real Prisma volume stops at qsirecon)
+GOOD_SESSIONS = 4  # the demo's sessions that reach qsiparc (the real Prisma volume stops at qsirecon)
 
 
 def overlap(spans: list[tuple[float, float]]) -> int:

@@ -456,7 +456,7 @@ sys.path.insert(0, sys.argv[4])  # the repository: the spec comes from the test 
 from neuroflow_dagster_tests.test_runtimes_slurm import staged_spec
 state, staging, final = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 st = QsiparcConfig(runtime="slurm", slurm=SlurmConfig(poll_seconds=0.5))
-rt = SlurmRuntime(st, stage_name="qsiparc", partition="sub-1_ses-1", run_id="dead-run", root_run_id="dead-run",
+rt = SlurmRuntime(st, stage_name="qsiparc", partition="sub-2_ses-1", run_id="dead-run", root_run_id="dead-run",
                   jobs=JobStore(state / "jobs"))
 rt.run(staged_spec(staging, final), log_path=staging.parent.parent / "worker.log")
 """
@@ -479,7 +479,7 @@ def test_a_retry_in_dagster_adopts_the_running_job_and_publishes_its_staged_outp
     monkeypatch.setenv("SLURM_CONF", slurm.env["SLURM_CONF"])
     config: NeuroflowConfig = make_config(pipelines={"qsiparc": {"runtime": "slurm", "slurm": {"poll_seconds": 0.5}}})
     final = tmp_path / "derivatives" / "qsiparc"
-    first = publish.staging_dir(final, "sub-1_ses-1", "dead-run")
+    first = publish.staging_dir(final, "sub-2_ses-1", "dead-run")
     script = tmp_path / "worker.py"
     script.write_text(STAGED_WORKER)
     with open(tmp_path / "worker.err", "wb") as err:
@@ -489,7 +489,7 @@ def test_a_retry_in_dagster_adopts_the_running_job_and_publishes_its_staged_outp
     store = JobStore(config.paths.state / "jobs")
 
     def running() -> str | None:
-        record = store.load("qsiparc", "sub-1_ses-1")
+        record = store.load("qsiparc", "sub-2_ses-1")
         ok = record is not None and record.job_id and job_state(slurm, record.job_id) == "RUNNING"
         return record.job_id if ok else None  # type: ignore[union-attr]
 
@@ -502,18 +502,18 @@ def test_a_retry_in_dagster_adopts_the_running_job_and_publishes_its_staged_outp
 
     seen: dict[str, Path] = {}
 
-    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["sub-1_ses-1"]))
+    @dg.asset(partitions_def=dg.StaticPartitionsDefinition(["sub-2_ses-1"]))
     def parc(context):  # unannotated: a string annotation in a local def is unresolvable
         seen["staging"] = staging_for(context, final)
         record = execute_spec(context, config, "qsiparc", staged_spec(seen["staging"], final))
         return dg.MaterializeResult(metadata={"job": record.extra["slurm_job_id"]})
 
-    result = dg.materialize([parc], partition_key="sub-1_ses-1", instance=dg.DagsterInstance.ephemeral())
+    result = dg.materialize([parc], partition_key="sub-2_ses-1", instance=dg.DagsterInstance.ephemeral())
     assert result.success
     assert (final / "sub-1" / "table.tsv").read_text() == "region\tvalue\n"  # published from the job's folder
     (mat,) = result.asset_materializations_for_node("parc")
     assert mat.metadata["job"].value == job_id
-    assert [j["id"] for j in sacct_jobs(slurm, "nf-qsiparc-sub-1_ses-1")] == [job_id]  # no second job
+    assert [j["id"] for j in sacct_jobs(slurm, "nf-qsiparc-sub-2_ses-1")] == [job_id]  # no second job
     assert not seen["staging"].exists() and not first.exists()  # no staging folder left behind
 
 
