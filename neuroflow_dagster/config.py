@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from neuroflow_dagster.errors import ConfigError
+from neuroflow_dagster.naming.bids import is_label
+from neuroflow_dagster.naming.subjects import code_key, label_fold
 
 
 class RuntimeEntry(NamedTuple):
@@ -74,6 +76,51 @@ class MappingConfig(_Section):
     scan_id_column: str = "ScanID"
     subject_code_column: str = "SubjectCode"
     google_sheet: GoogleSheetConfig | None = None
+    # SubjectCode -> participant label, for codes that would otherwise clean to a label another person
+    # owns (CLM_L_01 and CLML01 both clean to CLML01). One label per person: validated below.
+    label_overrides: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("label_overrides", mode="before")
+    @classmethod
+    def _overrides_are_one_label_per_person(cls, value: Any) -> Any:
+
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of SubjectCode: participant label")
+        problems: list[str] = []
+        by_code: dict[str, str] = {}
+        by_label: dict[str, str] = {}
+        for code, label in value.items():
+            if not isinstance(code, str) or not isinstance(label, str):
+                bad = code if not isinstance(code, str) else label
+                problems.append(
+                    f"{code!r}: {bad!r} is not text; quote SubjectCodes and labels (YAML reads an unquoted "
+                    "0075 as the octal number 61 and 75 as a number)"
+                )
+                continue
+            if not code.strip():
+                problems.append(f"{code!r}: an empty SubjectCode")
+                continue
+            if not is_label(label):
+                problems.append(f"{code!r}: label {label!r} is not a valid BIDS label (ASCII letters and digits only)")
+                continue
+            key = code_key(code)
+            if key in by_code:
+                problems.append(f"{code!r} and {by_code[key]!r} are the same SubjectCode; keep one of them")
+                continue
+            by_code[key] = code
+            fold = label_fold(label)
+            if fold in by_label:
+                problems.append(
+                    f"{code!r}: label {label!r} is also given to {by_label[fold]!r} (labels that differ only in "
+                    "case count as one); two codes never share a participant label"
+                )
+                continue
+            by_label[fold] = code
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class DiscoveryConfig(_Section):
@@ -82,6 +129,11 @@ class DiscoveryConfig(_Section):
     participant_first: bool = True
     stability_wait_minutes: float = Field(180, ge=0)
     interval_seconds: int = Field(60, ge=1)
+    # Files rewritten in place (same name, new content) do not touch their folder's times: registered
+    # folders are re-fingerprinted (size, mtime, inode of every file) round-robin, at most this many
+    # file stats per tick (0 = off), half of them for folders registered in the last `recent_days`.
+    rewrite_check_files_per_tick: int = Field(2000, ge=0)
+    rewrite_check_recent_days: float = Field(14, ge=0)
 
 
 class ScanRule(_Section):

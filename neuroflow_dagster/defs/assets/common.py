@@ -33,7 +33,7 @@ def session_context(config: NeuroflowConfig, partition_key: str) -> SessionConte
     try:
         entry = registered_session(config, participant, session)
     except NotEligible as exc:
-        raise refuse(str(exc)) from None
+        raise refuse(str(exc), exc.failure_class) from None
     return SessionContext(participant, session, entry)
 
 
