@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -34,6 +35,8 @@ RUNTIMES: dict[str, RuntimeEntry] = {
     "local": RuntimeEntry("neuroflow_dagster.runtimes.local:LocalRuntime", container=False),
     "docker": RuntimeEntry("neuroflow_dagster.runtimes.docker:DockerRuntime", container=True),
     "apptainer": RuntimeEntry("neuroflow_dagster.runtimes.apptainer:ApptainerRuntime", container=True),
+    # One Slurm job per run; what runs inside the job is pipelines.<stage>.slurm.inside (tool_runtime).
+    "slurm": RuntimeEntry("neuroflow_dagster.runtimes.slurm:SlurmRuntime", container=False),
 }
 RuntimeName = Literal[tuple(RUNTIMES)]  # type: ignore[valid-type]  # pydantic checks values against RUNTIMES
 
@@ -164,6 +167,79 @@ class RetryConfig(_Section):
     jitter: float = Field(0.2, ge=0, le=1)
 
 
+# sbatch options that SlurmConfig sets from its own keys or that the runtime owns (output file,
+# parsable job id): refused in extra_args so that a job is never submitted with two answers.
+_SBATCH_OWNED = {
+    "--output": "set by neuroflow (the job's output file in log_dir)",
+    "-o": "set by neuroflow (the job's output file in log_dir)",
+    "--error": "set by neuroflow (stderr goes to the same file as stdout)",
+    "-e": "set by neuroflow (stderr goes to the same file as stdout)",
+    "--parsable": "set by neuroflow",
+    "--wrap": "neuroflow submits its own batch script",
+    "--array": "one job per tool run",
+    "-a": "one job per tool run",
+    "--time": "use slurm.time_limit_minutes (default: timeout_minutes)",
+    "-t": "use slurm.time_limit_minutes (default: timeout_minutes)",
+    "--mem": "use slurm.mem_mb",
+    "--cpus-per-task": "use slurm.cpus",
+    "-c": "use slurm.cpus",
+    "--partition": "use slurm.partition",
+    "-p": "use slurm.partition",
+    "--account": "use slurm.account",
+    "-A": "use slurm.account",
+    "--qos": "use slurm.qos",
+    "-q": "use slurm.qos",
+    "--job-name": "set by neuroflow (nf-<stage>-<partition>)",
+    "-J": "set by neuroflow (nf-<stage>-<partition>)",
+}
+
+
+class SlurmConfig(_Section):
+    """``pipelines.<stage>.slurm``: how a stage's tool runs become Slurm jobs (``runtime: slurm``)."""
+
+    # What runs inside the job: the stage's usual way (None: builtin for the QSI stages' stand-ins,
+    # local for conversion), the locally installed tool, or the stage's image with apptainer exec.
+    inside: Literal["builtin", "local", "apptainer"] | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    # --time in minutes; None: the stage's timeout_minutes (rounded up).
+    time_limit_minutes: int | None = Field(None, ge=1)
+    # --mem (MB) and --cpus-per-task; None: the stage's memory_mb / cpus, else the cluster's defaults.
+    mem_mb: int | None = Field(None, gt=0)
+    cpus: int | None = Field(None, ge=1)
+    # More sbatch options, one per item ("--constraint=avx2", "--gres=gpu:1"); never a shell string.
+    extra_args: list[str] = Field(default_factory=list)
+    # inside: apptainer only: the executable on the nodes, and binds beyond the tool's own mounts.
+    apptainer: str = "apptainer"
+    binds: list[str] = Field(default_factory=list)
+    # How often the run worker asks Slurm about its job and copies new output lines to the run's log.
+    poll_seconds: float = Field(10, gt=0, le=600)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            if not arg.startswith("-") or any(c in arg for c in "\n\r\0"):
+                raise ValueError(f"{arg!r}: each item must be one sbatch option starting with '-' "
+                                 "(e.g. --constraint=avx2)")
+            name = arg.split("=", 1)[0]
+            if name in _SBATCH_OWNED:
+                raise ValueError(f"{arg!r}: {name} is {_SBATCH_OWNED[name]}")
+        return value
+
+    @field_validator("binds")
+    @classmethod
+    def _binds(cls, value: list[str]) -> list[str]:
+        for bind in value:
+            parts = bind.split(":")
+            if not 1 <= len(parts) <= 3 or not all(parts[:2]) or "," in bind or not bind.startswith("/"):
+                raise ValueError(f"{bind!r}: expected /host/path[:/container/path[:ro|rw]] without commas")
+            if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+                raise ValueError(f"{bind!r}: the mode must be ro or rw")
+        return value
+
+
 class StageConfig(_Section):
     """Settings every stage has: where it runs, how much at once, how long, how often."""
 
@@ -179,6 +255,23 @@ class StageConfig(_Section):
     # Run containers as this "uid:gid"; None = the current user's.
     user: str | None = None
     requires_bids_suffixes: list[str] = Field(default_factory=list)
+    # runtime: slurm only (see docs/runtimes.md).
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @property
+    def tool_runtime(self) -> str:
+        """The runtime the tool's command line is built for: for slurm, what runs inside the job.
+
+        ``slurm.inside`` when set, else the stage's default runtime (the stand-ins for the QSI
+        stages, the local HeudiConv for conversion), so ``runtime: slurm`` alone moves exactly
+        what the stage ran before onto the cluster.
+        """
+        if self.runtime != "slurm":
+            return self.runtime
+        if self.slurm.inside is not None:
+            return self.slurm.inside
+        default = type(self).model_fields["runtime"].default
+        return default if default != "slurm" else "local"
 
     @property
     def timeout_s(self) -> float:
@@ -193,7 +286,7 @@ class StageConfig(_Section):
     @property
     def containerized(self) -> bool:
         """The tool runs in a container image, so it sees container paths, not host paths."""
-        return RUNTIMES[self.runtime].container
+        return RUNTIMES[self.tool_runtime].container
 
 
 class BidsConversionConfig(StageConfig):
@@ -481,5 +574,9 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     for section, cfg in config.pipelines:
         # The FreeSurfer licence: every section that has the setting needs it inside a container.
         if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:
-            problems.append(f"pipelines.{section}.fs_license: required when runtime is {cfg.runtime}")
+            how = cfg.runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
+            problems.append(f"pipelines.{section}.fs_license: required when runtime is {how}")
+        if cfg.runtime == "slurm" and shutil.which("sbatch") is None:
+            problems.append(f"pipelines.{section}.runtime: slurm, but sbatch is not on PATH of this host "
+                            "(run the services on a login/submit node with Slurm's client commands)")
     return problems

@@ -165,6 +165,8 @@ def test_every_config_key_is_documented() -> None:
         "retry.delay_seconds",
         "retry.max_delay_seconds",
         "retry.jitter",
+        *(f"slurm.{key}" for key in ("inside", "partition", "account", "qos", "time_limit_minutes", "mem_mb",
+                                     "cpus", "extra_args", "apptainer", "binds", "poll_seconds")),
     }
     missing = []
     for key in _keys(NeuroflowConfig):

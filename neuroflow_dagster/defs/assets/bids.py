@@ -8,6 +8,7 @@ session and keeps the previous good one.
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 
@@ -64,6 +65,9 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 staging_dir=staging,
             )
             record = execute_spec(context, cfg, STAGE, spec)
+            # A Slurm job of an earlier attempt that this run adopted converted into that attempt's
+            # staging folder (runtimes/slurm.py): validate and publish that one.
+            staging = Path(record.output_dir)
             started = time.monotonic()
             report = (
                 validator.validate_session(staging, ses.participant, ses.session)
