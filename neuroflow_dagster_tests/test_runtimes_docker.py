@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -195,6 +196,42 @@ def test_interrupt_stops_and_removes_the_container(engine: DockerEngine, tmp_pat
     assert "interrupted by KeyboardInterrupt" in text and "got TERM" in text  # stopped with SIGTERM first
     ours = engine.client().containers.list(all=True, filters={"label": LABEL_TOOL})
     assert ours == []
+
+
+WORKER = """
+import sys
+from pathlib import Path
+from neuroflow_dagster.runtimes.docker import DockerRuntime
+from neuroflow_dagster.tools.spec import Mount, ToolSpec
+tmp = Path(sys.argv[1])
+spec = ToolSpec(tool="orphan", argv=("sh", "-c", "touch /host/started; sleep 300"), output_dir=tmp,
+                image=sys.argv[2], mounts=(Mount(tmp, "/host", False),))
+DockerRuntime(kill_grace_s=2).run(spec, log_path=tmp / "run.log", timeout_s=600)
+"""
+
+
+def test_a_sigkilled_worker_does_not_leave_its_container_running(engine: DockerEngine, tmp_path: Path) -> None:
+    """dockerd, not the worker, runs the container: the worker's dead man's switch removes it."""
+    tmp_path.chmod(0o777)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    worker = subprocess.Popen([PY, str(script), str(tmp_path), IMAGE], env=dict(os.environ, DOCKER_HOST=engine.host))
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "started").exists(), (tmp_path / "run.log").read_text()
+        assert engine.client().containers.list(filters={"label": f"{LABEL_TOOL}=orphan"})
+        worker.kill()
+        worker.wait(timeout=10)
+        deadline = time.monotonic() + 60
+        while engine.client().containers.list(all=True, filters={"label": f"{LABEL_TOOL}=orphan"}):
+            assert time.monotonic() < deadline, "the container outlived its worker"
+            time.sleep(0.5)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert "the run worker is gone: running its cleanup" in (tmp_path / "run.log").read_text()
 
 
 def test_unpinned_image_is_refused_before_anything_runs(engine: DockerEngine, tmp_path: Path) -> None:

@@ -56,6 +56,7 @@ from neuroflow_dagster.runtimes.container import (
 )
 from neuroflow_dagster.runtimes.failures import FailureClass, classify
 from neuroflow_dagster.runtimes.process import (
+    DeadMansSwitch,
     LineSplitter,
     LogSink,
     Watchdog,
@@ -203,6 +204,7 @@ class DockerRuntime(Runtime):
                     raise TimeoutError("hard timeout reached before the container was created")
                 container = super()._create_container(client=client, **kw)
                 captured["container"] = container
+                captured["switch"] = orphan_switch(container, log_path)
                 return container
 
         pipes_client = _Client(message_reader=_TeeReader(), registry=self.registry)
@@ -225,6 +227,8 @@ class DockerRuntime(Runtime):
         finally:
             watchdog.stop()
             self._finish_container(record, sink, captured.get("container"))
+            if captured.get("switch") is not None:
+                captured["switch"].disarm()
         if isinstance(outcome, DagsterPipesError):
             raise self._exit_failure(record, sink, watchdog) from outcome
         if outcome is not None:
@@ -264,6 +268,7 @@ class DockerRuntime(Runtime):
                 client.images.pull(image)
                 container = client.containers.create(**create)
             captured["container"] = container
+            captured["switch"] = orphan_switch(container, request.log_path)
             if watchdog.timed_out:
                 raise TimeoutError("hard timeout reached before the container started")
             container.start()
@@ -284,6 +289,8 @@ class DockerRuntime(Runtime):
         finally:
             watchdog.stop()
             self._finish_container(record, sink, captured.get("container"))
+            if captured.get("switch") is not None:
+                captured["switch"].disarm()
         if outcome is not None:
             raise self._docker_failure(record, sink, image, outcome, watchdog) from outcome
         if record.exit_code != 0:
@@ -375,6 +382,17 @@ class DockerRuntime(Runtime):
         if record.error is not None:  # cancelled: nothing else will finish this record
             record.log_tail = sink.tail
             sink.close()
+
+
+REMOVE_CONTAINER = "import sys, docker; docker.from_env().containers.get(sys.argv[1]).remove(force=True)"
+
+
+def orphan_switch(container: Any, log_path: Path | None) -> DeadMansSwitch:
+    """A container outlives a killed run worker (dockerd runs it): remove it if the worker dies first.
+
+    The cleanup talks to the same engine (DOCKER_HOST and friends are inherited).
+    """
+    return DeadMansSwitch([sys.executable, "-c", REMOVE_CONTAINER, str(container.id)], log_path)
 
 
 def _container_state(container: Any) -> dict[str, Any]:
