@@ -14,7 +14,7 @@ import dagster as dg
 
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import ConfigError, NeuroflowConfig, check_paths, load_config
-from neuroflow_dagster.defs.alerts import build_alert_sensor
+from neuroflow_dagster.defs.alerts import build_alert_sensor, build_discovery_alert_sensor
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
 from neuroflow_dagster.defs.diskguard import build_disk_guard_sensor
 from neuroflow_dagster.defs.graph import build_stage_assets, partitions_def
@@ -55,6 +55,7 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
             build_disk_guard_sensor(config),
             *build_automation_sensors(config),
             *optional(build_alert_sensor(config)),
+            *optional(build_discovery_alert_sensor(config)),
         ],
         jobs=stage_jobs(config),
         resources={"neuroflow": NeuroflowResource(config_file=str(config.source))},

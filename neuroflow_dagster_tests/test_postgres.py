@@ -139,8 +139,11 @@ def test_production_dagster_yaml_works_against_postgres(
     shutil.copyfile(REPO / path, home / "dagster.yaml")
     instance = dg.DagsterInstance.from_config(str(home))
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-    expected_launcher = "DockerRunLauncher" if path == "deploy/dagster.yaml" else "DefaultRunLauncher"
+    # Without Docker: Dagster's default launcher with the run-worker health check (defs/launcher.py).
+    expected_launcher = "DockerRunLauncher" if path == "deploy/dagster.yaml" else "HealthCheckedRunLauncher"
     assert type(instance.run_launcher).__name__ == expected_launcher
+    if path != "deploy/dagster.yaml":
+        assert isinstance(instance.run_launcher, dg.DefaultRunLauncher)
     queue = instance.get_concurrency_config().run_queue_config
     limits = {(r["key"], r.get("value")): r["limit"] for r in queue.tag_concurrency_limits}
     assert limits[("neuroflow/stage", "qsiprep")] == 1

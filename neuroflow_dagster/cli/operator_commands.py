@@ -5,7 +5,7 @@ executions) of --dagster-home, else $DAGSTER_HOME, else
 <folder of neuroflow.yaml>/.dagster_home; reprocess / retry launch a backfill
 through the running webserver's GraphQL API, as the UI does; exclude /
 include edit the exclusion list (with its audit trail) through
-discovery/exclusions.py. Exit codes: cli/exits.py.
+discovery/exclusions.py; rekey moves remapped ScanIDs (discovery/rekey.py). Exit codes: cli/exits.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from neuroflow_dagster.config import NeuroflowConfig, load_config
 from neuroflow_dagster.errors import UsageError
 
 STATUS_COLUMNS = ["subject", "session", "scan_id", "mapping", "protocol"]
-HELD_COLUMNS = ["scan_id", "state", "reason"]
+HELD_COLUMNS = ["scan_id", "state", "registered", "reason"]
 CELL_WIDTH = 90  # table cells are cut here (held folders: 110, failures: 70)
 FAILURE_COLUMNS = ["stage", "partition", "scan_id", "failure_class", "attempts", "last_error", "log_path"]
 
@@ -64,8 +64,15 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     print_rows(rows, "table", columns, max_width=CELL_WIDTH)
     if report["held"]:
         print()
-        print("held folders (not registered):")
+        print("held folders (REGISTERED: the labels of a registered session held for a new reason):")
         print_rows(report["held"], "table", HELD_COLUMNS, max_width=110)
+    problems = [p["message"] for p in report.get("problems", [])]
+    for title, items in (("problems", problems), ("notes", report.get("notes", []))):
+        if items:
+            print()
+            print(f"{title}:")
+            for item in items:
+                print(f"  - {item}")
     totals = report["totals"]
     print()
     print(
@@ -269,6 +276,32 @@ def cmd_include(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rekey(args: argparse.Namespace) -> int:
+    """Move ScanIDs held as `remapped` to what the mapping says now: correct the code, or retire + re-register."""
+    from neuroflow_dagster.discovery import rekey
+    from neuroflow_dagster.discovery.exclusions import load_exclusions
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.discovery.mapping import load_mapping
+
+    config = _config(args)
+    registry = Registry(config.paths.state)
+    try:
+        steps = rekey.plan_rekey(config, registry, args.scan_ids, load_mapping(config, write=False), args.reason)
+    except rekey.RekeyError as exc:
+        raise UsageError(str(exc)) from exc
+    excluded = load_exclusions(config)
+    for step in steps:
+        print(step.describe())
+        if step.action == "retire" and step.scan_id in excluded:
+            print(f"  note: {step.scan_id!r} is excluded: discovery holds it until `neuroflow include {step.scan_id}`")
+    if args.dry_run:
+        print("dry run: the registry is unchanged")
+        return EXIT_OK
+    rekey.apply_rekey(config, registry, steps, args.reason)
+    print(f"registry {registry.path} updated; audit trail: {registry.audit_path}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- logs
 
 
@@ -381,6 +414,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("include", help="lift an exclusion")
     p.add_argument("session", metavar="SESSION")
     p.set_defaults(func=records_errors_exit_1(cmd_include))
+
+    p = sub.add_parser("rekey", help="move ScanIDs held as remapped to the subject the mapping names now")
+    p.add_argument("scan_ids", nargs="+", metavar="SCAN_ID")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    p.set_defaults(func=records_errors_exit_1(cmd_rekey))
 
     p = sub.add_parser("logs", help="tool logs of a run id, or the newest of a partition")
     common(p, fmt=False)

@@ -54,17 +54,22 @@ def cmd_scan(args: argparse.Namespace) -> int:
             }
         )
     for held in result.held:
+        subject, _, session = held.registered.partition(" ")  # "sub-X ses-Y" of a registered session
         rows.append(
             {
                 "scan_id": held.scan_id,
                 "decision": f"held: {held.reason}",
-                "subject": "",
-                "session": "",
+                "subject": subject.removeprefix("sub-"),
+                "session": session.removeprefix("ses-"),
                 "reason": held.message,
             }
         )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for problem in result.problems:
+        print(f"problem ({problem.kind}): {problem.message}", file=sys.stderr)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     print_rows(rows, args.format, ["scan_id", "decision", "subject", "session", "reason"])
     return EXIT_OK
 

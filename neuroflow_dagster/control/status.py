@@ -27,7 +27,7 @@ from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import PARTITION_TAG, STAGE_TAG
 from neuroflow_dagster.stages import PROTOCOL_CHECK, SOURCE_ASSET, SUBJECT
 
-STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded")
+STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded", "retired")
 
 
 def _upstream(asset: str) -> list[tuple[str, str]]:
@@ -177,6 +177,10 @@ def collect_status(
     columns = [stages.stage(stage)] if stage else stages.stages()
     wanted = subject.removeprefix("sub-") if subject else None
 
+    report = read_status_report(config)
+    # Registered sessions the last tick held for a new reason (remapped, missing, unreadable, ...).
+    held_now = {str(h.get("scan_id")): h for h in report.get("held", []) if h.get("reason") != "excluded"}
+    merged = registry.blocked_labels()
     rows: list[dict[str, Any]] = []
     for entry in entries:
         participant, session = entry.participant_id, entry.session_id
@@ -200,32 +204,64 @@ def collect_status(
                 "excluded" if exclusion else stage_state(column.asset, key, participant, views, sessions_of)
             )
         row["note"] = f"excluded: {exclusion.get('reason')}" if exclusion else ""
+        if participant in merged:
+            row["note"] = "identity conflict: sessions of two SubjectCodes (see problems)"
+        elif entry.scan_id in held_now:
+            row["note"] = f"held: {held_now[entry.scan_id].get('reason')} (see held folders)"
         if failed_only and not any(row[column.name] == "failed" for column in columns):
             continue
         rows.append(row)
+    if not failed_only:
+        rows += [
+            _retired_row(e, [c.name for c in columns])
+            for e in registry.retired()
+            if not wanted or e.participant_id == wanted
+        ]
 
     held: list[dict[str, Any]] = []
     if not failed_only and not wanted:
-        report = read_status_report(config)
         for item in report.get("held", []):
-            if registry.lookup(str(item.get("scan_id", ""))) is not None:
+            if item.get("reason") == "excluded" and registry.lookup(str(item.get("scan_id", ""))) is not None:
                 continue  # a registered session excluded later: shown above, as excluded
             held.append(
                 {
                     "scan_id": item.get("scan_id", ""),
                     "state": item.get("reason", ""),
+                    "registered": item.get("registered", ""),
                     "reason": item.get("message", ""),
                     "path": item.get("path", ""),
                 }
             )
-    return {"sessions": rows, "held": held, "totals": totals(rows, held, [c.name for c in columns])}
+    return {
+        "sessions": rows,
+        "held": held,
+        "problems": report.get("problems", []) if not wanted else [],
+        "notes": report.get("notes", []) if not wanted else [],
+        "totals": totals(rows, held, [c.name for c in columns]),
+    }
+
+
+def _retired_row(entry: Any, names: list[str]) -> dict[str, Any]:
+    """A binding re-keyed by an operator: its labels stay reserved and its outputs stay on disk."""
+    row: dict[str, Any] = {
+        "subject": entry.participant_id,
+        "session": entry.session_id,
+        "scan_id": entry.scan_id,
+        "partition": session_key(entry.participant_id, entry.session_id),
+        "mapping": f"retired ({entry.recruitment_id})",
+        "protocol": "-",
+        "protocol_reason": "",
+    }
+    row.update({name: "retired" for name in names})
+    row["note"] = f"re-keyed: {entry.note}"
+    return row
 
 
 def totals(rows: list[dict[str, Any]], held: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """Counts per stage and state; a subject-level stage (QSIPrep) is counted per subject (one run each)."""
     out: dict[str, Any] = {"sessions": len(rows), "held": len(held)}
     out["held_by_reason"] = dict(Counter(h["state"] for h in held))
-    out["protocol"] = dict(Counter(r["protocol"] for r in rows))
+    out["protocol"] = dict(Counter(r["protocol"] for r in rows if r["protocol"] != "-"))
     for name in names:
         if stages.stage(name).per_subject:
             per_subject = {r["subject"]: r[name] for r in rows}

@@ -55,10 +55,11 @@ class AlertDeliveryError(Exception):
 
 
 class Alert(Protocol):
-    """What `deliver` sends: a title (mail subject) and a text; ``what`` names it in delivery errors."""
+    """What `deliver` sends: a title (mail subject) and a text; ``ref`` names it in delivery errors
+    (FailureAlert, DiscoveryAlert, the disk guard's DiskAlert)."""
 
     @property
-    def what(self) -> str: ...
+    def ref(self) -> str: ...
 
     def title(self) -> str: ...
 
@@ -79,16 +80,16 @@ class FailureAlert:
     attempt: int = 1
 
     @property
-    def what(self) -> str:
-        return f"run {self.run_id}"
-
-    @property
     def where(self) -> str:
         if self.subject and self.session:
             return f"sub-{self.subject} ses-{self.session}"
         if self.subject:
             return f"sub-{self.subject} (all sessions)"
         return "no partition"
+
+    @property
+    def ref(self) -> str:
+        return f"run {self.run_id}"
 
     def title(self) -> str:
         return f"[neuroflow] {self.stage} failed: {self.where} ({self.failure_class})"
@@ -107,6 +108,31 @@ class FailureAlert:
         ]
         if self.log_tail:
             lines += ["log tail:", "```", self.log_tail, "```"]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class DiscoveryAlert:
+    """New discovery problems an operator must act on (identity and mapping conflicts, unreadable or
+    missing folders, registry problems): one message per tick that found new ones."""
+
+    items: tuple[str, ...]
+    report_at: str = ""
+    max_items: int = 20
+
+    @property
+    def ref(self) -> str:
+        return "discovery problems"
+
+    def title(self) -> str:
+        return f"[neuroflow] discovery: {len(self.items)} new problem(s) need an operator"
+
+    def text(self) -> str:
+        lines = [self.title(), f"discovery tick: {self.report_at or '-'}", ""]
+        lines += [f"- {item}" for item in self.items[: self.max_items]]
+        if len(self.items) > self.max_items:
+            lines.append(f"- ... and {len(self.items) - self.max_items} more: `neuroflow status`")
+        lines += ["", "Details and what to do: `neuroflow status`, docs/operations.md (What happens when...)."]
         return "\n".join(lines)
 
 
@@ -269,9 +295,9 @@ def deliver(config: NeuroflowConfig, alert: Alert, environ: Mapping[str, str] | 
         except AlertDeliveryError as exc:
             errors.append(str(exc))
     if errors and not sent:
-        raise AlertDeliveryError(f"alert for {alert.what} not delivered: " + "; ".join(errors))
+        raise AlertDeliveryError(f"alert for {alert.ref} not delivered: " + "; ".join(errors))
     if errors:
-        dg.get_dagster_logger().warning(f"alert for {alert.what}: " + "; ".join(errors))
+        dg.get_dagster_logger().warning(f"alert for {alert.ref}: " + "; ".join(errors))
     return sent
 
 
@@ -301,3 +327,52 @@ def build_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
         context.log.info(f"alert for {alert.stage} {alert.where} sent via {', '.join(sent)}")
 
     return neuroflow_failure_alerts
+
+
+DISCOVERY_ALERT_SENSOR = "neuroflow_discovery_alerts"
+
+
+def new_discovery_alert(report: dict[str, Any], alerted: list[str]) -> tuple[DiscoveryAlert | None, list[str]]:
+    """(alert for the items not alerted yet or None, the keys to remember).
+
+    Keys of problems that are gone are forgotten, so a problem that comes back is alerted again.
+    """
+    from neuroflow_dagster.discovery.status_report import alert_items
+
+    items = alert_items(report)
+    new = [text for key, text in items.items() if key not in set(alerted)]
+    alert = DiscoveryAlert(tuple(new), str(report.get("at") or "")) if new else None
+    return alert, sorted(items)
+
+
+def build_discovery_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
+    """Alerts on new discovery problems (read from the last tick's report), once each; None without channels.
+
+    A sensor of its own, so a slow mail server never delays discovery. The keys already alerted are its
+    cursor, advanced only after delivery: a failed delivery fails the tick (visible in the UI) and is
+    tried again on the next one.
+    """
+    if config.alerts.slack is None and config.alerts.email is None:
+        return None
+    from neuroflow_dagster.discovery.status_report import read_status_report
+
+    @dg.sensor(
+        name=DISCOVERY_ALERT_SENSOR,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=max(15, min(300, config.discovery.interval_seconds)),
+        description="Sends an alert when discovery holds a folder for a reason an operator must act on "
+        "(identity or mapping conflict, unreadable or missing folder, registry problem); once per problem.",
+    )
+    def neuroflow_discovery_alerts(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        try:
+            alerted = json.loads(context.cursor) if context.cursor else []
+        except ValueError:
+            alerted = []
+        alert, keys = new_discovery_alert(read_status_report(config), alerted if isinstance(alerted, list) else [])
+        if alert is None:
+            return dg.SensorResult(skip_reason="no new discovery problem", cursor=json.dumps(keys))
+        sent = deliver(config, alert)
+        context.log.info(f"alert for {len(alert.items)} new discovery problem(s) sent via {', '.join(sent)}")
+        return dg.SensorResult(cursor=json.dumps(keys))
+
+    return neuroflow_discovery_alerts

@@ -93,7 +93,7 @@ class DiskAlert:
     host: str
 
     @property
-    def what(self) -> str:
+    def ref(self) -> str:
         return "the disk guard"
 
     def title(self) -> str:

@@ -20,6 +20,7 @@ needs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
@@ -41,6 +42,7 @@ from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY, LOG_T
 from neuroflow_dagster.runtimes import STAND_IN_IMAGE, get_runtime, verify_outputs
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import FailureClass, classify, is_retryable, retry_delay
+from neuroflow_dagster.runtimes.jobs import JobStore
 from neuroflow_dagster.tools import publish
 from neuroflow_dagster.tools.spec import ToolSpec
 
@@ -72,9 +74,27 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
         meta["image_digest"] = record.image_digest
     if spec is not None:
         meta["stand_in"] = spec.stand_in
+    for key, value in record.extra.items():  # job id, node, state, exit code, elapsed, max RSS
+        if key.startswith("slurm_") and isinstance(value, (str, int, float, bool)):
+            meta[f"slurm/{key[len('slurm_'):]}"] = value
     if record.log_tail:
         meta[LOG_TAIL_KEY] = dg.MetadataValue.md("```\n" + record.log_tail[-4000:] + "\n```")
     return meta
+
+
+def runtime_options(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str,
+                    partition: str) -> dict[str, Any]:
+    """What a runtime needs beyond the stage's settings: for slurm, who owns the job and where its record goes."""
+    if stage_settings(config, stage).runtime != "slurm":
+        return {}
+    return {
+        "stage_name": stage,
+        "partition": partition,
+        "run_id": context.run_id,
+        # A run retry (worker died) is a new run in the same chain: it may adopt the job's result.
+        "root_run_id": context.run.root_run_id or context.run_id,
+        "jobs": JobStore(config.paths.state / "jobs"),
+    }
 
 
 def execute_spec(
@@ -96,7 +116,7 @@ def execute_spec(
     partition = context.partition_key if context.has_partition_key else "all"
     spec = dataclasses.replace(spec, lock=work_lock(config, stage, str(partition)), lock_owner=context.run_id)
     log_path = run_log_path(config.paths.log_dir, stage, str(partition), context.run_id)
-    runtime = get_runtime(stage_cfg)
+    runtime = get_runtime(stage_cfg, **runtime_options(context, config, stage, str(partition)))
 
     def failed(message: str, failure_class: FailureClass, record: RunRecord | None = None) -> Exception:
         record = record or RunRecord(tool=spec.tool, runtime=runtime.name, command=spec.command_line(),
@@ -121,6 +141,13 @@ def execute_spec(
         if note:
             exc = ToolRunError(str(exc) + note, exc.record, exc.failure_class)
         raise tool_failure(exc, stage_cfg.retry, context.retry_number, stage, spec, log=context.log.warning) from exc
+    if record.output_dir != str(spec.output_dir):
+        # A Slurm job of an earlier attempt, adopted by this run, wrote into that attempt's staging
+        # folder: verify and publish from there; this run's own (empty) staging folder goes.
+        context.log.info(f"{stage}: outputs of the adopted job are in {record.output_dir}")
+        with contextlib.suppress(OSError):
+            spec.output_dir.rmdir()
+        spec = dataclasses.replace(spec, output_dir=Path(record.output_dir))
     try:
         verify_outputs(spec, record, what=stage)
     except ToolRunError as exc:

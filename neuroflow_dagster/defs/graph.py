@@ -63,7 +63,7 @@ def runtime_kind(settings: StageConfig) -> str:
 
 def tool_label(settings: StageConfig, tool: str) -> str:
     """How descriptions and metadata name the tool: a stand-in is never presented as the real one."""
-    return f"{tool} stand-in (builtin)" if settings.runtime == "builtin" else tool
+    return f"{tool} stand-in (builtin)" if settings.tool_runtime == "builtin" else tool
 
 
 def build_stage_assets(config: NeuroflowConfig) -> list[dg.AssetsDefinition]:

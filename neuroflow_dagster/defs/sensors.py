@@ -139,9 +139,14 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             )
 
         held_digest = sorted(f"{h.scan_id}:{h.reason}" for h in result.held)
+        held_digest += sorted(f"problem:{p.kind}:{p.key}" for p in result.problems)
         if held_digest != cursor.get("held"):
             for held in result.held:
                 context.log.warning(f"held {held.scan_id!r} ({held.reason}): {held.message}")
+            for problem in result.problems:
+                context.log.warning(f"{problem.kind} problem: {problem.message}")
+            for note in result.notes:
+                context.log.info(f"mapping note: {note}")
         write_status_report(config, result)
 
         requests = []

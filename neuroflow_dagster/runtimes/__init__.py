@@ -1,4 +1,4 @@
-"""Where a ToolSpec runs: local process, embedded stand-in, Docker or Apptainer.
+"""Where a ToolSpec runs: local process, embedded stand-in, Docker, Apptainer or a Slurm job.
 
 The stage's ``runtime`` setting picks the implementation from config.RUNTIMES
 (one entry per runtime); every one returns a RunRecord or raises ToolRunError
@@ -42,7 +42,8 @@ def get_runtime(stage_config: StageConfig, **options: Any) -> Runtime:
     """The runtime the stage's ``runtime`` field names, bound to that stage's settings.
 
     ``options`` go to the runtime's constructor (e.g. ``kill_grace_s``, ``client`` for docker,
-    ``executable`` for apptainer). Implementations are imported here, on demand, so that a
+    ``executable`` for apptainer; ``stage_name``, ``partition``, ``run_id``, ``root_run_id``,
+    ``jobs`` for slurm). Implementations are imported here, on demand, so that a
     worker without the ``docker`` package can still run local and builtin stages.
     """
     kind = stage_config.runtime

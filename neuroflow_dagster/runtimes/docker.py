@@ -56,6 +56,7 @@ from neuroflow_dagster.runtimes.container import (
 )
 from neuroflow_dagster.runtimes.failures import FailureClass, classify
 from neuroflow_dagster.runtimes.process import (
+    DeadMansSwitch,
     LineSplitter,
     LogSink,
     Watchdog,
@@ -203,6 +204,7 @@ class DockerRuntime(Runtime):
                     raise TimeoutError("hard timeout reached before the container was created")
                 container = super()._create_container(client=client, **kw)
                 captured["container"] = container
+                captured["switch"] = orphan_switch(container, log_path)
                 return container
 
         pipes_client = _Client(message_reader=_TeeReader(), registry=self.registry)
@@ -225,6 +227,8 @@ class DockerRuntime(Runtime):
         finally:
             watchdog.stop()
             self._finish_container(record, sink, captured.get("container"))
+            if captured.get("switch") is not None:
+                captured["switch"].disarm()
         if isinstance(outcome, DagsterPipesError):
             raise self._exit_failure(record, sink, watchdog) from outcome
         if outcome is not None:
@@ -264,6 +268,7 @@ class DockerRuntime(Runtime):
                 client.images.pull(image)
                 container = client.containers.create(**create)
             captured["container"] = container
+            captured["switch"] = orphan_switch(container, request.log_path)
             if watchdog.timed_out:
                 raise TimeoutError("hard timeout reached before the container started")
             container.start()
@@ -284,6 +289,8 @@ class DockerRuntime(Runtime):
         finally:
             watchdog.stop()
             self._finish_container(record, sink, captured.get("container"))
+            if captured.get("switch") is not None:
+                captured["switch"].disarm()
         if outcome is not None:
             raise self._docker_failure(record, sink, image, outcome, watchdog) from outcome
         if record.exit_code != 0:
@@ -310,6 +317,12 @@ class DockerRuntime(Runtime):
     def _exit_failure(self, record: RunRecord, sink: LogSink, watchdog: Watchdog) -> ToolRunError:
         if watchdog.timed_out:
             return timeout_failure(record, sink, watchdog.timeout_s, record.exit_code)
+        if record.extra.get("oom_killed"):
+            # The engine's own word (State.OOMKilled), whatever the tool printed before it died.
+            limit = self.stage.memory_mb if self.stage is not None else None
+            return fail(record, sink, f"{record.tool} was killed by the out-of-memory killer (exit code "
+                        f"{record.exit_code}" + (f", memory_mb {limit}" if limit else "")
+                        + f") (log: {record.log_path})", FailureClass.RESOURCE, exit_code=record.exit_code)
         return exit_failure(record, sink, record.exit_code)
 
     def _docker_failure(self, record: RunRecord, sink: LogSink, image: str, exc: BaseException,
@@ -321,6 +334,18 @@ class DockerRuntime(Runtime):
         text = str(exc)
         if isinstance(exc, docker.errors.ImageNotFound | docker.errors.NotFound):
             message = f"{record.tool}: image not found: {image} ({text})"
+            return fail(record, sink, message, FailureClass.CONFIGURATION)
+        url = str(getattr(getattr(exc, "response", None), "url", "") or "")
+        if isinstance(exc, docker.errors.APIError) and "/images/create" in url:
+            # The image is not on this host and pulling it failed (e.g. no registry reachable, as on
+            # an air-gapped site): the operator must pull or `docker load` it here, a retry will not.
+            message = (f"{record.tool}: image not found: {image} is not on this Docker host and could not be "
+                       f"pulled ({exc.explanation or text}); pull it or `docker load` it on this host")
+            return fail(record, sink, message, FailureClass.CONFIGURATION)
+        if isinstance(exc, docker.errors.APIError) and exc.is_client_error():
+            # 4xx: the engine refused the request itself (e.g. more cpus than the host has).
+            message = (f"{record.tool}: the Docker engine refused the container ({exc.explanation or text}); "
+                       "check the stage's cpus, memory_mb, user and mounts")
             return fail(record, sink, message, FailureClass.CONFIGURATION)
         message = f"{record.tool}: docker error with image {image}: {text}"
         return fail(record, sink, message, classify(text, None))
@@ -337,8 +362,11 @@ class DockerRuntime(Runtime):
                 sink.close()
             return
         record.extra["container_id"] = getattr(container, "id", None)
-        if record.exit_code is None:
-            record.exit_code = _container_exit_code(container)
+        state = _container_state(container)
+        if record.exit_code is None and state.get("ExitCode") is not None:
+            record.exit_code = int(state["ExitCode"])
+        if state.get("OOMKilled"):
+            record.extra["oom_killed"] = True
         try:
             image = container.image
             digests = (image.attrs or {}).get("RepoDigests") or []
@@ -356,11 +384,23 @@ class DockerRuntime(Runtime):
             sink.close()
 
 
-def _container_exit_code(container: Any) -> int | None:
+REMOVE_CONTAINER = "import sys, docker; docker.from_env().containers.get(sys.argv[1]).remove(force=True)"
+
+
+def orphan_switch(container: Any, log_path: Path | None) -> DeadMansSwitch:
+    """A container outlives a killed run worker (dockerd runs it): remove it if the worker dies first.
+
+    The cleanup talks to the same engine (DOCKER_HOST and friends are inherited).
+    """
+    return DeadMansSwitch([sys.executable, "-c", REMOVE_CONTAINER, str(container.id)], log_path)
+
+
+def _container_state(container: Any) -> dict[str, Any]:
+    """The engine's ``State`` of the container (ExitCode, OOMKilled, ...); {} if it cannot be read."""
     if container is None:
-        return None
+        return {}
     try:
         container.reload()
-        return int(container.attrs["State"]["ExitCode"])
+        return dict(container.attrs.get("State") or {})
     except Exception:
-        return None
+        return {}

@@ -21,6 +21,12 @@ new session) and:
 - exits with the tool's exit status (re-raising the signal that killed it),
   so the runtime classifies the run exactly as without the guard.
 
+For work the worker does not run as a child process (a Docker container), the
+guard's ``--cleanup`` mode is a dead man's switch: it runs nothing until its
+standard input ends; ``done`` on that pipe disarms it, end-of-file without
+``done`` (the worker died) runs the given cleanup command (e.g. remove the
+container) and records it in the run's log file.
+
 Standard library only, run with ``-I -S`` (no site-packages): it starts in ~20 ms and imports
 nothing of the project (it must work in any worker that can run Python).
 """
@@ -184,6 +190,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="guard.py", description=__doc__.splitlines()[0])
     parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("--log", help="the per-run log file (the guard's notes go there once the worker is gone)")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="dead man's switch: run the command only if stdin ends without 'done'")
     parser.add_argument("--lock", help="exclusive lock file held for the tool's lifetime")
     parser.add_argument("--lock-info", default="{}", help="JSON describing this work, written into the lock")
     parser.add_argument("--lock-wait", type=float, default=120.0, help="seconds to wait for a held lock")
@@ -196,10 +204,36 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def cleanup_when_orphaned(command: list[str]) -> int:
+    """Wait for the worker: ``done`` disarms; end-of-file without it runs ``command``."""
+    global PARENT_GONE
+    received = b""
+    try:
+        while chunk := os.read(0, 4096):
+            received += chunk
+    except OSError:
+        pass
+    if received.strip() == b"done":
+        return 0
+    PARENT_GONE = True
+    say(f"the run worker is gone: running its cleanup {' '.join(command)}")
+    try:
+        code = subprocess.call(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        say(f"cleanup failed: {exc}")
+        return 1
+    say(f"cleanup finished with exit code {code}")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     global LOG_FILE
     args = parse(sys.argv[1:] if argv is None else argv)
     LOG_FILE = args.log
+    if args.cleanup:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the pipe decides
+        return cleanup_when_orphaned(args.command)
     group = Group(args.grace)
     reset_signal_dispositions()
     lock_fd = None

@@ -363,6 +363,36 @@ def guarded(argv: Sequence[str], *, grace_s: float, log_path: Path | str | None 
     return [*wrapper, "--", *argv]
 
 
+class DeadMansSwitch:
+    """Runs ``cleanup`` if this process dies before :meth:`disarm` (guard.py ``--cleanup``).
+
+    For work that is not a child process of the worker (a Docker container): the guard holds the
+    read end of a pipe whose only writer is this process; the pipe ends without ``done`` exactly
+    when the worker died, and the guard then runs ``cleanup`` (e.g. remove the container).
+    """
+
+    def __init__(self, cleanup: Sequence[str], log_path: Path | str | None = None) -> None:
+        argv = [sys.executable, "-I", "-S", str(GUARD_SCRIPT), "--cleanup"]
+        if log_path:
+            argv += ["--log", str(log_path)]
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [*argv, "--", *cleanup], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+
+    def disarm(self) -> None:
+        """The worker finished the work itself: the cleanup must not run."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.stdin is None:
+            return
+        try:
+            proc.stdin.write(b"done\n")
+            proc.stdin.close()
+            proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+
+
 def executable_problem(program: str, env: Mapping[str, str], cwd: Path | None = None) -> str | None:
     """Why ``program`` cannot be executed on this worker (None if it can), as exec would find it."""
     if os.sep in program:

@@ -159,9 +159,9 @@ def _short_tool(tool: str) -> str:
 
 def tool_identity(stage_config: Any, stand_in_module: str) -> str:
     """What produced the outputs: the image (its tag is the version) or the stand-in and its package version."""
-    if stage_config.runtime == "builtin":
+    if stage_config.tool_runtime == "builtin":
         return f"builtin:{stand_in_module}:{package_version()}"
-    return stage_config.image or f"{stage_config.runtime}:unversioned"
+    return stage_config.image or f"{stage_config.tool_runtime}:unversioned"
 
 
 def stand_in_command(

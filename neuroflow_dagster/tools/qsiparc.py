@@ -41,7 +41,7 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs,
               **layout.publish_plan(out, final, [f"sub-{participant}/ses-{session}"])}
 
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--qsirecon-dir", source), out, participant, [session])
         argv += ["--mask", cfg.mask]
         out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
 
     containerized = cfg.containerized
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.runtime} (no default image)")
+        raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.tool_runtime} (no default image)")
     pm = PathMap(containerized=containerized)
     argv = [
         TOOL, "run",
@@ -77,7 +77,7 @@ def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, 
 
 def _identity(cfg: Any) -> str:
     """Local runs without an image are versioned by the qsiparc installed beside neuroflow, if any."""
-    if cfg.runtime == "local" and not cfg.image:
+    if cfg.tool_runtime == "local" and not cfg.image:
         try:
             return f"qsiparc=={metadata.version('qsiparc')}"
         except metadata.PackageNotFoundError:

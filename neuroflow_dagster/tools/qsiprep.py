@@ -139,7 +139,7 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
     common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb,
               **layout.publish_plan(out, final, [f"sub-{participant}"])}
 
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--bids-dir", bids), out, participant, sessions, work)
         argv += ["--nprocs", str(cfg.nprocs)]
         _prepare(work, out)
@@ -148,14 +148,14 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
 
     containerized = cfg.containerized
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.tool_runtime}")
     version = dialect(config)
     if len(cfg.anatomical_template) != 1:
         raise SpecError(
             f"pipelines.qsiprep.anatomical_template {cfg.anatomical_template}: QSIPrep takes exactly one template"
         )
     if version < NEW_DIALECT and containerized and cfg.fs_license is None:
-        raise SpecError(f"pipelines.qsiprep.fs_license: required when runtime is {cfg.runtime} (QSIPrep 1.x)")
+        raise SpecError(f"pipelines.qsiprep.fs_license: required when runtime is {cfg.tool_runtime} (QSIPrep 1.x)")
 
     filter_file = write_bids_filter(bids_filter_path(config, participant), sessions, cfg.bids_filters)
     pm = PathMap(containerized=containerized)
@@ -201,7 +201,7 @@ def reads(config: Any, participant: str, sessions: Sequence[str]) -> list[tuple[
     sessions = _sessions(sessions)
     bids = Path(config.paths.bids_root)
     reads = [("bids_root", bids, ["dataset_description.json", *(session_path(participant, s) for s in sessions)])]
-    if config.pipelines.qsiprep.runtime != "builtin":
+    if config.pipelines.qsiprep.tool_runtime != "builtin":
         filter_file = bids_filter_path(config, participant)
         reads.append(("bids_filter", filter_file.parent, [filter_file.name]))
     return reads

@@ -74,7 +74,7 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     common = {"output_dir": out, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb,
               **layout.publish_plan(out, final, [unit, f"**/{unit}"])}
 
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--qsiprep-dir", source), out, participant, [session], work)
         if cfg.atlas_file is not None:
             argv += ["--atlas-file", pm(Path(cfg.atlas_file), "")]
@@ -89,9 +89,9 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
 
     containerized = cfg.containerized
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.tool_runtime}")
     if containerized and cfg.fs_license is None:
-        raise SpecError(f"pipelines.qsirecon.fs_license: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsirecon.fs_license: required when runtime is {cfg.tool_runtime}")
     pm = PathMap(containerized=containerized)
     source_arg, out_arg = pm(source, C_QSIPREP), pm(out, C_OUT, read_only=False)
     spec_file = recon_spec_file(cfg.recon_spec)
@@ -137,7 +137,7 @@ def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, 
     ])]
     spec_file = recon_spec_file(cfg.recon_spec)
     files = [spec_file] if spec_file is not None else []
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         files += [Path(f) for f in (cfg.atlas_file, cfg.atlas_labels) if f is not None]
     reads += [(f"config:{path.name}", path.parent, [path.name]) for path in files]
     return reads
@@ -159,7 +159,7 @@ def code_version(config: Any) -> str:
         "atlases": list(cfg.atlases),
         "extra_args": list(cfg.extra_args),
     }
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         fields["atlas_file"] = layout.file_digest(cfg.atlas_file)
         fields["atlas_labels"] = layout.file_digest(cfg.atlas_labels)
     return layout.version_hash(TOOL, layout.tool_identity(cfg, STAND_IN), fields)

@@ -70,6 +70,9 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 staging_dir=staging,
             )
             record = execute_spec(context, cfg, STAGE, spec, provenance=conversion_plan(cfg, ses, versions))
+            # A Slurm job of an earlier attempt that this run adopted converted into that attempt's
+            # staging folder (runtimes/slurm.py): validate and publish that one.
+            staging = Path(record.output_dir)
             dataset.ensure_bidsignore(staging)  # the validator skips what bids_root's .bidsignore skips
             started = time.monotonic()
             report = (

@@ -36,7 +36,7 @@ def session_context(config: NeuroflowConfig, partition_key: str) -> SessionConte
     try:
         entry = registered_session(config, participant, session)
     except NotEligible as exc:
-        raise refuse(str(exc)) from None
+        raise refuse(str(exc), exc.failure_class) from None
     return SessionContext(participant, session, entry)
 
 
@@ -56,11 +56,11 @@ def not_applicable(reason: str, **extra: object) -> dg.MaterializeResult:
 
 
 def tool_versions(stage_cfg: StageConfig, tool: str) -> dict[str, str]:
-    """Versions to record for a run: the stand-in's packages (builtin), the installed tool (local);
-    a container's image and digest are recorded from the run itself."""
-    if stage_cfg.runtime == "builtin":
+    """Versions to record for a run: the stand-in's packages (builtin), the installed tool (local), also
+    inside a Slurm job; a container's image and digest are recorded from the run itself."""
+    if stage_cfg.tool_runtime == "builtin":
         return prov.package_versions(prov.STAND_IN_PACKAGES)
-    if stage_cfg.runtime == "local":
+    if stage_cfg.tool_runtime == "local":
         return prov.package_versions([tool])
     return {}
 

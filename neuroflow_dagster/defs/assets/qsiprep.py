@@ -9,12 +9,12 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs import automation
-from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable
+from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, refuse
 from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.eligibility import qsiprep_sessions
+from neuroflow_dagster.eligibility import NotEligible, qsiprep_sessions
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
 from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import layout, qsiprep
@@ -37,7 +37,10 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def qsiprep_subject(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         participant = context.partition_key
-        sessions, left_out = qsiprep_sessions(cfg, participant)
+        try:
+            sessions, left_out = qsiprep_sessions(cfg, participant)
+        except NotEligible as exc:
+            raise refuse(str(exc), exc.failure_class) from None
         for ses, why in left_out.items():
             context.log.warning(f"sub-{participant} ses-{ses} left out of QSIPrep: {why}")
         if not sessions:
