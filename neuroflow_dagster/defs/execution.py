@@ -44,6 +44,7 @@ from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import FailureClass, classify, is_retryable, retry_delay
 from neuroflow_dagster.runtimes.jobs import JobStore
 from neuroflow_dagster.tools import publish
+from neuroflow_dagster.tools.layout import package_version
 from neuroflow_dagster.tools.spec import ToolSpec
 
 
@@ -74,6 +75,8 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
         meta["image_digest"] = record.image_digest
     if spec is not None:
         meta["stand_in"] = spec.stand_in
+        if spec.stand_in:  # the stand-ins are versioned with neuroflow (status --format nipoppy reads it)
+            meta["stand_in_version"] = package_version()
     for key, value in record.extra.items():  # job id, node, state, exit code, elapsed, max RSS
         if key.startswith("slurm_") and isinstance(value, (str, int, float, bool)):
             meta[f"slurm/{key[len('slurm_'):]}"] = value
