@@ -17,9 +17,10 @@ from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_sess
 from neuroflow_dagster.defs.assets.qsiparc import build_qsiparc_asset
 from neuroflow_dagster.defs.assets.qsiprep import build_qsiprep_asset
 from neuroflow_dagster.defs.assets.qsirecon import build_qsirecon_asset
+from neuroflow_dagster.defs.automation import build_automation_sensors
 from neuroflow_dagster.defs.partitions import session_partitions, subjects_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.defs.sensors import build_automation_sensors, build_discovery_sensor, max_runtime_tags
+from neuroflow_dagster.defs.sensors import build_discovery_sensor, max_runtime_tags
 
 STAGE_ASSETS = {
     "bids_conversion": ("bids_session", session_partitions),
@@ -64,7 +65,7 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
         asset_checks=[dicom_protocol_check],
         sensors=[
             build_discovery_sensor(config),
-            *build_automation_sensors(config),
+            *build_automation_sensors(config, max_runtime_tags),
             *optional(build_alert_sensor(config)),
         ],
         jobs=stage_jobs(config),

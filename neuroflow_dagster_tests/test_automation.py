@@ -1,10 +1,13 @@
 """Tick-by-tick automation: what each stage requests as sessions arrive, convert, fail or are blocked.
 
-Drives Dagster's own evaluator (`evaluate_automation_conditions`) over the
-project's real Definitions on a temporary instance. Stage runs are simulated
-by reporting their materializations and check results, so each tick's
-decision is seen in isolation. (The serialized graph the daemon uses is
-exercised by test_daemon_e2e.py.)
+Ticks the project's real stage sensors (`automation_<stage>`, from the real
+Definitions) with their cursors on a temporary instance, one after the other
+as the daemon does. Stage runs are simulated by reporting their
+materializations and check results, so each tick's decision is seen in
+isolation; the requests a tick makes are not launched (the sensor remembers
+them, as it does until the daemon has created their runs). A recon request
+also parcellates in the same run; it is listed under its stage's asset,
+`qsirecon_session`. (The daemon itself is exercised by test_daemon_e2e.py.)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from neuroflow_dagster.defs.sensors import PROTOCOL_CHECK
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
 CHECK_OF = {DICOM: PROTOCOL_CHECK, BIDS: VALIDATOR_CHECK}
+STAGE_OF = {"bids_conversion": BIDS, "qsiprep": QSIPREP, "qsirecon": QSIRECON, "qsiparc": QSIPARC}
 
 
 def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, partition: str, passed: bool) -> None:
@@ -45,14 +49,15 @@ def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, parti
 
 
 class Harness:
-    """A temporary instance plus the project's definitions and the automation cursor."""
+    """A temporary instance plus the project's definitions and the automation sensors' cursors."""
 
     def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions) -> None:
         self.instance = instance
         self.defs = defs
-        # One cursor per automation sensor: like the daemon, each stage's sensor evaluates only its
-        # own assets, so a stage never sees what another stage "will request" in the same tick.
-        self.cursors: dict[dg.AssetKey, Any] = {}
+        # One cursor per automation sensor: like the daemon, each stage's sensor decides only its
+        # own stage, so a stage never sees what another stage requests in the same tick.
+        self.cursors: dict[str, str | None] = {}
+        self.sensors = {s.name: s for s in defs.sensors or [] if s.name.startswith("automation_")}
 
     def arrive(self, subject: str, session: str, *, protocol_ok: bool = True) -> None:
         self.instance.add_dynamic_partitions("subjects", [subject])
@@ -65,19 +70,24 @@ class Harness:
         if check is not None:
             run_check(self.instance, key, check, partition, check_passed)
 
+    def tick_requests(self) -> dict[str, list[dg.RunRequest]]:
+        """sensor name -> the run requests of one tick of each stage sensor, in pipeline order."""
+        out: dict[str, list[dg.RunRequest]] = {}
+        for stage, key in STAGE_OF.items():
+            sensor = self.sensors[f"automation_{stage}"]
+            result = sensor(dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name)))
+            assert isinstance(result, dg.SensorResult)
+            self.cursors[sensor.name] = result.cursor
+            out[stage] = list(result.run_requests or [])
+        return out
+
     def tick(self) -> dict[str, set[str]]:
+        """asset of each stage -> partitions its sensor requested this tick."""
         requested: dict[str, set[str]] = {}
-        for key in (BIDS, QSIPREP, QSIRECON, QSIPARC):
-            result = dg.evaluate_automation_conditions(
-                defs=self.defs,
-                instance=self.instance,
-                asset_selection=dg.AssetSelection.assets(key),
-                cursor=self.cursors.get(key),
-            )
-            self.cursors[key] = result.cursor
-            partitions = result.get_requested_partitions(key)
-            if partitions:
-                requested[key.to_user_string()] = {str(p) for p in partitions}
+        for stage, requests in self.tick_requests().items():
+            for request in requests:
+                assert request.tags["neuroflow/stage"] == stage
+                requested.setdefault(STAGE_OF[stage].to_user_string(), set()).add(str(request.partition_key))
         return requested
 
 

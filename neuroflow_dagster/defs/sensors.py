@@ -4,21 +4,22 @@ A thin wrapper around the plain-Python discovery engine. Each tick:
 1. runs discovery (stability wait, mapping, header reads only where needed),
 2. adds the new subjects and session labels to the dynamic partition sets,
 3. reports one `dicom_session` materialization per new or changed session
-   (ScanID, path, series table, acquisition date, mapping source),
-4. requests one run of the blocking `protocol` check per reported session.
+   (ScanID, path, series table, acquisition date, mapping source, and the protocol verdict),
+4. records the blocking `protocol` check of each reported session: as an evaluation reported with
+   the materialization when the partition has no check execution yet (no run: a run costs seconds
+   of start-up per session), or by a run of the check otherwise.
 
-Why a run for the check and not a reported evaluation: Dagster stores check
-executions unique per (check, run, partition), and runless events all share
-one empty run id, so a second report for the same partition (an invalid
-session re-checked after its folder changed) is rejected by the database. A
-check run also targets the latest materialization natively, which is what
-`all_deps_blocking_checks_passed()` downstream looks at.
+Why a run in the second case: Dagster stores check executions unique per (check, run, partition),
+and reported (runless) evaluations all share one empty run id, so a second report for the same
+partition (an invalid session re-checked after its folder changed) is rejected by the database. A
+check run also targets the latest materialization natively.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 import zlib
 from base64 import b64decode, b64encode
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.automation import DICOM
+from neuroflow_dagster.defs.automation import DICOM, PROTOCOL_VALID_KEY
 from neuroflow_dagster.defs.partitions import (
     session_key,
     session_labels_partitions,
@@ -74,6 +75,7 @@ def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
         "unreadable_examples": ", ".join(reg.unreadable_examples) or "none",
         "series": dg.MetadataValue.md(series_markdown(reg.series)),
         "protocol": reg.protocol.message,
+        PROTOCOL_VALID_KEY: reg.protocol.valid,
     }
 
 
@@ -91,6 +93,36 @@ def ensure_pool_limits(instance: dg.DagsterInstance, config: NeuroflowConfig) ->
             storage.set_concurrency_slots(stage, limit)
             changed.append(f"{stage}={limit}")
     return changed
+
+
+def partitions_with_checks(instance: dg.DagsterInstance, partitions: list[str]) -> set[str]:
+    """Partitions that already have a protocol check execution (a reported one cannot be repeated)."""
+    if not partitions:
+        return set()
+    key = dg.AssetCheckKey(DICOM, PROTOCOL_CHECK)
+    found: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in range(0, len(partitions), 500):
+            infos = instance.event_log_storage.get_asset_check_partition_info(
+                [key], partition_keys=partitions[start : start + 500]
+            )
+            found.update(str(i.partition_key) for i in infos)
+    return found
+
+
+def protocol_evaluation(key: str, reg: engine.Registration) -> dg.AssetCheckEvaluation:
+    """The registration's protocol verdict as a check evaluation (reported right after its materialization)."""
+    return dg.AssetCheckEvaluation(
+        asset_key=DICOM,
+        check_name=PROTOCOL_CHECK,
+        passed=reg.protocol.valid,
+        metadata={"reason": reg.protocol.message, "scan_id": reg.scan_id, "reported_by": "dicom_discovery"},
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=reg.protocol.message,
+        blocking=True,
+        partition=key,
+    )
 
 
 def _tag_safe(text: str) -> str:
@@ -114,7 +146,7 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
         minimum_interval_seconds=config.discovery.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Registers DICOM session folders once stable: partitions, dicom_session events, "
-        "protocol check runs.",
+        "protocol verdicts (reported, or by a check run for a re-registered session).",
     )
     def dicom_discovery(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         started = time.monotonic()
@@ -131,6 +163,10 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
         subjects: list[str] = []
         runs: list[dg.RunRequest] = []
         labels: list[str] = []
+        checked = partitions_with_checks(
+            context.instance,
+            [str(session_key(r.participant_label, r.session_label)) for r in result.registrations],
+        )
         for reg in result.registrations:
             key = session_key(reg.participant_label, reg.session_label)
             subjects.append(reg.participant_label)
@@ -143,6 +179,9 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
                     metadata=registration_metadata(reg),
                 )
             )
+            if str(key) not in checked:
+                events.append(protocol_evaluation(str(key), reg))
+                continue
             runs.append(
                 dg.RunRequest(
                     run_key=None,
@@ -198,29 +237,3 @@ def max_runtime_tags(config: NeuroflowConfig, stage: str) -> dict[str, str]:
     r = cfg.retry
     budget = (r.max_retries + 1) * cfg.timeout_minutes * 60 + r.max_retries * r.max_delay_seconds * (1 + r.jitter) + 900
     return {MAX_RUNTIME_TAG: str(int(min(INSTANCE_MAX_RUNTIME_S, budget)))}
-
-
-def build_automation_sensors(config: NeuroflowConfig) -> list[dg.AutomationConditionSensorDefinition]:
-    """One automation sensor per stage, so every run it launches carries its stage tag.
-
-    Run-queue tag limits key on that tag (asset tags are not copied to runs);
-    the pools on the assets hold the limit for runs launched without tags too.
-    """
-    interval = max(5, min(30, config.discovery.interval_seconds))
-    stages = {
-        "bids_conversion": ["bids_session"],
-        "qsiprep": ["qsiprep_subject"],
-        "qsirecon": ["qsirecon_session"],
-        "qsiparc": ["qsiparc_session"],
-    }
-    return [
-        dg.AutomationConditionSensorDefinition(
-            name=f"automation_{stage}",
-            target=dg.AssetSelection.assets(*keys),
-            run_tags={"neuroflow/stage": stage, **max_runtime_tags(config, stage)},
-            default_status=dg.DefaultSensorStatus.RUNNING,
-            minimum_interval_seconds=interval,
-            description=f"Declarative automation for {stage}; its runs carry neuroflow/stage={stage}.",
-        )
-        for stage, keys in stages.items()
-    ]

@@ -15,7 +15,6 @@ import dagster as dg
 
 from neuroflow_dagster.bids import dataset, validator
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
@@ -54,7 +53,6 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"bids"},
         pool=STAGE,
         code_version=heudiconv.code_version(config),
-        automation_condition=automation.bids_condition(),
         check_specs=[
             dg.AssetCheckSpec(
                 VALIDATOR_CHECK,

@@ -3,7 +3,6 @@
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions
@@ -24,7 +23,6 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
         pool=STAGE,
         code_version=qsiparc.code_version(config),
-        automation_condition=automation.qsiparc_condition(),
         description="Per-region statistics of the session's diffusion maps (QSIParc layout).",
     )
     def qsiparc_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:

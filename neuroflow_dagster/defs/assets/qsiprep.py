@@ -9,7 +9,6 @@ import dagster as dg
 
 from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.bids import validation_passed
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
@@ -56,7 +55,6 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
         pool=STAGE,
         code_version=qsiprep.code_version(config),
-        automation_condition=automation.qsiprep_condition(stage_cfg.trigger, stage_cfg.cron),
         description=f"{tool_name} over all of the subject's diffusion sessions (one anatomical template); "
         "re-runs whenever the subject gains a session.",
     )

@@ -4,7 +4,6 @@ import dagster as dg
 
 from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
@@ -44,7 +43,6 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
         pool=STAGE,
         code_version=qsirecon.code_version(config),
-        automation_condition=automation.qsirecon_condition(),
         description=f"{tool_name} ({stage_cfg.recon_spec}) for one session, after each QSIPrep of its subject.",
     )
     def qsirecon_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
