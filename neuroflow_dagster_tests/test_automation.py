@@ -51,9 +51,10 @@ def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, parti
 class Harness:
     """A temporary instance plus the project's definitions and the automation sensors' cursors."""
 
-    def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions) -> None:
+    def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions, config: Any = None) -> None:
         self.instance = instance
         self.defs = defs
+        self.config = config
         # One cursor per automation sensor: like the daemon, each stage's sensor decides only its
         # own stage, so a stage never sees what another stage requests in the same tick.
         self.cursors: dict[str, str | None] = {}
@@ -73,7 +74,7 @@ class Harness:
     def tick_requests(self) -> dict[str, list[dg.RunRequest]]:
         """sensor name -> the run requests of one tick of each stage sensor, in pipeline order."""
         out: dict[str, list[dg.RunRequest]] = {}
-        for stage, key in STAGE_OF.items():
+        for stage in STAGE_OF:
             sensor = self.sensors[f"automation_{stage}"]
             result = sensor(dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name)))
             assert isinstance(result, dg.SensorResult)
@@ -96,7 +97,7 @@ def harness(tmp_path: Path) -> Any:
     config = make_workspace(tmp_path)
     defs = build_definitions(config)
     with dg.instance_for_test() as instance:
-        yield Harness(instance, defs)
+        yield Harness(instance, defs, config)
 
 
 def test_two_subjects_three_sessions_then_a_late_one(harness: Harness) -> None:
@@ -217,3 +218,91 @@ def test_check_passing_after_the_first_tick_triggers_conversion(harness: Harness
     run_check(h.instance, DICOM, PROTOCOL_CHECK, "01|A", True)
     assert h.tick() == {"bids_session": {"01|A"}}
     assert h.tick() == {}
+
+
+def stand_in_run(
+    instance: dg.DagsterInstance, partition: str, *, recon: bool = True, parc: bool = True, parc_fails: bool = False
+) -> None:
+    """A real run of stand-ins with the real keys: planned events, materializations, run end, as production."""
+
+    @dg.asset(key=QSIRECON, partitions_def=session_partitions)
+    def recon_stand_in() -> None:
+        return None
+
+    @dg.asset(key=QSIPARC, partitions_def=session_partitions, deps=[QSIRECON])
+    def parc_stand_in() -> None:
+        if parc_fails:
+            raise dg.Failure("stand-in parcellation failure")
+
+    selection = [key for key, on in ((QSIRECON, recon), (QSIPARC, parc)) if on]
+    dg.materialize(
+        [recon_stand_in, parc_stand_in],
+        selection=selection,
+        partition_key=partition,
+        instance=instance,
+        raise_on_error=False,
+    )
+
+
+def test_recon_and_parcellation_of_a_session_run_together(harness: Harness) -> None:
+    """One run per session for both (issue 12: fewer run start-ups); parcellation alone after a recon-only run."""
+    h = harness
+    h.arrive("A", "01")
+    h.done(BIDS, "01|A")
+    h.done(QSIPREP, "A")
+    requests = h.tick_requests()
+    assert [
+        (r.partition_key, sorted(k.to_user_string() for k in r.asset_selection or [])) for r in requests["qsirecon"]
+    ] == [("01|A", ["qsiparc_session", "qsirecon_session"])]
+    assert requests["qsiparc"] == []
+    stand_in_run(h.instance, "01|A")
+    assert h.tick() == {}  # the run parcellated what it reconstructed
+    h.done(QSIPREP, "A")
+    assert h.tick() == {"qsirecon_session": {"01|A"}}
+    stand_in_run(h.instance, "01|A", parc_fails=True)
+    assert h.tick() == {}  # a failed parcellation is not retried by itself (as any failed request)
+    stand_in_run(h.instance, "01|A", parc=False)  # e.g. an operator reprocesses the reconstruction
+    assert h.tick() == {"qsiparc_session": {"01|A"}}
+    assert h.tick() == {}
+
+
+def test_cron_mode_waits_for_the_next_cron_tick(tmp_path: Path) -> None:
+    """pipelines.qsiprep.trigger: cron -- a wave is taken at the first cron tick after it is converted."""
+    from datetime import datetime, timezone
+
+    from neuroflow_dagster.defs.automation import Cursor, QsiprepStage, run_stage_tick
+
+    config = make_workspace(tmp_path, {"pipelines": {"qsiprep": {"trigger": "cron", "cron": "0 2 * * *"}}})
+    with dg.instance_for_test() as instance:
+        h = Harness(instance, build_definitions(config), config)
+        h.arrive("A", "01")
+        h.done(BIDS, "01|A")
+        stage = QsiprepStage(config)
+        start = datetime(2030, 1, 1, 3, 0, tzinfo=timezone.utc).timestamp()  # an hour after a cron tick
+
+        def requested(result: Any) -> list[str]:
+            return [d.key for d in result.decisions if d.action == "request"]
+
+        first = run_stage_tick(stage, instance, Cursor(), now=start)
+        assert requested(first) == [] and list(first.cursor.pending) == ["A"]
+        later = run_stage_tick(stage, instance, first.cursor, now=start + 12 * 3600)
+        assert requested(later) == []
+        after_cron = run_stage_tick(stage, instance, later.cursor, now=start + 24 * 3600)
+        assert requested(after_cron) == ["A"]
+        assert requested(run_stage_tick(stage, instance, after_cron.cursor, now=start + 24 * 3600 + 60)) == []
+
+
+def test_a_quiet_tick_reads_nothing_but_the_event_log_head(harness: Harness) -> None:
+    """The cost of a tick follows the change: with nothing new, no partition is examined (issue 12)."""
+    from neuroflow_dagster.defs.automation import Cursor, QsiprepStage, run_stage_tick
+
+    h = harness
+    h.arrive("A", "01")
+    h.done(BIDS, "01|A")
+    stage = QsiprepStage(h.config)
+    busy = run_stage_tick(stage, h.instance, Cursor())
+    assert busy.candidates == 1 and [d.key for d in busy.decisions if d.action == "request"] == ["A"]
+    overlap = run_stage_tick(stage, h.instance, busy.cursor)  # the previous window, re-read once
+    assert [d.action for d in overlap.decisions] == ["none"]
+    quiet = run_stage_tick(stage, h.instance, overlap.cursor)
+    assert quiet.candidates == 0 and quiet.decisions == []
