@@ -138,7 +138,9 @@ def test_production_dagster_yaml_works_against_postgres(
     home.mkdir()
     shutil.copyfile(REPO / path, home / "dagster.yaml")
     instance = dg.DagsterInstance.from_config(str(home))
-    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    # dagster-postgres with a connection pool (neuroflow_dagster/pooled_storage.py, issue 12)
+    assert type(instance.run_storage).__name__ == "PooledPostgresRunStorage"
+    assert type(instance.event_log_storage).__name__ == "PooledPostgresEventLogStorage"
     expected_launcher = "DockerRunLauncher" if path == "deploy/dagster.yaml" else "DefaultRunLauncher"
     assert type(instance.run_launcher).__name__ == expected_launcher
     queue = instance.get_concurrency_config().run_queue_config
