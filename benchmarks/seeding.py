@@ -19,7 +19,6 @@ past them.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
@@ -395,14 +394,42 @@ def add_partitions(instance: dg.DagsterInstance, pairs: Sequence[tuple[str, str]
         instance.add_dynamic_partitions("session_labels", labels)
 
 
+def seed_downstream(writer: Writer, pairs: Sequence[tuple[str, str]]) -> None:
+    """QSIPrep per subject, then recon + parcellation of each session in one run (1 in 20 not applicable)."""
+    qsiprep, recon, parc = (
+        dg.AssetKey("qsiprep_subject"),
+        dg.AssetKey("qsirecon_session"),
+        dg.AssetKey("qsiparc_session"),
+    )
+    subjects = sorted({s for s, _ in pairs})
+    for subject in subjects:
+        run_id = str(uuid.uuid4())
+        writer.planned_materialization(qsiprep, subject, run_id, "__ASSET_JOB")
+        writer.materialization(
+            qsiprep, subject, run_id, "__ASSET_JOB", {"neuroflow/status": "done", "sessions": "01, 02"}
+        )
+        writer.run(run_id, "__ASSET_JOB", subject, "qsiprep", qsiprep, [])
+    for i, (subject, session) in enumerate(pairs):
+        partition = key(subject, session)
+        run_id = str(uuid.uuid4())
+        status = "not_applicable" if i % 20 == 0 else "done"
+        writer.planned_materialization(recon, partition, run_id, "__ASSET_JOB")
+        writer.planned_materialization(parc, partition, run_id, "__ASSET_JOB")
+        writer.materialization(recon, partition, run_id, "__ASSET_JOB", {"neuroflow/status": status, "n_outputs": 12})
+        writer.materialization(parc, partition, run_id, "__ASSET_JOB", {"neuroflow/status": status, "n_tables": 4})
+        writer.run(run_id, "__ASSET_JOB", partition, "qsirecon", recon, [])
+
+
 def seed_sessions(
     instance: dg.DagsterInstance,
     pairs: Sequence[tuple[str, str]],
     *,
     converted: bool = True,
     protocol_passed: bool = True,
+    downstream: bool = False,
 ) -> dict[str, float]:
-    """Registers `pairs` (partitions, dicom_session, protocol check run) and, if `converted`, their BIDS run."""
+    """Registers `pairs` (partitions, dicom_session, protocol check run) and, if `converted`, their BIDS run;
+    `downstream` adds QSIPrep, recon and parcellation (a fully processed archive)."""
     started = time.perf_counter()
     add_partitions(instance, pairs)
     t_parts = time.perf_counter() - started
@@ -427,10 +454,28 @@ def seed_sessions(
             )
             writer.check(BIDS, VALIDATOR, partition, bids_run, "__ASSET_JOB", True, (bids_id, bids_run, bids_ts))
             writer.run(bids_run, "__ASSET_JOB", partition, "bids_conversion", BIDS, [validator_key])
+    if converted and downstream:
+        seed_downstream(writer, pairs)
     t_build = time.perf_counter() - started - t_parts
     writer.flush()
     return {"partitions_s": t_parts, "build_s": t_build, "write_s": time.perf_counter() - started - t_parts - t_build}
 
 
-def seeded_home_cache() -> Path:
-    return Path(os.environ.get("NEUROFLOW_BENCH_CACHE", "/tmp/neuroflow-bench"))
+def write_registry(state_dir: Path, pairs: Sequence[tuple[str, str]]) -> Path:
+    """registry.tsv for `pairs`, as discovery writes it (the status CLI lists sessions from it)."""
+    import csv
+    import io
+
+    from neuroflow_dagster.discovery.identity import REGISTRY_COLUMNS, REGISTRY_FILENAME
+
+    buf = io.StringIO(newline="")
+    out = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    out.writerow(REGISTRY_COLUMNS)
+    for subject, session in pairs:
+        scan_id = f"2024{session}01_{subject}"
+        out.writerow([scan_id, subject, session, f"REC_{subject}", "2024-01-15T14:30:00",
+                      f"/archive/incoming/{scan_id}", "2024-01-16T00:00:00+00:00"])  # fmt: skip
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / REGISTRY_FILENAME
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path

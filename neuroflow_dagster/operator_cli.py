@@ -94,7 +94,14 @@ def _json(data: Any) -> None:
 # --------------------------------------------------------------------------- status
 
 
-def _render_status(report: dict[str, Any], fmt: str, stages: list[str]) -> None:
+def _render_status(report: dict[str, Any], fmt: str, stages: list[str], summary: bool = False) -> None:
+    if summary:  # the archive at a glance: totals and held folders, no row per session
+        report = {"held": report["held"], "totals": report["totals"]}
+        if fmt == "json":
+            _json(report)
+            return
+        _render_totals(report, stages)
+        return
     if fmt == "json":
         _json(report)
         return
@@ -111,6 +118,10 @@ def _render_status(report: dict[str, Any], fmt: str, stages: list[str]) -> None:
         for r in report["sessions"]
     ]
     _print_rows(rows, "table", columns)
+    _render_totals(report, stages)
+
+
+def _render_totals(report: dict[str, Any], stages: list[str]) -> None:
     if report["held"]:
         print()
         print("held folders (not registered):")
@@ -143,12 +154,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         while True:
             report = collect_status(instance, config, subject=args.subject, stage=stage, failed_only=args.failed)
             if args.watch is None:
-                _render_status(report, args.format, stages)
+                _render_status(report, args.format, stages, args.summary)
                 return EXIT_OK
             if sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
             print(f"neuroflow status - {time.strftime('%Y-%m-%d %H:%M:%S')} (every {args.watch:g}s, Ctrl-C stops)")
-            _render_status(report, args.format, stages)
+            _render_status(report, args.format, stages, args.summary)
             sys.stdout.flush()
             try:
                 time.sleep(args.watch)
@@ -389,6 +400,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subject", help="only this participant label (with or without sub-)")
     p.add_argument("--stage", help="only this stage's column: bids_conversion (bids), qsiprep, qsirecon, qsiparc")
     p.add_argument("--failed", action="store_true", help="only sessions with a failed stage")
+    p.add_argument("--summary", action="store_true", help="only the totals per stage and state, and the held folders")
     p.add_argument(
         "--watch",
         nargs="?",

@@ -242,6 +242,33 @@ def test_status_json_states_per_stage(world: World, capsys: pytest.CaptureFixtur
     assert totals["protocol"] == {"passed": 3, "failed": 1, "unchecked": 4}
 
 
+def test_not_applicable_is_found_without_reading_every_event(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SQL lookup answers on SQLite; reading every materialization's metadata is only a fallback."""
+    from neuroflow_dagster.ops import records
+
+    def no_full_read(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("with_metadata", True):
+            raise AssertionError("read every materialization's metadata")
+        return original(*args, **kwargs)
+
+    original = records.latest_materializations
+    parc = original(world.instance, "qsiparc_session", with_metadata=False)
+    recon = original(world.instance, "qsirecon_session", with_metadata=False)
+    monkeypatch.setattr(records, "latest_materializations", no_full_read)
+    assert records.not_applicable_partitions(world.instance, "qsiparc_session", parc) == {"01|SUBJA"}
+    assert records.not_applicable_partitions(world.instance, "qsirecon_session", recon) == set()
+
+
+def test_status_summary_is_the_totals_without_rows(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --summary`: the archive at a glance (issue 12), the same totals as the full view."""
+    full = world.json(capsys, "status")
+    summary = world.json(capsys, "status", "--summary")
+    assert set(summary) == {"held", "totals"}
+    assert summary["totals"] == full["totals"] and summary["held"] == full["held"]
+    code, out, _ = world.cli(capsys, "status", "--summary")
+    assert code == 0 and "01|SUBJA" not in out and "totals: 8 session(s), 2 held folder(s)" in out
+
+
 def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     only_a = world.json(capsys, "status", "--subject", "sub-SUBJA")
     assert [r["partition"] for r in only_a["sessions"]] == ["01|SUBJA", "02|SUBJA"]

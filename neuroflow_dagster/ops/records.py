@@ -142,3 +142,87 @@ def planned_run_ids(
     for rec in records:
         seen.setdefault(rec.run_id, None)
     return list(seen)
+
+
+NOT_APPLICABLE_TEXT = '"not_applicable"'
+
+
+def not_applicable_partitions(instance: dg.DagsterInstance, asset: str, latest: dict[str, Materialization]) -> set[str]:
+    """Partitions whose latest materialization says `neuroflow/status: not_applicable`.
+
+    Reading every materialization's metadata means deserializing every event (most of the cost of
+    `status` on a large archive), and only a few are "not applicable". So the event log is asked in
+    SQL for the materializations whose stored text carries that value, and the answer is kept only
+    where it is the partition's latest one. Falls back to reading the metadata if the storage is not
+    Dagster's SQL event log.
+    """
+    key = dg.AssetKey(asset)
+    storage = instance.event_log_storage
+    try:
+        import sqlalchemy as sa
+        from dagster._core.storage.event_log.schema import SqlEventLogStorageTable as events
+
+        query = sa.select(events.c.partition, events.c.id).where(
+            events.c.asset_key == key.to_string(),
+            events.c.dagster_event_type == DagsterEventType.ASSET_MATERIALIZATION.value,
+            events.c.event.like(f"%{NOT_APPLICABLE_TEXT}%"),
+        )
+        with storage.index_connection() as conn:  # type: ignore[attr-defined]
+            rows = conn.execute(query).fetchall()
+        candidates = {(str(p), int(i)) for p, i in rows if p is not None}
+    except Exception:  # not a SQL storage: read the metadata instead
+        full = latest_materializations(instance, asset, with_metadata=True)
+        return {p for p, m in full.items() if m.not_applicable}
+    if not candidates:
+        return set()
+    # Confirm from the events themselves (only these few are deserialized).
+    confirmed: set[str] = set()
+    wanted = {i for p, i in candidates if p in latest and latest[p].storage_id == i}
+    for chunk in chunks(sorted(wanted)):
+        for rec in instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, storage_ids=list(chunk)), limit=len(chunk)
+        ).records:
+            mat = rec.asset_materialization
+            if rec.partition_key and metadata_values(mat.metadata if mat else {}).get(STATUS_KEY) == "not_applicable":
+                confirmed.add(str(rec.partition_key))
+    return confirmed
+
+
+@dataclass(frozen=True)
+class CheckState:
+    """The latest execution of a partitioned check: SUCCEEDED / FAILED / PLANNED / ..., and why it failed."""
+
+    status: str
+    reason: str = ""
+
+
+def latest_check_states(instance: dg.DagsterInstance, asset: str, check_name: str) -> dict[str, CheckState]:
+    """partition -> CheckState, from one grouped query; only failed executions are read for their reason."""
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+    key = dg.AssetCheckKey(dg.AssetKey(asset), check_name)
+    storage = instance.event_log_storage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        infos = storage.get_asset_check_partition_info([key])
+    out = {str(i.partition_key): CheckState(i.latest_execution_status.value) for i in infos if i.partition_key}
+    failed = {p for p, s in out.items() if s.status == "FAILED"}
+    cursor: int | None = None
+    while failed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            page = storage.get_asset_check_execution_history(
+                key, limit=1000, cursor=cursor, status={AssetCheckExecutionRecordStatus.FAILED}
+            )
+        for rec in page:
+            if rec.partition in failed:
+                evaluation = rec.evaluation
+                reason = ""
+                if evaluation is not None:
+                    reason = str(evaluation.description or metadata_values(evaluation.metadata).get("reason") or "")
+                out[rec.partition] = CheckState("FAILED", reason)
+                failed.discard(rec.partition)
+        if len(page) < 1000:
+            break
+        cursor = page[-1].id
+    return out

@@ -11,7 +11,7 @@ status report supply what Dagster has no partition for.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -48,6 +48,7 @@ class AssetView:
     materialized: dict[str, records.Materialization]
     active: dict[str, str]  # partition -> queued | running
     failed: dict[str, str]  # partition -> run id of the failed latest attempt
+    not_applicable: set[str] = field(default_factory=set)  # latest materialization says so
 
 
 def _run_state(status: DagsterRunStatus) -> str:
@@ -95,10 +96,11 @@ def load_views(instance: dg.DagsterInstance) -> tuple[dict[str, AssetView], dict
                 active.setdefault(partition, _run_state(status))
             elif status in records.FAILED_RUN:
                 failed[partition] = run_id
-        # Only stage assets can be "not applicable"; the DICOM events are needed for their order alone.
-        mats = records.latest_materializations(instance, asset, with_metadata=asset != DICOM_ASSET)
-        views[asset] = AssetView(mats, active, failed)
-    checks = records.latest_check_executions(instance, DICOM_ASSET, PROTOCOL_CHECK)
+        # Storage ids only (staleness); "not applicable" is looked up for the few it applies to.
+        mats = records.latest_materializations(instance, asset, with_metadata=False)
+        na = records.not_applicable_partitions(instance, asset, mats) if asset != DICOM_ASSET else set()
+        views[asset] = AssetView(mats, active, failed, na)
+    checks = records.latest_check_states(instance, DICOM_ASSET, PROTOCOL_CHECK)
     return views, checks, checking
 
 
@@ -107,12 +109,8 @@ def _protocol(check: Any, checking: bool) -> tuple[str, str]:
         return "checking", ""
     if check is None:
         return "unchecked", ""
-    status = check.status.value
-    evaluation = check.evaluation
-    reason = ""
-    if evaluation is not None:
-        meta = records.metadata_values(evaluation.metadata)
-        reason = str(evaluation.description or meta.get("reason") or "")
+    status = check.status
+    reason = check.reason
     if status == "SUCCEEDED":
         return "passed", reason
     if status == "FAILED":
@@ -150,7 +148,7 @@ def stage_state(
         return "missing"
     if any(sid > mat.storage_id for sid in _upstream_storage_ids(asset, participant, partition, views, sessions_of)):
         return "stale"
-    return "not_applicable" if mat.not_applicable else "done"
+    return "not_applicable" if partition in view.not_applicable else "done"
 
 
 def collect_status(
