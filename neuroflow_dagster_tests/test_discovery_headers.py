@@ -125,8 +125,18 @@ def test_read_headers_gives_the_same_summary_either_way(tmp_path: Path, monkeypa
     files = sorted(p for p in (tmp_path / "s").rglob("*") if p.is_file())
     (tmp_path / "s" / "junk.dcm").write_bytes(b"not dicom")
     files.append(tmp_path / "s" / "junk.dcm")
+    to_pydicom: list[str] = []
+    original = scanner._pydicom_dataset
+
+    def counted(path: Path) -> object:
+        to_pydicom.append(path.name)
+        return original(path)
+
+    monkeypatch.setattr(scanner, "_pydicom_dataset", counted)
     lean = scanner.read_headers(files, root=tmp_path / "s")
-    monkeypatch.setattr(headers, "read_header_fields", lambda path: None)
+    assert to_pydicom == ["junk.dcm"]  # every real file took the lean path
+    monkeypatch.setattr(scanner, "read_header_fields", lambda path: None)
     plain = scanner.read_headers(files, root=tmp_path / "s")
+    assert len(to_pydicom) == 1 + len(files)
     assert lean == plain
     assert lean.n_dicom == len(files) - 1 and lean.n_unreadable == 1
