@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="json,table,summary")
     parser.add_argument("--profile", default="")
     parser.add_argument("--json", default="")
+    parser.add_argument("--code-root", default="", help="run the command from another checkout (PYTHONPATH)")
     args = parser.parse_args(argv)
 
     from neuroflow_dagster_tests.workspace_fixtures import make_workspace
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         out["seed_s"] = time.perf_counter() - t0
         exe = str(Path(sys.executable).with_name("neuroflow"))
         env = dict(os.environ, DAGSTER_HOME=str(home.home))
+        if args.code_root:
+            env["PYTHONPATH"] = args.code_root
+            out["code_root"] = args.code_root
         for fmt in args.formats.split(","):
             extra = ["--summary"] if fmt == "summary" else ["--format", fmt]
             cmd = [exe, "--config", str(config.source), "status", *extra, "--dagster-home", str(home.home)]
