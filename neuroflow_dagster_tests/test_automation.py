@@ -32,7 +32,8 @@ STAGE_OF = {"bids_conversion": BIDS, "qsiprep": QSIPREP, "qsirecon": QSIRECON, "
 def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, partition: str, passed: bool) -> None:
     """Record a check result through a real run, as production does (a check run or the asset's run).
 
-    A stand-in check body with the real check's key; the verdict comes from the test.
+    A stand-in check body with the real check's key; the verdict comes from the test. The run carries
+    the stage tag production's runs carry (the discovery sensor's check job, the conversion run).
     """
 
     @dg.asset_check(asset=asset, name=name, blocking=True, partitions_def=session_partitions)
@@ -43,8 +44,9 @@ def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, parti
     defs = dg.Definitions(
         assets=[dg.AssetSpec(asset, partitions_def=session_partitions)], asset_checks=[stand_in_check], jobs=[job]
     )
+    stage = "discovery" if asset == DICOM else "bids_conversion"
     defs.resolve_job_def("check").execute_in_process(
-        instance=instance, tags={"dagster/partition": partition}, raise_on_error=False
+        instance=instance, tags={"dagster/partition": partition, "neuroflow/stage": stage}, raise_on_error=False
     )
 
 
@@ -218,6 +220,18 @@ def test_check_passing_after_the_first_tick_triggers_conversion(harness: Harness
     run_check(h.instance, DICOM, PROTOCOL_CHECK, "01|A", True)
     assert h.tick() == {"bids_session": {"01|A"}}
     assert h.tick() == {}
+
+
+def test_a_check_run_ending_long_after_the_registration_still_converts(harness: Harness) -> None:
+    """The check run's end brings the session back, however many ticks passed (not only the last window)."""
+    h = harness
+    h.instance.add_dynamic_partitions("subjects", ["A"])
+    h.instance.add_dynamic_partitions("session_labels", ["01"])
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=DICOM, partition="01|A"))
+    for _ in range(3):
+        assert h.tick() == {}  # no verdict yet; the registration leaves the sensors' re-read window
+    run_check(h.instance, DICOM, PROTOCOL_CHECK, "01|A", True)
+    assert h.tick() == {"bids_session": {"01|A"}}
 
 
 def stand_in_run(

@@ -20,8 +20,9 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
   protocol verdict, not converted since, its latest attempt not failed; or converting), and QSIPrep
   is not running. Optionally only once a cron tick passed since the last request.
 - qsirecon_session (+ qsiparc_session in the same run): the subject's QSIPrep was materialized
-  after the session's last recon request, the session's BIDS exists and passed the validator, and
-  nothing it depends on is running.
+  after the session's last recon request by a run created after the session's conversion (so it
+  includes the session), the session's BIDS passed the validator, and nothing it depends on is
+  running.
 - qsiparc_session alone: its recon was materialized after the last parcellation request and not by
   the run that also planned the parcellation.
 """
@@ -228,11 +229,14 @@ def decide_qsiprep(
 def decide_qsirecon(
     key: str,
     qsiprep: PartitionRecord,
+    prep_started: int,
     bids: PartitionRecord,
     validator: str | None,
     recon: PartitionRecord,
     requested: int,
 ) -> Decision:
+    """`prep_started`: when the run that made the subject's latest QSIPrep was created (its planned
+    event; the materialization itself for a reported one)."""
     prepped = qsiprep.mat_id
     if not prepped:
         return Decision.none(key, "no QSIPrep output for the subject")
@@ -240,6 +244,8 @@ def decide_qsirecon(
         return Decision.none(key, "reconstructed or requested since the subject's last QSIPrep")
     if not bids.materialized:
         return Decision.none(key, "not converted")
+    if prep_started < bids.mat_id:
+        return Decision.none(key, "the subject's QSIPrep predates this conversion (the next one includes it)")
     if validator != "passed":
         return Decision.none(key, f"BIDS validator {validator or 'not run'}")
     if qsiprep.in_progress or bids.in_progress or recon.in_progress:
@@ -295,8 +301,26 @@ def _sessions_of(ledger: Ledger, subjects: Iterable[str]) -> list[str]:
     return [session_key(s, label) for s in sorted(set(subjects)) for label in labels]
 
 
-def _run_partitions(changes: TickInput, assets: set[str], checks: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
-    return {run.partition for run in changes.finished if run.partition and (run.assets & assets or run.checks & checks)}
+PROTOCOL_CHECK_NAME = "dicom_session:protocol"
+STAGE_JOB_ASSETS = {  # a whole-job run (no asset selection) names its asset by its stage tag
+    "bids_conversion": "bids_session",
+    "qsiprep": "qsiprep_subject",
+    "qsirecon": "qsirecon_session",
+    "qsiparc": "qsiparc_session",
+}
+
+
+def _run_partitions(changes: TickInput, assets: set[str], checks: frozenset[str] = frozenset()) -> set[str]:
+    """Partitions of the runs that ended since the cursor and touched one of `assets` or `checks`."""
+    out = set()
+    for run in changes.finished:
+        stage = run.tags.get(STAGE_TAG, "")
+        touched = set(run.assets) or {STAGE_JOB_ASSETS.get(stage, "")}
+        # The discovery sensor's check runs run the whole check job: no selection recorded on the run.
+        touched_checks = set(run.checks) or ({PROTOCOL_CHECK_NAME} if stage == "discovery" else set())
+        if run.partition and (touched & assets or touched_checks & checks):
+            out.add(run.partition)
+    return out
 
 
 def _protocol_verdicts(ledger: Ledger, dicom: dict[str, PartitionRecord]) -> dict[str, str | None]:
@@ -316,7 +340,7 @@ class BidsStage(Stage):
 
     def candidates(self, ledger: Ledger, changes: TickInput) -> set[str]:
         keys = set(changes.materialized.get(DICOM, {}))
-        keys |= _run_partitions(changes, {BIDS.to_user_string()}, {"dicom_session:protocol"})
+        keys |= _run_partitions(changes, {BIDS.to_user_string()}, frozenset({PROTOCOL_CHECK_NAME}))
         return keys
 
     def decide(self, ledger: Ledger, keys: set[str], cursor: Cursor, now: float) -> list[Decision]:
@@ -333,7 +357,9 @@ class QsiprepStage(Stage):
 
     def candidates(self, ledger: Ledger, changes: TickInput) -> set[str]:
         keys = {split_key(k)[0] for k in changes.materialized.get(BIDS, {})}
-        keys |= {split_key(k)[0] for k in _run_partitions(changes, {BIDS.to_user_string()}, {"dicom_session:protocol"})}
+        keys |= {
+            split_key(k)[0] for k in _run_partitions(changes, {BIDS.to_user_string()}, frozenset({PROTOCOL_CHECK_NAME}))
+        }
         keys |= {p for p in _run_partitions(changes, {QSIPREP.to_user_string()}) if "|" not in p}
         return keys
 
@@ -392,15 +418,25 @@ class QsireconStage(Stage):
     def decide(self, ledger: Ledger, keys: set[str], cursor: Cursor, now: float) -> list[Decision]:
         bids = ledger.records(BIDS, keys)
         keys = {k for k in keys if bids[k].materialized}  # phantoms and unconverted sessions drop out here
-        prep = ledger.records(QSIPREP, {split_key(k)[0] for k in keys})
+        prep = ledger.records(QSIPREP, {split_key(k)[0] for k in keys}, mat_runs=True)
+        started = ledger.planned_ids_of_runs(QSIPREP, {s: r.mat_run_id for s, r in prep.items()})
         recon = ledger.records(QSIRECON, keys)
         checks = ledger.checks(VALIDATOR, keys)
         out = []
         for k in sorted(keys):
+            subject = split_key(k)[0]
             check = checks.get(k)
             validator = check.verdict_on(bids[k].mat_id) if check is not None else None
             out.append(
-                decide_qsirecon(k, prep[split_key(k)[0]], bids[k], validator, recon[k], cursor.requested_trigger(k))
+                decide_qsirecon(
+                    k,
+                    prep[subject],
+                    started.get(subject, prep[subject].mat_id),
+                    bids[k],
+                    validator,
+                    recon[k],
+                    cursor.requested_trigger(k),
+                )
             )
         return out
 

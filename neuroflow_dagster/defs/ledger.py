@@ -95,8 +95,9 @@ class CheckRecord:
 class FinishedRun:
     run_id: str
     partition: str | None
-    assets: frozenset[str]
+    assets: frozenset[str]  # empty for a whole-job run (e.g. `dagster job backfill`): see `tags`
     checks: frozenset[str]  # "asset:check"
+    tags: dict[str, str]
 
 
 class Ledger:
@@ -176,6 +177,7 @@ class Ledger:
                         checks=frozenset(
                             f"{k.asset_key.to_user_string()}:{k.name}" for k in run.asset_check_selection or ()
                         ),
+                        tags=dict(run.tags),
                     )
                 )
         return out
@@ -209,6 +211,23 @@ class Ledger:
                     dg.EventRecordsFilter(event_type, asset_key=asset, storage_ids=list(chunk)), limit=len(chunk)
                 )
                 out.update({rec.storage_id: rec.run_id for rec in records})
+        return out
+
+    def planned_ids_of_runs(self, asset: dg.AssetKey, runs: dict[str, str]) -> dict[str, int]:
+        """partition -> storage id of the planned event of the given run (when that run was created)."""
+        wanted = {p: r for p, r in runs.items() if r}
+        out: dict[str, int] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for chunk in chunks(sorted(wanted)):
+                records = self.instance.get_event_records(
+                    dg.EventRecordsFilter(
+                        DagsterEventType.ASSET_MATERIALIZATION_PLANNED, asset_key=asset, asset_partitions=list(chunk)
+                    )
+                )
+                for rec in records:
+                    if rec.partition_key is not None and wanted.get(rec.partition_key) == rec.run_id:
+                        out[rec.partition_key] = rec.storage_id
         return out
 
     def run_statuses(self, run_ids: Iterable[str]) -> dict[str, DagsterRunStatus | None]:
