@@ -252,8 +252,8 @@ def test_not_applicable_is_found_without_reading_every_event(world: World, monke
         return original(*args, **kwargs)
 
     original = records.latest_materializations
-    parc = original(world.instance, "qsiparc_session", with_metadata=False)
-    recon = original(world.instance, "qsirecon_session", with_metadata=False)
+    parc, _ = records.latest_ids(world.instance, "qsiparc_session")
+    recon, _ = records.latest_ids(world.instance, "qsirecon_session")
     monkeypatch.setattr(records, "latest_materializations", no_full_read)
     assert records.not_applicable_partitions(world.instance, "qsiparc_session", parc) == {"01|SUBJA"}
     assert records.not_applicable_partitions(world.instance, "qsirecon_session", recon) == set()
@@ -607,3 +607,12 @@ def test_exit_codes(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "configuration error" in capsys.readouterr().err
     code = cli.main(["--config", str(world.config_file), "failures", "--dagster-home", str(tmp_path / "no_home")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_session_partition_is_dagsters_multi_partition_key() -> None:
+    from neuroflow_dagster.ops.common import session_partition
+
+    for subject, session in [("SUBJA", "01"), ("0075", "12"), ("A", "3")]:
+        assert session_partition(subject, session) == str(
+            dg.MultiPartitionKey({"subject": subject, "session": session})
+        )

@@ -90,8 +90,12 @@ def open_instance(home: Path) -> Iterator[dg.DagsterInstance]:
 
 
 def session_partition(participant: str, session: str) -> str:
-    """The multi-partition key string of a session ("01|SUBJA": dimension names sorted: session|subject)."""
-    return str(dg.MultiPartitionKey({"subject": participant, "session": session}))
+    """The multi-partition key string of a session ("01|SUBJA": dimension names sorted: session|subject).
+
+    Spelled out rather than built as a dg.MultiPartitionKey: status builds one per session and stage
+    (a fifth of its time at 20,000 sessions); test_operator_cli checks both agree.
+    """
+    return f"{session}|{participant}"
 
 
 def split_partition(key: str) -> tuple[str, str]:

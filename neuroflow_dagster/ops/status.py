@@ -31,6 +31,8 @@ from neuroflow_dagster.ops.common import (
     session_partition,
 )
 
+# Stages whose asset can be materialized as "not applicable" (no DWI, left out, no recon output).
+MAY_NOT_APPLY = frozenset({"qsiprep_subject", "qsirecon_session", "qsiparc_session"})
 STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded")
 # Which upstream assets make a partition stale; "subject" = the session's subject partition.
 _UPSTREAM: dict[str, list[tuple[str, str]]] = {
@@ -45,7 +47,7 @@ _UPSTREAM: dict[str, list[tuple[str, str]]] = {
 class AssetView:
     """Everything status needs about one asset, keyed by partition."""
 
-    materialized: dict[str, records.Materialization]
+    materialized: dict[str, int]  # partition -> storage id of its latest materialization
     active: dict[str, str]  # partition -> queued | running
     failed: dict[str, str]  # partition -> run id of the failed latest attempt
     not_applicable: set[str] = field(default_factory=set)  # latest materialization says so
@@ -80,8 +82,11 @@ def load_views(instance: dg.DagsterInstance) -> tuple[dict[str, AssetView], dict
         for check_key in getattr(run, "asset_check_selection", None) or set():
             if check_key.asset_key.to_user_string() == DICOM_ASSET and check_key.name == PROTOCOL_CHECK:
                 checking.add(partition)
+        if run.tags.get(STAGE_TAG) == "discovery":  # the discovery sensor's check job (whole job, no selection)
+            checking.add(partition)
 
-    attempts = {asset: records.open_attempts(instance, asset) for asset in STAGE_ASSETS.values()}
+    ids = {asset: records.latest_ids(instance, asset) for asset in [DICOM_ASSET, *STAGE_ASSETS.values()]}
+    attempts = {asset: records.open_attempts(instance, asset, *ids[asset]) for asset in STAGE_ASSETS.values()}
     runs = records.run_records(instance, (run_id for a in attempts.values() for run_id, _ in a.values()))
     views: dict[str, AssetView] = {}
     for asset in [DICOM_ASSET, *STAGE_ASSETS.values()]:
@@ -97,8 +102,8 @@ def load_views(instance: dg.DagsterInstance) -> tuple[dict[str, AssetView], dict
             elif status in records.FAILED_RUN:
                 failed[partition] = run_id
         # Storage ids only (staleness); "not applicable" is looked up for the few it applies to.
-        mats = records.latest_materializations(instance, asset, with_metadata=False)
-        na = records.not_applicable_partitions(instance, asset, mats) if asset != DICOM_ASSET else set()
+        mats = ids[asset][0]
+        na = records.not_applicable_partitions(instance, asset, mats) if asset in MAY_NOT_APPLY else set()
         views[asset] = AssetView(mats, active, failed, na)
     checks = records.latest_check_states(instance, DICOM_ASSET, PROTOCOL_CHECK)
     return views, checks, checking
@@ -130,7 +135,7 @@ def _upstream_storage_ids(
             keys = [participant]
         else:
             keys = [session_partition(participant, s) for s in sessions_of.get(participant, [])]
-        ids.extend(mats[k].storage_id for k in keys if k in mats)
+        ids.extend(mats[k] for k in keys if k in mats)
     return ids
 
 
@@ -146,7 +151,7 @@ def stage_state(
     mat = view.materialized.get(partition)
     if mat is None:
         return "missing"
-    if any(sid > mat.storage_id for sid in _upstream_storage_ids(asset, participant, partition, views, sessions_of)):
+    if any(sid > mat for sid in _upstream_storage_ids(asset, participant, partition, views, sessions_of)):
         return "stale"
     return "not_applicable" if partition in view.not_applicable else "done"
 
