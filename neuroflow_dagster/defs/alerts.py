@@ -90,16 +90,19 @@ class FailureAlert:
 
 
 def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
-    """The stage tag when the run has one; else the stage asset it ran (UI launches carry no tag).
+    """The stage whose step failed; else the stage tag; else the stage asset it ran (UI launches carry no tag).
 
     The stage assets are single-op assets whose op is named after the asset, so a failed step's key
-    names the asset when the run has no asset selection (ad-hoc `materialize`).
+    names the asset. It comes first because a recon run also parcellates (one run per session): a
+    failed parcellation step is a qsiparc failure although the run is tagged qsirecon.
     """
+    for key in (dg.AssetKey(k) for k in step_keys):
+        if key in STAGE_OF_ASSET:
+            return STAGE_OF_ASSET[key]
     tagged = run.tags.get(STAGE_TAG)
     if tagged:
         return tagged if tagged in STAGE_OF_ASSET.values() else None
-    keys = list(run.asset_selection or ()) + [dg.AssetKey(k) for k in step_keys]
-    for key in keys:
+    for key in run.asset_selection or ():
         if key in STAGE_OF_ASSET:
             return STAGE_OF_ASSET[key]
     return None
