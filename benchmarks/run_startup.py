@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
     code_root = str(Path(args.code_root).resolve())
+    # As pip installs it (the Docker image): with bytecode. PYTHONDONTWRITEBYTECODE is set on the
+    # development machines, so an editable checkout is otherwise compiled again in every run worker.
+    import compileall
+
+    compileall.compile_dir(str(Path(code_root) / "neuroflow_dagster"), quiet=1)
     subjects = (args.sessions + 1) // 2
     mapping = {f"2024{i + 1:02d}01_0900": f"SUBJ_{i // 2:03d}" for i in range(args.sessions)}
     load_before = os.getloadavg()[0]

@@ -234,6 +234,19 @@ def test_a_check_run_ending_long_after_the_registration_still_converts(harness: 
     assert h.tick() == {"bids_session": {"01|A"}}
 
 
+def test_a_registration_before_its_partitions_are_added_waits_for_them(harness: Harness) -> None:
+    """The daemon stores a discovery tick's events before it adds the tick's partitions; a run request
+    for an unknown partition would fail the whole automation tick."""
+    h = harness
+    verdict = {"protocol_valid": True}  # the discovery sensor's verdict travels with the registration
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=DICOM, partition="01|A", metadata=verdict))
+    assert h.tick() == {}
+    h.instance.add_dynamic_partitions("subjects", ["A"])
+    h.instance.add_dynamic_partitions("session_labels", ["01"])
+    assert h.tick() == {"bids_session": {"01|A"}}
+    assert h.tick() == {}
+
+
 def stand_in_run(
     instance: dg.DagsterInstance, partition: str, *, recon: bool = True, parc: bool = True, parc_fails: bool = False
 ) -> None:

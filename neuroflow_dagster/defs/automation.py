@@ -55,7 +55,9 @@ TRIGGER_TAG = "neuroflow/trigger"
 CURSOR_VERSION = 1
 OVERLAP = 1000  # storage ids re-read once at the next tick
 REQUEST_MEMORY_S = 6 * 3600  # a request whose run never appeared is forgotten (and retried) after this
+PENDING_MAX_S = 7 * 86400  # a wait (cron, a partition not added) is given up after this
 SESSION_LABELS = "session_labels"
+SUBJECTS = "subjects"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,6 +462,26 @@ class QsiparcStage(Stage):
 STAGES: tuple[type[Stage], ...] = (BidsStage, QsiprepStage, QsireconStage, QsiparcStage)
 
 
+def _only_known_partitions(ledger: Ledger, decisions: list[Decision]) -> list[Decision]:
+    """A request for a partition not in the dynamic sets yet becomes a wait (re-examined next tick).
+
+    The daemon stores a discovery tick's materializations before it adds the tick's partitions, and
+    a run request for an unknown partition fails the whole tick.
+    """
+    if not any(d.action == "request" for d in decisions):
+        return decisions
+    subjects = set(ledger.dynamic_partitions(SUBJECTS))
+    labels = set(ledger.dynamic_partitions(SESSION_LABELS))
+    out = []
+    for d in decisions:
+        subject, session = split_key(d.key) if "|" in d.key else (d.key, "")
+        if d.action == "request" and (subject not in subjects or (session and session not in labels)):
+            out.append(Decision.wait(d.key, "partition not added yet"))
+        else:
+            out.append(d)
+    return out
+
+
 @dataclass
 class TickResult:
     decisions: list[Decision]
@@ -479,6 +501,7 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
     for key, (_, when) in list(cursor.requested.items()):
         if now - when > REQUEST_MEMORY_S:
             del cursor.requested[key]
+    cursor.pending = {k: t for k, t in cursor.pending.items() if now - t <= PENDING_MAX_S}
     if head == cursor.seen == cursor.before and not cursor.pending:
         return TickResult([], cursor, 0, time.monotonic() - started)
 
@@ -495,6 +518,7 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
             if planned >= cursor.requested_trigger(key) and key in cursor.requested:
                 del cursor.requested[key]
     decisions = stage.decide(ledger, keys, cursor, now) if keys else []
+    decisions = _only_known_partitions(ledger, decisions)
     pending = {}
     for d in decisions:
         if d.action == "request":
