@@ -254,6 +254,7 @@ def parent(args: argparse.Namespace) -> list[dict[str, Any]]:
         "labels": max(args.sessions_per_subject, args.extra_subject_sessions),
         "storage": args.storage,
         "storage_yaml": args.storage_yaml,
+        "processed": args.processed,
     }
     results = []
     with ExitStack() as stack:
@@ -273,7 +274,7 @@ def parent(args: argparse.Namespace) -> list[dict[str, Any]]:
             seeded = seeding.write_home(tmp / "seeded", "sqlite", None, storage)
         t0 = time.perf_counter()
         with seeded.instance() as instance, seeding.quiet():
-            common["seed"] = seeding.seed_sessions(instance, pairs)
+            common["seed"] = seeding.seed_sessions(instance, pairs, downstream=args.processed)
         common["seed_s"] = time.perf_counter() - t0
         for i, variant in enumerate(args.variants.split(",")):
             name, _, code_root = variant.partition("@")
@@ -313,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-yaml", default="", help="JSON merged into dagster.yaml ({url} = the PG url)")
     parser.add_argument(
         "--variants", default="project,eager", help="comma list; VARIANT@CODE_ROOT for another checkout"
+    )
+    parser.add_argument(
+        "--processed", action="store_true", help="seed every stage done (QSIPrep, recon, parcellation), not only BIDS"
     )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--new", type=int, default=50)

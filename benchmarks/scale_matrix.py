@@ -28,6 +28,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "5k-sqlite": (["--subjects", "2500"], ["project", "eager", "before"]),
     "20k-sqlite": (["--subjects", "10000"], ["project", "eager", "before"]),
     "phantom-sqlite": (["--subjects", "1999", "--extra-subject-sessions", "10"], ["project", "eager", "before"]),
+    "20k-sqlite-processed": (["--subjects", "10000", "--processed"], ["project", "eager"]),
     "5k-postgres": (["--subjects", "2500", "--storage", "postgres"], ["project", "eager", "before"]),
     "20k-postgres": (["--subjects", "10000", "--storage", "postgres"], ["project", "eager"]),
     "20k-postgres-pooled": (
