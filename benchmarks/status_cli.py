@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="")
     parser.add_argument("--json", default="")
     parser.add_argument("--code-root", default="", help="run the command from another checkout (PYTHONPATH)")
+    parser.add_argument("--keep", default="", help="seed into this folder once and reuse it on later runs")
     args = parser.parse_args(argv)
 
     from neuroflow_dagster_tests.workspace_fixtures import make_workspace
@@ -60,14 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     pairs = seeding.archive(args.subjects, args.sessions_per_subject)
     out: dict = {"sessions": len(pairs), "subjects": args.subjects, "load_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="nf-status-") as tmp:
-        base = Path(tmp)
-        config = make_workspace(base / "ws")
-        home = seeding.write_home(base / "home", "sqlite")
-        t0 = time.perf_counter()
-        with home.instance() as instance, seeding.quiet():
-            seeding.seed_sessions(instance, pairs, downstream=True)
-        seeding.write_registry(config.paths.state, pairs)
-        out["seed_s"] = time.perf_counter() - t0
+        base = Path(args.keep) if args.keep else Path(tmp)
+        marker = base / f"seeded-{len(pairs)}"
+        if marker.exists():
+            from neuroflow_dagster.config import load_config
+
+            config = load_config(base / "ws" / "neuroflow.yaml", environ={})
+            home = seeding.Backend("sqlite", base / "home")
+        else:
+            base.mkdir(parents=True, exist_ok=True)
+            config = make_workspace(base / "ws")
+            home = seeding.write_home(base / "home", "sqlite")
+            t0 = time.perf_counter()
+            with home.instance() as instance, seeding.quiet():
+                seeding.seed_sessions(instance, pairs, downstream=True)
+            seeding.write_registry(config.paths.state, pairs)
+            out["seed_s"] = time.perf_counter() - t0
+            marker.write_text("")
         exe = str(Path(sys.executable).with_name("neuroflow"))
         env = dict(os.environ, DAGSTER_HOME=str(home.home))
         if args.code_root:
