@@ -4,8 +4,9 @@ Runs the whole flow in a real `dagster dev` (daemon, code server, run workers, S
 `--sessions` synthetic sessions (two per subject), waits until every session is parcellated, then
 reads the run records and events:
 
-- start-up: the run was launched (RUN_STARTING) -> its first STEP_START (process start, imports,
-  loading the code location, run initialisation);
+- start-up: the run was launched (RUN_STARTING) -> its first STEP_START, split into the process
+  (RUN_STARTING -> RUN_START: spawn, imports, loading the code location) and the run's
+  initialisation (RUN_START -> STEP_START: plan, resources, log capture);
 - tear-down: the last step's end -> the run's end;
 - step: the steps themselves (the tools' work, not counted as orchestration).
 
@@ -45,7 +46,7 @@ RUN_END = (DagsterEventType.RUN_SUCCESS, DagsterEventType.RUN_FAILURE, DagsterEv
 
 def run_phases(instance: dg.DagsterInstance, run_id: str) -> dict[str, float] | None:
     """launch -> first step start -> last step end -> run end, from the run's events."""
-    launched = first_step = last_step = ended = None
+    launched = started = first_step = last_step = ended = None
     for entry in instance.all_logs(run_id):
         event = entry.dagster_event
         if event is None:
@@ -53,16 +54,20 @@ def run_phases(instance: dg.DagsterInstance, run_id: str) -> dict[str, float] | 
         kind = event.event_type
         if kind == DagsterEventType.RUN_STARTING and launched is None:
             launched = entry.timestamp
+        elif kind == DagsterEventType.RUN_START and started is None:
+            started = entry.timestamp
         elif kind == DagsterEventType.STEP_START and first_step is None:
             first_step = entry.timestamp
         elif kind in STEP_END:
             last_step = entry.timestamp
         elif kind in RUN_END:
             ended = entry.timestamp
-    if None in (launched, first_step, last_step, ended):
+    if None in (launched, started, first_step, last_step, ended):
         return None
     return {
         "startup_s": first_step - launched,  # type: ignore[operator]
+        "process_s": started - launched,  # type: ignore[operator]  # spawn, imports, code location
+        "run_init_s": first_step - started,  # type: ignore[operator]  # plan, resources, log capture
         "steps_s": last_step - first_step,  # type: ignore[operator]
         "teardown_s": ended - last_step,  # type: ignore[operator]
     }
@@ -92,6 +97,8 @@ def analyse(instance: dg.DagsterInstance, sessions: int, subjects: int) -> dict[
             "runs_per_session": len(runs) / sessions,
             "startup_s": {"min": min(startup), "median": statistics.median(startup), "max": max(startup)},
             "teardown_s_median": statistics.median(teardown),
+            "process_s_median": statistics.median(r["process_s"] for r in runs),
+            "run_init_s_median": statistics.median(r["run_init_s"] for r in runs),
             "steps_s_median": statistics.median(steps),
         }
         total_orchestration += sum(startup) + sum(teardown)
