@@ -247,6 +247,20 @@ def test_a_registration_before_its_partitions_are_added_waits_for_them(harness: 
     assert h.tick() == {}
 
 
+def test_a_long_backlog_is_taken_in_pages(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first tick on an existing archive is paged (oldest first), so no tick outlasts the sensor timeout."""
+    from neuroflow_dagster.defs import automation
+
+    monkeypatch.setattr(automation, "MAX_CANDIDATES", 2)
+    h = harness
+    for subject in ("A", "B", "C", "D", "E"):
+        h.arrive(subject, "01")
+    assert h.tick() == {"bids_session": {"01|A", "01|B"}}
+    assert h.tick() == {"bids_session": {"01|C", "01|D"}}
+    assert h.tick() == {"bids_session": {"01|E"}}
+    assert h.tick() == {}
+
+
 def stand_in_run(
     instance: dg.DagsterInstance, partition: str, *, recon: bool = True, parc: bool = True, parc_fails: bool = False
 ) -> None:

@@ -54,6 +54,7 @@ STAGE_TAG = "neuroflow/stage"
 TRIGGER_TAG = "neuroflow/trigger"
 CURSOR_VERSION = 1
 OVERLAP = 1000  # storage ids re-read once at the next tick
+MAX_CANDIDATES = 2000  # materializations taken per tick from a long backlog
 REQUEST_MEMORY_S = 6 * 3600  # a request whose run never appeared is forgotten (and retried) after this
 PENDING_MAX_S = 7 * 86400  # a wait (cron, a partition not added) is given up after this
 SESSION_LABELS = "session_labels"
@@ -508,9 +509,17 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
     # Re-read the previous tick's window once (bounded): an event committed late with a lower id.
     after = max(cursor.before, cursor.seen - OVERLAP)
     materialized = {asset: ledger.materialized_since(asset, after) for asset in stage.watch}
+    # A long backlog (the first tick on an existing archive, a sensor stopped for days) is taken in
+    # pages of MAX_CANDIDATES materializations, oldest first, so that no tick outlasts the sensor
+    # timeout; the cursor then stops at the page's last storage id.
+    upto = head
+    ids = sorted(i for found in materialized.values() for i in found.values())
+    if len(ids) > MAX_CANDIDATES:
+        upto = ids[MAX_CANDIDATES - 1]
+        materialized = {a: {p: i for p, i in found.items() if i <= upto} for a, found in materialized.items()}
     # The first tick on an existing instance takes everything registered so far; run ends are then
     # irrelevant (every partition with a materialization is a candidate already).
-    finished = ledger.runs_finished_since(after, head) if after else []
+    finished = ledger.runs_finished_since(after, upto) if after else []
     changes = TickInput(materialized, finished)
     keys = stage.candidates(ledger, changes) | set(cursor.pending)
     for asset in stage.target:  # runs created for earlier requests: forget those requests
@@ -526,7 +535,10 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
         elif d.action == "wait":
             pending[d.key] = cursor.pending.get(d.key, now)
     cursor.pending = pending
-    cursor.before, cursor.seen = cursor.seen, head
+    if upto < head:
+        cursor.before = cursor.seen = upto  # the next page starts after this one
+    else:
+        cursor.before, cursor.seen = cursor.seen, head
     return TickResult(decisions, cursor, len(keys), time.monotonic() - started)
 
 
