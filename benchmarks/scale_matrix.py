@@ -80,6 +80,9 @@ def _variant(row: dict[str, Any]) -> str:
     )
 
 
+_VARIANT_ORDER = {"after (stage sensors)": 0, "plain eager()": 1, "before (declarative)": 2}
+
+
 def _fmt(stats: dict[str, float] | None) -> str:
     if not stats:
         return "-"
@@ -87,7 +90,20 @@ def _fmt(stats: dict[str, float] | None) -> str:
 
 
 def render(path: str) -> str:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    latest: dict[tuple[str, str], dict[str, Any]] = {}  # a re-measured (case, variant) replaces the earlier row
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            latest.pop((row.get("case", ""), _variant(row)), None)
+            latest[(row.get("case", ""), _variant(row))] = row
+    order = list(CASES)
+    rows = sorted(
+        latest.values(),
+        key=lambda r: (
+            order.index(r["case"]) if r.get("case") in order else len(order),
+            _VARIANT_ORDER.get(_variant(r), 9),
+        ),
+    )
     lines = [
         "| case | sessions (subjects x labels) | storage | automation | no-change tick wall s | CPU s | "
         "tick after 50 new sessions wall s | CPU s | first tick s | load before/after |",

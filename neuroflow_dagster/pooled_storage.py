@@ -117,6 +117,11 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
             self._has_check_table = bool(super().supports_asset_checks)
         return self._has_check_table
 
+    def dispose(self) -> None:
+        """Close the pool's connections (a disposed instance must not keep them open)."""
+        super().dispose()
+        self._engine.dispose()
+
     @classmethod
     def config_type(cls) -> Any:
         return pooled_config()
@@ -138,6 +143,11 @@ class PooledPostgresRunStorage(PostgresRunStorage):
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
         _pooled_engine(self, postgres_url, token_provider, pool or POOL_DEFAULTS)
 
+    def dispose(self) -> None:
+        """Close the pool's connections (a disposed instance must not keep them open)."""
+        super().dispose()
+        self._engine.dispose()
+
     @classmethod
     def config_type(cls) -> Any:
         return pooled_config()
@@ -158,6 +168,11 @@ class PooledPostgresScheduleStorage(PostgresScheduleStorage):
                  token_provider: Any = None, pool: Mapping[str, int] | None = None) -> None:  # fmt: skip
         super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
         _pooled_engine(self, postgres_url, token_provider, pool or POOL_DEFAULTS)
+
+    def dispose(self) -> None:
+        """Close the pool's connections (a disposed instance must not keep them open)."""
+        super().dispose()
+        self._engine.dispose()
 
     @classmethod
     def config_type(cls) -> Any:

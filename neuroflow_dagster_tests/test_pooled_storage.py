@@ -53,6 +53,16 @@ def sessions_opened(server: PgServer, database: str) -> int:
         conn.close()
 
 
+def connections_to(server: PgServer, database: str) -> int:
+    conn = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,))
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
 def register(instance: dg.DagsterInstance, n: int) -> None:
     """n sessions as the discovery sensor registers them: a materialization and a reported verdict each."""
     instance.add_dynamic_partitions("subjects", [f"S{i:03d}" for i in range(n)])
@@ -94,8 +104,10 @@ def test_pooled_storage_keeps_its_connections(
             assert isinstance(rebuilt.run_storage, PooledPostgresRunStorage)
         finally:
             rebuilt.dispose()
+        assert connections_to(postgres, database) >= 1  # the pool keeps its connections open...
     finally:
         instance.dispose()
+    assert connections_to(postgres, database) == 0  # ...until the instance is disposed
     # 80 events and 2 partition writes; the plain storage opens a session per query (see below).
     assert opened <= 12, f"{opened} server sessions for 80 events"
 
