@@ -78,6 +78,9 @@ def apply_experiment(name: str) -> None:
 class DeclarativeTicker:
     """One cursor per stage sensor, evaluated one after the other like the daemon's sensors."""
 
+    def caught_up(self) -> bool:
+        return True  # every evaluation covers the whole partition space
+
     def __init__(self, defs: Any, instance: Any) -> None:
         self.defs = defs
         self.instance = instance
@@ -109,6 +112,11 @@ class DeclarativeTicker:
 
 class SensorTicker:
     """The project's plain stage sensors (if it has them), ticked in order with their cursors."""
+
+    def caught_up(self) -> bool:
+        """Every sensor's cursor is at the event-log head (a long backlog is taken in pages)."""
+        head = int(self.instance.event_log_storage.get_maximum_record_id() or 0)
+        return all(json.loads(c or "{}").get("seen") == head for c in self.cursors.values())
 
     def __init__(self, defs: Any, instance: Any, sensors: list[Any]) -> None:
         self.defs = defs
@@ -195,6 +203,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         first = timed_tick(ticker)
         out["first_tick_s"] = first["wall_s"]
         out["first_requested"] = {k: len(v) for k, v in first["requested"].items()}
+        # Catch-up: the stage sensors take a long backlog in pages; tick until they reach the head.
+        catch_up = [first]
+        while not ticker.caught_up() and len(catch_up) < 100:
+            catch_up.append(timed_tick(ticker))
+            for k, v in catch_up[-1]["requested"].items():
+                out["first_requested"][k] = out["first_requested"].get(k, 0) + len(v)
+        out["catch_up_ticks"] = len(catch_up)
+        out["catch_up_s"] = sum(t["wall_s"] for t in catch_up)
+        out["catch_up_max_tick_s"] = max(t["wall_s"] for t in catch_up)
         if args.profile:
             import cProfile
 
