@@ -178,7 +178,7 @@ check, materialization and validator evaluation, each through `DagsterInstance.h
 *before* = 0dabd1a (pydicom for every header), *after* = the lean header reader
 (`discovery/headers.py`, pydicom for what it declines). Every file is still accounted for (DICOM,
 or unreadable with its reason: the counts are equal). The unchanged re-scan is untouched by this
-work (one stat per directory; the 0.43 s in "Discovery tick" above was measured under load ~10).
+work (one stat per directory; the 0.43 s of the first "Discovery tick" figures was measured under load ~10).
 Reading headers in parallel processes would cut the first scan's wall time on more cores; not done
 here (discovery's engine is being reworked for integrity in another branch).
 
