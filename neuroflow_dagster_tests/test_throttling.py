@@ -170,8 +170,8 @@ def automation_ticked(log: Path) -> bool:
     stages = ("bids_conversion", "qsiprep", "qsirecon", "qsiparc")
     return all(
         re.search(
-            rf"(Tick produced .* for automation_{stage} in|No run requests returned for automation_{stage},"
-            rf"|Completed launch of run \S+ for automation_{stage})",
+            rf"(Tick produced .* for automation_{stage} in|Sensor automation_{stage} skipped"
+            rf"|No run requests returned for automation_{stage},|Completed launch of run \S+ for automation_{stage})",
             text,
         )
         for stage in stages
