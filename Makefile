@@ -22,10 +22,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	@bash scripts/system-deps.sh
 	$(VENV)/bin/ruff check neuroflow_dagster neuroflow_dagster_tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
+## ruff, and the import contracts of setup.cfg (the layers of docs/architecture.md)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check neuroflow_dagster neuroflow_dagster_tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/discovery_tick.py

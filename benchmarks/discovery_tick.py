@@ -5,7 +5,8 @@ two series subfolders), maps every folder in a CSV, sets the stability wait to 0
 separate child processes (so each phase has its own peak RSS):
 
 1. first tick (no state): full stat walk + header read of every file, registry written;
-2. unchanged re-scan with the first tick's state, repeated ``--repeat`` times;
+2. unchanged re-scan with the first tick's state, repeated ``--repeat`` times, with the rewrite check
+   (files rewritten in place) at its default budget, and again with it off, to show what it costs;
 3. a re-scan after one file was added to one folder.
 
 Prints a table and, unless ``--no-docs``, writes the figures to docs/benchmarks.md (section
@@ -17,7 +18,6 @@ Prints a table and, unless ``--no-docs``, writes the figures to docs/benchmarks.
 from __future__ import annotations
 
 import argparse
-import base64
 import math
 import multiprocessing
 import os
@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -66,8 +65,12 @@ def build_tree(base: Path, folders: int, files: int) -> tuple[Path, Path, float]
     return incoming, csv_file, time.perf_counter() - started
 
 
-def _config(base: Path, csv_file: Path):
+def _config(base: Path, csv_file: Path, rewrite_budget: int | None = None):
     from neuroflow_dagster.config import NeuroflowConfig
+
+    discovery: dict[str, Any] = {"stability_wait_minutes": 0}
+    if rewrite_budget is not None:
+        discovery["rewrite_check_files_per_tick"] = rewrite_budget
 
     return NeuroflowConfig.model_validate(
         {
@@ -79,22 +82,22 @@ def _config(base: Path, csv_file: Path):
                 "log_dir": str(base / "logs"),
             },
             "mapping": {"csv_file": str(csv_file)},
-            "discovery": {"stability_wait_minutes": 0},
+            "discovery": discovery,
         }
     )
 
 
-def _phase(args: tuple[str, str, str, dict[str, Any] | None, int]) -> dict[str, Any]:
+def _phase(args: tuple[str, str, str, dict[str, Any] | None, int, int | None]) -> dict[str, Any]:
     """Runs in a child process: ``repeat`` ticks from ``state``; returns timings, stats, peak RSS.
 
     No time budget, so the first scan is measured whole (the sensor spreads it over several ticks).
     """
-    base, csv_file, name, state, repeat = args
+    base, csv_file, name, state, repeat, rewrite_budget = args
     import pydicom  # noqa: F401  (imported before timing: a running sensor process has it loaded)
 
     from neuroflow_dagster.discovery.engine import run_discovery
 
-    config = _config(Path(base), Path(csv_file))
+    config = _config(Path(base), Path(csv_file), rewrite_budget)
     runs: list[float] = []
     cpu: list[float] = []
     result = None
@@ -117,11 +120,10 @@ def _phase(args: tuple[str, str, str, dict[str, Any] | None, int]) -> dict[str, 
 
 
 def cursor_sizes(state: dict[str, Any]) -> tuple[int, int]:
-    """(raw compact JSON bytes, zlib+base64 bytes as the sensor may store it)."""
-    from neuroflow_dagster.discovery.engine import encode_state
+    """(raw compact JSON bytes, zlib+base64 bytes as the sensor stores it)."""
+    from neuroflow_dagster.discovery.engine import encode_cursor, encode_state
 
-    raw = encode_state(state).encode()
-    return len(raw), len(base64.b64encode(zlib.compress(raw, 6)))
+    return len(encode_state(state).encode()), len(encode_cursor(state)) - 1
 
 
 def write_docs(text: str) -> None:
@@ -153,14 +155,16 @@ def main(argv: list[str] | None = None) -> int:
         n_files = args.folders * args.files
         print(f"built {args.folders} folders x {args.files} files ({n_files} files) in {build_s:.1f} s under {base}")
         with ctx.Pool(1) as pool:
-            first = pool.apply(_phase, ((str(base), str(csv_file), "first", None, 1),))
+            first = pool.apply(_phase, ((str(base), str(csv_file), "first", None, 1, None),))
         with ctx.Pool(1) as pool:
-            rescan = pool.apply(_phase, ((str(base), str(csv_file), "rescan", first["state"], args.repeat),))
+            rescan = pool.apply(_phase, ((str(base), str(csv_file), "rescan", first["state"], args.repeat, None),))
+        with ctx.Pool(1) as pool:
+            rescan_off = pool.apply(_phase, ((str(base), str(csv_file), "rescan-off", first["state"], args.repeat, 0),))
         # One new file in one series folder of one session.
         victim = sorted(incoming.iterdir())[args.folders // 2] / "002_DTI_64dir"
         shutil.copy(next(victim.iterdir()), victim / "IM_late.dcm")
         with ctx.Pool(1) as pool:
-            changed = pool.apply(_phase, ((str(base), str(csv_file), "one-changed", rescan["state"], 1),))
+            changed = pool.apply(_phase, ((str(base), str(csv_file), "one-changed", rescan["state"], 1, None),))
         load_after = os.getloadavg()[0]
     finally:
         if not args.keep:
@@ -168,14 +172,23 @@ def main(argv: list[str] | None = None) -> int:
 
     assert first["registered"] == args.folders, first["stats"]
     assert rescan["registered"] == 0 and rescan["stats"]["folders_walked"] == 0, rescan["stats"]
+    assert rescan_off["stats"]["files_stated"] == 0, rescan_off["stats"]
     assert changed["registered"] == 1 and changed["stats"]["header_files_read"] == args.files + 1, changed["stats"]
     raw, packed = cursor_sizes(first["state"])
+    # The same state without the rewrite check's per-folder fields (file fingerprint, day registered).
+    bare = {**first["state"], "f": {k: v[:2] for k, v in first["state"]["f"].items()}}
+    _, packed_bare = cursor_sizes(bare)
+    check_cpu = statistics.median(rescan["cpu_seconds"]) - statistics.median(rescan_off["cpu_seconds"])
     from neuroflow_dagster.discovery.engine import DEFAULT_TIME_BUDGET_S
 
     rows = []
+    from neuroflow_dagster.config import DiscoveryConfig
+
+    budget = DiscoveryConfig().rewrite_check_files_per_tick
     for phase, label in (
         (first, "first scan (walk + headers)"),
-        (rescan, "unchanged re-scan"),
+        (rescan, f"unchanged re-scan (rewrite check: {budget} files/tick)"),
+        (rescan_off, "unchanged re-scan, rewrite check off"),
         (changed, "re-scan, 1 folder changed"),
     ):
         secs = phase["seconds"]
@@ -188,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" (min {min(secs):.3f}, max {max(secs):.3f}, n={len(secs)})" if len(secs) > 1 else ""),
                 f"{statistics.median(phase['cpu_seconds']):.3f}",
                 f"{st['folders_walked']}",
+                f"{st.get('folders_rewrite_checked', 0)}",
                 f"{st['files_stated']}",
                 f"{st['header_files_read']}",
                 f"{n_files / median:,.0f}",
@@ -199,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds (wall)",
         "CPU s",
         "folders walked",
+        "folders rewrite-checked",
         "files stat'ed",
         "headers read",
         "files/s",
@@ -224,11 +239,19 @@ def main(argv: list[str] | None = None) -> int:
             *table,
             "",
             "files/s: files in the tree covered by the tick per wall second (every one is decided each tick); the",
-            "unchanged re-scan stats no file and reads no header: one stat per directory, and a listing only of",
-            "folders that have subfolders (st_nlink). The first scan reads headers at "
+            "unchanged re-scan reads no header: one stat per directory, and a listing only of folders that have",
+            "subfolders (st_nlink), plus the rewrite check: a round-robin slice of registered folders whose files",
+            f"are stat'ed (size, mtime, inode), at most {budget} per tick (at least one folder); with it off",
+            "(`discovery.rewrite_check_files_per_tick: 0`) no file is stat'ed. Every folder here was registered",
+            f"in the last {DiscoveryConfig().rewrite_check_recent_days:g} days, so all are 'recent'; a full round "
+            f"over the {n_files:,} files takes "
+            f"{math.ceil(n_files / budget) if budget else 0} ticks. The first scan reads headers at "
             f"{args.folders * args.files / statistics.median(first['cpu_seconds']):,.0f} files per CPU second.",
             f"Cursor (engine state) for {args.folders} folders: {raw:,} bytes as compact JSON, "
-            f"{packed:,} bytes zlib+base64.",
+            f"{packed:,} bytes zlib+base64 ({packed_bare:,} without the rewrite check's fingerprint and day "
+            "per folder).",
+            f"The rewrite check's cost in this run: {check_cpu:+.3f} s CPU per unchanged tick (median with the "
+            "check minus median without; at this load the two medians are within each other's noise).",
             f"With the sensor's default time budget ({DEFAULT_TIME_BUDGET_S:g} s per tick) the first scan is "
             f"spread over about {math.ceil(statistics.median(first['seconds']) / DEFAULT_TIME_BUDGET_S)} ticks "
             "(estimate from the figure above); every later tick is the unchanged re-scan.",

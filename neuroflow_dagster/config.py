@@ -10,20 +10,39 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from neuroflow_dagster.errors import ConfigError
+from neuroflow_dagster.naming.bids import is_label
+from neuroflow_dagster.naming.subjects import code_key, label_fold
+
+
+class RuntimeEntry(NamedTuple):
+    implementation: str  # "module:Class", imported only when a stage uses it
+    container: bool  # runs an image: the tool sees container paths and needs one
+
+
+# Where a stage's tool can run (`pipelines.<stage>.runtime`). A new runtime is one entry here plus
+# its module under runtimes/; a worker without the docker package still runs the other runtimes.
+RUNTIMES: dict[str, RuntimeEntry] = {
+    "builtin": RuntimeEntry("neuroflow_dagster.runtimes.local:BuiltinRuntime", container=False),
+    "local": RuntimeEntry("neuroflow_dagster.runtimes.local:LocalRuntime", container=False),
+    "docker": RuntimeEntry("neuroflow_dagster.runtimes.docker:DockerRuntime", container=True),
+    "apptainer": RuntimeEntry("neuroflow_dagster.runtimes.apptainer:ApptainerRuntime", container=True),
+    # One Slurm job per run; what runs inside the job is pipelines.<stage>.slurm.inside (tool_runtime).
+    "slurm": RuntimeEntry("neuroflow_dagster.runtimes.slurm:SlurmRuntime", container=False),
+}
+RuntimeName = Literal[tuple(RUNTIMES)]  # type: ignore[valid-type]  # pydantic checks values against RUNTIMES
+
 ENV_PREFIX = "NEUROFLOW_"
 CONFIG_ENV = "NEUROFLOW_CONFIG"
 CONFIG_FILENAME = "neuroflow.yaml"
-
-
-class ConfigError(Exception):
-    """A configuration problem an operator must fix; the message names key and file."""
 
 
 class _Section(BaseModel):
@@ -57,6 +76,51 @@ class MappingConfig(_Section):
     scan_id_column: str = "ScanID"
     subject_code_column: str = "SubjectCode"
     google_sheet: GoogleSheetConfig | None = None
+    # SubjectCode -> participant label, for codes that would otherwise clean to a label another person
+    # owns (CLM_L_01 and CLML01 both clean to CLML01). One label per person: validated below.
+    label_overrides: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("label_overrides", mode="before")
+    @classmethod
+    def _overrides_are_one_label_per_person(cls, value: Any) -> Any:
+
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of SubjectCode: participant label")
+        problems: list[str] = []
+        by_code: dict[str, str] = {}
+        by_label: dict[str, str] = {}
+        for code, label in value.items():
+            if not isinstance(code, str) or not isinstance(label, str):
+                bad = code if not isinstance(code, str) else label
+                problems.append(
+                    f"{code!r}: {bad!r} is not text; quote SubjectCodes and labels (YAML reads an unquoted "
+                    "0075 as the octal number 61 and 75 as a number)"
+                )
+                continue
+            if not code.strip():
+                problems.append(f"{code!r}: an empty SubjectCode")
+                continue
+            if not is_label(label):
+                problems.append(f"{code!r}: label {label!r} is not a valid BIDS label (ASCII letters and digits only)")
+                continue
+            key = code_key(code)
+            if key in by_code:
+                problems.append(f"{code!r} and {by_code[key]!r} are the same SubjectCode; keep one of them")
+                continue
+            by_code[key] = code
+            fold = label_fold(label)
+            if fold in by_label:
+                problems.append(
+                    f"{code!r}: label {label!r} is also given to {by_label[fold]!r} (labels that differ only in "
+                    "case count as one); two codes never share a participant label"
+                )
+                continue
+            by_label[fold] = code
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class DiscoveryConfig(_Section):
@@ -65,6 +129,11 @@ class DiscoveryConfig(_Section):
     participant_first: bool = True
     stability_wait_minutes: float = Field(180, ge=0)
     interval_seconds: int = Field(60, ge=1)
+    # Files rewritten in place (same name, new content) do not touch their folder's times: registered
+    # folders are re-fingerprinted (size, mtime, inode of every file) round-robin, at most this many
+    # file stats per tick (0 = off), half of them for folders registered in the last `recent_days`.
+    rewrite_check_files_per_tick: int = Field(2000, ge=0)
+    rewrite_check_recent_days: float = Field(14, ge=0)
 
 
 class ScanRule(_Section):
@@ -90,7 +159,7 @@ class ProtocolConfig(_Section):
 
 
 class RetryConfig(_Section):
-    """Requirements §6: 3 attempts, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
+    """docs/domain-rules.md#failures: 3 retries, 300 s x 2^(n-1) capped at 3600 s, +-20 % jitter."""
 
     max_retries: int = Field(3, ge=0)
     delay_seconds: float = Field(300, ge=0)
@@ -98,10 +167,84 @@ class RetryConfig(_Section):
     jitter: float = Field(0.2, ge=0, le=1)
 
 
+# sbatch options that SlurmConfig sets from its own keys or that the runtime owns (output file,
+# parsable job id): refused in extra_args so that a job is never submitted with two answers.
+_SBATCH_OWNED = {
+    "--output": "set by neuroflow (the job's output file in log_dir)",
+    "-o": "set by neuroflow (the job's output file in log_dir)",
+    "--error": "set by neuroflow (stderr goes to the same file as stdout)",
+    "-e": "set by neuroflow (stderr goes to the same file as stdout)",
+    "--parsable": "set by neuroflow",
+    "--wrap": "neuroflow submits its own batch script",
+    "--array": "one job per tool run",
+    "-a": "one job per tool run",
+    "--time": "use slurm.time_limit_minutes (default: timeout_minutes)",
+    "-t": "use slurm.time_limit_minutes (default: timeout_minutes)",
+    "--mem": "use slurm.mem_mb",
+    "--cpus-per-task": "use slurm.cpus",
+    "-c": "use slurm.cpus",
+    "--partition": "use slurm.partition",
+    "-p": "use slurm.partition",
+    "--account": "use slurm.account",
+    "-A": "use slurm.account",
+    "--qos": "use slurm.qos",
+    "-q": "use slurm.qos",
+    "--job-name": "set by neuroflow (nf-<stage>-<partition>)",
+    "-J": "set by neuroflow (nf-<stage>-<partition>)",
+}
+
+
+class SlurmConfig(_Section):
+    """``pipelines.<stage>.slurm``: how a stage's tool runs become Slurm jobs (``runtime: slurm``)."""
+
+    # What runs inside the job: the stage's usual way (None: builtin for the QSI stages' stand-ins,
+    # local for conversion), the locally installed tool, or the stage's image with apptainer exec.
+    inside: Literal["builtin", "local", "apptainer"] | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    # --time in minutes; None: the stage's timeout_minutes (rounded up).
+    time_limit_minutes: int | None = Field(None, ge=1)
+    # --mem (MB) and --cpus-per-task; None: the stage's memory_mb / cpus, else the cluster's defaults.
+    mem_mb: int | None = Field(None, gt=0)
+    cpus: int | None = Field(None, ge=1)
+    # More sbatch options, one per item ("--constraint=avx2", "--gres=gpu:1"); never a shell string.
+    extra_args: list[str] = Field(default_factory=list)
+    # inside: apptainer only: the executable on the nodes, and binds beyond the tool's own mounts.
+    apptainer: str = "apptainer"
+    binds: list[str] = Field(default_factory=list)
+    # How often the run worker asks Slurm about its job and copies new output lines to the run's log.
+    poll_seconds: float = Field(10, gt=0, le=600)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            if not arg.startswith("-") or any(c in arg for c in "\n\r\0"):
+                raise ValueError(
+                    f"{arg!r}: each item must be one sbatch option starting with '-' (e.g. --constraint=avx2)"
+                )
+            name = arg.split("=", 1)[0]
+            if name in _SBATCH_OWNED:
+                raise ValueError(f"{arg!r}: {name} is {_SBATCH_OWNED[name]}")
+        return value
+
+    @field_validator("binds")
+    @classmethod
+    def _binds(cls, value: list[str]) -> list[str]:
+        for bind in value:
+            parts = bind.split(":")
+            if not 1 <= len(parts) <= 3 or not all(parts[:2]) or "," in bind or not bind.startswith("/"):
+                raise ValueError(f"{bind!r}: expected /host/path[:/container/path[:ro|rw]] without commas")
+            if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+                raise ValueError(f"{bind!r}: the mode must be ro or rw")
+        return value
+
+
 class StageConfig(_Section):
     """Settings every stage has: where it runs, how much at once, how long, how often."""
 
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    runtime: RuntimeName = "local"
     image: str | None = None
     max_concurrent: int = Field(1, ge=1)
     soft_timeout_minutes: float | None = Field(None, gt=0)
@@ -113,10 +256,42 @@ class StageConfig(_Section):
     # Run containers as this "uid:gid"; None = the current user's.
     user: str | None = None
     requires_bids_suffixes: list[str] = Field(default_factory=list)
+    # runtime: slurm only (see docs/runtimes.md).
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @property
+    def tool_runtime(self) -> str:
+        """The runtime the tool's command line is built for: for slurm, what runs inside the job.
+
+        ``slurm.inside`` when set, else the stage's default runtime (the stand-ins for the QSI
+        stages, the local HeudiConv for conversion), so ``runtime: slurm`` alone moves exactly
+        what the stage ran before onto the cluster.
+        """
+        if self.runtime != "slurm":
+            return self.runtime
+        if self.slurm.inside is not None:
+            return self.slurm.inside
+        default = type(self).model_fields["runtime"].default
+        return default if default != "slurm" else "local"
+
+    @property
+    def timeout_s(self) -> float:
+        """The hard limit of one attempt: the run is stopped after it."""
+        return float(self.timeout_minutes) * 60
+
+    @property
+    def soft_timeout_s(self) -> float | None:
+        """After this a warning is logged; the run goes on."""
+        return float(self.soft_timeout_minutes) * 60 if self.soft_timeout_minutes else None
+
+    @property
+    def containerized(self) -> bool:
+        """The tool runs in a container image, so it sees container paths, not host paths."""
+        return RUNTIMES[self.tool_runtime].container
 
 
 class BidsConversionConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "local"
+    runtime: RuntimeName = "local"
     image: str | None = "nipy/heudiconv:1.3.4"
     heuristic: str = "neuroflow_default"
     converter: Literal["dcm2niix"] = "dcm2niix"
@@ -128,7 +303,7 @@ class BidsConversionConfig(StageConfig):
 
 
 class QsiprepConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsiprep:1.1.1"
     fs_license: Path | None = None
     output_resolution: float = Field(1.6, gt=0)
@@ -153,7 +328,7 @@ class QsiprepConfig(StageConfig):
 
 
 class QsireconConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsirecon:1.1.1"
     recon_spec: str = "dipy_dki"
     # Name of the derivatives folder suffix: derivatives/qsirecon-<workflow_name>.
@@ -173,7 +348,7 @@ class QsireconConfig(StageConfig):
 
 
 class QsiparcConfig(StageConfig):
-    runtime: Literal["builtin", "local", "docker", "apptainer"] = "builtin"
+    runtime: RuntimeName = "builtin"
     image: str | None = None
     mask: str = "gm"
     force: bool = False
@@ -212,6 +387,25 @@ class AlertsConfig(_Section):
     email: EmailConfig | None = None
 
 
+class DiskFloorsConfig(_Section):
+    """Per-folder floors (GB) that replace ``disk.min_free_gb`` for one guarded folder."""
+
+    work_dir: float | None = Field(None, ge=0)
+    derivatives: float | None = Field(None, ge=0)
+    bids_root: float | None = Field(None, ge=0)
+
+
+class DiskConfig(_Section):
+    """The disk-space guard (docs/operations.md): below a floor, no new stage run starts."""
+
+    # Free space every guarded folder (paths.work_dir, paths.derivatives, paths.bids_root) must keep;
+    # 0 switches the guard off for that folder.
+    min_free_gb: float = Field(10, ge=0)
+    per_path: DiskFloorsConfig = Field(default_factory=DiskFloorsConfig)
+    # How often the disk_guard sensor looks (the discovery sensor looks on each of its ticks too).
+    interval_seconds: int = Field(60, ge=1)
+
+
 class NeuroflowConfig(_Section):
     paths: PathsConfig
     mapping: MappingConfig = Field(default_factory=MappingConfig)
@@ -219,6 +413,7 @@ class NeuroflowConfig(_Section):
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     pipelines: PipelinesConfig = Field(default_factory=PipelinesConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    disk: DiskConfig = Field(default_factory=DiskConfig)
     # The file this was loaded from (None when built in code); not a YAML key.
     source: Path | None = Field(default=None, exclude=True)
 
@@ -397,8 +592,14 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     heuristic = config.pipelines.bids_conversion.heuristic
     if heuristic.endswith(".py") and not Path(heuristic).is_file():
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
-    for stage in ("qsiprep", "qsirecon"):
-        cfg = config.stage(stage)
-        if cfg.runtime in ("docker", "apptainer") and getattr(cfg, "fs_license", None) is None:
-            problems.append(f"pipelines.{stage}.fs_license: required when runtime is {cfg.runtime}")
+    for section, cfg in config.pipelines:
+        # The FreeSurfer licence: every section that has the setting needs it inside a container.
+        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:
+            how = cfg.runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
+            problems.append(f"pipelines.{section}.fs_license: required when runtime is {how}")
+        if cfg.runtime == "slurm" and shutil.which("sbatch") is None:
+            problems.append(
+                f"pipelines.{section}.runtime: slurm, but sbatch is not on PATH of this host "
+                "(run the services on a login/submit node with Slurm's client commands)"
+            )
     return problems

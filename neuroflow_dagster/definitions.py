@@ -4,43 +4,37 @@
 this module; the configuration is found as the CLI finds it (--config is
 replaced by $NEUROFLOW_CONFIG here). A missing or invalid config stops the
 code location from loading, with a message naming the key and the file.
+The stages come from the registry (stages.py): one asset, one job and one
+automation sensor each.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import ConfigError, NeuroflowConfig, check_paths, load_config
-from neuroflow_dagster.defs.alerts import build_alert_sensor
-from neuroflow_dagster.defs.assets.bids import build_bids_asset
+from neuroflow_dagster.defs.alerts import build_alert_sensor, build_discovery_alert_sensor
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
-from neuroflow_dagster.defs.assets.qsiparc import build_qsiparc_asset
-from neuroflow_dagster.defs.assets.qsiprep import build_qsiprep_asset
-from neuroflow_dagster.defs.assets.qsirecon import build_qsirecon_asset
 from neuroflow_dagster.defs.automation import build_automation_sensors
-from neuroflow_dagster.defs.partitions import session_partitions, subjects_partitions
+from neuroflow_dagster.defs.diskguard import build_disk_guard_sensor
+from neuroflow_dagster.defs.graph import build_stage_assets, partitions_def
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.defs.sensors import build_discovery_sensor, max_runtime_tags
-
-STAGE_ASSETS = {
-    "bids_conversion": ("bids_session", session_partitions),
-    "qsiprep": ("qsiprep_subject", subjects_partitions),
-    "qsirecon": ("qsirecon_session", session_partitions),
-    "qsiparc": ("qsiparc_session", session_partitions),
-}
+from neuroflow_dagster.naming.tags import STAGE_TAG
 
 
 def stage_jobs(config: NeuroflowConfig) -> list[dg.UnresolvedAssetJobDefinition]:
     """One job per stage, tagged with its stage, for CLI backfills (`dagster job backfill -j ...`)."""
     return [
         dg.define_asset_job(
-            f"{stage}_job",
-            selection=dg.AssetSelection.assets(asset),
-            partitions_def=partitions,
-            tags={"neuroflow/stage": stage, **max_runtime_tags(config, stage)},
-            description=f"Reprocess {asset} for chosen partitions (tagged neuroflow/stage={stage}).",
+            f"{stage.name}_job",
+            selection=dg.AssetSelection.assets(stage.asset),
+            partitions_def=partitions_def(stage.level),
+            tags={STAGE_TAG: stage.tag, **max_runtime_tags(config, stage)},
+            description=f"Reprocess {stage.asset} for chosen partitions (tagged {STAGE_TAG}={stage.tag}).",
         )
-        for stage, (asset, partitions) in STAGE_ASSETS.items()
+        for stage in stages.stages()
     ]
 
 
@@ -55,18 +49,14 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
     if problems:
         raise ConfigError(f"configuration {config.source} cannot be used:\n  " + "\n  ".join(problems))
     return dg.Definitions(
-        assets=[
-            dicom_session,
-            build_bids_asset(config),
-            build_qsiprep_asset(config),
-            build_qsirecon_asset(config),
-            build_qsiparc_asset(config),
-        ],
+        assets=[dicom_session, *build_stage_assets(config)],
         asset_checks=[dicom_protocol_check],
         sensors=[
             build_discovery_sensor(config),
+            build_disk_guard_sensor(config),
             *build_automation_sensors(config, max_runtime_tags),
             *optional(build_alert_sensor(config)),
+            *optional(build_discovery_alert_sensor(config)),
         ],
         jobs=stage_jobs(config),
         resources={"neuroflow": NeuroflowResource(config_file=str(config.source))},

@@ -1,10 +1,11 @@
-"""Shared, generic fixtures: synthetic and real DICOM session folders, a minimal config."""
+"""Shared, generic fixtures: synthetic and real DICOM session folders, a minimal config, real engines."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,23 @@ import pytest
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.demo import sources, synth
 from neuroflow_dagster.tools.spec import ToolSpec
+from neuroflow_dagster_tests.engines.docker_engine import DockerEngine
+from neuroflow_dagster_tests.engines.docker_engine import docker_engine as start_docker_engine
+from neuroflow_dagster_tests.engines.slurm_cluster import SlurmCluster, slurm_cluster
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite behaves the same however it was started.
+
+    A background job of a non-interactive shell (`make test &`, CI runners) starts with SIGINT ignored,
+    and Dagster's interrupt handling then maps SIGTERM to the same ignored handler after every in-process
+    run. Ignored dispositions are inherited by every process the tests start: spawn-pool workers that
+    never die on `Pool.terminate()`, tools that ignore the runtime's SIGTERM. Restore the defaults first.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -75,3 +93,27 @@ def _run_spec_locally(spec: ToolSpec, timeout_s: float = 300.0) -> subprocess.Co
 def run_spec() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run a ToolSpec locally (real tool, no Dagster): the boundary the local runtime uses."""
     return _run_spec_locally
+
+
+# --------------------------------------------------------------------------- real engines (started here)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> Iterator[SlurmCluster]:
+    """One real Slurm cluster with accounting (slurmdbd + MariaDB) for the session; raises if it cannot start."""
+    with slurm_cluster(accounting=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_no_accounting() -> Iterator[SlurmCluster]:
+    """A second real cluster WITHOUT accounting (sacct disabled), as on sites that run no slurmdbd."""
+    with slurm_cluster(accounting=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[DockerEngine]:
+    """One real Docker engine (private dockerd) with the local busybox test image; raises if it cannot start."""
+    with start_docker_engine() as engine:
+        yield engine

@@ -39,10 +39,12 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.definitions import build_definitions
 from neuroflow_dagster.defs import alerts
 from neuroflow_dagster.defs.partitions import session_labels_partitions, subjects_partitions
+from neuroflow_dagster.defs.sensors import build_discovery_sensor
 from neuroflow_dagster.demo import synth
 from neuroflow_dagster_tests.daemon_harness import REPO, free_port, materialized, wait_for
+from neuroflow_dagster_tests.discovery_fixtures import make_session
 from neuroflow_dagster_tests.test_throttling import automation_ticked, graphql_ready, launch_ui_run, stop_sensor
-from neuroflow_dagster_tests.workspace_fixtures import make_workspace
+from neuroflow_dagster_tests.workspace_fixtures import make_workspace, write_mapping
 
 WEBHOOK_ENV = "NF_TEST_SLACK_URL"
 USER_ENV = "NF_TEST_SMTP_USER"
@@ -329,6 +331,72 @@ def test_no_alert_while_dagster_will_retry_the_run(
         run_sensor(sensor, instance, run)
     assert len(webhook.posts) == 1
     assert "attempt 3: automatic run retries exhausted" in json.loads(webhook.posts[0]["body"])["text"]
+
+
+def test_new_discovery_problems_are_alerted_once_each(
+    tmp_path: Path,
+    webhook: ThreadingHTTPServer,
+    smtp_server: socketserver.ThreadingTCPServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Identity conflicts and unreadable entries found by the real discovery sensor reach Slack and e-mail,
+    once per problem; a failed delivery fails the tick and is retried with the same cursor."""
+    monkeypatch.setenv(WEBHOOK_ENV, webhook_url(webhook))
+    monkeypatch.setenv(USER_ENV, "alerts@example.org")
+    monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+    config = alert_config(tmp_path, smtp_server.server_address[1])
+    write_mapping(config.mapping.csv_file, {"S1": "CLM_L_01", "S2": "CLML01"})
+    incoming = config.paths.dicom_incoming
+    make_session(incoming, "S1", [("T1_MPRAGE", 12)], acq_date="20240101")
+    make_session(incoming, "S2", [("T1_MPRAGE", 12)], acq_date="20240201")
+    discovery = build_discovery_sensor(config)
+    sensor = alerts.build_discovery_alert_sensor(config)
+    assert sensor is not None and sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert alerts.build_discovery_alert_sensor(make_workspace(tmp_path / "quiet", mapping={})) is None
+
+    def discovery_tick(cursor: str | None) -> str | None:
+        return discovery(dg.build_sensor_context(instance=instance, cursor=cursor)).cursor
+
+    def alert_tick(cursor: str | None) -> dg.SensorResult:
+        return sensor(dg.build_sensor_context(instance=instance, cursor=cursor))
+
+    with dg.instance_for_test() as instance:
+        d1 = discovery_tick(None)
+        a1 = alert_tick(None)
+        assert len(webhook.posts) == 1 and len(smtp_server.messages) == 1
+        text = json.loads(webhook.posts[0]["body"])["text"]
+        assert "discovery: 1 new problem(s) need an operator" in text
+        assert "identity_conflict: 'S2'" in text and "'CLML01'" in text and "'CLM_L_01'" in text
+        assert smtp_server.messages[0]["message"]["Subject"] == (
+            "[neuroflow] discovery: 1 new problem(s) need an operator"
+        )
+
+        d2 = discovery_tick(d1)
+        a2 = alert_tick(a1.cursor)
+        assert a2.skip_reason is not None and len(webhook.posts) == 1  # the same problem: no new alert
+
+        os.symlink("LOOP", incoming / "LOOP")
+        d3 = discovery_tick(d2)
+        webhook.status = 500
+        monkeypatch.delenv(PASSWORD_ENV)
+        with pytest.raises(alerts.AlertDeliveryError, match="not delivered"):
+            alert_tick(a2.cursor)
+        webhook.status = 200
+        monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+        a3 = alert_tick(a2.cursor)  # the cursor did not move: the same alert is sent now
+        text = json.loads(webhook.posts[-1]["body"])["text"]
+        assert "unreadable: 'LOOP'" in text and "symbolic link loop" in text and "'S2'" not in text
+
+        # Resolved problems are forgotten; one that comes back is alerted again.
+        (incoming / "LOOP").unlink()
+        d4 = discovery_tick(d3)
+        a4 = alert_tick(a3.cursor)
+        assert len(json.loads(a4.cursor or "[]")) == 1  # only S2's conflict is remembered now
+        os.symlink("LOOP", incoming / "LOOP")
+        discovery_tick(d4)
+        posts = len(webhook.posts)
+        alert_tick(a4.cursor)
+        assert len(webhook.posts) == posts + 1
 
 
 def test_no_sensor_without_alert_config(tmp_path: Path) -> None:

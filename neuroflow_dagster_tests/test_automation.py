@@ -20,10 +20,13 @@ import pytest
 
 from neuroflow_dagster.definitions import build_definitions
 from neuroflow_dagster.defs.assets.bids import VALIDATOR_CHECK
-from neuroflow_dagster.defs.automation import BIDS, DICOM, QSIPARC, QSIPREP, QSIRECON
+from neuroflow_dagster.defs.graph import DICOM_KEY as DICOM
+from neuroflow_dagster.defs.graph import asset_key
 from neuroflow_dagster.defs.partitions import session_partitions
-from neuroflow_dagster.defs.sensors import PROTOCOL_CHECK
+from neuroflow_dagster.stages import PROTOCOL_CHECK
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
+
+BIDS, QSIPREP, QSIRECON, QSIPARC = (asset_key(s) for s in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"))
 
 CHECK_OF = {DICOM: PROTOCOL_CHECK, BIDS: VALIDATOR_CHECK}
 STAGE_OF = {"bids_conversion": BIDS, "qsiprep": QSIPREP, "qsirecon": QSIRECON, "qsiparc": QSIPARC}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from neuroflow_dagster.cli import init_workspace, main
+from neuroflow_dagster.cli import main
 from neuroflow_dagster.config import ConfigError, check_paths, find_config_file, load_config
+from neuroflow_dagster.scaffold import init_workspace
 
 
 def test_init_writes_a_config_that_validates(tmp_path: Path) -> None:
@@ -163,6 +165,8 @@ def test_every_config_key_is_documented() -> None:
         "retry.delay_seconds",
         "retry.max_delay_seconds",
         "retry.jitter",
+        *(f"slurm.{key}" for key in ("inside", "partition", "account", "qos", "time_limit_minutes", "mem_mb",
+                                     "cpus", "extra_args", "apptainer", "binds", "poll_seconds")),
     }
     missing = []
     for key in _keys(NeuroflowConfig):
@@ -173,3 +177,34 @@ def test_every_config_key_is_documented() -> None:
         elif f"`{key}`" not in doc:
             missing.append(key)
     assert missing == []
+
+
+def _with_overrides(tmp_path: Path, block: str) -> Path:
+    path = init_workspace(tmp_path)
+    text = path.read_text()
+    assert "  label_overrides: {}\n" in text
+    path.write_text(text.replace("  label_overrides: {}\n", block))
+    return path
+
+
+def test_label_overrides_are_read_and_keyed_as_written(tmp_path: Path) -> None:
+    path = _with_overrides(tmp_path, '  label_overrides:\n    "CLML01": "CLML01B"\n    "075": "P75"\n')
+    config = load_config(path, environ={})
+    assert config.mapping.label_overrides == {"CLML01": "CLML01B", "075": "P75"}
+
+
+@pytest.mark.parametrize(
+    ("block", "named"),
+    [
+        ('    "CLM_L_01": "CLM-01"\n', r"'CLM_L_01': label 'CLM-01' is not a valid BIDS label"),
+        ('    "A1": "X1"\n    "B1": "x1"\n', r"'B1': label 'x1' is also given to 'A1'"),
+        ('    "75": "P1"\n    "0075": "P2"\n', r"'0075' and '75' are the same SubjectCode"),
+        ("    0075: P1\n", r"61: 61 is not text; quote SubjectCodes"),
+        ('    "": P1\n', r"an empty SubjectCode"),
+    ],
+)
+def test_bad_label_overrides_are_named(tmp_path: Path, block: str, named: str) -> None:
+    path = _with_overrides(tmp_path, "  label_overrides:\n" + block)
+    with pytest.raises(ConfigError, match=r"mapping\.label_overrides") as info:
+        load_config(path, environ={})
+    assert re.search(named, str(info.value)), str(info.value)

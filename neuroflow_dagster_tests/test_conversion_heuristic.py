@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from neuroflow_dagster.bids.dataset import present_suffixes
 from neuroflow_dagster.config import ConfigError
 from neuroflow_dagster.heuristics import neuroflow_default as heur
 from neuroflow_dagster.tools import heudiconv
@@ -203,8 +204,8 @@ def test_present_suffixes(tmp_path: Path) -> None:
     ]:
         (ses / rel).parent.mkdir(parents=True, exist_ok=True)
         (ses / rel).write_text("x")
-    assert heudiconv.present_suffixes(ses) == {"T1w", "dwi", "epi"}
-    assert heudiconv.present_suffixes(tmp_path / "missing") == set()
+    assert present_suffixes(ses) == {"T1w", "dwi", "epi"}
+    assert present_suffixes(tmp_path / "missing") == set()
 
 
 def test_tool_versions_are_the_installed_tools() -> None:

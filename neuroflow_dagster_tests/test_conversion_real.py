@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from neuroflow_dagster.bids import validator
+from neuroflow_dagster.bids.dataset import present_suffixes
 from neuroflow_dagster.demo import sources, synth
 from neuroflow_dagster.tools import heudiconv
 
@@ -70,7 +71,7 @@ def test_synthetic_session_gets_bids_names_and_skips_scouts_and_derived(synth_co
         "dwi/sub-0075_ses-01_dir-AP_dwi.nii.gz",
         "fmap/sub-0075_ses-01_acq-dwi_dir-PA_epi.nii.gz",
     ]  # no localizer, no ADC map
-    assert heudiconv.present_suffixes(ses) == {"T1w", "T2w", "FLAIR", "dwi", "epi"}
+    assert present_suffixes(ses) == {"T1w", "T2w", "FLAIR", "dwi", "epi"}
     fmap = json.loads((ses / "fmap" / "sub-0075_ses-01_acq-dwi_dir-PA_epi.json").read_text())
     dwi = json.loads((ses / "dwi" / "sub-0075_ses-01_dir-AP_dwi.json").read_text())
     assert fmap["IntendedFor"] == ["ses-01/dwi/sub-0075_ses-01_dir-AP_dwi.nii.gz"]
@@ -153,7 +154,7 @@ def test_real_nibabel_siemens_dwi_and_philips_mprage_convert_as_one_session(make
     staging = tmp_path / "work" / "stage"
     _convert(make_config(), dicom, staging, "0001", "01", run_spec)
     ses = staging / "sub-0001" / "ses-01"
-    assert heudiconv.present_suffixes(ses) == {"T1w", "dwi"}
+    assert present_suffixes(ses) == {"T1w", "dwi"}
     np.testing.assert_allclose(np.loadtxt(ses / "dwi" / "sub-0001_ses-01_dwi.bval"), [0, 1000])
     assert nib.load(ses / "anat" / "sub-0001_ses-01_T1w.nii.gz").ndim == 3
     report = validator.validate_session(staging, "0001", "01")

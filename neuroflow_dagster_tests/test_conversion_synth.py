@@ -47,13 +47,15 @@ def test_session_layout_and_dicom_tags(synth_dwi_session: synth.SynthSession) ->
 def test_pixels_follow_the_tensor_model(synth_dwi_session: synth.SynthSession) -> None:
     s = synth_dwi_session
     files = s.series["dwi"].files
+    s0 = s.dwi.s0[4, 8, 8]  # cylinder (1000) times the receive field there
+    assert abs(s0 / 1000 - 1) < 0.05
     centre_b0 = pydicom.dcmread(files[4]).pixel_array[8, 8]  # volume 0, middle slice, cylinder
-    assert abs(int(centre_b0) - 1000) <= 4
+    assert abs(int(centre_b0) - s0) <= 4
     g = s.dwi.bvecs_lps[1]
     d = synth.FIBER_DIRECTION_LPS
     evals = synth.FIBER_EVALS
     adc = evals[1] + (evals[0] - evals[1]) * float(g @ d) ** 2
-    expected = 1000 * np.exp(-1000 * adc)
+    expected = s0 * np.exp(-1000 * adc)
     assert abs(int(pydicom.dcmread(files[8 + 4]).pixel_array[8, 8]) - expected) <= 4
     assert synth.TRUE_FA == pytest.approx(0.799, abs=1e-3)
 
@@ -74,6 +76,8 @@ def test_options_and_errors(tmp_path: Path) -> None:
     np.testing.assert_allclose(s.dwi.bvals, [0, 0] + [2000] * 30)
     with pytest.raises(ValueError, match="at least 6"):
         synth.write_session(tmp_path / "t", n_directions=5)
+    with pytest.raises(ValueError, match="b0_placement"):
+        synth.write_session(tmp_path / "v", b0_placement="random")
     with pytest.raises(ValueError, match="unknown synthetic series"):
         synth.write_session(tmp_path / "u", series=("pet",))
 
@@ -113,3 +117,21 @@ def test_real_sources_are_copied_and_decompressed(tmp_path: Path) -> None:
     assert descriptions == {"CBU_DTI_64D_1A", "MPRAGE_S2"}
     with pytest.raises(KeyError, match="unknown real DICOM source"):
         sources.copy_real_session(tmp_path / "x", "nope")
+
+
+def test_acquisition_scheme_options(tmp_path: Path) -> None:
+    """Interleaved b=0 at b=5, two shells, two runs, another matrix, noise and dropouts: what the matrix tests use."""
+    bvals, bvecs = synth.dwi_scheme(n_b0=3, n_directions=6, shells=(1000, 2000), b0_placement="interleaved",
+                                    b0_bvalue=5)
+    assert bvals.tolist() == [5, 1000, 1000, 1000, 1000, 5, 1000, 1000, 2000, 2000, 5, 2000, 2000, 2000, 2000]
+    assert np.all(bvecs[bvals == 5] == 0) and np.allclose(np.linalg.norm(bvecs[bvals > 5], axis=1), 1)
+    s = synth.write_session(tmp_path / "s", seed=3, n_b0=2, n_directions=6, dwi_runs=2, matrix=(7, 9, 5),
+                            series=("dwi", "dwi_b0_pa"), noise_sd=20.0, dropout_volumes=(3,))
+    assert list(s.series) == ["dwi", "dwi_run2", "dwi_b0_pa"]
+    assert [w.series_number for w in s.series.values()] == [1, 2, 3]
+    assert s.series["dwi"].series_uid != s.series["dwi_run2"].series_uid
+    assert len(s.series["dwi"].files) == 8 * 5 and s.dwi.runs == 2 and s.dwi.shape == (7, 9, 5)
+    header = pydicom.dcmread(s.series["dwi_run2"].files[0])
+    assert (header.Rows, header.Columns) == (9, 7) and header.SeriesDescription == "ep2d_diff_DTI_AP"
+    dropped = [pydicom.dcmread(s.series["dwi"].files[3 * 5 + k]).pixel_array.mean() for k in range(5)]
+    assert dropped[1] < 0.5 * dropped[0] and dropped[3] < 0.5 * dropped[2]  # every other slice of volume 3

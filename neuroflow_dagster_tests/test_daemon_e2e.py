@@ -78,16 +78,16 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
 
     with dagster_dev(config.source, tmp_path / "home") as dev:
         instance = dg.DagsterInstance.from_config(str(dev["home"]))
-        done = {"01|SUBJA", "02|SUBJA", "01|000B"}
+        done = {"01|SUBJA", "02|SUBJA", "01|B"}
         wait_for(
             "qsiparc_session of the three good sessions",
             lambda: done <= set(materialized(instance, "qsiparc_session")),
             timeout=600,
             log=dev["log"],
         )
-        assert materialized(instance, "qsiprep_subject") == {"SUBJA": 1, "000B": 1}  # once per subject
-        assert "01|000C" in materialized(instance, "dicom_session")  # the corrupt one is registered...
-        assert "01|000C" not in materialized(instance, "bids_session")  # ...but never converted
+        assert materialized(instance, "qsiprep_subject") == {"SUBJA": 1, "B": 1}  # once per subject
+        assert "01|C" in materialized(instance, "dicom_session")  # the corrupt one is registered...
+        assert "01|C" not in materialized(instance, "bids_session")  # ...but never converted
         held = {h["scan_id"]: h["reason"] for h in read_status_report(config)["held"]}
         assert held == {"20240410_1200": "unmapped"}
         bids = latest_metadata(instance, "bids_session", "01|SUBJA")
@@ -108,10 +108,10 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
             timeout=480,
             log=dev["log"],
         )
-        assert materialized(instance, "qsiprep_subject") == {"SUBJA": 2, "000B": 1}
+        assert materialized(instance, "qsiprep_subject") == {"SUBJA": 2, "B": 1}
         recon = materialized(instance, "qsirecon_session")
         assert recon["01|SUBJA"] == recon["02|SUBJA"] == 2 and recon["03|SUBJA"] == 1
-        assert recon["01|000B"] == 1  # the other subject is left alone
+        assert recon["01|B"] == 1  # the other subject is left alone
         assert overlapping(instance, "qsiprep") <= 1
 
         # The operator's view comes from Dagster's records (issue 7's "done when").
@@ -121,7 +121,7 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
         assert [rows[("SUBJA", "03")][stage] for stage in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc")] == [
             "done"
         ] * 4
-        corrupt = rows[("000C", "01")]
+        corrupt = rows[("C", "01")]
         assert corrupt["protocol"] == "failed" and "0 DICOM files" in corrupt["protocol_reason"]
         assert status["held"] == []  # the once-unmapped ScanID is now a session
         # Reprocess B's reconstruction through the webserver, as the UI would (a GraphQL backfill).
@@ -132,15 +132,15 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
                 "--stage",
                 "qsirecon",
                 "--subject",
-                "000B",
+                "B",
                 "--url",
                 f"http://127.0.0.1:{dev['port']}/graphql",
             ],
             parse=False,
         )
         wait_for(
-            "the reprocessed reconstruction of 01|000B",
-            lambda: materialized(instance, "qsirecon_session").get("01|000B", 0) >= 2,
+            "the reprocessed reconstruction of 01|B",
+            lambda: materialized(instance, "qsirecon_session").get("01|B", 0) >= 2,
             timeout=300,
             log=dev["log"],
         )

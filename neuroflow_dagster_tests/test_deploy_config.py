@@ -1,8 +1,11 @@
 """The deployment files, checked without a Docker engine or systemd.
 
-- docker-compose.yaml is parsed as YAML (no `docker compose` here) and held to
-  the essentials: DICOM read-only wherever it is mounted, the UI on loopback
-  only, the database not published, no secret values in the file.
+- docker-compose.yaml is parsed as YAML and held to the essentials: DICOM
+  read-only wherever it is mounted, the UI on loopback only, the database not
+  published, no secret values in the file. Debian's `docker-compose` (1.29)
+  then checks it with `config`, after the deployment doc's own steps (copy
+  .env.example to .env, set DOCKER_GID); `up` would need images from a
+  registry, which the test machines cannot reach.
 - deploy/dagster.yaml and deploy/systemd/dagster.yaml go through Dagster's own
   instance-config validation; their storage section is resolved from the
   environment (`env:`) with dagster-postgres' schema, and the
@@ -14,8 +17,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +143,31 @@ def test_code_server_runs_the_code_location_and_names_its_image(compose: dict[st
         assert "/opt/dagster/dagster_home/workspace.yaml" in compose["services"][name]["command"]
 
 
+def test_docker_compose_config_accepts_the_file_after_the_documented_steps(tmp_path: Path) -> None:
+    """docs/deployment.md: `cp deploy/.env.example deploy/.env`, DOCKER_GID into .env, then compose.
+
+    Run on a copy of deploy/ (the test must not leave a .env in the repository)."""
+    compose_cli = shutil.which("docker-compose")
+    assert compose_cli, "Debian's docker-compose is not installed (scripts/system-deps.sh installs it)"
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    env_file = tmp_path / "deploy" / ".env"
+    shutil.copyfile(tmp_path / "deploy" / ".env.example", env_file)
+    env_file.chmod(0o600)
+    env_file.write_text(re.sub(r"(?m)^DOCKER_GID=.*$", "DOCKER_GID=4242", env_file.read_text()))
+    out = subprocess.run([compose_cli, "-f", "deploy/docker-compose.yaml", "config"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={k: v for k, v in os.environ.items() if k != "DOCKER_GID"})
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    assert set(resolved["services"]) == {"postgres", "neuroflow_code", "webserver", "daemon"}
+    for name in ("neuroflow_code", "webserver", "daemon"):
+        assert resolved["services"][name]["group_add"] == ["4242"], name  # the documented DOCKER_GID step
+    assert resolved["services"]["webserver"]["ports"] == ["127.0.0.1:3000:3000/tcp"]
+    code_volumes = resolved["services"]["neuroflow_code"]["volumes"]
+    assert any(str(v).startswith(f"{DICOM}:{DICOM}:ro") for v in code_volumes), code_volumes
+    assert "ports" not in resolved["services"]["postgres"]
+
+
 def test_dockerfile_installs_the_project_and_its_files_exist() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim$", text, re.M)
@@ -181,7 +212,10 @@ def test_docker_run_launcher_is_built_from_its_config_without_an_engine() -> Non
     assert launcher.networks == ["neuroflow"]
     assert "DAGSTER_POSTGRES_PASSWORD" in launcher.env_vars  # by name: the value stays in the environment
     assert f"{DICOM}:{DICOM}:ro" in launcher.container_kwargs["volumes"]
-    assert "run_launcher" not in load_yaml(DEPLOY / "systemd" / "dagster.yaml")  # no Docker there
+    # No Docker there: runs are local processes of the default launcher, with the run-worker health check.
+    assert load_yaml(DEPLOY / "systemd" / "dagster.yaml")["run_launcher"] == load_yaml(REPO / "dagster.yaml")[
+        "run_launcher"
+    ] == {"module": "neuroflow_dagster.defs.launcher", "class": "HealthCheckedRunLauncher"}
 
 
 @pytest.mark.parametrize("path", ["dagster.yaml", "systemd/dagster.yaml"])

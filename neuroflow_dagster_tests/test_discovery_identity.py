@@ -1,4 +1,4 @@
-"""Participant/session labels and the ScanID registry (requirements §1)."""
+"""Participant/session labels and the ScanID registry (docs/domain-rules.md#identity)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from neuroflow_dagster.discovery.identity import (
     Registry,
     RegistryError,
     is_valid_label,
+    normalize_overrides,
     participant_label,
+    retire,
     session_label,
 )
 
@@ -166,3 +168,127 @@ def test_write_is_atomic_no_temp_files_left(tmp_path: Path) -> None:
         reg.assign(f"S{i}", "75")
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("registry.tsv", "registry.tsv.lock")]
     assert leftovers == []
+
+
+# --------------------------------------------------------------------------- two people, one label
+
+
+def write_legacy_registry(state_dir: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """A registry.tsv as the versions before label ownership wrote it (7 columns, no status)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["scan_id\tparticipant_id\tsession_id\trecruitment_id\tacq_time\tdicom_path\tregistered_at"]
+    lines += [
+        f"{scan}\t{label}\t{ses}\t{code}\t\t/in/{scan}\t2024-01-01T00:00:00+00:00" for scan, label, ses, code in rows
+    ]
+    path = state_dir / "registry.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "label"),
+    [
+        ("CLM_L_01", "CLML01", "CLML01"),
+        ("ab-1", "ab1", "ab1"),
+        ("ab1", "AB1", "ab1"),  # differ only in case: one folder on a case-insensitive file system
+        ("7-5", "75", "0075"),
+        ("Jürgen-1", "Jörgen-1", "Jrgen1"),
+        ("S 1", "S1", "S1"),
+    ],
+)
+def test_a_second_code_for_a_label_is_refused_never_merged(tmp_path: Path, first: str, second: str, label: str) -> None:
+    reg = Registry(tmp_path)
+    a = reg.assign("SCAN_A", first)
+    assert a.entry is not None and a.entry.participant_id == label
+    b = reg.assign("SCAN_B", second)
+    assert Registry(tmp_path).lookup("SCAN_B") is None  # not registered: held by discovery
+    assert b.entry is None and not b.is_new_session
+    assert repr(first) in b.refused and repr(second) in b.refused and label in b.refused
+    assert "mapping.label_overrides" in b.refused
+    # The owner keeps getting sessions.
+    assert reg.assign("SCAN_C", first).entry.session_id == "02"
+
+
+def test_same_person_numeric_codes_and_the_padding_rule(tmp_path: Path) -> None:
+    """Purely numeric codes are numbers (75 = 075 = 0075 = 00075); codes with letters are never padded."""
+    assert [participant_label(c) for c in ("75", "075", "0075", "00075", "0", "12345", "012345")] == [
+        "0075",
+        "0075",
+        "0075",
+        "0075",
+        "0000",
+        "12345",
+        "12345",
+    ]
+    assert [participant_label(c) for c in ("BAD", "b1", "A-7")] == ["BAD", "b1", "A7"]
+    reg = Registry(tmp_path)
+    got = [reg.assign(f"S{i}", code).entry for i, code in enumerate(["75", "0075", " 075 ", "00075"])]
+    assert [(e.participant_id, e.session_id) for e in got] == [
+        ("0075", "01"),
+        ("0075", "02"),
+        ("0075", "03"),
+        ("0075", "04"),
+    ]
+    assert Registry(tmp_path).problems() == []
+
+
+def test_label_override_separates_two_codes(tmp_path: Path) -> None:
+    overrides = normalize_overrides({"CLML01": "CLML01B"})
+    reg = Registry(tmp_path)
+    a = reg.assign("S1", "CLM_L_01", overrides=overrides)
+    b = reg.assign("S2", "CLML01", overrides=overrides)
+    assert (a.entry.participant_id, b.entry.participant_id) == ("CLML01", "CLML01B")
+    assert b.is_new_subject and b.entry.session_id == "01"
+    # An override onto a label another code owns is refused like any other collision.
+    c = reg.assign("S3", "XYZ", overrides=normalize_overrides({"XYZ": "clml01"}))
+    assert c.entry is None and "'CLM_L_01'" in c.refused
+
+
+def test_legacy_registry_loads_and_a_merged_pair_is_reported_and_frozen(tmp_path: Path) -> None:
+    write_legacy_registry(
+        tmp_path,
+        [
+            ("S1", "CLML01", "01", "CLM_L_01"),
+            ("S2", "CLML01", "02", "CLML01"),  # merged by the old code
+            ("S3", "0BAD", "01", "BAD"),  # padded by the old rule
+            ("S4", "ab1", "01", "ab1"),
+            ("S5", "AB1", "01", "AB1"),  # case-only twins
+        ],
+    )
+    reg = Registry(tmp_path)
+    assert len(reg) == 5 and reg.lookup("S2").recruitment_id == "CLML01"
+    problems = {p.kind: p for p in reg.problems()}
+    assert set(problems) == {"merged", "case_collision"}
+    merged = problems["merged"].message
+    assert "sub-CLML01" in merged and "'CLM_L_01'" in merged and "'CLML01'" in merged and "'S2'" in merged
+    assert reg.blocked_labels().keys() == {"CLML01"}
+    assert "sub-AB1" in problems["case_collision"].message and "sub-ab1" in problems["case_collision"].message
+    # Neither code of the merged pair gets a new session there until it is resolved.
+    for code in ("CLM_L_01", "CLML01"):
+        refused = reg.assign(f"NEW_{code}", code)
+        assert refused.entry is None and "sub-CLML01" in refused.refused
+    # A code keeps the label it was registered under: BAD stays 0BAD, never split into BAD.
+    assert reg.assign("S6", "BAD").entry.participant_id == "0BAD"
+    # Written back with the status columns; still the same content.
+    assert Registry(tmp_path).lookup("S3").participant_id == "0BAD"
+    assert reg.path.read_text().splitlines()[0].endswith("\tstatus\tnote")
+
+
+def test_retired_binding_keeps_its_labels_and_frees_the_scan_id(tmp_path: Path) -> None:
+    reg = Registry(tmp_path)
+    reg.assign("S1", "A1")
+    old = reg.assign("S2", "A1").entry
+    reg.replace_entries([(old, retire(old, "2024-01-01 root: belongs to B2"))])
+    again = Registry(tmp_path)
+    assert again.lookup("S2") is None and [e.scan_id for e in again.sessions_of("A1")] == ["S1"]
+    assert again.retired_entry("A1", "02").note.endswith("belongs to B2")
+    assert again.assign("S2", "B2").entry.participant_id == "B2"
+    assert again.assign("S3", "A1").entry.session_id == "03"  # ses-02 of A1 is never given again
+    with pytest.raises(RegistryError, match=r"changed while re-keying|no longer"):
+        reg.replace_entries([(old, retire(old, "twice"))])
+
+
+def test_registry_with_a_scan_id_active_twice_is_refused(tmp_path: Path) -> None:
+    write_legacy_registry(tmp_path, [("S1", "A", "01", "A"), ("S1", "B", "01", "B")])
+    with pytest.raises(RegistryError, match=r"rows 2 and 3 both bind ScanID 'S1'"):
+        Registry(tmp_path)

@@ -28,6 +28,7 @@ from neuroflow_dagster.discovery.mapping import (
     MappingSourceError,
     cache_path,
     load_mapping,
+    parse_rows,
     read_csv_mapping,
     rows_to_mapping,
 )
@@ -91,6 +92,66 @@ def test_dry_run_does_not_write_cache(tmp_path: Path) -> None:
     config = config_for(tmp_path, mapping={"csv_file": str(csv_file)})
     assert load_mapping(config, write=False).mapping == {"S1": "75"}
     assert not cache_path(config).exists()
+
+
+def test_malformed_rows_are_named_with_sheet_row_numbers() -> None:
+    """Row numbers as the sheet shows them: header = row 1, blank rows counted."""
+    rows = [
+        ["ScanID", "SubjectCode", "Note"],
+        ["S1", "CLM_L_01"],  # row 2
+        [],  # row 3: blank
+        ["S2", "A"],  # row 4
+        ["S1", "CLML01"],  # row 5: S1 again, another code
+        ["S3", ""],  # row 6: empty code
+        ["S4"],  # row 7: short row
+        ["", "Z9", "orphan"],  # row 8: a code without a ScanID
+        ["S2", " A "],  # row 9: S2 again, same code
+        ["S5", "75"],  # row 10
+        ["S5", "0075"],  # row 11: the same number
+        ["S6", "ab1"],
+        ["S6", "AB1"],  # row 13: not the same code
+        ["S7", "B"],
+        ["S7", ""],  # row 15: a blank duplicate is not harmless
+        ["", "", "just a note"],
+    ]
+    parsed = parse_rows(rows, "ScanID", "SubjectCode", "sheet")
+    assert parsed.mapping == {"S2": "A", "S5": "75"}
+    assert parsed.rows["S1"] == 2 and parsed.rows["S2"] == 4 and parsed.rows["S4"] == 7
+    assert parsed.problems["S1"] == (
+        "ScanID 'S1' is listed in row 2 (SubjectCode 'CLM_L_01') and row 5 (SubjectCode 'CLML01') of sheet: "
+        "which subject is it? Fix the mapping so that it names one SubjectCode"
+    )
+    assert parsed.problems["S3"] == "row 6 of sheet has ScanID 'S3' but an empty SubjectCode"
+    assert parsed.problems["S4"] == "row 7 of sheet has ScanID 'S4' but an empty SubjectCode"
+    assert "row 12 (SubjectCode 'ab1') and row 13 (SubjectCode 'AB1')" in parsed.problems["S6"]
+    assert "row 14 (SubjectCode 'B') and row 15 (empty SubjectCode)" in parsed.problems["S7"]
+    assert parsed.row_problems == ["row 8 of sheet: SubjectCode 'Z9' but an empty ScanID"]
+    assert len(parsed.notes) == 2
+    assert "'S2' is listed in rows 4, 9 of sheet with the same SubjectCode 'A' (harmless" in parsed.notes[0]
+    assert "'S5' is listed in rows 10, 11" in parsed.notes[1]
+
+
+def test_header_bom_duplicates_and_case_are_named() -> None:
+    assert parse_rows([["\ufeffScanID", "SubjectCode"], ["S1", "7"]], "ScanID", "SubjectCode", "t").mapping == {
+        "S1": "7"
+    }
+    with pytest.raises(MappingSourceError, match=r"column 'ScanID' appears 2 times in the header \(columns 1 and 3\)"):
+        parse_rows([["ScanID", "SubjectCode", "ScanID"]], "ScanID", "SubjectCode", "t")
+    with pytest.raises(MappingSourceError, match=r"found 'scanid': column names are case-sensitive"):
+        parse_rows([["scanid", "SubjectCode"]], "ScanID", "SubjectCode", "t")
+
+
+def test_csv_with_bom_and_problems_round_trips_through_the_cache(tmp_path: Path) -> None:
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_bytes("ScanID,SubjectCode\r\nS1,A\r\nS1,B\r\nS2,C\r\n".encode("utf-8-sig"))
+    config = config_for(tmp_path, mapping={"csv_file": str(csv_file)})
+    fresh = load_mapping(config)
+    assert fresh.mapping == {"S2": "C"} and "rows 2" not in fresh.problems["S1"]
+    assert "row 2 (SubjectCode 'A') and row 3 (SubjectCode 'B')" in fresh.problems["S1"]
+    assert fresh.where("S2") == f"row 4 of csv:{csv_file}"
+    csv_file.unlink()
+    cached = load_mapping(config)
+    assert cached.from_cache and cached.problems == fresh.problems and cached.rows == fresh.rows
 
 
 # --------------------------------------------------------------------------- Google Sheet

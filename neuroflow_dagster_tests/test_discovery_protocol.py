@@ -1,11 +1,11 @@
-"""Protocol rules and the three messages (requirements §3)."""
+"""Protocol rules and the three messages (docs/domain-rules.md#protocol)."""
 
 from __future__ import annotations
 
 from neuroflow_dagster.config import ProtocolConfig
 from neuroflow_dagster.discovery.protocol import SeriesInfo, check_protocol
 
-# The example protocol of the requirements.
+# The example protocol of docs/domain-rules.md#protocol.
 EXAMPLE = ProtocolConfig.model_validate(
     {
         "required_scans": [

@@ -19,9 +19,11 @@ from pydicom.data import get_testdata_file
 
 from neuroflow_dagster.discovery.scanner import (
     IncomingFolderError,
+    file_fingerprint,
     is_dicom_candidate,
     list_session_folders,
     read_headers,
+    scan_incoming,
     stat_walk,
     tree_signature,
 )
@@ -216,3 +218,40 @@ def test_unreadable_files_are_counted_and_named(tmp_path: Path) -> None:
     names = [e.split(":")[0] for e in summary.unreadable_examples]
     assert sorted(names) == ["cut.dcm", "dangling.dcm", "empty", "garbage.dcm"]
     assert any("cannot read" in e for e in summary.unreadable_examples if e.startswith("dangling"))
+
+
+def test_listing_names_every_entry_that_is_not_a_session_folder(tmp_path: Path) -> None:
+    (tmp_path / "S1").mkdir()
+    os.symlink("S1", tmp_path / "LINK_TO_S1")  # a symlink to a folder is a folder
+    os.symlink("LOOP", tmp_path / "LOOP")
+    os.symlink("missing", tmp_path / "DANGLING")
+    (tmp_path / "notes.txt").write_text("x")
+    os.symlink("notes.txt", tmp_path / "LINK_TO_FILE")
+    (tmp_path / ".hidden").mkdir()
+    listing = scan_incoming(tmp_path)
+    assert [f.scan_id for f in listing.folders] == ["LINK_TO_S1", "S1"]
+    assert {p.scan_id: (p.reason, p.message) for p in listing.problems} == {
+        "DANGLING": ("unreadable", "a symbolic link to 'missing', which does not exist"),
+        "LINK_TO_FILE": ("not_a_folder", "a symbolic link to the file 'notes.txt', not a folder"),
+        "LOOP": ("unreadable", "cannot be read: a symbolic link loop (ELOOP)"),
+        "notes.txt": ("not_a_folder", "a file, not a session folder (an archive to unpack? move it out of the way)"),
+    }
+    # The old entry point still lists the folders (the landed code raised for the whole tree here).
+    assert [f.scan_id for f in list_session_folders(tmp_path)] == ["LINK_TO_S1", "S1"]
+
+
+def test_fingerprint_sees_rewrites_in_place_but_not_metadata_or_hidden_files(tmp_path: Path) -> None:
+    folder = make_session(tmp_path, "S1", [("T1", 4), ("DWI", 3)])
+    walk = stat_walk(folder)
+    fp = file_fingerprint(folder)
+    assert (fp.value, fp.n_files, fp.errors) == (walk.fingerprint, 7, [])
+    victim = folder / "002_DWI" / "s002_i0001.dcm"
+    victim.chmod(0o600)  # permissions, owner: not content
+    (folder / "002_DWI" / ".DS_Store").write_bytes(b"finder")
+    assert file_fingerprint(folder).value == fp.value
+    mtime_ns = victim.stat().st_mtime_ns
+    with open(victim, "r+b") as fh:  # same name, inode and size; new bytes
+        fh.write(b"X")
+    assert file_fingerprint(folder).value != fp.value
+    os.utime(victim, ns=(mtime_ns, mtime_ns))  # the only rewrite it cannot see: time set back on purpose
+    assert file_fingerprint(folder).value == fp.value

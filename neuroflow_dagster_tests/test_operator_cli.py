@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -32,18 +33,19 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 from dagster._core.test_utils import create_run_for_test
 
 from neuroflow_dagster import cli
-from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.definitions import build_definitions
-from neuroflow_dagster.discovery import engine
-from neuroflow_dagster.discovery.exclusions import audit_trail, exclude
-from neuroflow_dagster.discovery.identity import Registry
-from neuroflow_dagster.discovery.status_report import write_status_report
-from neuroflow_dagster.ops.backfill import (
+from neuroflow_dagster.config import NeuroflowConfig, load_config
+from neuroflow_dagster.control.backfill import (
     LAUNCH_BACKFILL_MUTATION,
     BackfillError,
     backfill_variables,
     parse_launch_response,
 )
+from neuroflow_dagster.definitions import build_definitions
+from neuroflow_dagster.defs.assets.common import session_context
+from neuroflow_dagster.discovery import engine
+from neuroflow_dagster.discovery.exclusions import audit_trail, exclude
+from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.discovery.status_report import write_status_report
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
 DICOM, BIDS = dg.AssetKey("dicom_session"), dg.AssetKey("bids_session")
@@ -292,14 +294,14 @@ def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[
     lines = out.splitlines()
     assert lines[0].split()[:5] == ["SUBJECT", "SESSION", "SCAN_ID", "MAPPING", "PROTOCOL"]
     assert any(line.startswith("SUBJB") and "required scan T1w missing" in line for line in lines)
-    assert "held folders (not registered):" in lines
+    assert any(line.startswith("held folders") for line in lines)
     assert any(line.startswith("totals: 8 session(s), 2 held folder(s)") for line in lines)
 
 
 def test_status_watch_redraws_until_interrupted(
     world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from neuroflow_dagster import operator_cli
+    from neuroflow_dagster.cli import operator_commands as operator_cli
 
     sleeps: list[float] = []
 
@@ -609,10 +611,161 @@ def test_exit_codes(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_session_partition_is_dagsters_multi_partition_key() -> None:
-    from neuroflow_dagster.ops.common import session_partition
+def test_session_key_is_dagsters_multi_partition_key() -> None:
+    from neuroflow_dagster.naming.partitions import session_key
 
     for subject, session in [("SUBJA", "01"), ("0075", "12"), ("A", "3")]:
-        assert session_partition(subject, session) == str(
+        assert session_key(subject, session) == str(
             dg.MultiPartitionKey({"subject": subject, "session": session})
         )
+
+
+# --------------------------------------------------------------------------- held cases, rekey
+
+
+def _tick(config: NeuroflowConfig, state: Any = None) -> Any:
+    """One discovery tick as the sensor runs it: the engine, then the status report."""
+    result = engine.run_discovery(config, state)
+    write_status_report(config, result)
+    return result
+
+
+def test_scan_and_status_name_every_held_case_and_rekey_moves_a_remapped_session(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neuroflow_dagster_tests.discovery_fixtures import make_session
+    from neuroflow_dagster_tests.workspace_fixtures import write_mapping
+
+    config = make_workspace(tmp_path / "ws")
+    incoming, csv_file = config.paths.dicom_incoming, config.mapping.csv_file
+    for name, date in [("A", "20240101"), ("B", "20240102"), ("C", "20240103"), ("D", "20240104"), ("E", "20240105")]:
+        make_session(incoming, name, [("T1_MPRAGE", 12)], acq_date=date)
+    write_mapping(csv_file, {"A": "CLM_L_01", "D": "80", "E": "81"})
+    first = _tick(config)
+    assert sorted(r.scan_id for r in first.registrations) == ["A", "D", "E"]
+    csv_file.write_text("ScanID,SubjectCode\nA,CLM_L_01\nB,CLML01\nC,90\nC,91\nD,80\nE,82\n", encoding="utf-8")
+    (incoming / "D").rename(tmp_path / "D")
+    os.symlink("LOOP", incoming / "LOOP")
+    second = _tick(config, first.new_state)
+    home = tmp_path / "home"
+    home.mkdir()
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(["--config", str(config.source), *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = run("scan", "--format", "json")
+    assert code == 0, err
+    rows = {r["scan_id"]: r for r in json.loads(out)}
+    assert {k: r["decision"] for k, r in rows.items()} == {
+        "A": "register",
+        "B": "held: identity_conflict",
+        "C": "held: mapping_error",
+        "D": "held: missing",
+        "E": "held: remapped",
+        "LOOP": "held: unreadable",
+    }
+    assert "'CLML01'" in rows["B"]["reason"] and "'CLM_L_01'" in rows["B"]["reason"]
+    assert "row 4 (SubjectCode '90') and row 5 (SubjectCode '91')" in rows["C"]["reason"]
+    assert (rows["E"]["subject"], rows["E"]["session"]) == ("0081", "01")
+    assert "SubjectCode '82'" in rows["E"]["reason"] and "neuroflow rekey E" in rows["E"]["reason"]
+
+    with dg.instance_for_test(temp_dir=str(home)):
+        code, out, err = run("status", "--dagster-home", str(home), "--format", "json")
+        assert code == 0, err
+        data = json.loads(out)
+        held = {h["scan_id"]: (h["state"], h["registered"]) for h in data["held"]}
+        assert held == {
+            "B": ("identity_conflict", ""),
+            "C": ("mapping_error", ""),
+            "D": ("missing", "sub-0080 ses-01"),
+            "E": ("remapped", "sub-0081 ses-01"),
+            "LOOP": ("unreadable", ""),
+        }
+        notes = {r["scan_id"]: r["note"] for r in data["sessions"]}
+        assert notes == {"A": "", "D": "held: missing (see held folders)", "E": "held: remapped (see held folders)"}
+        code, out, _ = run("status", "--dagster-home", str(home))
+        assert "held folders" in out and "identity_conflict" in out and "sub-0080 ses-01" in out
+
+        # The operator's way out for E: the sheet is right, the session moves to 82.
+        code, _, err = run("rekey", "A", "--reason", "x")
+        assert code == 5 and "nothing to re-key" in err
+        code, _, err = run("rekey", "B", "--reason", "x")
+        assert code == 5 and "'B': not a registered ScanID" in err
+        code, _, err = run("rekey", "E", "--reason", "  ")
+        assert code == 5 and "--reason" in err
+        code, out, err = run("rekey", "E", "--reason", "sheet corrected", "--dry-run")
+        assert code == 0, err
+        assert "'E': sub-0081 ses-01 (SubjectCode '81') is retired" in out and "as sub-0082" in out
+        assert "dry run" in out and Registry(config.paths.state).lookup("E") is not None
+        code, out, err = run("rekey", "E", "--reason", "sheet corrected")
+        assert code == 0, err
+        assert "neuroflow reprocess --stage qsiprep --subject 0081" in out and "audit trail" in out
+        registry = Registry(config.paths.state)
+        assert registry.lookup("E") is None and registry.retired_entry("0081", "01").note.endswith("sheet corrected")
+        audit = [json.loads(line) for line in registry.audit_path.read_text().splitlines()]
+        assert [(a["action"], a["scan_id"], a["after"]["subject_code"]) for a in audit] == [("retire", "E", "82")]
+
+        third = _tick(config, second.new_state)
+        assert [(r.scan_id, r.participant_label, r.session_label) for r in third.registrations] == [("E", "0082", "01")]
+        code, out, _ = run("status", "--dagster-home", str(home), "--format", "json")
+        rows = {(r["subject"], r["session"]): r for r in json.loads(out)["sessions"]}
+        assert rows[("0081", "01")]["bids_conversion"] == "retired"
+        assert rows[("0081", "01")]["note"].startswith("re-keyed:")
+        assert rows[("0082", "01")]["scan_id"] == "E"
+        with pytest.raises(dg.Failure, match="was re-keyed"):
+            session_context(config, "01|0081")
+
+
+def test_rekey_resolves_a_merge_from_an_older_registry_either_way(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neuroflow_dagster_tests.discovery_fixtures import make_session
+    from neuroflow_dagster_tests.test_discovery_identity import write_legacy_registry
+    from neuroflow_dagster_tests.workspace_fixtures import write_mapping
+
+    def run(config: NeuroflowConfig, *argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(["--config", str(config.source), *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    for way in ("same person", "two people"):
+        config = make_workspace(tmp_path / way.replace(" ", "_"))
+        legacy = [("S1", "CLML01", "01", "CLM_L_01"), ("S2", "CLML01", "02", "CLML01")]
+        write_legacy_registry(config.paths.state, [*legacy, ("S3", "CLML01", "03", "CLML01")])
+        for name in ("S1", "S2", "S3"):
+            make_session(config.paths.dicom_incoming, name, [("T1_MPRAGE", 12)])
+        write_mapping(config.mapping.csv_file, {"S1": "CLM_L_01", "S2": "CLML01", "S3": "CLML01"})
+        first = _tick(config)
+        assert [p.kind for p in first.problems] == ["registry"]
+        with pytest.raises(dg.Failure, match="two people may have been merged"):
+            session_context(config, "01|CLML01")
+        if way == "same person":
+            write_mapping(config.mapping.csv_file, {"S1": "CLM_L_01", "S2": "CLM_L_01", "S3": "CLM_L_01"})
+            code, _, err = run(config, "rekey", "S2", "--reason", "one person")
+            assert code == 5 and "re-key them together: neuroflow rekey S2 S3" in err
+            code, out, err = run(config, "rekey", "S2", "S3", "--reason", "one person, one code")
+            assert code == 0, err
+            assert "'S2': sub-CLML01 ses-02 stays; its SubjectCode 'CLML01' is corrected to 'CLM_L_01'" in out
+            after = _tick(config, first.new_state)
+            assert after.problems == [] and after.held == [] and after.registrations == []
+            assert session_context(config, "02|CLML01").entry.recruitment_id == "CLM_L_01"
+        else:
+            path = Path(config.source)
+            path.write_text(path.read_text().replace("label_overrides: {}", 'label_overrides: {"CLML01": "CLML01B"}'))
+            config = load_config(path, environ={})
+            held = _tick(config, first.new_state)
+            assert {h.scan_id: h.reason for h in held.held} == {"S2": "remapped", "S3": "remapped"}
+            code, out, err = run(config, "rekey", "S2", "S3", "--reason", "two people")
+            assert code == 0, err
+            assert out.count("is retired") == 2
+            after = _tick(config, held.new_state)
+            assert [(r.scan_id, r.participant_label, r.session_label) for r in after.registrations] == [
+                ("S2", "CLML01B", "01"),
+                ("S3", "CLML01B", "02"),
+            ]
+            assert after.problems == [] and after.held == []
+            assert session_context(config, "01|CLML01").entry.scan_id == "S1"

@@ -141,8 +141,11 @@ def test_production_dagster_yaml_works_against_postgres(
     # dagster-postgres with a connection pool (neuroflow_dagster/pooled_storage.py, issue 12)
     assert type(instance.run_storage).__name__ == "PooledPostgresRunStorage"
     assert type(instance.event_log_storage).__name__ == "PooledPostgresEventLogStorage"
-    expected_launcher = "DockerRunLauncher" if path == "deploy/dagster.yaml" else "DefaultRunLauncher"
+    # Without Docker: Dagster's default launcher with the run-worker health check (defs/launcher.py).
+    expected_launcher = "DockerRunLauncher" if path == "deploy/dagster.yaml" else "HealthCheckedRunLauncher"
     assert type(instance.run_launcher).__name__ == expected_launcher
+    if path != "deploy/dagster.yaml":
+        assert isinstance(instance.run_launcher, dg.DefaultRunLauncher)
     queue = instance.get_concurrency_config().run_queue_config
     limits = {(r["key"], r.get("value")): r["limit"] for r in queue.tag_concurrency_limits}
     assert limits[("neuroflow/stage", "qsiprep")] == 1

@@ -1,4 +1,4 @@
-"""Failure classes (requirements §6): the classification table, retry delays, Dagster retries."""
+"""Failure classes (docs/domain-rules.md#failures): the classification table, retry delays, Dagster retries."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import dagster as dg
 import pytest
 
 from neuroflow_dagster.config import RetryConfig
+from neuroflow_dagster.defs.execution import tool_failure
+from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import (
     FailureClass,
     classify,
-    dagster_error,
-    dagster_retry_policy,
     is_retryable,
     retry_delay,
 )
@@ -105,44 +105,37 @@ def test_retry_delay_jitter_stays_within_twenty_percent_and_varies() -> None:
         retry_delay(0, cfg)
 
 
-def test_dagster_retry_policy_from_config() -> None:
-    policy = dagster_retry_policy(RetryConfig(max_retries=2, delay_seconds=60))
-    assert isinstance(policy, dg.RetryPolicy)
-    assert (policy.max_retries, policy.delay, policy.backoff, policy.jitter) == (
-        2, 60, dg.Backoff.EXPONENTIAL, dg.Jitter.PLUS_MINUS)
-
-
 def _error(failure_class: str) -> ToolRunError:
     record = RunRecord(tool="qsiprep", runtime="local", command="qsiprep a b", output_dir="/out",
                        log_path="/logs/x.log", started=0.0, ended=1.0, exit_code=1, log_tail="boom")
     return ToolRunError("qsiprep failed", record, failure_class)
 
 
-def test_dagster_error_retries_only_retryable_classes() -> None:
+def test_tool_failure_retries_only_retryable_classes() -> None:
     cfg = RetryConfig(max_retries=3, delay_seconds=300, jitter=0)
-    retry = dagster_error(_error("resource"), cfg, retry_number=1)
+    retry = tool_failure(_error("resource"), cfg, retry_number=1, stage="qsiprep")
     assert isinstance(retry, dg.RetryRequested)
     assert (retry.max_retries, retry.seconds_to_wait) == (3, 600)
     assert isinstance(retry.__cause__, dg.Failure)
-    assert retry.__cause__.metadata["failure_class"].value == "resource"
-    final = dagster_error(_error("validation"), cfg, retry_number=0)
+    assert retry.__cause__.metadata[FAILURE_CLASS_KEY].value == "resource"
+    final = tool_failure(_error("validation"), cfg, retry_number=0, stage="qsiprep")
     assert isinstance(final, dg.Failure) and final.allow_retries is False
     assert final.metadata["command"].value == "qsiprep a b"
-    assert isinstance(dagster_error(_error("transient"), RetryConfig(max_retries=0), 0), dg.Failure)
+    assert isinstance(tool_failure(_error("transient"), RetryConfig(max_retries=0), 0, "qsiprep"), dg.Failure)
 
 
 @pytest.mark.parametrize(("failure_class", "attempts"), [("transient", 3), ("configuration", 1)])
-def test_dagster_error_through_a_real_materialization(tmp_path: Path, failure_class: str,
+def test_tool_failure_through_a_real_materialization(tmp_path: Path, failure_class: str,
                                                        attempts: int) -> None:
     """Real Dagster run: a retryable failure is attempted 1 + max_retries times, a configuration
     failure once - even though the asset also carries a RetryPolicy."""
     cfg = RetryConfig(max_retries=2, delay_seconds=0, jitter=0)
     seen: list[int] = []
 
-    @dg.asset(retry_policy=dagster_retry_policy(RetryConfig(max_retries=5, delay_seconds=0)))
+    @dg.asset(retry_policy=dg.RetryPolicy(max_retries=5, delay=0))
     def flaky(context) -> None:  # unannotated: a string annotation in a local def is unresolvable
         seen.append(context.retry_number)
-        raise dagster_error(_error(failure_class), cfg, context.retry_number)
+        raise tool_failure(_error(failure_class), cfg, context.retry_number, "qsiprep")
 
     result = dg.materialize([flaky], raise_on_error=False)
     assert not result.success

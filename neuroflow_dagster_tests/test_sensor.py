@@ -7,24 +7,23 @@ the daemon does: asset events, then partition requests.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
 
+from neuroflow_dagster.definitions import build_definitions
+from neuroflow_dagster.defs.assets.common import session_context
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
-from neuroflow_dagster.defs.automation import DICOM
+from neuroflow_dagster.defs.graph import DICOM_KEY as DICOM
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.defs.sensors import (
-    PROTOCOL_CHECK,
-    build_discovery_sensor,
-    decode_cursor,
-    encode_cursor,
-    protocol_check_job,
-)
+from neuroflow_dagster.defs.sensors import build_discovery_sensor, decode_cursor, protocol_check_job
+from neuroflow_dagster.discovery.engine import encode_cursor
 from neuroflow_dagster.discovery.exclusions import exclude
 from neuroflow_dagster.discovery.status_report import read_status_report
+from neuroflow_dagster.stages import PROTOCOL_CHECK
 from neuroflow_dagster_tests.discovery_fixtures import make_session, write_corrupt
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace, write_mapping
 
@@ -176,8 +175,8 @@ def test_odd_folder_names_never_reach_partition_keys(tmp_path: Path, name: str) 
     sensor = sensor_for(config)
     with dg.instance_for_test() as instance:
         tick(sensor, instance, None)
-        assert instance.get_dynamic_partitions("subjects") == ["0S1x"]
-        assert materialized_partitions(instance) == {"01|0S1x"}
+        assert instance.get_dynamic_partitions("subjects") == ["S1x"]  # letters: never zero-padded
+        assert materialized_partitions(instance) == {"01|S1x"}
         mats = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=DICOM), limit=1).records
         assert mats[0].asset_materialization.metadata["scan_id"].value == name  # type: ignore[union-attr]
 
@@ -208,3 +207,109 @@ def test_cursor_round_trip_and_garbage() -> None:
     assert decode_cursor(encode_cursor(data)) == data
     assert decode_cursor("znot-base64!") == {}
     assert decode_cursor('{"v": 99}') == {}
+
+
+# --------------------------------------------------------------------------- faults and real-world input
+
+
+def registered_events(result: dg.SensorResult) -> list[str]:
+    return [str(e.partition) for e in result.asset_events if isinstance(e, dg.AssetMaterialization)]
+
+
+def test_symlink_loop_in_incoming_does_not_stop_discovery(workspace: Any, capfd: pytest.CaptureFixture[str]) -> None:
+    incoming = workspace.paths.dicom_incoming
+    make_session(incoming, "20240115_1430", [("T1_MPRAGE", 12)])
+    os.symlink("LOOP", incoming / "LOOP")  # ln -s LOOP incoming/LOOP
+    sensor = sensor_for(workspace)
+    with dg.instance_for_test() as instance:
+        first = tick(sensor, instance, None)
+        assert materialized_partitions(instance) == {"01|CLML01"}
+        err = capfd.readouterr().err
+        assert "nothing scanned" not in err
+        assert "held 'LOOP' (unreadable): cannot be read: a symbolic link loop (ELOOP)" in err
+        held = {h["scan_id"]: h for h in read_status_report(workspace)["held"]}
+        assert held["LOOP"]["reason"] == "unreadable"
+        # Later folders are still registered while the loop stays.
+        make_session(incoming, "20240301_0900", [("T1_MPRAGE", 12)])
+        second = tick(sensor, instance, first.cursor)
+        assert registered_events(second) == ["01|0075"]
+        assert "held 'LOOP'" not in capfd.readouterr().err  # logged when the held set changes, not every tick
+
+
+def test_identity_conflict_is_held_logged_and_reported(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    config = make_workspace(tmp_path, mapping={"A": "CLM_L_01", "B": "CLML01"})
+    make_session(config.paths.dicom_incoming, "A", [("T1_MPRAGE", 12)], acq_date="20240101")
+    make_session(config.paths.dicom_incoming, "B", [("T1_MPRAGE", 12)], acq_date="20240201")
+    sensor = sensor_for(config)
+    with dg.instance_for_test() as instance:
+        tick(sensor, instance, None)
+        assert materialized_partitions(instance) == {"01|CLML01"}  # never 02|CLML01
+        assert instance.get_dynamic_partitions("subjects") == ["CLML01"]
+        err = capfd.readouterr().err
+        assert "held 'B' (identity_conflict)" in err and "'CLM_L_01'" in err
+        [held] = read_status_report(config)["held"]
+        assert held["scan_id"] == "B" and "SubjectCode 'CLML01'" in held["message"]
+
+
+def test_file_rewritten_in_place_is_rereported_and_rechecked(workspace: Any) -> None:
+    """The rewrite check's path end to end: a new dicom_session materialization and a new check run."""
+    incoming = workspace.paths.dicom_incoming
+    folder = make_session(incoming, "20240115_1430", [("T1_MPRAGE", 12)])
+    sensor = sensor_for(workspace)
+    with dg.instance_for_test() as instance:
+        first = tick(sensor, instance, None)
+        assert check_results(instance)["01|CLML01"][0] is True
+        # A PACS re-send rewrites ten files in place with a truncated export: same names, same folders.
+        for victim in sorted((folder / "001_T1_MPRAGE").iterdir())[:10]:
+            with open(victim, "r+b") as fh:
+                fh.truncate(0)
+                fh.write(b"not DICOM any more")
+        second = tick(sensor, instance, first.cursor)
+        assert registered_events(second) == ["01|CLML01"]
+        assert check_results(instance)["01|CLML01"] == (False, "Session has 2 DICOM files (minimum: 10)")
+        assert instance.get_dynamic_partitions("session_labels") == ["01"]  # the same session, re-checked
+        third = tick(sensor, instance, second.cursor)
+        assert registered_events(third) == []
+
+
+def test_remapped_session_is_held_and_refused_by_every_stage(workspace: Any) -> None:
+    incoming = workspace.paths.dicom_incoming
+    make_session(incoming, "20240115_1430", [("T1_MPRAGE", 12)])
+    sensor = sensor_for(workspace)
+    with dg.instance_for_test() as instance:
+        first = tick(sensor, instance, None)
+        write_mapping(workspace.mapping.csv_file, {"20240115_1430": "99", "20240301_0900": "75"})
+        second = tick(sensor, instance, first.cursor)
+        assert registered_events(second) == []
+        [held] = read_status_report(workspace)["held"]
+        assert (held["reason"], held["registered"], held["blocks"]) == ("remapped", "sub-CLML01 ses-01", True)
+        with pytest.raises(dg.Failure) as refused:
+            session_context(workspace, "01|CLML01")
+        assert refused.value.metadata["neuroflow/failure_class"].value == "identity"
+        assert "mapping" in refused.value.description and "SubjectCode '99'" in refused.value.description
+        with pytest.raises(dg.Failure, match="identity is in question"):
+            dg.materialize(
+                [build_definitions(workspace).resolve_assets_def("qsiprep_subject")],
+                instance=instance,
+                partition_key="CLML01",
+            )
+        # The mapping fixed back: nothing held, the stages take it again.
+        write_mapping(workspace.mapping.csv_file, {"20240115_1430": "CLM_L_01"})
+        tick(sensor, instance, second.cursor)
+        assert read_status_report(workspace)["held"] == []
+        assert session_context(workspace, "01|CLML01").entry.scan_id == "20240115_1430"
+
+
+def test_registered_folder_that_vanishes_is_reported(workspace: Any, tmp_path: Path) -> None:
+    incoming = workspace.paths.dicom_incoming
+    make_session(incoming, "20240115_1430", [("T1_MPRAGE", 12)])
+    sensor = sensor_for(workspace)
+    with dg.instance_for_test() as instance:
+        first = tick(sensor, instance, None)
+        (incoming / "20240115_1430").rename(tmp_path / "moved")
+        second = tick(sensor, instance, first.cursor)
+        [held] = read_status_report(workspace)["held"]
+        assert (held["reason"], held["registered"]) == ("missing", "sub-CLML01 ses-01")
+        (tmp_path / "moved").rename(incoming / "20240115_1430")
+        third = tick(sensor, instance, second.cursor)
+        assert registered_events(third) == [] and read_status_report(workspace)["held"] == []

@@ -11,12 +11,15 @@ the CLI's own process, outside the queue (see docs/deployment.md).
 
 Real parts: the daemon (sensors, automation, backfills, run queue with tag limits and pools whose
 slot counts the discovery sensor sets from neuroflow.yaml), HeudiConv + dcm2niix on synthetic
-DICOM. QSIPrep itself is the embedded stand-in (no container engine here). The recon and parc
-automation sensors are stopped (as an operator would, via GraphQL) so that only QSIPrep competes.
+DICOM, and a real Slurm cluster (engines/slurm_cluster.py): QSIPrep runs with `runtime: slurm`,
+so each run is a Slurm job (the embedded stand-in inside it), and the same measurement shows that
+the stage's limits cap its jobs in flight - on a cluster with room for two at once. The recon and
+parc automation sensors are stopped (as an operator would, via GraphQL) so that only QSIPrep
+competes.
 
 Overlap = the largest number of QSIPrep runs between their start and end at the same moment (run
-records). Every path must also show contention - its runs were waiting at the same time - or a
-limit of 1 would prove nothing.
+records), and of QSIPrep Slurm jobs between their submission and end (sacct). Every path must also
+show contention - its runs were waiting at the same time - or a limit of 1 would prove nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterable
 from datetime import datetime
@@ -37,6 +41,7 @@ import pytest
 
 from neuroflow_dagster.demo import synth
 from neuroflow_dagster_tests.daemon_harness import dagster_dev, wait_for
+from neuroflow_dagster_tests.engines.slurm_cluster import SlurmCluster
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
 pytestmark = pytest.mark.slow
@@ -181,6 +186,10 @@ def automation_ticked(log: Path) -> bool:
 # --------------------------------------------------------------------------- measuring
 
 
+def stamp(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").timestamp()
+
+
 def overlap(spans: Iterable[tuple[float, float]]) -> int:
     """Largest number of intervals open at the same moment (an end before a start at the same instant)."""
     points = sorted([p for s, e in spans for p in ((s, 1), (e, -1))], key=lambda p: (p[0], p[1]))
@@ -228,15 +237,34 @@ def measure(records: list[Any]) -> dict[str, int]:
 # --------------------------------------------------------------------------- the test
 
 
-def test_qsiprep_runs_one_at_a_time_on_every_launch_path(tmp_path: Path) -> None:
+def slurm_jobs(cluster: SlurmCluster, names: list[str], since: datetime, at_least: int) -> list[dict[str, str]]:
+    """sacct's jobs with these names submitted since ``since`` (waits up to 30 s for slurmdbd to catch up)."""
+    keys = ["id", "name", "state", "submit", "start", "end"]
+    deadline = time.monotonic() + 30
+    while True:
+        out = cluster.client("sacct", "-X", "-n", "-P", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "--name", ",".join(names), "-o", "JobIDRaw,JobName,State,Submit,Start,End").stdout
+        jobs = [dict(zip(keys, line.split("|"), strict=False)) for line in out.splitlines() if line.strip()]
+        if len(jobs) >= at_least or time.monotonic() > deadline:
+            return jobs
+        time.sleep(1)
+
+
+def test_qsiprep_runs_one_at_a_time_on_every_launch_path(tmp_path: Path, slurm: SlurmCluster) -> None:
+    since = datetime.now().replace(microsecond=0)
     config = make_workspace(
-        tmp_path / "ws", overrides={"discovery": {"stability_wait_minutes": 0, "interval_seconds": 5}}, mapping=MAPPING
+        tmp_path / "ws",
+        overrides={
+            "discovery": {"stability_wait_minutes": 0, "interval_seconds": 5},
+            "pipelines": {"qsiprep": {"runtime": "slurm", "slurm": {"poll_seconds": 1}}},
+        },
+        mapping=MAPPING,
     )
     exports = config.paths.work_dir / "exports"
     for seed, scan_id in enumerate(MAPPING):
         synth.write_session(exports / scan_id, seed=seed, n_directions=12, acquired=datetime(2024, 1, 5 + seed, 9))
 
-    with dagster_dev(config.source, tmp_path / "home") as dev:
+    with dagster_dev(config.source, tmp_path / "home", extra_env=slurm.env) as dev:
         port, log = dev["port"], dev["log"]
         wait_for("the code location to load", lambda: graphql_ready(port), timeout=180, log=log)
         # Only now: opening the SQLite storage while dagster dev's processes create it can break its
@@ -286,6 +314,13 @@ def test_qsiprep_runs_one_at_a_time_on_every_launch_path(tmp_path: Path) -> None
     numbers["all paths together"] = measure(runs)
     (tmp_path / "throttling.json").write_text(json.dumps(numbers, indent=2))
     print("QSIPrep overlap by launch path:", json.dumps(numbers, indent=2))
+
+    # Each QSIPrep run was one Slurm job, and never more than one was queued or running at once.
+    jobs = slurm_jobs(slurm, [f"nf-qsiprep-{s}" for s in subjects], since, at_least=len(runs))
+    assert len(jobs) == len(runs) and {j["state"] for j in jobs} == {"COMPLETED"}, jobs
+    in_flight = [(stamp(j["submit"]), stamp(j["end"])) for j in jobs]
+    print("QSIPrep Slurm jobs:", json.dumps(jobs, indent=1))
+    assert overlap(in_flight) == 1, f"{overlap(in_flight)} QSIPrep Slurm jobs in flight at once: {jobs}"
 
     assert set(by_path) == {"automation", "ui_backfill", "cli_job_backfill", "manual"}
     untagged = [r for r in by_path["ui_backfill"] + by_path["manual"] if "neuroflow/stage" not in r.dagster_run.tags]

@@ -8,15 +8,19 @@ from typing import Any
 
 import yaml
 
-from neuroflow_dagster.cli import init_workspace
 from neuroflow_dagster.config import NeuroflowConfig, load_config
+from neuroflow_dagster.scaffold import init_workspace
 
 
 def make_workspace(
     root: Path, overrides: dict[str, Any] | None = None, mapping: dict[str, str] | None = None
 ) -> NeuroflowConfig:
-    """`neuroflow init` in `root`, with nested `overrides` merged into the YAML; returns the loaded config."""
-    path = init_workspace(root, stability_minutes=0, interval_seconds=5, force=True)
+    """`neuroflow init` in `root`, with nested `overrides` merged into the YAML; returns the loaded config.
+
+    The disk guard's floor is 1 GB (the starter file says 10): a test machine with little free space
+    must not refuse the stage runs that other tests are about. The guard's own tests set their floors.
+    """
+    path = init_workspace(root, stability_minutes=0, interval_seconds=5, min_free_gb=1, force=True)
     data = yaml.safe_load(path.read_text())
     for dotted, value in _flatten(overrides or {}):
         node = data

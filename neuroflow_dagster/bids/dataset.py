@@ -28,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -39,27 +40,39 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from neuroflow_dagster.fsutil import atomic_write_text
-from neuroflow_dagster.tools.heudiconv import present_suffixes, session_dir
+from neuroflow_dagster.naming.bids import (
+    BIDS_VERSION,
+    PROVENANCE_SUFFIX,
+    entities,
+    ses,
+    session_dir,
+    session_path,
+    sub,
+    subject_dir,
+)
 
 __all__ = [
     "PublishError",
     "PublishResult",
     "bids_root_lock",
+    "ensure_bidsignore",
     "ensure_dataset",
     "new_staging_dir",
+    "present_suffixes",
     "publish_session",
     "read_tsv",
     "recover_session",
     "session_acq_time",
     "session_dir",
+    "sessions_table",
     "upsert_participant",
     "upsert_session",
 ]
 
-BIDS_VERSION = "1.10.0"
 DEFAULT_NAME = "Neuroflow brain bank MRI"
 NA = "n/a"
 LOCK_TIMEOUT_S = 300.0
+_SUFFIX = re.compile(r"_([A-Za-z0-9]+)\.(?:nii\.gz|nii)$")
 _INCOMING = ".{session}.incoming-"
 _OLD = ".{session}.old-"
 
@@ -90,7 +103,8 @@ session labels to the bank's ScanIDs (scan_id).
 
 Do not edit files here by hand: re-run the conversion of the session instead.
 """
-BIDSIGNORE_LINES = ("**/.ses-*.incoming-*", "**/.ses-*.old-*")
+# Hidden publish leftovers, and the provenance file of each session (not a BIDS file: docs/provenance.md).
+BIDSIGNORE_LINES = ("**/.ses-*.incoming-*", "**/.ses-*.old-*", f"**/*_{PROVENANCE_SUFFIX}.json")
 
 
 class PublishError(RuntimeError):
@@ -135,8 +149,6 @@ def bids_root_lock(bids_root: Path, lock_dir: Path, timeout_s: float = LOCK_TIME
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path), timeout=timeout_s):
         yield
-
-
 
 
 def _clean(value: object) -> str:
@@ -228,11 +240,7 @@ def ensure_dataset(bids_root: Path, *, name: str = DEFAULT_NAME) -> None:
     )
     if not (root / "README").exists() and not (root / "README.md").exists():
         atomic_write_text(root / "README", README_TEXT)
-    ignore = root / ".bidsignore"
-    current = ignore.read_text(encoding="utf-8").splitlines() if ignore.exists() else []
-    missing = [line for line in BIDSIGNORE_LINES if line not in current]
-    if missing:
-        atomic_write_text(ignore, "\n".join([*current, *missing]) + "\n")
+    ensure_bidsignore(root)
     _ensure_json(root / "scans.json", SCANS_COLUMNS, merge_keys=True)
     _ensure_json(
         root / "sessions.json",
@@ -241,10 +249,23 @@ def ensure_dataset(bids_root: Path, *, name: str = DEFAULT_NAME) -> None:
     )
 
 
+def ensure_bidsignore(root: Path) -> None:
+    """Add the lines the validator must skip (BIDSIGNORE_LINES) to ``root/.bidsignore``, keeping the rest.
+
+    Called for bids_root under the lock, and for a staged dataset before it is validated, so the staged
+    session is judged exactly as it will be once published.
+    """
+    ignore = Path(root) / ".bidsignore"
+    current = ignore.read_text(encoding="utf-8").splitlines() if ignore.exists() else []
+    missing = [line for line in BIDSIGNORE_LINES if line not in current]
+    if missing:
+        atomic_write_text(ignore, "\n".join([*current, *missing]) + "\n")
+
+
 def upsert_participant(bids_root: Path, participant: str, row: Mapping[str, object] | None = None) -> dict[str, str]:
     """participants.tsv (+ participants.json) row for ``sub-<participant>``; call under the lock."""
     root = Path(bids_root)
-    values = {**(row or {}), "participant_id": f"sub-{participant}"}
+    values = {**(row or {}), "participant_id": sub(participant)}
     written = upsert_tsv_row(root / "participants.tsv", "participant_id", values, list(PARTICIPANT_COLUMNS))
     columns, _ = read_tsv(root / "participants.tsv")
     _ensure_json(root / "participants.json", _column_descriptions(columns, PARTICIPANT_COLUMNS), merge_keys=True)
@@ -257,15 +278,37 @@ def upsert_session(
     """``sub-X/sub-X_sessions.tsv`` row for ``ses-<session>``; the sidecar is the top-level sessions.json
     (BIDS inheritance), extended with any new column. Call under the lock."""
     root = Path(bids_root)
-    subject_dir = root / f"sub-{participant}"
-    subject_dir.mkdir(parents=True, exist_ok=True)
-    values = {**(row or {}), "session_id": f"ses-{session}"}
-    table = subject_dir / f"sub-{participant}_sessions.tsv"
+    folder = subject_dir(root, participant)
+    folder.mkdir(parents=True, exist_ok=True)
+    values = {**(row or {}), "session_id": ses(session)}
+    table = sessions_table(root, participant)
     written = upsert_tsv_row(table, "session_id", values, list(SESSION_COLUMNS))
     columns, _ = read_tsv(table)
     described = _column_descriptions([c for c in columns if c != "session_id"], SESSION_COLUMNS)
     _ensure_json(root / "sessions.json", described, merge_keys=True)
     return written
+
+
+def present_suffixes(session_path: str | os.PathLike[str]) -> set[str]:
+    """BIDS suffixes of the NIfTI files in a session folder, e.g. {"T1w", "dwi", "epi"}.
+
+    What the stages after conversion gate on (``requires_bids_suffixes: [dwi]``).
+    A missing folder has no suffixes.
+    """
+    root = Path(session_path)
+    found: set[str] = set()
+    if not root.is_dir():
+        return found
+    for path in root.glob("*/*.nii*"):
+        match = _SUFFIX.search(path.name)
+        if match:
+            found.add(match.group(1))
+    return found
+
+
+def sessions_table(bids_root: Path, participant: str) -> Path:
+    """``sub-X/sub-X_sessions.tsv``: the subject's sessions with their ScanIDs and acquisition times."""
+    return subject_dir(bids_root, participant) / f"{sub(participant)}_sessions.tsv"
 
 
 def session_acq_time(session_path: Path) -> str | None:
@@ -284,7 +327,7 @@ def new_staging_dir(work_dir: Path, participant: str, session: str) -> Path:
     """A fresh, empty dir ``work_dir/bids_staging/sub-X_ses-Y.<unique>`` for one conversion attempt."""
     base = Path(work_dir) / "bids_staging"
     base.mkdir(parents=True, exist_ok=True)
-    path = base / f"sub-{participant}_ses-{session}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:8]}"
+    path = base / f"{entities(participant, session)}.{time.strftime('%Y%m%dT%H%M%S')}.{uuid.uuid4().hex[:8]}"
     path.mkdir()
     return path
 
@@ -323,17 +366,17 @@ def recover_session(bids_root: Path, participant: str, session: str, *, keep: Pa
     two renames), the old version is put back; leftover incoming/old dirs are
     deleted (except ``keep``, the caller's own incoming copy).
     """
-    subject_dir = Path(bids_root) / f"sub-{participant}"
-    if not subject_dir.is_dir():
+    folder = subject_dir(bids_root, participant)
+    if not folder.is_dir():
         return []
     done: list[str] = []
-    final = subject_dir / f"ses-{session}"
-    olds = sorted(subject_dir.glob(_OLD.format(session=f"ses-{session}") + "*"), key=lambda p: p.stat().st_mtime)
+    final = session_dir(bids_root, participant, session)
+    olds = sorted(folder.glob(_OLD.format(session=final.name) + "*"), key=lambda p: p.stat().st_mtime)
     if not final.exists() and olds:
         newest = olds.pop()
         os.rename(newest, final)
         done.append(f"restored {final.name} from {newest.name}")
-    for leftover in [*olds, *subject_dir.glob(_INCOMING.format(session=f"ses-{session}") + "*")]:
+    for leftover in [*olds, *folder.glob(_INCOMING.format(session=final.name) + "*")]:
         if keep is not None and leftover == keep:
             continue
         _rmtree(leftover)
@@ -370,12 +413,12 @@ def publish_session(
     started = time.monotonic()
     staging = Path(staging_dir)
     root = Path(bids_root)
-    source = staging / f"sub-{participant}" / f"ses-{session}"
+    source = session_dir(staging, participant, session)
     if not source.is_dir() or not any(source.iterdir()):
         raise PublishError(f"nothing to publish: staged session {source} is missing or empty")
     locks = Path(lock_dir) if lock_dir is not None else staging.parent
-    subject_dir = root / f"sub-{participant}"
-    final = subject_dir / f"ses-{session}"
+    subject_folder = subject_dir(root, participant)
+    final = session_dir(root, participant, session)
     p_values: dict[str, object] = dict(participants_row or {})
     if recruitment_id is not None:
         p_values["recruitment_id"] = recruitment_id
@@ -383,17 +426,17 @@ def publish_session(
     if scan_id is not None:
         s_values["scan_id"] = scan_id
     s_values["acq_time"] = _iso(acq_time) or _iso(s_values.get("acq_time")) or session_acq_time(source)
-    files, n_bytes = _tree_files(source, Path(f"sub-{participant}") / f"ses-{session}")
+    files, n_bytes = _tree_files(source, Path(session_path(participant, session)))
     suffixes = frozenset(present_suffixes(source))
 
-    created_subject = not subject_dir.exists()
-    subject_dir.mkdir(parents=True, exist_ok=True)
+    created_subject = not subject_folder.exists()
+    subject_folder.mkdir(parents=True, exist_ok=True)
     incoming: Path | None = None
-    if _same_filesystem(source, subject_dir):
+    if _same_filesystem(source, subject_folder):
         candidate, method = source, "rename"
     else:
         # Copy outside the lock (may be slow), next to the destination so the final step is a rename.
-        incoming = subject_dir / (_INCOMING.format(session=f"ses-{session}") + uuid.uuid4().hex[:8])
+        incoming = subject_folder / (_INCOMING.format(session=final.name) + uuid.uuid4().hex[:8])
         try:
             shutil.copytree(source, incoming, copy_function=shutil.copy2)
         except BaseException as exc:
@@ -406,10 +449,10 @@ def publish_session(
         with bids_root_lock(root, locks):
             recovered = recover_session(root, participant, session, keep=incoming)
             old: Path | None = None
-            tables = [root / "participants.tsv", subject_dir / f"sub-{participant}_sessions.tsv"]
+            tables = [root / "participants.tsv", sessions_table(root, participant)]
             saved = {t: (t.read_text(encoding="utf-8") if t.exists() else None) for t in tables}
             if final.exists():
-                old = subject_dir / (_OLD.format(session=f"ses-{session}") + uuid.uuid4().hex[:8])
+                old = subject_folder / (_OLD.format(session=final.name) + uuid.uuid4().hex[:8])
                 try:
                     os.rename(final, old)
                 except OSError as exc:
@@ -448,9 +491,9 @@ def publish_session(
         raise
     finally:
         # A first publish of a participant that failed must not leave an empty sub-X behind.
-        if created_subject and subject_dir.is_dir() and not any(subject_dir.iterdir()):
+        if created_subject and subject_folder.is_dir() and not any(subject_folder.iterdir()):
             with contextlib.suppress(OSError):
-                subject_dir.rmdir()
+                subject_folder.rmdir()
     return PublishResult(
         session_dir=final,
         participant=participant,

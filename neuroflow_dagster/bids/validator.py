@@ -31,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.naming.bids import BIDS_VERSION, session_dir, session_path
+
 EXECUTABLE = "bids-validator-deno"
 EXIT_OK = 0
 EXIT_ISSUES = 16  # measured with 3.0.2: the report lists at least one error
@@ -239,18 +241,18 @@ def validate_session(
     description = root / "dataset_description.json"
     if root.is_dir() and not description.exists():
         description.write_text(
-            json.dumps({"Name": "neuroflow staged session", "BIDSVersion": "1.10.0", "DatasetType": "raw"}) + "\n",
+            json.dumps({"Name": "neuroflow staged session", "BIDSVersion": BIDS_VERSION, "DatasetType": "raw"}) + "\n",
             encoding="utf-8",
         )
     report = validate_dataset(root, **kwargs)
-    folder = root / f"sub-{participant}" / f"ses-{session}"
+    folder = session_dir(root, participant, session)
     if not any(folder.glob("*/*.nii*")):
         empty = Issue(
             SESSION_EMPTY,
             "error",
             f"the staged session {folder} has no NIfTI file: nothing was converted",
             1,
-            (f"/sub-{participant}/ses-{session}",),
+            ("/" + session_path(participant, session),),
         )
         report = ValidationReport(
             passed=False,

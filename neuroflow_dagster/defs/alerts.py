@@ -27,25 +27,43 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Any
+from typing import Any, Protocol
 
 import dagster as dg
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import EmailConfig, NeuroflowConfig
-from neuroflow_dagster.defs.automation import BIDS, QSIPARC, QSIPREP, QSIRECON
-from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
-from neuroflow_dagster.defs.partitions import SESSION_DIM, SUBJECT_DIM
+from neuroflow_dagster.naming.partitions import SESSION_DIM, SUBJECT_DIM, is_session_key, split_session_key
+from neuroflow_dagster.naming.tags import (
+    FAILURE_CLASS_KEY,
+    LOG_PATH_KEY,
+    LOG_TAIL_KEY,
+    PARTITION_TAG,
+    RETRY_NUMBER_TAG,
+    STAGE_TAG,
+    WILL_RETRY_TAG,
+    partition_dimension_tag,
+)
 
 SENSOR_NAME = "neuroflow_failure_alerts"
-STAGE_TAG = "neuroflow/stage"
-WILL_RETRY_TAG = "dagster/will_retry"
-STAGE_OF_ASSET = {BIDS: "bids_conversion", QSIPREP: "qsiprep", QSIRECON: "qsirecon", QSIPARC: "qsiparc"}
 TIMEOUT_S = 15.0
 MAX_TAIL_CHARS = 3000
 
 
 class AlertDeliveryError(Exception):
     """Every configured channel failed; the message says which and why."""
+
+
+class Alert(Protocol):
+    """What `deliver` sends: a title (mail subject) and a text; ``ref`` names it in delivery errors
+    (FailureAlert, DiscoveryAlert, the disk guard's DiskAlert)."""
+
+    @property
+    def ref(self) -> str: ...
+
+    def title(self) -> str: ...
+
+    def text(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,10 @@ class FailureAlert:
             return f"sub-{self.subject} (all sessions)"
         return "no partition"
 
+    @property
+    def ref(self) -> str:
+        return f"run {self.run_id}"
+
     def title(self) -> str:
         return f"[neuroflow] {self.stage} failed: {self.where} ({self.failure_class})"
 
@@ -89,6 +111,31 @@ class FailureAlert:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class DiscoveryAlert:
+    """New discovery problems an operator must act on (identity and mapping conflicts, unreadable or
+    missing folders, registry problems): one message per tick that found new ones."""
+
+    items: tuple[str, ...]
+    report_at: str = ""
+    max_items: int = 20
+
+    @property
+    def ref(self) -> str:
+        return "discovery problems"
+
+    def title(self) -> str:
+        return f"[neuroflow] discovery: {len(self.items)} new problem(s) need an operator"
+
+    def text(self) -> str:
+        lines = [self.title(), f"discovery tick: {self.report_at or '-'}", ""]
+        lines += [f"- {item}" for item in self.items[: self.max_items]]
+        if len(self.items) > self.max_items:
+            lines.append(f"- ... and {len(self.items) - self.max_items} more: `neuroflow status`")
+        lines += ["", "Details and what to do: `neuroflow status`, docs/operations.md (What happens when...)."]
+        return "\n".join(lines)
+
+
 def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
     """The stage whose step failed; else the stage tag; else the stage asset it ran (UI launches carry no tag).
 
@@ -96,31 +143,32 @@ def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
     names the asset. It comes first because a recon run also parcellates (one run per session): a
     failed parcellation step is a qsiparc failure although the run is tagged qsirecon.
     """
-    for key in (dg.AssetKey(k) for k in step_keys):
-        if key in STAGE_OF_ASSET:
-            return STAGE_OF_ASSET[key]
+    for step in step_keys:
+        by_step = stages.by_asset(step)
+        if by_step is not None:
+            return by_step.name
     tagged = run.tags.get(STAGE_TAG)
     if tagged:
-        return tagged if tagged in STAGE_OF_ASSET.values() else None
+        by_tag = stages.by_tag(tagged)
+        return by_tag.name if by_tag else None
     for key in run.asset_selection or ():
-        if key in STAGE_OF_ASSET:
-            return STAGE_OF_ASSET[key]
+        stage = stages.by_asset(key.to_user_string())
+        if stage is not None:
+            return stage.name
     return None
 
 
 def _partition_of_run(run: dg.DagsterRun) -> tuple[str | None, str | None]:
     tags = run.tags
-    subject = tags.get(f"dagster/partition/{SUBJECT_DIM}")
-    session = tags.get(f"dagster/partition/{SESSION_DIM}")
+    subject = tags.get(partition_dimension_tag(SUBJECT_DIM))
+    session = tags.get(partition_dimension_tag(SESSION_DIM))
     if subject:
         return subject, session
-    partition = tags.get("dagster/partition")
-    if partition and "|" in partition:
-        from neuroflow_dagster.defs.partitions import split_session_key
-
+    partition = tags.get(PARTITION_TAG)
+    if partition and is_session_key(partition):
         try:
             return split_session_key(partition)
-        except Exception:  # a key from another partitioning: show it as is
+        except ValueError:  # a key from another partitioning: show it as is
             return partition, None
     return partition, None
 
@@ -158,8 +206,8 @@ def alert_from_failure(
             reason = user.description
         elif data and data.error:
             reason = data.error.message.strip()
-        log_path = str(meta["log_path"]) if meta.get("log_path") else None
-        tail = meta.get("log_tail")
+        log_path = str(meta[LOG_PATH_KEY]) if meta.get(LOG_PATH_KEY) else None
+        tail = meta.get(LOG_TAIL_KEY)
         log_tail = _strip_fence(str(tail))[-MAX_TAIL_CHARS:] if tail else None
     if run_failure_message and "maximum runtime" in run_failure_message:
         # Killed by run monitoring (dagster/max_runtime or run_monitoring.max_runtime_seconds): the step
@@ -178,7 +226,7 @@ def alert_from_failure(
         job_name=run.job_name,
         log_path=log_path,
         log_tail=log_tail,
-        attempt=int(run.tags.get("dagster/retry_number", "0")) + 1,
+        attempt=int(run.tags.get(RETRY_NUMBER_TAG, "0")) + 1,
     )
 
 
@@ -233,7 +281,7 @@ def send_email(
         raise AlertDeliveryError(f"e-mail via {cfg.smtp_host}:{cfg.smtp_port} failed: {exc}") from exc
 
 
-def deliver(config: NeuroflowConfig, alert: FailureAlert, environ: Mapping[str, str] | None = None) -> list[str]:
+def deliver(config: NeuroflowConfig, alert: Alert, environ: Mapping[str, str] | None = None) -> list[str]:
     """Send on every configured channel; returns the channels that worked; raises if none did."""
     environ = os.environ if environ is None else environ
     sent: list[str] = []
@@ -251,9 +299,9 @@ def deliver(config: NeuroflowConfig, alert: FailureAlert, environ: Mapping[str, 
         except AlertDeliveryError as exc:
             errors.append(str(exc))
     if errors and not sent:
-        raise AlertDeliveryError(f"alert for run {alert.run_id} not delivered: " + "; ".join(errors))
+        raise AlertDeliveryError(f"alert for {alert.ref} not delivered: " + "; ".join(errors))
     if errors:
-        dg.get_dagster_logger().warning(f"alert for run {alert.run_id}: " + "; ".join(errors))
+        dg.get_dagster_logger().warning(f"alert for {alert.ref}: " + "; ".join(errors))
     return sent
 
 
@@ -283,3 +331,52 @@ def build_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
         context.log.info(f"alert for {alert.stage} {alert.where} sent via {', '.join(sent)}")
 
     return neuroflow_failure_alerts
+
+
+DISCOVERY_ALERT_SENSOR = "neuroflow_discovery_alerts"
+
+
+def new_discovery_alert(report: dict[str, Any], alerted: list[str]) -> tuple[DiscoveryAlert | None, list[str]]:
+    """(alert for the items not alerted yet or None, the keys to remember).
+
+    Keys of problems that are gone are forgotten, so a problem that comes back is alerted again.
+    """
+    from neuroflow_dagster.discovery.status_report import alert_items
+
+    items = alert_items(report)
+    new = [text for key, text in items.items() if key not in set(alerted)]
+    alert = DiscoveryAlert(tuple(new), str(report.get("at") or "")) if new else None
+    return alert, sorted(items)
+
+
+def build_discovery_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
+    """Alerts on new discovery problems (read from the last tick's report), once each; None without channels.
+
+    A sensor of its own, so a slow mail server never delays discovery. The keys already alerted are its
+    cursor, advanced only after delivery: a failed delivery fails the tick (visible in the UI) and is
+    tried again on the next one.
+    """
+    if config.alerts.slack is None and config.alerts.email is None:
+        return None
+    from neuroflow_dagster.discovery.status_report import read_status_report
+
+    @dg.sensor(
+        name=DISCOVERY_ALERT_SENSOR,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=max(15, min(300, config.discovery.interval_seconds)),
+        description="Sends an alert when discovery holds a folder for a reason an operator must act on "
+        "(identity or mapping conflict, unreadable or missing folder, registry problem); once per problem.",
+    )
+    def neuroflow_discovery_alerts(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        try:
+            alerted = json.loads(context.cursor) if context.cursor else []
+        except ValueError:
+            alerted = []
+        alert, keys = new_discovery_alert(read_status_report(config), alerted if isinstance(alerted, list) else [])
+        if alert is None:
+            return dg.SensorResult(skip_reason="no new discovery problem", cursor=json.dumps(keys))
+        sent = deliver(config, alert)
+        context.log.info(f"alert for {len(alert.items)} new discovery problem(s) sent via {', '.join(sent)}")
+        return dg.SensorResult(cursor=json.dumps(keys))
+
+    return neuroflow_discovery_alerts

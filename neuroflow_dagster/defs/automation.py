@@ -38,8 +38,10 @@ from typing import Any
 
 import dagster as dg
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.ledger import CheckRecord, FinishedRun, Ledger, PartitionRecord
+from neuroflow_dagster.naming.tags import STAGE_TAG
 
 DICOM = dg.AssetKey("dicom_session")
 BIDS = dg.AssetKey("bids_session")
@@ -50,7 +52,6 @@ PROTOCOL = dg.AssetCheckKey(DICOM, "protocol")
 VALIDATOR = dg.AssetCheckKey(BIDS, "bids_validator")
 PROTOCOL_VALID_KEY = "protocol_valid"  # dicom_session metadata: the verdict made at registration
 
-STAGE_TAG = "neuroflow/stage"
 TRIGGER_TAG = "neuroflow/trigger"
 CURSOR_VERSION = 1
 OVERLAP = 1000  # storage ids re-read once at the next tick
@@ -305,12 +306,11 @@ def _sessions_of(ledger: Ledger, subjects: Iterable[str]) -> list[str]:
 
 
 PROTOCOL_CHECK_NAME = "dicom_session:protocol"
-STAGE_JOB_ASSETS = {  # a whole-job run (no asset selection) names its asset by its stage tag
-    "bids_conversion": "bids_session",
-    "qsiprep": "qsiprep_subject",
-    "qsirecon": "qsirecon_session",
-    "qsiparc": "qsiparc_session",
-}
+
+
+def _stage_job_assets() -> dict[str, str]:
+    """A whole-job run (no asset selection) names its asset by its stage tag (from the registry)."""
+    return {record.tag: record.asset for record in stages.stages()}
 
 
 def _run_partitions(changes: TickInput, assets: set[str], checks: frozenset[str] = frozenset()) -> set[str]:
@@ -318,7 +318,7 @@ def _run_partitions(changes: TickInput, assets: set[str], checks: frozenset[str]
     out = set()
     for run in changes.finished:
         stage = run.tags.get(STAGE_TAG, "")
-        touched = set(run.assets) or {STAGE_JOB_ASSETS.get(stage, "")}
+        touched = set(run.assets) or {_stage_job_assets().get(stage, "")}
         # The discovery sensor's check runs run the whole check job: no selection recorded on the run.
         touched_checks = set(run.checks) or ({PROTOCOL_CHECK_NAME} if stage == "discovery" else set())
         if run.partition and (touched & assets or touched_checks & checks):
@@ -460,7 +460,82 @@ class QsiparcStage(Stage):
         return [decide_qsiparc(k, recon[k], parc[k], cursor.requested_trigger(k)) for k in sorted(keys)]
 
 
+class FollowStage(Stage):
+    """A registered stage without rules of its own (e.g. a new pipeline): eager on its upstream.
+
+    A partition is requested when one of its upstream assets was materialized after the stage last
+    handled it, all its upstream assets exist and nothing is running for it: Dagster's eager()
+    semantics, computed from the event log like the other stages. Upstream at the same level maps
+    partition to partition; a subject-level upstream of a session stage reaches all of the
+    subject's sessions; session-level upstream of a subject stage reaches the subject.
+    """
+
+    def __init__(self, config: NeuroflowConfig, record: stages.Stage) -> None:
+        super().__init__(config)
+        self.record = record
+        self.name = record.name
+        self.target = (dg.AssetKey(record.asset),)
+        self.upstream = [(dg.AssetKey(asset), level) for asset, level in stages.upstream_assets(record)]
+        self.watch = tuple(key for key, _ in self.upstream)
+
+    def _own_keys(self, ledger: Ledger, key: str, level: str) -> set[str]:
+        per_subject = self.record.per_subject
+        if level == self.record.level:
+            return {key}
+        if per_subject:  # a session of the subject changed
+            return {split_key(key)[0]} if "|" in key else set()
+        return set(_sessions_of(ledger, [key]))  # the subject changed: all its sessions
+
+    def candidates(self, ledger: Ledger, changes: TickInput) -> set[str]:
+        keys: set[str] = set()
+        for asset, level in self.upstream:
+            for key in changes.materialized.get(asset, {}):
+                keys |= self._own_keys(ledger, key, level)
+        own = {a.to_user_string() for a in self.target} | {a.to_user_string() for a in self.watch}
+        for key in _run_partitions(changes, own):
+            if ("|" in key) != self.record.per_subject:
+                keys.add(key)
+        return keys
+
+    def _upstream_keys(self, ledger: Ledger, key: str, level: str) -> list[str]:
+        if level == self.record.level:
+            return [key]
+        if self.record.per_subject:
+            return _sessions_of(ledger, [key])
+        return [split_key(key)[0]]
+
+    def decide(self, ledger: Ledger, keys: set[str], cursor: Cursor, now: float) -> list[Decision]:
+        own = ledger.records(self.target[0], keys)
+        out = []
+        for key in sorted(keys):
+            latest, missing = 0, False
+            for asset, level in self.upstream:
+                up = ledger.records(asset, self._upstream_keys(ledger, key, level))
+                ids = [r.mat_id for r in up.values() if r.materialized]
+                if not ids:
+                    missing = True
+                    break
+                latest = max(latest, *ids)
+            record = own[key]
+            if missing:
+                out.append(Decision.none(key, "an upstream asset is missing"))
+            elif max(record.handled_id, cursor.requested_trigger(key)) >= latest:
+                out.append(Decision.none(key, "handled since its upstream last changed"))
+            elif record.in_progress:
+                out.append(Decision.none(key, "running"))
+            else:
+                out.append(Decision.request(key, latest, "an upstream asset was updated"))
+        return out
+
+
 STAGES: tuple[type[Stage], ...] = (BidsStage, QsiprepStage, QsireconStage, QsiparcStage)
+_RULES = {cls.name: cls for cls in STAGES}
+
+
+def stage_rules(config: NeuroflowConfig, record: stages.Stage) -> Stage:
+    """The automation of one registered stage: its own rules if it has some, else FollowStage."""
+    cls = _RULES.get(record.name)
+    return cls(config) if cls is not None else FollowStage(config, record)
 
 
 def _only_known_partitions(ledger: Ledger, decisions: list[Decision]) -> list[Decision]:
@@ -547,16 +622,19 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
 
 
 def build_automation_sensors(
-    config: NeuroflowConfig, run_tags: Callable[[NeuroflowConfig, str], dict[str, str]]
+    config: NeuroflowConfig, run_tags: Callable[[NeuroflowConfig, stages.Stage], dict[str, str]]
 ) -> list[dg.SensorDefinition]:
-    """One sensor per stage (default RUNNING): every run it launches carries `neuroflow/stage`.
+    """One sensor per registered stage (default RUNNING): every run it launches carries `neuroflow/stage`.
 
     Run-queue tag limits key on that tag (asset tags are not copied to runs); the pools on the assets
     hold the limit for runs launched without tags too. Stopping a stage's sensor in the UI pauses
     that stage only.
     """
     interval = max(5, min(30, config.discovery.interval_seconds))
-    return [_stage_sensor(cls(config), interval, run_tags(config, cls.name)) for cls in STAGES]
+    return [
+        _stage_sensor(stage_rules(config, record), interval, {STAGE_TAG: record.tag, **run_tags(config, record)})
+        for record in stages.stages()
+    ]
 
 
 def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.SensorDefinition:
@@ -576,7 +654,7 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
         minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Automation for {stage.name} ({', '.join(targets)}): follows the event log by storage id; "
-        f"its runs carry {STAGE_TAG}={stage.name}.{mode}",
+        f"its runs carry {STAGE_TAG}={tags[STAGE_TAG]}.{mode}",
     )
     def automation_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         cursor = Cursor.decode(context.cursor)
@@ -589,7 +667,7 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
                     dg.RunRequest(
                         partition_key=d.key,
                         asset_selection=list(stage.target),
-                        tags={STAGE_TAG: stage.name, TRIGGER_TAG: d.reason[:200], **tags},
+                        tags={TRIGGER_TAG: d.reason[:200], **tags},
                     )
                 )
                 context.log.info(f"request {', '.join(targets)} {d.key}: {d.reason}")

@@ -17,48 +17,32 @@ check run also targets the latest materialization natively.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
-import zlib
-from base64 import b64decode, b64encode
 from typing import Any
 
 import dagster as dg
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.automation import DICOM, PROTOCOL_VALID_KEY
-from neuroflow_dagster.defs.partitions import (
-    session_key,
-    session_labels_partitions,
-    session_partitions,
-    subjects_partitions,
-)
+from neuroflow_dagster.defs.automation import PROTOCOL_VALID_KEY
+from neuroflow_dagster.defs.diskguard import apply_pool_limits
+from neuroflow_dagster.defs.graph import DICOM_KEY, stage_settings
+from neuroflow_dagster.defs.partitions import session_labels_partitions, session_partitions, subjects_partitions
 from neuroflow_dagster.discovery import engine
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.status_report import series_markdown, write_status_report
+from neuroflow_dagster.naming.partitions import session_key
+from neuroflow_dagster.naming.tags import DISCOVERY_TAG_VALUE, MAX_RUNTIME_TAG, PARTITION_TAG, SCAN_ID_TAG, STAGE_TAG
 
-PROTOCOL_CHECK = "protocol"
-MAX_RUNTIME_TAG = "dagster/max_runtime"
 INSTANCE_MAX_RUNTIME_S = 48 * 3600
 CURSOR_VERSION = 1
 
 
-def encode_cursor(data: dict[str, Any]) -> str:
-    """Compressed JSON: the per-folder state of a large incoming tree stays a few tens of KB."""
-    raw = json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
-    return "z" + b64encode(zlib.compress(raw, 6)).decode()
-
-
 def decode_cursor(cursor: str | None) -> dict[str, Any]:
-    if not cursor:
-        return {}
-    try:
-        raw = zlib.decompress(b64decode(cursor[1:])) if cursor.startswith("z") else cursor.encode()
-        data = json.loads(raw)
-    except (ValueError, zlib.error):
-        return {}
-    return data if isinstance(data, dict) and data.get("v") == CURSOR_VERSION else {}
+    """The sensor's cursor (engine state + held digest; encoded by discovery.engine), {} if not this version."""
+    data = engine.decode_cursor(cursor) or {}
+    return data if data.get("v") == CURSOR_VERSION else {}
 
 
 def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
@@ -80,18 +64,12 @@ def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
 
 
 def ensure_pool_limits(instance: dg.DagsterInstance, config: NeuroflowConfig) -> list[str]:
-    """Pool limits live in the instance database: the project sets them from config, not a person."""
-    changed = []
-    storage = instance.event_log_storage
-    for stage in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"):
-        limit = config.stage(stage).max_concurrent
-        try:
-            current = storage.get_concurrency_info(stage).slot_count
-        except Exception:  # pragma: no cover - storage without pool support
-            current = None
-        if current != limit:
-            storage.set_concurrency_slots(stage, limit)
-            changed.append(f"{stage}={limit}")
+    """Pool limits live in the instance database: the project sets them from config, not a person.
+
+    The limit is ``pipelines.<stage>.max_concurrent``, or 0 while the disk guard holds new runs: one
+    function decides both (defs/diskguard.py), so this sensor never undoes the guard. Returns what changed.
+    """
+    _decision, changed = apply_pool_limits(instance, config)
     return changed
 
 
@@ -99,7 +77,7 @@ def partitions_with_checks(instance: dg.DagsterInstance, partitions: list[str]) 
     """Partitions that already have a protocol check execution (a reported one cannot be repeated)."""
     if not partitions:
         return set()
-    key = dg.AssetCheckKey(DICOM, PROTOCOL_CHECK)
+    key = dg.AssetCheckKey(DICOM_KEY, stages.PROTOCOL_CHECK)
     found: set[str] = set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -114,8 +92,8 @@ def partitions_with_checks(instance: dg.DagsterInstance, partitions: list[str]) 
 def protocol_evaluation(key: str, reg: engine.Registration) -> dg.AssetCheckEvaluation:
     """The registration's protocol verdict as a check evaluation (reported right after its materialization)."""
     return dg.AssetCheckEvaluation(
-        asset_key=DICOM,
-        check_name=PROTOCOL_CHECK,
+        asset_key=DICOM_KEY,
+        check_name=stages.PROTOCOL_CHECK,
         passed=reg.protocol.valid,
         metadata={"reason": reg.protocol.message, "scan_id": reg.scan_id, "reported_by": "dicom_discovery"},
         severity=dg.AssetCheckSeverity.ERROR,
@@ -132,9 +110,9 @@ def _tag_safe(text: str) -> str:
 
 protocol_check_job = dg.define_asset_job(
     "dicom_protocol_check",
-    selection=dg.AssetSelection.checks(dg.AssetCheckKey(DICOM, PROTOCOL_CHECK)),
+    selection=dg.AssetSelection.checks(dg.AssetCheckKey(DICOM_KEY, stages.PROTOCOL_CHECK)),
     partitions_def=session_partitions,
-    tags={"neuroflow/stage": "discovery"},
+    tags={STAGE_TAG: DISCOVERY_TAG_VALUE},
     description="Runs the blocking protocol check of a (re)registered DICOM session.",
 )
 
@@ -153,7 +131,7 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
         cursor = decode_cursor(context.cursor)
         changed_pools = ensure_pool_limits(context.instance, config)
         if changed_pools:
-            context.log.info(f"pool limits set from config: {', '.join(changed_pools)}")
+            context.log.info(f"pool limits set: {', '.join(changed_pools)} (config, or 0 while the disk guard holds)")
 
         events: list[Any] = []
         result = engine.run_discovery(config, cursor.get("engine"), excluded=set(load_exclusions(config).keys()))
@@ -173,8 +151,8 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             labels.append(reg.session_label)
             events.append(
                 dg.AssetMaterialization(
-                    asset_key=DICOM,
-                    partition=str(key),
+                    asset_key=DICOM_KEY,
+                    partition=key,
                     description=f"DICOM session {reg.scan_id}",
                     metadata=registration_metadata(reg),
                 )
@@ -188,9 +166,9 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
                     # A check-only job has no PartitionsDefinition of its own (Dagster derives it from
                     # assets), so the partition travels as the standard tag rather than partition_key.
                     tags={
-                        "dagster/partition": str(key),
-                        "neuroflow/stage": "discovery",
-                        "neuroflow/scan_id": _tag_safe(reg.scan_id),
+                        PARTITION_TAG: key,
+                        STAGE_TAG: DISCOVERY_TAG_VALUE,
+                        SCAN_ID_TAG: _tag_safe(reg.scan_id),
                     },
                 )
             )
@@ -201,9 +179,14 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             )
 
         held_digest = sorted(f"{h.scan_id}:{h.reason}" for h in result.held)
+        held_digest += sorted(f"problem:{p.kind}:{p.key}" for p in result.problems)
         if held_digest != cursor.get("held"):
             for held in result.held:
                 context.log.warning(f"held {held.scan_id!r} ({held.reason}): {held.message}")
+            for problem in result.problems:
+                context.log.warning(f"{problem.kind} problem: {problem.message}")
+            for note in result.notes:
+                context.log.info(f"mapping note: {note}")
         write_status_report(config, result)
 
         requests = []
@@ -220,20 +203,20 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
             dynamic_partitions_requests=requests,
             asset_events=events,
             run_requests=runs,
-            cursor=encode_cursor(new_cursor),
+            cursor=engine.encode_cursor(new_cursor),
         )
 
     return dicom_discovery
 
 
-def max_runtime_tags(config: NeuroflowConfig, stage: str) -> dict[str, str]:
+def max_runtime_tags(config: NeuroflowConfig, stage: stages.Stage) -> dict[str, str]:
     """Run monitoring cancels a stage run after what its in-run retries can legitimately take.
 
     Retries happen inside the same run, so one attempt's timeout is too short: the budget is
     every attempt at its hard timeout plus the longest retry waits, capped at the 48 h after
     which the predecessor cancelled stale runs.
     """
-    cfg = config.stage(stage)
+    cfg = stage_settings(config, stage)
     r = cfg.retry
-    budget = (r.max_retries + 1) * cfg.timeout_minutes * 60 + r.max_retries * r.max_delay_seconds * (1 + r.jitter) + 900
+    budget = (r.max_retries + 1) * cfg.timeout_s + r.max_retries * r.max_delay_seconds * (1 + r.jitter) + 900
     return {MAX_RUNTIME_TAG: str(int(min(INSTANCE_MAX_RUNTIME_S, budget)))}

@@ -17,16 +17,27 @@ The phantom: a cylinder (axis along the patient z axis, radius 5 voxels) of a
 single prolate tensor, eigenvalues (1.7, 0.3, 0.3) x 1e-3 mm^2/s (FA 0.799),
 principal direction ``FIBER_DIRECTION_LPS`` (oblique on purpose, so any flip
 of one axis is detectable), inside isotropic "tissue" (D = 0.9e-3, FA 0).
+S0 (1000 in the cylinder, 600 outside) is multiplied by a smooth linear
+receive-coil field (``RECEIVE_GRADIENT_PER_MM``, +-16 % across the cylinder), as
+real images are never flat: without it every voxel of the cylinder would carry
+the same signal and image-QC correlations inside the brain mask would measure
+noise only. The field cancels in every diffusion ratio (FA, MD, directions).
 Everything, including UIDs, is a function of ``seed``.
+
+The diffusion scheme is configurable (``write_session``): number and placement
+of b=0 volumes (leading or interleaved, nominal b of 0 or e.g. 5), one or more
+shells, several runs of the same series, another matrix, more noise and
+slice signal dropouts (a poor-quality session that image QC must catch).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -38,6 +49,14 @@ FIBER_DIRECTION_LPS = np.array([0.6, 0.64, 0.48])  # unit vector, patient LPS fr
 FIBER_EVALS = (1.7e-3, 0.3e-3, 0.3e-3)
 TISSUE_DIFFUSIVITY = 0.9e-3
 CYLINDER_RADIUS_VOXELS = 5.0
+# Linear receive-coil sensitivity (fraction per mm, patient LPS): S0 *= 1 + RECEIVE_GRADIENT_PER_MM @ position.
+RECEIVE_GRADIENT_PER_MM = np.array([0.008, 0.006, 0.008])
+# A slice hit by bulk motion during the diffusion gradients keeps this fraction of its signal.
+DROPOUT_SIGNAL_FRACTION = 0.2
+B0_PLACEMENTS = ("leading", "interleaved")
+# write_session arguments of a session that image QC must flag (the demo's DEMO_03; measured values
+# in docs/stand-ins.md): noise 60 on S0 ~1000, every other slice of three DW volumes lost to motion.
+POOR_QUALITY: dict[str, Any] = {"noise_sd": 60.0, "dropout_volumes": (3, 7, 11)}
 
 
 def fractional_anisotropy(evals: Sequence[float]) -> float:
@@ -134,9 +153,7 @@ SERIES: dict[str, SeriesPlan] = {
         _AXIAL,
         phase_positive=True,
     ),
-    "adc": SeriesPlan(
-        "ep2d_diff_DTI_AP_ADC", ("DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"), "anat", _AXIAL
-    ),
+    "adc": SeriesPlan("ep2d_diff_DTI_AP_ADC", ("DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"), "anat", _AXIAL),
 }
 DEFAULT_SERIES = ("t1w", "dwi")
 
@@ -161,6 +178,8 @@ class DwiTruth:
     fiber_evals: tuple[float, float, float]
     fa: float
     shape: tuple[int, int, int]  # columns (x), rows (y), slices (z), as dcm2niix writes them
+    s0: np.ndarray | None = None  # noise-free b=0 signal, (slices, rows, columns) like the pixel data
+    runs: int = 1  # the series was acquired this many times (same scheme; run-01, run-02, ... in BIDS)
 
 
 @dataclass(frozen=True)
@@ -188,6 +207,47 @@ def hemisphere_directions(n: int) -> np.ndarray:
     return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
 
 
+def dwi_scheme(
+    n_b0: int = 1,
+    n_directions: int = 12,
+    shells: Sequence[float] = (1000.0,),
+    b0_placement: str = "leading",
+    b0_bvalue: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """b-values and LPS unit gradients (zeros for b=0) of one diffusion series, volume by volume.
+
+    Each shell gets ``n_directions`` directions (shells in order). ``leading``: all
+    b=0 volumes first; ``interleaved``: one first, the others spread evenly among
+    the diffusion-weighted volumes (as "b0 every N volumes" protocols do).
+    ``b0_bvalue`` is the nominal b of the b=0 volumes (Siemens writes e.g. 5).
+    """
+    if n_b0 < 0:
+        raise ValueError(f"n_b0 must be >= 0, got {n_b0}")
+    if b0_placement not in B0_PLACEMENTS:
+        raise ValueError(f"b0_placement {b0_placement!r}: use one of {', '.join(B0_PLACEMENTS)}")
+    if not shells or any(b <= 0 for b in shells):
+        raise ValueError(f"shells must be positive b-values, got {list(shells)}")
+    dirs = hemisphere_directions(n_directions)
+    dw_bvals = np.concatenate([np.full(n_directions, float(b)) for b in shells])
+    dw_bvecs = np.concatenate([dirs for _ in shells])
+    n_dw = len(dw_bvals)
+    if b0_placement == "leading" or n_b0 <= 1:
+        b0_before = [0] * n_b0  # insert every b0 before DW volume 0
+    else:
+        step = n_dw / n_b0
+        b0_before = [round(i * step) for i in range(n_b0)]
+    bvals: list[float] = []
+    bvecs: list[np.ndarray] = []
+    for k in range(n_dw + 1):
+        for _ in range(b0_before.count(k)):
+            bvals.append(float(b0_bvalue))
+            bvecs.append(np.zeros(3))
+        if k < n_dw:
+            bvals.append(float(dw_bvals[k]))
+            bvecs.append(dw_bvecs[k])
+    return np.array(bvals), np.array(bvecs)
+
+
 def _uid(seed: int, *parts: object) -> str:
     return generate_uid(entropy_srcs=["neuroflow-synth", str(seed), *(str(p) for p in parts)])
 
@@ -206,9 +266,7 @@ def _positions(plan: SeriesPlan) -> np.ndarray:
     """Patient (LPS) coordinates of every voxel: array (slices, rows, columns, 3)."""
     row_dir, col_dir, normal, corner = _geometry(plan)
     s = plan.spacing_mm
-    k, r, c = np.meshgrid(
-        np.arange(plan.slices), np.arange(plan.rows), np.arange(plan.columns), indexing="ij"
-    )
+    k, r, c = np.meshgrid(np.arange(plan.slices), np.arange(plan.rows), np.arange(plan.columns), indexing="ij")
     return corner + s * (c[..., None] * row_dir + r[..., None] * col_dir + k[..., None] * normal)
 
 
@@ -222,20 +280,41 @@ def _fiber_tensor() -> np.ndarray:
     return basis @ np.diag(FIBER_EVALS) @ basis.T
 
 
+def phantom_s0(plan: SeriesPlan) -> np.ndarray:
+    """Noise-free b=0 signal (slices, rows, columns): cylinder 1000, tissue 600, times the receive field."""
+    pos = _positions(plan)
+    inside = np.hypot(pos[..., 0], pos[..., 1]) <= CYLINDER_RADIUS_VOXELS * plan.spacing_mm
+    return np.where(inside, 1000.0, 600.0) * (1.0 + pos @ RECEIVE_GRADIENT_PER_MM)
+
+
 def _dwi_volumes(
-    plan: SeriesPlan, bvals: np.ndarray, bvecs: np.ndarray, rng: np.random.Generator
+    plan: SeriesPlan,
+    bvals: np.ndarray,
+    bvecs: np.ndarray,
+    rng: np.random.Generator,
+    noise_sd: float = 1.0,
+    dropout_volumes: Sequence[int] = (),
 ) -> np.ndarray:
-    """Signal (volumes, slices, rows, columns) of the cylinder phantom, S = S0 exp(-b g^T D g)."""
+    """Signal (volumes, slices, rows, columns) of the cylinder phantom, S = S0 exp(-b g^T D g).
+
+    Gaussian noise of ``noise_sd``; in each of ``dropout_volumes`` every other slice
+    keeps only DROPOUT_SIGNAL_FRACTION of its signal (motion during the diffusion
+    gradients, with interleaved slice order).
+    """
     pos = _positions(plan)
     radius = np.hypot(pos[..., 0], pos[..., 1])
     inside = radius <= CYLINDER_RADIUS_VOXELS * plan.spacing_mm
     tensor = _fiber_tensor()
     adc_fiber = np.einsum("vi,ij,vj->v", bvecs, tensor, bvecs)
-    s0 = np.where(inside, 1000.0, 600.0)
+    s0 = phantom_s0(plan)
     out = np.empty((len(bvals), *inside.shape))
     for v, (b, adc) in enumerate(zip(bvals, adc_fiber, strict=True)):
         out[v] = np.where(inside, s0 * math.exp(-b * adc), s0 * math.exp(-b * TISSUE_DIFFUSIVITY))
-    out += rng.normal(0.0, 1.0, size=out.shape)
+    for v in dropout_volumes:
+        if not 0 <= v < len(bvals):
+            raise ValueError(f"dropout volume {v} is outside the series (0..{len(bvals) - 1})")
+        out[v, 1::2] *= DROPOUT_SIGNAL_FRACTION
+    out += rng.normal(0.0, noise_sd, size=out.shape)
     return np.clip(np.rint(out), 0, 4095)
 
 
@@ -249,9 +328,7 @@ def _anat_volume(plan: SeriesPlan, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(vol), 0, 4095)[None]
 
 
-def _base_dataset(
-    seed: int, session: SynthSession, plan: SeriesPlan, series_uid: str, number: int
-) -> Dataset:
+def _base_dataset(seed: int, session: SynthSession, plan: SeriesPlan, series_uid: str, number: int) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = MRImageStorage
     ds.Modality = "MR"
@@ -386,7 +463,7 @@ def _write_series(
             ds.SliceLocation = round(float(position @ normal), 4)
             if bvals is not None and bvecs is not None:
                 ds.add_new(0x00189087, "FD", float(bvals[v]))
-                if bvals[v] > 0:
+                if np.any(bvecs[v]):  # a b=5 "b0" has no gradient direction either
                     ds.add_new(0x00189075, "CS", "DIRECTIONAL")
                     ds.add_new(0x00189089, "FD", [float(x) for x in bvecs[v]])
                 else:
@@ -409,18 +486,36 @@ def write_session(
     series: Sequence[str] = DEFAULT_SERIES,
     patient_id: str | None = None,
     acquired: datetime | None = None,
+    shells: Sequence[float] | None = None,
+    b0_placement: str = "leading",
+    b0_bvalue: float = 0.0,
+    dwi_runs: int = 1,
+    matrix: tuple[int, int, int] | None = None,
+    noise_sd: float = 1.0,
+    dropout_volumes: Sequence[int] = (),
 ) -> SynthSession:
     """Write one synthetic session folder (created if needed) and return what it contains.
 
     ``series`` picks kinds from ``SERIES`` (order = acquisition order). The
-    "dwi" kind is the tensor phantom with ``n_b0`` b=0 volumes followed by
-    ``n_directions`` volumes at ``bvalue``; "dwi_b0_pa" is a short
-    reverse-phase-encoding b=0 series (a field map); "adc" a derived map that
-    the heuristic must skip. Same seed -> byte-identical files and UIDs.
+    "dwi" kind is the tensor phantom with ``n_b0`` b=0 volumes and
+    ``n_directions`` volumes per shell (``shells``, default ``(bvalue,)``), the
+    b=0 volumes ``leading`` or ``interleaved`` at nominal b ``b0_bvalue``;
+    it is written ``dwi_runs`` times (separate series, same scheme);
+    "dwi_b0_pa" is a short reverse-phase-encoding b=0 series (a field map);
+    "adc" a derived map that the heuristic must skip. ``matrix`` = (columns,
+    rows, slices) of the diffusion series and field map. ``noise_sd`` and
+    ``dropout_volumes`` (see ``_dwi_volumes``) make a poor-quality session.
+    Same arguments -> byte-identical files and UIDs.
     """
     unknown = [s for s in series if s not in SERIES]
     if unknown:
         raise ValueError(f"unknown synthetic series {unknown}; known: {sorted(SERIES)}")
+    if dwi_runs < 1:
+        raise ValueError(f"dwi_runs must be >= 1, got {dwi_runs}")
+    if matrix is not None and (len(matrix) != 3 or min(matrix) < 1):
+        raise ValueError(f"matrix must be (columns, rows, slices) >= 1, got {matrix}")
+    if noise_sd < 0:
+        raise ValueError(f"noise_sd must be >= 0, got {noise_sd}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -434,15 +529,20 @@ def write_session(
     written: dict[str, WrittenSeries] = {}
     truth: DwiTruth | None = None
     start = acquired
-    for number, kind in enumerate(series, start=1):
+    number = 0
+    for kind in series:
         plan = SERIES[kind]
+        if matrix is not None and kind in ("dwi", "dwi_b0_pa"):
+            plan = replace(plan, columns=matrix[0], rows=matrix[1], slices=matrix[2])
         if kind == "dwi":
-            bvals = np.concatenate([np.zeros(n_b0), np.full(n_directions, float(bvalue))])
-            bvecs = np.concatenate([np.zeros((n_b0, 3)), hemisphere_directions(n_directions)])
-            volumes = _dwi_volumes(plan, bvals, bvecs, rng)
-            written[kind] = _write_series(
-                folder, seed, session, kind, plan, number, start, volumes, bvals, bvecs
-            )
+            bvals, bvecs = dwi_scheme(n_b0, n_directions, tuple(shells or (bvalue,)), b0_placement, b0_bvalue)
+            for run in range(dwi_runs):
+                number += 1
+                volumes = _dwi_volumes(plan, bvals, bvecs, rng, noise_sd, dropout_volumes)
+                # The first run keeps the single-run UIDs and file names, so default sessions stay as they were.
+                key = kind if run == 0 else f"{kind}_run{run + 1}"
+                written[key] = _write_series(folder, seed, session, key, plan, number, start, volumes, bvals, bvecs)
+                start += timedelta(minutes=5)
             truth = DwiTruth(
                 bvals,
                 bvecs,
@@ -450,14 +550,16 @@ def write_session(
                 FIBER_EVALS,
                 TRUE_FA,
                 (plan.columns, plan.rows, plan.slices),
+                phantom_s0(plan),
+                dwi_runs,
             )
-        elif kind == "dwi_b0_pa":
+            continue
+        number += 1
+        if kind == "dwi_b0_pa":
             bvals = np.zeros(1)
             bvecs = np.zeros((1, 3))
-            volumes = _dwi_volumes(plan, bvals, bvecs, rng)
-            written[kind] = _write_series(
-                folder, seed, session, kind, plan, number, start, volumes, bvals, bvecs
-            )
+            volumes = _dwi_volumes(plan, bvals, bvecs, rng, noise_sd)
+            written[kind] = _write_series(folder, seed, session, kind, plan, number, start, volumes, bvals, bvecs)
         else:
             volumes = _anat_volume(plan, rng)
             written[kind] = _write_series(folder, seed, session, kind, plan, number, start, volumes)

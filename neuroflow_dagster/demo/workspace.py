@@ -8,9 +8,13 @@ first and renamed into place, as a careful scanner export would do):
 - 20240220_1100 (75): REAL Siemens Prisma DWI from heudiconv's test data (+ a synthetic T1w): BIDS and QSIPrep; the
   reconstruction refuses it with the reason (one diffusion direction cannot fit a tensor).
 - 20240305_0800 (DEMO_02): only corrupt files: the protocol check fails, nothing is converted.
+- 20240320_1000 (DEMO_03): synthetic T1w + 12-direction DWI of poor quality (heavy noise, slice signal
+  dropouts in three volumes): every stage completes, and its image QC table
+  (``*_desc-image_qc.tsv``) has a low neighbouring-DWI correlation and many bad slices - the
+  session an image QC check must stop (docs/stand-ins.md, "Image QC table").
 - 20240410_1200: not in the mapping: held as unmapped.
 
-Subject codes follow requirements §1: `DEMO_01` -> `DEMO01`, `75` -> `0075`.
+Subject codes follow docs/domain-rules.md#identity: `DEMO_01` -> `DEMO01`, `75` -> `0075`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from neuroflow_dagster.demo import sources, synth
+from neuroflow_dagster.scaffold import init_workspace
 
 MAPPING = {
     "20240115_1430": "DEMO_01",
@@ -30,6 +35,7 @@ MAPPING = {
     "20240212_1015": "75",
     "20240220_1100": "75",
     "20240305_0800": "DEMO_02",
+    "20240320_1000": "DEMO_03",  # poor image quality (see synth.POOR_QUALITY)
     "20240601_0930": "DEMO_01",  # the late session (see schedule_late_session)
 }
 LATE_SCAN_ID = "20240601_0930"
@@ -55,6 +61,7 @@ def write_demo_sessions(incoming: Path) -> None:
     _stage_then_move(incoming, "20240115_1430", synthetic(1, 12, datetime(2024, 1, 15, 14, 30), "DEMO01"))
     _stage_then_move(incoming, "20240301_0900", synthetic(2, 12, datetime(2024, 3, 1, 9, 0), "DEMO01"))
     _stage_then_move(incoming, "20240212_1015", synthetic(3, 20, datetime(2024, 2, 12, 10, 15), "0075"))
+
     def real_prisma(d: Path) -> None:
         # The real diffusion series has 3 files; a synthetic T1w completes the session (and the protocol).
         sources.copy_real_session(d, "b0dwiForFmap")
@@ -62,6 +69,19 @@ def write_demo_sessions(incoming: Path) -> None:
 
     _stage_then_move(incoming, "20240220_1100", real_prisma)
     _stage_then_move(incoming, "20240305_0800", lambda d: synth.write_corrupt_files(d, 12))
+    _stage_then_move(
+        incoming,
+        "20240320_1000",
+        lambda d: synth.write_session(
+            d,
+            seed=7,
+            n_b0=2,
+            n_directions=12,
+            acquired=datetime(2024, 3, 20, 10, 0),
+            patient_id="DEMO03",
+            **synth.POOR_QUALITY,
+        ),
+    )
     _stage_then_move(incoming, "20240410_1200", synthetic(5, 12, datetime(2024, 4, 10, 12, 0), "UNKNOWN"))
 
 
@@ -90,14 +110,13 @@ def schedule_late_session(directory: Path, after_seconds: float) -> threading.Th
 
 def build_demo_workspace(directory: Path, *, reset: bool = False, sessions: bool = True) -> Path:
     """Create (or reuse) the demo workspace; returns its neuroflow.yaml."""
-    from neuroflow_dagster.cli import init_workspace
-
     if reset and directory.exists():
         shutil.rmtree(directory)
     config = directory / "neuroflow.yaml"
     if not config.exists():
-        # Seconds, not hours: the demo's folders are written by a rename, never half-copied.
-        init_workspace(directory, stability_minutes=0.1, interval_seconds=5)
+        # Seconds, not hours: the demo's folders are written by a rename, never half-copied. The demo's
+        # data take a few MB, so a 1 GB disk floor is enough to show the guard without holding a laptop.
+        init_workspace(directory, stability_minutes=0.1, interval_seconds=5, min_free_gb=1)
     mapping = directory / "mapping.csv"
     mapping.write_text("ScanID,SubjectCode\n" + "".join(f"{k},{v}\n" for k, v in MAPPING.items()), encoding="utf-8")
     if sessions:

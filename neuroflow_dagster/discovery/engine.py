@@ -9,10 +9,21 @@ header read. Folders are re-tried when their signature changes, when the config 
 
 State format (compact on purpose, it is a sensor cursor)::
 
-    {"v": 1, "k": "<config key>", "f": {"<scan id>": ["R" | "U" | "E", "<L|F><signature>", "<warned code>"?]}}
+    {"v": 2, "k": "<config key>", "rr": {"r": "<scan id>", "o": "<scan id>"},
+     "f": {"<scan id>": ["R", "<L|F><signature>", "<file fingerprint>", <(re)registered on, epoch day>]
+                      | ["U" | "E", "<L|F><signature>"]}}
 
-``R`` registered, ``U`` stable but unmapped (re-tried against every tick's mapping without re-reading),
+``R`` registered, ``U`` stable but not registrable yet (unmapped, a malformed mapping row, or a label
+owned by another person: re-resolved against every tick's mapping and registry without re-reading),
 ``E`` stable but empty / no DICOM. Unstable folders are not stored: they are fully walked every tick.
+``rr`` is where the round-robin rewrite check (``file_fingerprint`` of registered folders, a bounded
+number of files per tick, recent folders first) continues next tick. Version 1 states (no fingerprint,
+an optional warned code) are read as version 2 with unknown fingerprints.
+
+Nothing one entry does stops the tick: an unreadable, looping, vanished or permission-denied entry is
+held (or skipped, if gone) alone; only an incoming root that cannot be listed stops it, keeping the
+state. A registered folder that is no longer in incoming is held as ``missing`` (its state is kept,
+so it coming back unchanged changes nothing).
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import zlib
+from base64 import b64decode, b64encode
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -29,25 +42,47 @@ from neuroflow_dagster.discovery.identity import (
     AssignRequest,
     IdentityError,
     Registry,
+    RegistryEntry,
+    code_key,
+    normalize_overrides,
     participant_label,
 )
 from neuroflow_dagster.discovery.mapping import MappingResult, load_mapping
 from neuroflow_dagster.discovery.protocol import ProtocolResult, check_protocol
 from neuroflow_dagster.discovery.scanner import (
+    EntryProblem,
     HeaderSummary,
     IncomingFolderError,
     SessionFolder,
     WalkResult,
-    list_session_folders,
+    file_fingerprint,
+    os_error_text,
     read_headers,
+    scan_incoming,
     stat_walk,
     tree_signature,
 )
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 # Dagster cancels a sensor tick after 60 s and then stores no cursor: stay well inside it.
 DEFAULT_TIME_BUDGET_S = 40.0
-HeldReason = Literal["unstable", "unmapped", "no_dicom_yet", "excluded"]
+DAY_S = 86400.0
+HeldReason = Literal[
+    "unstable",
+    "unmapped",
+    "no_dicom_yet",
+    "excluded",
+    "mapping_error",
+    "identity_conflict",
+    "remapped",
+    "unreadable",
+    "not_a_folder",
+    "missing",
+]
+# Held reasons an operator must act on (alerted once when they appear); the others resolve by waiting
+# (unstable, no_dicom_yet), by the normal workflow (unmapped) or were chosen by an operator (excluded).
+ALERT_REASONS = frozenset({"mapping_error", "identity_conflict", "remapped", "unreadable", "missing"})
+MAX_ERRORS_SHOWN = 3
 
 
 @dataclass(frozen=True)
@@ -76,11 +111,27 @@ class Registration:
 
 @dataclass(frozen=True)
 class Held:
-    """A folder seen but not registered this tick, with a reason code and a message for operators."""
+    """A folder seen but not registered this tick, with a reason code and a message for operators.
+
+    ``registered``: the folder's registered labels (``sub-X ses-Y``) when it is a registered session
+    held for a new reason (remapped, unreadable, missing). ``blocks``: every stage must refuse that
+    session until the reason is resolved (a ``remapped`` ScanID).
+    """
 
     scan_id: str
     path: str
     reason: HeldReason
+    message: str
+    registered: str = ""
+    blocks: bool = False
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong that is not one folder: the registry, a mapping row, the incoming root."""
+
+    kind: str  # "registry" | "mapping" | "incoming"
+    key: str
     message: str
 
 
@@ -95,6 +146,9 @@ class TickStats:
     files_stated: int = 0
     folders_header_read: int = 0
     header_files_read: int = 0
+    # Registered folders re-fingerprinted this tick (files rewritten in place), and how many changed.
+    folders_rewrite_checked: int = 0
+    folders_rewritten: int = 0
     # Folders left for the next tick because the time budget ran out (no decision, no state change).
     folders_deferred: int = 0
     registered: int = 0
@@ -107,6 +161,10 @@ class TickResult:
     registrations: list[Registration] = field(default_factory=list)
     held: list[Held] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Registry, mapping-row and incoming problems that no single folder carries.
+    problems: list[Problem] = field(default_factory=list)
+    # Harmless oddities (the same ScanID twice in the mapping with the same code).
+    notes: list[str] = field(default_factory=list)
     new_state: dict[str, Any] = field(default_factory=dict)
     stats: TickStats = field(default_factory=TickStats)
     mapping_source: str = ""
@@ -128,6 +186,21 @@ def decode_state(cursor: str | None) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
+def encode_cursor(data: dict[str, Any]) -> str:
+    """The compact JSON zlib-compressed: what the sensor stores (a large tree's state stays a few tens of KB)."""
+    return "z" + b64encode(zlib.compress(encode_state(data).encode("utf-8"), 6)).decode()
+
+
+def decode_cursor(cursor: str | None) -> dict[str, Any] | None:
+    """A stored cursor (compressed, or plain JSON) -> its data; anything unreadable -> None."""
+    if cursor and cursor.startswith("z"):
+        try:
+            cursor = zlib.decompress(b64decode(cursor[1:])).decode("utf-8")
+        except (ValueError, zlib.error):
+            return None
+    return decode_state(cursor)
+
+
 def config_key(config: NeuroflowConfig) -> str:
     """Settings whose change invalidates every decision in the state (the folders are re-read)."""
     d = config.discovery
@@ -144,12 +217,22 @@ def config_key(config: NeuroflowConfig) -> str:
 
 
 def _previous_folders(state: dict[str, Any] | None, key: str) -> dict[str, list[Any]]:
-    if not state or state.get("v") != STATE_VERSION or state.get("k") != key:
+    if not state or state.get("v") not in (1, STATE_VERSION) or state.get("k") != key:
         return {}
     folders = state.get("f")
     if not isinstance(folders, dict):
         return {}
-    return {k: v for k, v in folders.items() if isinstance(v, list) and len(v) >= 2}
+    out: dict[str, list[Any]] = {}
+    for sid, value in folders.items():
+        if not isinstance(value, list) or len(value) < 2:
+            continue
+        if value[0] == "R":
+            if state.get("v") == 1 or len(value) < 4:
+                value = ["R", value[1], "", 0]  # version 1: the third item was a warned code
+            out[sid] = value
+        else:
+            out[sid] = value[:2]
+    return out
 
 
 @dataclass
@@ -159,6 +242,12 @@ class _Pending:
     headers: HeaderSummary
     recruitment_id: str
     source: str
+
+
+@dataclass(frozen=True)
+class _Unresolved:
+    reason: HeldReason
+    message: str
 
 
 class _Tick:
@@ -182,58 +271,110 @@ class _Tick:
         self.wait_s = config.discovery.stability_wait_minutes * 60.0
         self.flat = config.discovery.layout == "flat"
         self.mapping = mapping
+        self.overrides = normalize_overrides(config.mapping.label_overrides)
         self.excluded = excluded
         self.registry = registry
         self.key = config_key(config)
         self.prev = _previous_folders(state, self.key)
+        rr = (state or {}).get("rr") if self.prev else None
+        self.rr: dict[str, str] = {k: str(v) for k, v in rr.items()} if isinstance(rr, dict) else {}
         self.result = TickResult(mapping_source=mapping.source)
         self.stats = self.result.stats
         self.new: dict[str, list[Any]] = {}
         self.pending: list[_Pending] = []
+        # Registered folders with an unchanged signature: candidates for the rewrite check.
+        self.unchanged: list[tuple[SessionFolder, list[Any]]] = []
 
     # ------------------------------------------------------------------ helpers
 
-    def hold(self, folder: SessionFolder, reason: HeldReason, message: str) -> None:
-        self.result.held.append(Held(folder.scan_id, str(folder.path), reason, message))
+    def hold(self, folder: SessionFolder, reason: HeldReason, message: str, entry: RegistryEntry | None = None) -> None:
+        registered = entry.labels if entry is not None else ""
+        self.result.held.append(
+            Held(folder.scan_id, str(folder.path), reason, message, registered, blocks=reason == "remapped")
+        )
 
-    def resolve(self, folder: SessionFolder) -> tuple[str | None, str]:
-        """(SubjectCode, source) or (None, why not)."""
+    def keep(self, sid: str) -> None:
+        """Leave the folder's state exactly as it was (nothing was decided about it this tick)."""
+        prev = self.prev.get(sid)
+        if prev is not None:
+            self.new[sid] = prev
+
+    def out_of_time(self) -> bool:
+        return (
+            self.time_budget_s is not None
+            and self.stats.folders_walked > 0  # at least one per tick, so a slow mapping cannot stall us
+            and time.perf_counter() - self.started > self.time_budget_s
+        )
+
+    def _mapped(self, scan_id: str, table: dict[str, Any]) -> Any:
+        found = table.get(scan_id)
+        return table.get(scan_id.strip()) if found is None else found
+
+    def expected_label(self, code: str) -> str | None:
+        """The label ``code`` would get, ignoring who owns it (for messages)."""
+        key = code_key(code)
+        if key in self.overrides:
+            return self.overrides[key]
+        try:
+            decision = self.registry.decide_label(code, self.overrides)
+        except IdentityError:
+            return None
+        if decision.label:
+            return decision.label
+        try:
+            return participant_label(code)
+        except IdentityError:
+            return None
+
+    def resolve(self, folder: SessionFolder) -> tuple[str, str] | _Unresolved:
+        """(SubjectCode, source), or why the folder cannot be registered now."""
+        sid = folder.scan_id
         if not self.flat:
             code = folder.subject_folder or ""
-            try:
-                participant_label(code)
-            except IdentityError as exc:
-                return None, str(exc)
-            return code, "folder"
-        if not self.mapping.usable:
-            return None, f"no mapping available: {self.mapping.error}"
-        code = self.mapping.mapping.get(folder.scan_id)
-        if code is None:
-            code = self.mapping.mapping.get(folder.scan_id.strip())
-        if code is None:
-            return None, f"ScanID {folder.scan_id!r} is not in the mapping ({self.mapping.source})"
+            source, where = "folder", f"subject folder {code!r}"
+        else:
+            if not self.mapping.usable:
+                return _Unresolved("unmapped", f"no mapping available: {self.mapping.error}")
+            problem = self._mapped(sid, self.mapping.problems)
+            if problem is not None:
+                return _Unresolved("mapping_error", problem)
+            code = self._mapped(sid, self.mapping.mapping)
+            if code is None:
+                return _Unresolved("unmapped", f"ScanID {sid!r} is not in the mapping ({self.mapping.source})")
+            source, where = self.mapping.source, f"ScanID {sid!r} ({self.mapping.where(sid.strip())})"
         try:
-            participant_label(code)
+            decision = self.registry.decide_label(code, self.overrides)
         except IdentityError as exc:
-            return None, f"ScanID {folder.scan_id!r}: {exc}"
-        return code, self.mapping.source
+            return _Unresolved("mapping_error", f"{where}: {exc}")
+        if decision.problem:
+            return _Unresolved("identity_conflict", f"{where}: {decision.problem}")
+        return code, source
 
-    def check_conflict(self, folder: SessionFolder, entry_code: str, warned: str | None) -> str | None:
-        """Warn (once per differing code) when the mapping no longer agrees with the registry."""
-        if not self.flat or not self.mapping.usable:
-            return warned
-        code = self.mapping.mapping.get(folder.scan_id)
-        if code is None or code == entry_code:
-            return None
-        if code != warned:
-            entry = self.registry.lookup(folder.scan_id)
-            labels = f"sub-{entry.participant_id} ses-{entry.session_id}" if entry else "?"
-            self.result.warnings.append(
-                f"ScanID {folder.scan_id!r} is registered as {labels} (SubjectCode {entry_code!r}) but the "
-                f"mapping now says {code!r}; registered labels are never reassigned - fix the mapping or "
-                "re-register by hand"
-            )
-        return code
+    def remap_conflict(self, folder: SessionFolder, entry: RegistryEntry) -> str | None:
+        """Why a registered ScanID's binding no longer agrees with the mapping/overrides, or None."""
+        sid = folder.scan_id
+        registered = f"ScanID {sid!r} is registered as {entry.labels} (SubjectCode {entry.recruitment_id!r})"
+        tail = (
+            f"; labels are never moved silently: fix the mapping back, or move the session with "
+            f"`neuroflow rekey {sid} --reason ...`. Until then no stage processes it"
+        )
+        code = entry.recruitment_id
+        if self.flat and self.mapping.usable:
+            problem = self._mapped(sid, self.mapping.problems)
+            if problem is not None:
+                return f"{registered}, but the mapping no longer says so clearly: {problem}{tail}"
+            mapped = self._mapped(sid, self.mapping.mapping)
+            if mapped is not None and code_key(mapped) != code_key(code):
+                label = self.expected_label(mapped)
+                target = f"participant label {label}" if label else "no valid participant label"
+                return (
+                    f"{registered}, but {self.mapping.where(sid.strip())} now says SubjectCode {mapped!r} "
+                    f"({target}){tail}"
+                )
+        override = self.overrides.get(code_key(code))
+        if override is not None and override != entry.participant_id:
+            return f"{registered}, but mapping.label_overrides now gives that code the label {override}{tail}"
+        return None
 
     # ------------------------------------------------------------------ per folder
 
@@ -242,29 +383,36 @@ class _Tick:
         prev = self.prev.get(sid)
         if sid in self.excluded:
             self.hold(folder, "excluded", "excluded by an operator; not registered or processed")
-            if prev is not None:
-                self.new[sid] = prev
+            self.keep(sid)
             return
         if prev is not None:
             try:
                 sig = tree_signature(folder.path, leaf_skip=str(prev[1]).startswith("L"))
-            except OSError:
-                return  # vanished since listing
+            except FileNotFoundError:
+                self.keep(sid)
+                return  # vanished since listing: next tick reports it if it was registered
+            except OSError as exc:
+                self.hold_unreadable(folder, [os_error_text(exc)])
+                return
             self.stats.folders_signed += 1
             self.stats.dirs_signed += sig.n_dirs
             if sig.value == prev[1] and self.visit_unchanged(folder, prev):
                 return
-        if (
-            self.time_budget_s is not None
-            and self.stats.folders_walked > 0  # at least one per tick, so a slow mapping cannot stall us
-            and time.perf_counter() - self.started > self.time_budget_s
-        ):
+        if self.out_of_time():
             # Out of time: leave the folder exactly as it was, the next tick picks it up.
             self.stats.folders_deferred += 1
-            if prev is not None:
-                self.new[sid] = prev
+            self.keep(sid)
             return
         self.visit_full(folder)
+
+    def hold_unreadable(self, folder: SessionFolder, errors: list[str]) -> None:
+        entry = self.registry.lookup(folder.scan_id)
+        shown = "; ".join(errors[:MAX_ERRORS_SHOWN]) + (
+            f" (and {len(errors) - MAX_ERRORS_SHOWN} more)" if len(errors) > MAX_ERRORS_SHOWN else ""
+        )
+        what = "registered session kept as it was; changes are not picked up" if entry else "not registered"
+        self.hold(folder, "unreadable", f"cannot read the folder: {shown}; {what} until it is readable", entry)
+        self.keep(folder.scan_id)
 
     def visit_unchanged(self, folder: SessionFolder, prev: list[Any]) -> bool:
         """Decided folder with an unchanged signature; False if it needs the full path after all."""
@@ -273,9 +421,13 @@ class _Tick:
         if code == "R":
             entry = self.registry.lookup(sid)
             if entry is None:
-                return False  # registry lost or edited by hand: re-register from scratch
-            warned = self.check_conflict(folder, entry.recruitment_id, prev[2] if len(prev) > 2 else None)
-            self.new[sid] = [code, prev[1], warned] if warned else [code, prev[1]]
+                return False  # registry lost, edited by hand, or re-keyed: register from scratch
+            conflict = self.remap_conflict(folder, entry)
+            if conflict:
+                self.hold(folder, "remapped", conflict, entry)
+            else:
+                self.unchanged.append((folder, prev))
+            self.new[sid] = prev
             self.stats.folders_skipped += 1
             return True
         if code == "E":
@@ -284,43 +436,67 @@ class _Tick:
             self.hold(folder, "no_dicom_yet", "no DICOM files yet (unchanged since the last check)")
             return True
         if code == "U":
-            recruitment, why = self.resolve(folder)
-            if recruitment is None and sid not in self.registry:
+            resolved = self.resolve(folder)
+            if isinstance(resolved, _Unresolved) and sid not in self.registry:
                 self.new[sid] = prev
                 self.stats.folders_skipped += 1
-                self.hold(folder, "unmapped", why)
+                self.hold(folder, resolved.reason, resolved.message)
                 return True
-            return False  # mapped now: walk and read it
+            return False  # resolvable now: walk and read it
         return False
 
-    def visit_full(self, folder: SessionFolder) -> None:
+    def visit_full(self, folder: SessionFolder, why: str = "") -> None:
         sid = folder.scan_id
         try:
             walk = stat_walk(folder.path)
-        except OSError:
+        except FileNotFoundError:
+            self.keep(sid)
             return  # vanished since listing
+        except OSError as exc:
+            self.hold_unreadable(folder, [os_error_text(exc)])
+            return
         self.stats.folders_walked += 1
         self.stats.files_stated += walk.n_stat
+        if walk.errors:
+            self.hold_unreadable(folder, walk.errors)
+            return
+        entry = self.registry.lookup(sid)
+        prev = self.prev.get(sid)
+        if entry is not None and prev is not None and prev[0] == "R" and prev[2] == walk.fingerprint and not why:
+            # Only directory times changed (permissions, owner, a move out and back, a hidden file): the
+            # same files with the same size, time and inode. Nothing to re-check or re-convert.
+            conflict = self.remap_conflict(folder, entry)
+            if conflict:
+                self.hold(folder, "remapped", conflict, entry)
+            self.new[sid] = ["R", walk.signature.value, prev[2], prev[3]]
+            return
         quiet_s = self.now - walk.latest_change
         if walk.churn or quiet_s < self.wait_s:
             wait_min = self.config.discovery.stability_wait_minutes
             ago = "files vanished while scanning" if walk.churn else f"last change {max(quiet_s, 0) / 60:.1f} min ago"
-            self.hold(folder, "unstable", f"still being copied? {ago}; waiting for {wait_min:g} min without changes")
-            return
-        entry = self.registry.lookup(sid)
-        recruitment, source = self.resolve(folder)
-        warned = None
-        if entry is not None:
-            prev = self.prev.get(sid)
-            warned = self.check_conflict(
-                folder, entry.recruitment_id, prev[2] if prev is not None and len(prev) > 2 else None
+            self.hold(
+                folder,
+                "unstable",
+                f"{why}still being copied? {ago}; waiting for {wait_min:g} min without changes",
+                entry,
             )
-            source = source if recruitment is not None else "registry"
-            recruitment = entry.recruitment_id
-        elif recruitment is None:
-            self.new[sid] = ["U", walk.signature.value]
-            self.hold(folder, "unmapped", source)
             return
+        if entry is not None:
+            conflict = self.remap_conflict(folder, entry)
+            if conflict:
+                self.hold(folder, "remapped", conflict, entry)
+                self.keep(sid)
+                return
+            resolved = self.resolve(folder)
+            source = resolved[1] if isinstance(resolved, tuple) else "registry"
+            recruitment = entry.recruitment_id
+        else:
+            resolved = self.resolve(folder)
+            if isinstance(resolved, _Unresolved):
+                self.new[sid] = ["U", walk.signature.value]
+                self.hold(folder, resolved.reason, resolved.message)
+                return
+            recruitment, source = resolved
         if walk.n_files == 0 and entry is None:
             self.new[sid] = ["E", walk.signature.value]
             self.hold(folder, "no_dicom_yet", "folder is empty")
@@ -329,7 +505,7 @@ class _Tick:
         self.stats.folders_header_read += 1
         self.stats.header_files_read += headers.n_read
         if not self.flat and headers.n_dicom == 0 and entry is None:
-            # Path layout: a leaf is a session only if it holds DICOM (requirements §1).
+            # Path layout: a leaf is a session only if it holds DICOM (docs/domain-rules.md#arrival).
             self.new[sid] = ["E", walk.signature.value]
             self.hold(
                 folder,
@@ -338,9 +514,94 @@ class _Tick:
                 + (f" (e.g. {headers.unreadable_examples[0]})" if headers.unreadable_examples else ""),
             )
             return
-        assert recruitment is not None
-        self.new[sid] = ["R", walk.signature.value, warned] if warned else ["R", walk.signature.value]
+        self.new[sid] = ["R", walk.signature.value, walk.fingerprint, int(self.now // DAY_S)]
         self.pending.append(_Pending(folder, walk, headers, recruitment, source))
+
+    # ------------------------------------------------------------------ rewrites in place
+
+    def rewrite_check(self) -> None:
+        """Re-fingerprint a bounded slice of unchanged registered folders, round-robin, recent first.
+
+        A file rewritten in place (same name, new content) changes no directory time, so the signature
+        cannot see it. Budget: ``discovery.rewrite_check_files_per_tick`` file stats, half of them for
+        folders registered within ``rewrite_check_recent_days`` (all of it when one group is empty);
+        at least one folder per group and tick, so a folder larger than the budget is still checked.
+        """
+        budget = self.config.discovery.rewrite_check_files_per_tick
+        if budget <= 0 or not self.unchanged:
+            return
+        horizon = (self.now - self.config.discovery.rewrite_check_recent_days * DAY_S) // DAY_S
+        recent = sorted((c for c in self.unchanged if float(c[1][3] or 0) >= horizon), key=lambda c: c[0].scan_id)
+        old = sorted((c for c in self.unchanged if float(c[1][3] or 0) < horizon), key=lambda c: c[0].scan_id)
+        share = budget // 2 if recent and old else budget
+        used = self._check_group(recent, "r", share)
+        self._check_group(old, "o", budget - used)
+
+    def _check_group(self, group: list[tuple[SessionFolder, list[Any]]], name: str, budget: int) -> int:
+        if not group or budget <= 0:
+            return 0
+        last = self.rr.get(name, "")
+        start = next((i for i, (f, _) in enumerate(group) if f.scan_id > last), 0)
+        used = 0
+        for folder, prev in group[start:] + group[:start]:
+            if used >= budget or (used and self.out_of_time()):
+                break
+            sid = folder.scan_id
+            try:
+                fp = file_fingerprint(folder.path)
+            except OSError:
+                continue  # vanished or unreadable since the signature: the next tick says which
+            used += max(fp.n_files, 1)
+            self.rr[name] = sid
+            self.stats.folders_rewrite_checked += 1
+            self.stats.files_stated += fp.n_files
+            if fp.errors:
+                continue  # the signature path reports unreadable parts once their folder's times change
+            if not prev[2]:
+                self.new[sid] = [prev[0], prev[1], fp.value, prev[3]]  # first fingerprint (older state)
+            elif fp.value != prev[2]:
+                self.stats.folders_rewritten += 1
+                self.result.warnings.append(
+                    f"ScanID {sid!r}: files were rewritten in place since it was registered (same names, new "
+                    "size or time); it is re-read and re-reported once stable"
+                )
+                del self.new[sid]
+                self.visit_full(folder, "files rewritten in place; ")
+        return used
+
+    # ------------------------------------------------------------------ what is not in the listing
+
+    def report_entry_problems(self, problems: list[EntryProblem]) -> None:
+        for p in problems:
+            folder = SessionFolder(p.scan_id, p.path)
+            entry = self.registry.lookup(p.scan_id)
+            message = p.message
+            if entry is not None:
+                message += f"; registered session kept as it was ({entry.labels})"
+            elif p.subject_level and not self.flat:
+                message += "; sessions under it are not scanned"
+            self.hold(folder, p.reason, message, entry)  # type: ignore[arg-type]
+            self.keep(p.scan_id)
+
+    def report_missing(self, listed: set[str], problems: list[EntryProblem]) -> None:
+        """Registered folders that are no longer in incoming: held as missing, their state kept."""
+        bad = {p.scan_id for p in problems}
+        bad_subjects = tuple(p.scan_id + "/" for p in problems if p.subject_level)
+        incoming = self.config.paths.dicom_incoming
+        for entry in self.registry.all():
+            sid = entry.scan_id
+            if sid in listed or sid in bad or sid in self.excluded or (bad_subjects and sid.startswith(bad_subjects)):
+                continue
+            self.hold(
+                SessionFolder(sid, incoming / sid),
+                "missing",
+                f"registered as {entry.labels} (SubjectCode {entry.recruitment_id!r}) on "
+                f"{entry.registered_at or '?'}, but its folder is no longer in {incoming}. Its registry row "
+                "and every output are kept and nothing is re-run; if it comes back unchanged nothing happens, "
+                "if it comes back changed it is re-checked like any changed session",
+                entry,
+            )
+            self.keep(sid)
 
     # ------------------------------------------------------------------ registration
 
@@ -351,9 +612,19 @@ class _Tick:
             AssignRequest(p.folder.scan_id, p.recruitment_id, p.headers.acquisition or "", str(p.folder.path))
             for p in self.pending
         ]
-        assignments = self.registry.assign_many(requests)
+        assignments = self.registry.assign_many(requests, overrides=self.overrides)
         for p, a in zip(self.pending, assignments, strict=True):
             h = p.headers
+            if a.entry is None:
+                # Another code took the label earlier in this same tick (arrival order decides).
+                sid = p.folder.scan_id
+                self.new[sid] = ["U", p.walk.signature.value]
+                if self.flat:
+                    where = f"ScanID {sid!r} ({self.mapping.where(sid.strip())})"
+                else:
+                    where = f"subject folder {p.folder.subject_folder!r}"
+                self.hold(p.folder, "identity_conflict", f"{where}: {a.refused}")
+                continue
             self.result.registrations.append(
                 Registration(
                     scan_id=p.folder.scan_id,
@@ -373,34 +644,53 @@ class _Tick:
                 )
             )
 
+    def report_problems(self) -> None:
+        for problem in self.registry.problems():
+            self.result.problems.append(Problem("registry", f"{problem.kind}:{problem.key}", problem.message))
+        if self.flat and self.mapping.usable:
+            for text in self.mapping.row_problems:
+                self.result.problems.append(Problem("mapping", text.split(" of ", 1)[0], text))
+            self.result.notes.extend(self.mapping.notes)
+
     def run(self) -> TickResult:
         started = self.started
         if self.mapping.warning:
             self.result.warnings.append(self.mapping.warning)
         if self.mapping.error and self.flat:
             self.result.warnings.append(f"mapping unavailable, new folders are held as unmapped: {self.mapping.error}")
+        self.report_problems()
         try:
-            folders = list_session_folders(
+            listing = scan_incoming(
                 self.config.paths.dicom_incoming,
                 self.config.discovery.layout,
                 self.config.discovery.participant_first,
             )
         except IncomingFolderError as exc:
             # An unmounted share must not wipe the decisions: keep the previous state as it is.
-            self.result.warnings.append(f"{exc}; nothing scanned this tick")
+            message = f"{exc}; nothing scanned this tick (every folder keeps its last state; is the share mounted?)"
+            self.result.warnings.append(message)
+            self.result.problems.append(Problem("incoming", "incoming", message))
             self.result.new_state = {"v": STATE_VERSION, "k": self.key, "f": dict(self.prev)}
+            if self.rr:
+                self.result.new_state["rr"] = self.rr
             self.stats.seconds = time.perf_counter() - started
             return self.result
+        folders = listing.folders
         self.stats.folders_seen = len(folders)
+        self.report_entry_problems(listing.problems)
         for folder in folders:
             self.visit(folder)
+        self.rewrite_check()
         self.register_pending()
+        self.report_missing({f.scan_id for f in folders}, listing.problems)
         if self.stats.folders_deferred:
             self.result.warnings.append(
                 f"{self.stats.folders_deferred} of {len(folders)} folders left for the next tick: this tick "
                 f"used its {self.time_budget_s:g} s budget (first scan of a large archive?)"
             )
         self.result.new_state = {"v": STATE_VERSION, "k": self.key, "f": self.new}
+        if self.rr:
+            self.result.new_state["rr"] = self.rr
         self.stats.registered = len(self.result.registrations)
         self.stats.held = len(self.result.held)
         self.stats.seconds = time.perf_counter() - started
@@ -467,12 +757,16 @@ def state_size_bytes(state: dict[str, Any]) -> int:
 
 
 __all__ = [
+    "ALERT_REASONS",
     "Held",
+    "Problem",
     "Registration",
     "TickResult",
     "TickStats",
+    "decode_cursor",
     "decode_state",
     "dry_run_discovery",
+    "encode_cursor",
     "encode_state",
     "run_discovery",
 ]

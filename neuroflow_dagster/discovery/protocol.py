@@ -1,4 +1,4 @@
-"""Protocol rules (requirements §3): which series a session must contain before it is worth converting.
+"""Protocol rules (docs/domain-rules.md#protocol): which series a session must contain before it is worth converting.
 
 Works on the series table the scanner built from DICOM headers, so a check costs no I/O and can be
 re-run whenever the folder changes. Patterns are case-insensitive and anchored at the start

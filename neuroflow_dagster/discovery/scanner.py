@@ -16,6 +16,7 @@ Inputs are never written. Nothing here raises for a bad file: problems are count
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -66,6 +67,25 @@ def is_dicom_candidate(name: str) -> bool:
     return suffix == "" or suffix.lower() in DICOM_SUFFIXES or suffix[1:].isdigit()
 
 
+def os_error_text(exc: OSError) -> str:
+    """An OSError in an operator's words (the errno name stays for searching)."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    words = {
+        errno.ELOOP: "a symbolic link loop",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.ENOENT: "does not exist",
+        errno.ENOTDIR: "not a folder",
+        errno.EIO: "input/output error (failing disk or network share?)",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"{words} ({code})" if code else words
+
+
+def printable_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (surrogate-escaped by os) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class SessionFolder:
     """A folder that is one scan session. ``scan_id`` is its path relative to the incoming root."""
@@ -77,31 +97,130 @@ class SessionFolder:
     session_folder: str | None = None
 
 
-def _subdirs(path: Path) -> list[os.DirEntry[str]]:
+@dataclass(frozen=True)
+class EntryProblem:
+    """An entry of the incoming tree that is not a readable session folder; it alone is held.
+
+    ``reason`` is ``unreadable`` (loop, dangling link, permission, I/O error, a name that is not UTF-8)
+    or ``not_a_folder`` (a file where session folders are expected). ``subject_level``: in layout
+    subject_session, the SUBJECT folder itself, so every session under it is affected.
+    """
+
+    scan_id: str
+    path: Path
+    reason: str
+    message: str
+    subject_level: bool = False
+
+
+@dataclass
+class Listing:
+    folders: list[SessionFolder] = field(default_factory=list)
+    problems: list[EntryProblem] = field(default_factory=list)
+
+
+def _classify(entry: os.DirEntry[str], prefix: str, subject_level: bool) -> EntryProblem | bool:
+    """True: a folder to use; False: skip silently (hidden, vanished); else the entry's problem."""
+    name = entry.name
+    if is_hidden(name):
+        return False
+    path = Path(entry.path)
+
+    def problem(reason: str, message: str, rel: str = prefix + name, where: Path = path) -> EntryProblem:
+        return EntryProblem(rel, where, reason, message, subject_level)
+
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        # A name with bytes that are not UTF-8 cannot be written to the registry, a JSON cursor, a
+        # Dagster event or an e-mail; it is shown with replacement characters and held until renamed.
+        shown = printable_name(name)
+        return problem(
+            "unreadable",
+            f"the name {prefix + shown!r} is not valid UTF-8; rename it (e.g. convmv)",
+            prefix + shown,
+            path.parent / shown,
+        )
+    try:
+        if entry.is_dir(follow_symlinks=True):
+            return True
+    except OSError as exc:
+        return problem("unreadable", f"cannot be read: {os_error_text(exc)}")
+    try:
+        is_link = entry.is_symlink()
+        os.lstat(path)
+    except FileNotFoundError:
+        return False  # vanished since the listing: gone, nothing to hold
+    except OSError as exc:
+        return problem("unreadable", f"cannot be read: {os_error_text(exc)}")
+    if is_link:
+        try:
+            target = printable_name(os.readlink(path))
+        except OSError:
+            target = "?"
+        if not os.path.exists(path):
+            return problem("unreadable", f"a symbolic link to {target!r}, which does not exist")
+        return problem("not_a_folder", f"a symbolic link to the file {target!r}, not a folder")
+    return problem("not_a_folder", "a file, not a session folder (an archive to unpack? move it out of the way)")
+
+
+def _entries(path: Path, prefix: str, subject_level: bool) -> tuple[list[os.DirEntry[str]], list[EntryProblem]]:
     with os.scandir(path) as it:
-        return sorted((e for e in it if not is_hidden(e.name) and e.is_dir(follow_symlinks=True)), key=lambda e: e.name)
+        entries = sorted(it, key=lambda e: e.name)
+    keep: list[os.DirEntry[str]] = []
+    problems: list[EntryProblem] = []
+    for e in entries:
+        verdict = _classify(e, prefix, subject_level)
+        if verdict is True:
+            keep.append(e)
+        elif isinstance(verdict, EntryProblem):
+            problems.append(verdict)
+    return keep, problems
+
+
+def scan_incoming(root: Path, layout: str = "flat", participant_first: bool = True) -> Listing:
+    """Session folders under ``root``, and every entry that is not one, with its reason.
+
+    Hidden (dot) entries are skipped at every level. One bad entry (a symlink loop, a dangling link,
+    a folder without permission, a file) is reported alone; only ``root`` itself failing to list raises
+    :class:`IncomingFolderError`. Entries that vanish while being looked at are skipped: gone is gone.
+    """
+    if layout not in ("flat", "subject_session"):
+        raise ValueError(f"unknown discovery.layout {layout!r}")
+    try:
+        top, problems = _entries(root, "", subject_level=layout != "flat")
+    except OSError as exc:
+        raise IncomingFolderError(f"paths.dicom_incoming {root}: cannot list: {os_error_text(exc)}") from exc
+    listing = Listing(problems=problems)
+    if layout == "flat":
+        listing.folders = [SessionFolder(e.name, Path(e.path)) for e in top]
+        return listing
+    for outer in top:
+        try:
+            inner, inner_problems = _entries(Path(outer.path), outer.name + "/", subject_level=False)
+        except FileNotFoundError:
+            continue  # vanished between listing and scanning
+        except OSError as exc:
+            listing.problems.append(
+                EntryProblem(
+                    outer.name,
+                    Path(outer.path),
+                    "unreadable",
+                    f"cannot list this folder: {os_error_text(exc)}; none of its sessions can be scanned",
+                    subject_level=True,
+                )
+            )
+            continue
+        listing.problems.extend(inner_problems)
+        for leaf in inner:
+            subject, session = (outer.name, leaf.name) if participant_first else (leaf.name, outer.name)
+            listing.folders.append(SessionFolder(f"{outer.name}/{leaf.name}", Path(leaf.path), subject, session))
+    return listing
 
 
 def list_session_folders(root: Path, layout: str = "flat", participant_first: bool = True) -> list[SessionFolder]:
-    """Session folders under ``root``; hidden (dot) folders are skipped at every level."""
-    try:
-        top = _subdirs(root)
-    except OSError as exc:
-        raise IncomingFolderError(f"paths.dicom_incoming {root}: cannot list: {exc.strerror or exc}") from exc
-    if layout == "flat":
-        return [SessionFolder(e.name, Path(e.path)) for e in top]
-    if layout != "subject_session":
-        raise ValueError(f"unknown discovery.layout {layout!r}")
-    found: list[SessionFolder] = []
-    for outer in top:
-        try:
-            inner = _subdirs(Path(outer.path))
-        except OSError:
-            continue  # vanished or unreadable between listing and scanning: next tick sees it
-        for leaf in inner:
-            subject, session = (outer.name, leaf.name) if participant_first else (leaf.name, outer.name)
-            found.append(SessionFolder(f"{outer.name}/{leaf.name}", Path(leaf.path), subject, session))
-    return found
+    """Session folders under ``root`` (see :func:`scan_incoming` for the entries that are not)."""
+    return scan_incoming(root, layout, participant_first).folders
 
 
 @dataclass(frozen=True)
@@ -168,6 +287,32 @@ class WalkResult:
     n_stat: int = 0
     # Something vanished while walking: a copy/rename is in progress, treat as changed now.
     churn: bool = False
+    # Entries inside the folder that cannot be read (relative path: reason); the folder is held.
+    errors: list[str] = field(default_factory=list)
+    # :func:`file_fingerprint` of the same walk.
+    fingerprint: str = ""
+
+
+def _fingerprint_digest(files: list[tuple[str, int, int, int]]) -> str:
+    # 4 bytes: it only has to notice a change (a miss is a 1 in 4e9 chance, not an attack surface), and
+    # it is stored per registered folder in the sensor cursor.
+    h = hashlib.blake2b(digest_size=4)
+    for rel, size, mtime_ns, ino in sorted(files):
+        h.update(f"{rel}\0{size}\0{mtime_ns}\0{ino}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _file_error(entry: os.DirEntry[str], rel: str, exc: OSError) -> str | None:
+    """The reason a file cannot be stat'ed, or None if it simply vanished (a copy or rename in progress)."""
+    if isinstance(exc, FileNotFoundError):
+        if entry.is_symlink():
+            try:
+                target = os.readlink(entry.path)
+            except OSError:
+                target = "?"
+            return f"{printable_name(rel)}: a symbolic link to {printable_name(target)!r}, which does not exist"
+        return None
+    return f"{printable_name(rel)}: {os_error_text(exc)}"
 
 
 def stat_walk(path: Path) -> WalkResult:
@@ -176,9 +321,13 @@ def stat_walk(path: Path) -> WalkResult:
     Hidden files count for stability (rsync writes ``.name.XXXXXX`` temp files) but are never DICOM
     candidates. Symlinked directories are not followed (no loops), symlinked files are. Also returns the
     folder's :func:`tree_signature`, in leaf-skip mode when every directory's st_nlink equalled
-    2 + its number of subdirectories (so the cheap check can trust st_nlink on this file system).
+    2 + its number of subdirectories (so the cheap check can trust st_nlink on this file system), and
+    its :func:`file_fingerprint`. A subfolder that cannot be listed or a file that cannot be stat'ed
+    (permission, dangling link, loop) is named in ``errors``; the folder itself failing raises OSError.
     """
     parts: list[tuple[str, int, int]] = []
+    files: list[tuple[str, int, int, int]] = []
+    errors: list[str] = []
     latest = 0.0
     n_files = n_stat = 0
     churn = False
@@ -196,6 +345,11 @@ def stat_walk(path: Path) -> WalkResult:
                 raise
             churn = True
             continue
+        except OSError as exc:
+            if not rel:
+                raise
+            errors.append(f"{printable_name(rel)}/: {os_error_text(exc)}")
+            continue
         n_stat += 1
         parts.append((rel, st.st_mtime_ns, st.st_ctime_ns))
         latest = max(latest, st.st_mtime, st.st_ctime)
@@ -207,22 +361,79 @@ def stat_walk(path: Path) -> WalkResult:
                     stack.append((Path(e.path), f"{rel}/{e.name}" if rel else e.name))
                 continue
             n_files += 1
+            frel = f"{rel}/{e.name}" if rel else e.name
             try:
                 fst = os.stat(e.path)
-            except FileNotFoundError:
-                churn = True
+            except OSError as exc:
+                problem = _file_error(e, frel, exc)
+                if problem is None:
+                    churn = True
+                else:
+                    errors.append(problem)
                 continue
-            except OSError:
-                continue  # e.g. a dangling symlink into an unmounted share: not ours to judge
             n_stat += 1
             latest = max(latest, fst.st_mtime, fst.st_ctime)
+            if not is_hidden(e.name):
+                files.append((frel, fst.st_size, fst.st_mtime_ns, fst.st_ino))
             if stat.S_ISREG(fst.st_mode) and is_dicom_candidate(e.name):
                 candidates.append(Path(e.path))
         if st.st_nlink != 2 + n_subdirs:
             nlink_reliable = False
     candidates.sort()
     signature = Signature(_digest(parts, nlink_reliable), len(parts))
-    return WalkResult(latest, signature, candidates, n_files, n_stat, churn)
+    return WalkResult(latest, signature, candidates, n_files, n_stat, churn, errors, _fingerprint_digest(files))
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    value: str
+    n_files: int
+    errors: list[str]
+
+
+def file_fingerprint(path: Path) -> Fingerprint:
+    """(relative path, size, mtime_ns, inode) of every non-hidden file, as one digest.
+
+    Catches what :func:`tree_signature` cannot: a file rewritten in place (a PACS re-send under the same
+    name) changes neither its folder's mtime nor ctime. Same traversal as :func:`stat_walk`, whose
+    ``fingerprint`` it reproduces; hidden files are left out (a ``.DS_Store`` written by a file browser
+    is not new data). Not seen: a rewrite that keeps size, inode and mtime to the nanosecond (only a
+    deliberate ``touch -d``/``-r`` back to the old time does that). Raises OSError if ``path`` is gone.
+    """
+    files: list[tuple[str, int, int, int]] = []
+    errors: list[str] = []
+    stack = [(os.fspath(path), "")]
+    while stack:
+        current, rel = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            if not rel:
+                raise
+            continue
+        except OSError as exc:
+            if not rel:
+                raise
+            errors.append(f"{rel}/: {os_error_text(exc)}")
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if not is_hidden(e.name):
+                    stack.append((e.path, f"{rel}/{e.name}" if rel else e.name))
+                continue
+            if is_hidden(e.name):
+                continue
+            frel = f"{rel}/{e.name}" if rel else e.name
+            try:
+                fst = os.stat(e.path)
+            except OSError as exc:
+                problem = _file_error(e, frel, exc)
+                if problem is not None:
+                    errors.append(problem)
+                continue
+            files.append((frel, fst.st_size, fst.st_mtime_ns, fst.st_ino))
+    return Fingerprint(_fingerprint_digest(files), len(files), errors)
 
 
 @dataclass
@@ -361,7 +572,7 @@ def _read_headers(files: Iterable[Path], root: Path | None) -> HeaderSummary:
         if reason is not None:
             summary.n_unreadable += 1
             if len(summary.unreadable_examples) < MAX_UNREADABLE_EXAMPLES:
-                name = os.path.relpath(f, root) if root is not None else str(f)
+                name = printable_name(os.path.relpath(f, root) if root is not None else str(f))
                 summary.unreadable_examples.append(f"{name}: {reason[:160]}")
         else:
             summary.n_dicom += 1

@@ -2,8 +2,9 @@
 
 HPC and shared servers often forbid a Docker daemon; Apptainer runs images
 as the calling user without one. The run is a local subprocess of the
-``apptainer`` binary, so it reuses local.py's process-group handling,
-timeouts, cancellation and logging unchanged.
+``apptainer`` binary, so it reuses the process toolkit (process.py): process-group
+handling, timeouts, cancellation and logging; binds and limits come from the
+container toolkit (container.py) shared with Docker.
 
 ``exec`` (not ``run``) so argv is executed exactly, whatever runscript the
 image has. ``--cleanenv`` keeps the worker's environment (Dagster variables,
@@ -20,22 +21,24 @@ import shlex
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord
-from neuroflow_dagster.runtimes.docker import bind_spec, image_problem, mount_problem, resolve_image
-from neuroflow_dagster.runtimes.failures import FailureClass
-from neuroflow_dagster.runtimes.local import (
-    DEFAULT_KILL_GRACE_S,
-    LogSink,
-    _timeouts,
-    fail,
-    new_record,
-    run_process,
+from neuroflow_dagster.config import StageConfig
+from neuroflow_dagster.runtimes.base import DEFAULT_KILL_GRACE_S, RunRecord, RunRequest, Runtime
+from neuroflow_dagster.runtimes.container import (
+    Flags,
+    container_user,
+    current_user,
+    image_problem,
+    resolve_image,
+    run_options,
+    spec_problem,
 )
+from neuroflow_dagster.runtimes.failures import FailureClass
+from neuroflow_dagster.runtimes.process import LogSink, fail, new_record, run_process
 from neuroflow_dagster.tools.spec import ToolSpec
 
 EXECUTABLES = ("apptainer", "singularity")
+FLAGS = Flags(cpus="--cpus", memory="--memory", memory_unit="M", bind="--bind", env="--env", workdir="--pwd")
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
@@ -89,7 +92,7 @@ def _env_problem(key: str, value: str) -> str | None:
 
 def apptainer_exec_argv(
     spec: ToolSpec,
-    stage_config: Any | None,
+    stage_config: StageConfig | None,
     executable: str = "apptainer",
     *,
     image: str | None = None,
@@ -97,71 +100,44 @@ def apptainer_exec_argv(
 ) -> list[str]:
     """The exact command line this runtime executes."""
     image = image or resolve_image(spec, stage_config) or "<no image>"
-    argv = [executable, "exec", "--cleanenv"]
-    cpus = getattr(stage_config, "cpus", None)
-    if cpus:
-        argv += ["--cpus", f"{cpus:g}"]
-    memory_mb = getattr(stage_config, "memory_mb", None)
-    if memory_mb:
-        argv += ["--memory", f"{memory_mb}M"]
-    for mount in spec.mounts:
-        argv += ["--bind", bind_spec(mount)]
-    for key, value in spec.env.items():
-        argv += ["--env", f"{key}={value}"]
-    if spec.workdir is not None:
-        argv += ["--pwd", str(spec.workdir)]
-    argv += [*extra_args, image, *spec.argv]
-    return argv
+    return [executable, "exec", "--cleanenv", *run_options(spec, stage_config, FLAGS), *extra_args, image, *spec.argv]
 
 
-class ApptainerRuntime:
+class ApptainerRuntime(Runtime):
     """``apptainer exec`` a ToolSpec; cpus/memory need cgroups v2 delegation (see docs/runtimes.md)."""
 
     name = "apptainer"
 
     def __init__(
         self,
-        stage: Any | None = None,
+        stage: StageConfig | None = None,
         *,
         executable: str | None = None,
         kill_grace_s: float = DEFAULT_KILL_GRACE_S,
         extra_args: Sequence[str] = (),
         hash_image: bool = True,
     ) -> None:
-        self.stage = stage
+        super().__init__(stage, kill_grace_s=kill_grace_s)
         self.executable = executable
-        self.kill_grace_s = kill_grace_s
         self.extra_args = tuple(extra_args)
         self.hash_image = hash_image
 
-    def run(
-        self,
-        spec: ToolSpec,
-        *,
-        log_path: Path,
-        timeout_s: float | None = None,
-        soft_timeout_s: float | None = None,
-        log: LogFn | None = None,
-        context: Any | None = None,
-    ) -> RunRecord:
-        log_path = Path(log_path)
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        log_path = request.log_path
         image = resolve_image(spec, self.stage)
         executable = find_executable(self.executable)
         shown = executable or self.executable or EXECUTABLES[0]
         argv = apptainer_exec_argv(spec, self.stage, shown, image=image, extra_args=self.extra_args)
         record = new_record(spec, runtime=self.name, command=argv, log_path=log_path, image=image)
         record.extra["container_command"] = shlex.join(spec.argv)
-        sink = LogSink(log_path, log)
+        sink = LogSink(log_path, request.log)
         sink.note(f"tool {spec.tool} on runtime apptainer, image {image}")
 
         problem = None
         if executable is None:
             wanted = self.executable or " or ".join(EXECUTABLES)
             problem = f"executable not found: {wanted} is not on PATH of this worker"
-        problem = problem or apptainer_image_problem(image)
-        if problem is None and not spec.argv:
-            problem = "empty command"
-        problem = problem or next((p for p in map(mount_problem, spec.mounts) if p), None)
+        problem = problem or apptainer_image_problem(image) or spec_problem(spec)
         problem = problem or next((p for p in (_env_problem(k, v) for k, v in spec.env.items()) if p), None)
         if problem is None:
             missing = [str(m.host) for m in spec.mounts if not Path(m.host).exists()]
@@ -171,23 +147,24 @@ class ApptainerRuntime:
             raise fail(record, sink, f"{spec.tool}: {problem}", FailureClass.CONFIGURATION)
 
         record.extra["executable"] = executable
-        user = getattr(self.stage, "user", None)
-        if user and user != f"{os.getuid()}:{os.getgid()}":
-            sink.note(f"user {user} is ignored: apptainer runs as the calling user "
-                      f"({os.getuid()}:{os.getgid()})")
+        if container_user(self.stage) != current_user():
+            sink.note(
+                f"user {container_user(self.stage)} is ignored: apptainer runs as the calling user ({current_user()})"
+            )
         if self.hash_image and image is not None:
             try:
                 record.image_digest = image_digest(image)
             except OSError as exc:
                 sink.note(f"could not hash image {image}: {exc}")
-        timeout_s, soft_timeout_s = _timeouts(self.stage, timeout_s, soft_timeout_s)
         return run_process(
             argv,
             record=record,
             sink=sink,
             env=dict(os.environ),  # for apptainer itself; --cleanenv keeps it out of the container
             cwd=None,
-            timeout_s=timeout_s,
-            soft_timeout_s=soft_timeout_s,
+            timeout_s=request.timeout_s,
+            soft_timeout_s=request.soft_timeout_s,
             kill_grace_s=self.kill_grace_s,
+            lock=spec.lock,
+            lock_info={"owner": spec.lock_owner, "tool": spec.tool} if spec.lock else None,
         )

@@ -1,6 +1,6 @@
 """The runtime interface: how a ToolSpec is executed, and what every run records.
 
-Requirements §4: every run records the exact command, container image, exit
+docs/domain-rules.md#pipelines: every run records the exact command, container image, exit
 code, start, end, duration, output path, log path and error text. RunRecord
 is that record; it becomes the Dagster materialization (or failure) metadata.
 """
@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from neuroflow_dagster.config import StageConfig
 from neuroflow_dagster.tools.spec import ToolSpec
 
 LogFn = Callable[[str], None]
+# SIGTERM first; what is still running this much later gets SIGKILL.
+DEFAULT_KILL_GRACE_S = 10.0
 
 
 @dataclass
@@ -57,10 +60,36 @@ class ToolRunError(Exception):
         record.error = message
 
 
-class Runtime(Protocol):
-    """Executes a ToolSpec; raises ToolRunError on any failure (non-zero exit, timeout, cancel)."""
+@dataclass(frozen=True)
+class RunRequest:
+    """How one run goes: its log file, its limits (already resolved), the log callable, the Dagster context."""
 
-    name: str
+    log_path: Path
+    timeout_s: float | None = None
+    soft_timeout_s: float | None = None
+    log: LogFn | None = None
+    context: Any | None = None
+
+
+def resolve_timeouts(
+    stage: StageConfig | None, timeout_s: float | None, soft_timeout_s: float | None
+) -> tuple[float | None, float | None]:
+    """Explicit arguments win; otherwise the stage's own limits (StageConfig.timeout_s / soft_timeout_s)."""
+    if stage is not None:
+        timeout_s = stage.timeout_s if timeout_s is None else timeout_s
+        soft_timeout_s = stage.soft_timeout_s if soft_timeout_s is None else soft_timeout_s
+    return timeout_s, soft_timeout_s
+
+
+class Runtime:
+    """Executes a ToolSpec with a stage's settings; raises ToolRunError on any failure (non-zero exit,
+    timeout, cancel). A runtime implements ``execute``; ``run`` is the one call every caller makes."""
+
+    name = ""
+
+    def __init__(self, stage: StageConfig | None = None, *, kill_grace_s: float = DEFAULT_KILL_GRACE_S) -> None:
+        self.stage = stage
+        self.kill_grace_s = kill_grace_s
 
     def run(
         self,
@@ -71,4 +100,10 @@ class Runtime(Protocol):
         soft_timeout_s: float | None = None,
         log: LogFn | None = None,
         context: Any | None = None,
-    ) -> RunRecord: ...
+    ) -> RunRecord:
+        """Run ``spec``; the limits default to the stage's (``timeout_minutes`` / ``soft_timeout_minutes``)."""
+        timeout_s, soft_timeout_s = resolve_timeouts(self.stage, timeout_s, soft_timeout_s)
+        return self.execute(spec, RunRequest(Path(log_path), timeout_s, soft_timeout_s, log, context))
+
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        raise NotImplementedError

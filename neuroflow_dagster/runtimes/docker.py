@@ -27,79 +27,57 @@ imported when a context is given.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
 
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord, ToolRunError
-from neuroflow_dagster.runtimes.failures import FailureClass, classify
-from neuroflow_dagster.runtimes.local import (
+from neuroflow_dagster.config import StageConfig
+from neuroflow_dagster.runtimes.base import (
     DEFAULT_KILL_GRACE_S,
+    LogFn,
+    RunRecord,
+    RunRequest,
+    Runtime,
+    ToolRunError,
+    resolve_timeouts,
+)
+from neuroflow_dagster.runtimes.container import (
+    Flags,
+    bind_spec,
+    container_user,
+    image_problem,
+    resolve_image,
+    run_options,
+    spec_problem,
+)
+from neuroflow_dagster.runtimes.failures import FailureClass, classify
+from neuroflow_dagster.runtimes.process import (
+    DeadMansSwitch,
     LineSplitter,
     LogSink,
-    _fmt_s,
-    _timeouts,
+    Watchdog,
     exit_failure,
     fail,
+    mark_cancelled,
     new_record,
     succeed,
+    timeout_failure,
 )
-from neuroflow_dagster.tools.spec import Mount, ToolSpec
+from neuroflow_dagster.tools.spec import ToolSpec
 
 LABEL_TOOL = "org.neuroflow.tool"
 LABEL_LOG = "org.neuroflow.log"
+FLAGS = Flags(cpus="--cpus", memory="--memory", memory_unit="m", bind="-v", env="-e", workdir="-w")
 
 
 # --------------------------------------------------------------------------- pure helpers
 
 
-def image_problem(image: str | None) -> str | None:
-    """Why ``image`` may not be used (None if it is pinned): untagged and ``:latest`` move."""
-    if not image:
-        return "no container image configured"
-    if "@sha256:" in image:
-        return None
-    name = image.rsplit("/", 1)[-1]
-    if ":" not in name:
-        return f"image {image!r} has no tag; pin a version (e.g. {image}:1.1.1) or a digest (@sha256:...)"
-    tag = name.rsplit(":", 1)[1]
-    if not tag or tag == "latest":
-        return f"image {image!r} uses the moving tag 'latest'; pin a version or a digest (@sha256:...)"
-    return None
-
-
-def mount_problem(mount: Mount) -> str | None:
-    """Bind specs are ``host:container:mode``, comma-separated for apptainer: those characters break them."""
-    for side, path in (("host", str(mount.host)), ("container", mount.container)):
-        if ":" in path or "," in path:
-            return f"mount {side} path {path!r} contains ':' or ',' which bind specifications cannot carry"
-    if not mount.container.startswith("/"):
-        return f"mount container path {mount.container!r} must be absolute"
-    return None
-
-
-def container_user(stage: Any | None) -> str:
-    user = getattr(stage, "user", None)
-    return user if user else f"{os.getuid()}:{os.getgid()}"
-
-
-def bind_spec(mount: Mount) -> str:
-    return f"{mount.host}:{mount.container}:{'ro' if mount.read_only else 'rw'}"
-
-
-def resolve_image(spec: ToolSpec, stage: Any | None) -> str | None:
-    return spec.image or getattr(stage, "image", None)
-
-
-def container_kwargs(spec: ToolSpec, stage: Any | None, log_path: Path | None = None) -> dict[str, Any]:
+def container_kwargs(spec: ToolSpec, stage: StageConfig | None, log_path: Path | None = None) -> dict[str, Any]:
     """Everything for ``containers.create`` except image, command and environment."""
     kwargs: dict[str, Any] = {
         "entrypoint": [spec.argv[0]] if spec.argv else None,
@@ -111,89 +89,23 @@ def container_kwargs(spec: ToolSpec, stage: Any | None, log_path: Path | None = 
         kwargs["labels"][LABEL_LOG] = str(log_path)
     if spec.workdir is not None:
         kwargs["working_dir"] = str(spec.workdir)
-    cpus = getattr(stage, "cpus", None)
-    if cpus:
-        kwargs["nano_cpus"] = round(cpus * 1e9)
-    memory_mb = getattr(stage, "memory_mb", None)
-    if memory_mb:
-        kwargs["mem_limit"] = f"{memory_mb}m"
+    if stage is not None and stage.cpus:
+        kwargs["nano_cpus"] = round(stage.cpus * 1e9)
+    if stage is not None and stage.memory_mb:
+        kwargs["mem_limit"] = f"{stage.memory_mb}m"
     return kwargs
 
 
-def docker_run_argv(spec: ToolSpec, stage_config: Any | None, *, image: str | None = None) -> list[str]:
+def docker_run_argv(spec: ToolSpec, stage_config: StageConfig | None, *, image: str | None = None) -> list[str]:
     """The ``docker run`` command equivalent to what this runtime does through the API."""
     image = image or resolve_image(spec, stage_config) or "<no image>"
-    argv = ["docker", "run", "--rm", "--user", container_user(stage_config)]
-    cpus = getattr(stage_config, "cpus", None)
-    if cpus:
-        argv += ["--cpus", f"{cpus:g}"]
-    memory_mb = getattr(stage_config, "memory_mb", None)
-    if memory_mb:
-        argv += ["--memory", f"{memory_mb}m"]
-    for mount in spec.mounts:
-        argv += ["-v", bind_spec(mount)]
-    for key, value in spec.env.items():
-        argv += ["-e", f"{key}={value}"]
-    if spec.workdir is not None:
-        argv += ["-w", str(spec.workdir)]
+    argv = ["docker", "run", "--rm", "--user", container_user(stage_config), *run_options(spec, stage_config, FLAGS)]
     argv += ["--label", f"{LABEL_TOOL}={spec.tool}"]
     if spec.argv:
         argv += ["--entrypoint", spec.argv[0], image, *spec.argv[1:]]
     else:
         argv.append(image)
     return argv
-
-
-# --------------------------------------------------------------------------- watchdog
-
-
-class _Watchdog:
-    """Soft warning and hard stop for a container, from a thread (the main one is reading logs)."""
-
-    def __init__(self, sink: LogSink, timeout_s: float | None, soft_timeout_s: float | None,
-                 grace_s: float, get_container: Callable[[], Any]) -> None:
-        self.sink = sink
-        self.timeout_s = timeout_s
-        self.soft_timeout_s = soft_timeout_s
-        self.grace_s = grace_s
-        self.get_container = get_container
-        self.timed_out = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True, name="neuroflow-docker-watchdog")
-        self._started = time.monotonic()
-
-    def start(self) -> _Watchdog:
-        if self.timeout_s is not None or self.soft_timeout_s is not None:
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._done.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.grace_s + 15)
-
-    def _watch(self) -> None:
-        warned = False
-        last_stop = 0.0
-        while not self._done.wait(0.1):
-            elapsed = time.monotonic() - self._started
-            if self.soft_timeout_s is not None and not warned and elapsed >= self.soft_timeout_s:
-                warned = True
-                self.sink.note(f"WARNING soft timeout: still running after {_fmt_s(elapsed)} "
-                               f"(soft limit {_fmt_s(self.soft_timeout_s)}); not stopped")
-            if self.timeout_s is not None and elapsed >= self.timeout_s:
-                if not self.timed_out:
-                    self.timed_out = True
-                    self.sink.note(f"hard timeout of {_fmt_s(self.timeout_s)} reached: stopping the "
-                                   f"container (SIGTERM, SIGKILL after {_fmt_s(self.grace_s)})")
-                container = self.get_container()
-                # Repeat: the container may have been created but not yet started at the first try.
-                if container is not None and time.monotonic() - last_stop > 5:
-                    last_stop = time.monotonic()
-                    try:
-                        container.stop(timeout=max(1, round(self.grace_s)))
-                    except Exception as exc:
-                        self.sink.note(f"stopping the container failed: {exc}")
 
 
 # --------------------------------------------------------------------------- runtime
@@ -213,44 +125,39 @@ def _is_pipes_message(line: str) -> dict[str, Any] | None:
     return None
 
 
-class DockerRuntime:
+class DockerRuntime(Runtime):
     """Runs a ToolSpec in Docker; see the module docstring for what is enforced and recorded."""
 
     name = "docker"
 
     def __init__(
         self,
-        stage: Any | None = None,
+        stage: StageConfig | None = None,
         *,
         client: Any | None = None,
         kill_grace_s: float = DEFAULT_KILL_GRACE_S,
         registry: dict[str, str] | None = None,
     ) -> None:
-        self.stage = stage
+        super().__init__(stage, kill_grace_s=kill_grace_s)
         self.client = client  # plain path only; the Pipes client calls docker.client.from_env() itself
-        self.kill_grace_s = kill_grace_s
         self.registry = registry
 
     # -- public -----------------------------------------------------------------------------
 
-    def run(
-        self,
-        spec: ToolSpec,
-        *,
-        log_path: Path,
-        timeout_s: float | None = None,
-        soft_timeout_s: float | None = None,
-        log: LogFn | None = None,
-        context: Any | None = None,
-    ) -> RunRecord:
-        """With ``context``: through Dagster Pipes (results other than logs are dropped; an asset
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        """With a Dagster context: through Dagster Pipes (results other than logs are dropped; an asset
         that wants what a Pipes-speaking tool reports uses :meth:`run_with_pipes`)."""
-        if context is not None:
-            record, _ = self.run_with_pipes(spec, context=context, log_path=log_path, timeout_s=timeout_s,
-                                            soft_timeout_s=soft_timeout_s, log=log)
+        if request.context is not None:
+            record, _ = self.run_with_pipes(
+                spec,
+                context=request.context,
+                log_path=request.log_path,
+                timeout_s=request.timeout_s,
+                soft_timeout_s=request.soft_timeout_s,
+                log=request.log,
+            )
             return record
-        return self._run_plain(spec, log_path=Path(log_path), timeout_s=timeout_s,
-                               soft_timeout_s=soft_timeout_s, log=log)
+        return self._run_plain(spec, request)
 
     def run_with_pipes(
         self,
@@ -271,8 +178,8 @@ class DockerRuntime:
         from dagster_pipes import DagsterPipesError
 
         record, sink, image, kwargs = self._prepare(spec, Path(log_path), log)
-        timeout_s, soft_timeout_s = _timeouts(self.stage, timeout_s, soft_timeout_s)
         captured: dict[str, Any] = {}
+        watchdog = self._watchdog(sink, timeout_s, soft_timeout_s, captured)
 
         class _TeeReader(PipesDockerLogsMessageReader):
             """Pipes' log reader, but every line also goes to our log file, ``log`` and tail."""
@@ -296,15 +203,13 @@ class DockerRuntime:
                     sink.line(line)
                     sys.stdout.write(line + "\n")  # compute-log capture, as Pipes does
 
-        watchdog = _Watchdog(sink, timeout_s, soft_timeout_s, self.kill_grace_s,
-                             lambda: captured.get("container"))
-
         class _Client(PipesDockerClient):
             def _create_container(self, client: Any, **kw: Any) -> Any:  # type: ignore[override]
                 if watchdog.timed_out:
                     raise TimeoutError("hard timeout reached before the container was created")
                 container = super()._create_container(client=client, **kw)
                 captured["container"] = container
+                captured["switch"] = orphan_switch(container, log_path)
                 return container
 
         pipes_client = _Client(message_reader=_TeeReader(), registry=self.registry)
@@ -327,6 +232,8 @@ class DockerRuntime:
         finally:
             watchdog.stop()
             self._finish_container(record, sink, captured.get("container"))
+            if captured.get("switch") is not None:
+                captured["switch"].disarm()
         if isinstance(outcome, DagsterPipesError):
             raise self._exit_failure(record, sink, watchdog) from outcome
         if outcome is not None:
@@ -335,34 +242,38 @@ class DockerRuntime:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _prepare(self, spec: ToolSpec, log_path: Path, log: LogFn | None
-                 ) -> tuple[RunRecord, LogSink, str, dict[str, Any]]:
+    def _prepare(
+        self, spec: ToolSpec, log_path: Path, log: LogFn | None
+    ) -> tuple[RunRecord, LogSink, str, dict[str, Any]]:
         image = resolve_image(spec, self.stage)
-        record = new_record(spec, runtime=self.name, command=docker_run_argv(spec, self.stage, image=image),
-                            log_path=log_path, image=image)
+        record = new_record(
+            spec,
+            runtime=self.name,
+            command=docker_run_argv(spec, self.stage, image=image),
+            log_path=log_path,
+            image=image,
+        )
         record.extra["container_command"] = shlex.join(spec.argv)
         sink = LogSink(log_path, log)
         sink.note(f"tool {spec.tool} on runtime docker, image {image}")
-        problem = image_problem(image)
-        if problem is None and not spec.argv:
-            problem = "empty command"
-        if problem is None:
-            problem = next((p for p in map(mount_problem, spec.mounts) if p), None)
+        problem = image_problem(image) or spec_problem(spec)
         if problem is not None:
             raise fail(record, sink, f"{spec.tool}: {problem}", FailureClass.CONFIGURATION)
         sink.note(f"running: {record.command}")
         return record, sink, str(image), container_kwargs(spec, self.stage, log_path)
 
-    def _run_plain(self, spec: ToolSpec, *, log_path: Path, timeout_s: float | None,
-                   soft_timeout_s: float | None, log: LogFn | None) -> RunRecord:
-        record, sink, image, kwargs = self._prepare(spec, log_path, log)
-        timeout_s, soft_timeout_s = _timeouts(self.stage, timeout_s, soft_timeout_s)
+    def _run_plain(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
+        record, sink, image, kwargs = self._prepare(spec, request.log_path, request.log)
         captured: dict[str, Any] = {}
-        watchdog = _Watchdog(sink, timeout_s, soft_timeout_s, self.kill_grace_s,
-                             lambda: captured.get("container"))
+        watchdog = self._watchdog(sink, request.timeout_s, request.soft_timeout_s, captured)
         outcome: BaseException | None = None
-        create = {"image": image, "command": list(spec.argv[1:]), "detach": True,
-                  "environment": dict(spec.env), **kwargs}
+        create = {
+            "image": image,
+            "command": list(spec.argv[1:]),
+            "detach": True,
+            "environment": dict(spec.env),
+            **kwargs,
+        }
         watchdog.start()
         try:
             client = self.client if self.client is not None else docker.client.from_env()
@@ -373,6 +284,7 @@ class DockerRuntime:
                 client.images.pull(image)
                 container = client.containers.create(**create)
             captured["container"] = container
+            captured["switch"] = orphan_switch(container, request.log_path)
             if watchdog.timed_out:
                 raise TimeoutError("hard timeout reached before the container started")
             container.start()
@@ -387,50 +299,96 @@ class DockerRuntime:
         except (docker.errors.DockerException, TimeoutError) as exc:
             outcome = exc
         except BaseException as exc:
-            container = captured.get("container")
-            if container is not None:
-                try:
-                    container.stop(timeout=max(1, round(self.kill_grace_s)))
-                except Exception as stop_exc:
-                    sink.note(f"stopping the container failed: {stop_exc}")
+            self._stop(captured.get("container"), sink)
             self._cancelled(record, sink, exc)
             raise
         finally:
             watchdog.stop()
             self._finish_container(record, sink, captured.get("container"))
+            if captured.get("switch") is not None:
+                captured["switch"].disarm()
         if outcome is not None:
             raise self._docker_failure(record, sink, image, outcome, watchdog) from outcome
         if record.exit_code != 0:
             raise self._exit_failure(record, sink, watchdog)
         return succeed(record, sink, 0)
 
-    def _exit_failure(self, record: RunRecord, sink: LogSink, watchdog: _Watchdog) -> ToolRunError:
-        exit_code = record.exit_code
-        if watchdog.timed_out:
-            record.extra["timed_out"] = True
-            record.extra["timeout_s"] = watchdog.timeout_s
-            return fail(record, sink, f"{record.tool} exceeded its hard timeout of "
-                        f"{_fmt_s(watchdog.timeout_s or 0)} and was stopped (log: {record.log_path})",
-                        FailureClass.RESOURCE, exit_code=exit_code)
-        return exit_failure(record, sink, exit_code)
+    def _watchdog(
+        self, sink: LogSink, timeout_s: float | None, soft_timeout_s: float | None, captured: dict[str, Any]
+    ) -> Watchdog:
+        """The stage's limits (unless given) on the container ``captured`` holds once it exists."""
+        timeout_s, soft_timeout_s = resolve_timeouts(self.stage, timeout_s, soft_timeout_s)
+        return Watchdog(
+            sink,
+            timeout_s,
+            soft_timeout_s,
+            self.kill_grace_s,
+            lambda: self._stop(captured.get("container"), sink),
+            "the container",
+        )
 
-    def _docker_failure(self, record: RunRecord, sink: LogSink, image: str, exc: BaseException,
-                        watchdog: _Watchdog) -> ToolRunError:
+    def _stop(self, container: Any, sink: LogSink) -> bool:
+        """Stop the container (SIGTERM, SIGKILL after the grace period); False if there is none yet."""
+        if container is None:
+            return False
+        try:
+            container.stop(timeout=max(1, round(self.kill_grace_s)))
+        except Exception as exc:
+            sink.note(f"stopping the container failed: {exc}")
+        return True
+
+    def _exit_failure(self, record: RunRecord, sink: LogSink, watchdog: Watchdog) -> ToolRunError:
+        if watchdog.timed_out:
+            return timeout_failure(record, sink, watchdog.timeout_s, record.exit_code)
+        if record.extra.get("oom_killed"):
+            # The engine's own word (State.OOMKilled), whatever the tool printed before it died.
+            limit = self.stage.memory_mb if self.stage is not None else None
+            return fail(
+                record,
+                sink,
+                f"{record.tool} was killed by the out-of-memory killer (exit code "
+                f"{record.exit_code}" + (f", memory_mb {limit}" if limit else "") + f") (log: {record.log_path})",
+                FailureClass.RESOURCE,
+                exit_code=record.exit_code,
+            )
+        return exit_failure(record, sink, record.exit_code)
+
+    def _docker_failure(
+        self, record: RunRecord, sink: LogSink, image: str, exc: BaseException, watchdog: Watchdog
+    ) -> ToolRunError:
         if watchdog.timed_out or isinstance(exc, TimeoutError):
             record.extra["timed_out"] = True
-            return fail(record, sink, f"{record.tool}: hard timeout reached before the container ran "
-                        f"(log: {record.log_path})", FailureClass.RESOURCE)
+            return fail(
+                record,
+                sink,
+                f"{record.tool}: hard timeout reached before the container ran (log: {record.log_path})",
+                FailureClass.RESOURCE,
+            )
         text = str(exc)
         if isinstance(exc, docker.errors.ImageNotFound | docker.errors.NotFound):
             message = f"{record.tool}: image not found: {image} ({text})"
+            return fail(record, sink, message, FailureClass.CONFIGURATION)
+        url = str(getattr(getattr(exc, "response", None), "url", "") or "")
+        if isinstance(exc, docker.errors.APIError) and "/images/create" in url:
+            # The image is not on this host and pulling it failed (e.g. no registry reachable, as on
+            # an air-gapped site): the operator must pull or `docker load` it here, a retry will not.
+            message = (
+                f"{record.tool}: image not found: {image} is not on this Docker host and could not be "
+                f"pulled ({exc.explanation or text}); pull it or `docker load` it on this host"
+            )
+            return fail(record, sink, message, FailureClass.CONFIGURATION)
+        if isinstance(exc, docker.errors.APIError) and exc.is_client_error():
+            # 4xx: the engine refused the request itself (e.g. more cpus than the host has).
+            message = (
+                f"{record.tool}: the Docker engine refused the container ({exc.explanation or text}); "
+                "check the stage's cpus, memory_mb, user and mounts"
+            )
             return fail(record, sink, message, FailureClass.CONFIGURATION)
         message = f"{record.tool}: docker error with image {image}: {text}"
         return fail(record, sink, message, classify(text, None))
 
     def _cancelled(self, record: RunRecord, sink: LogSink, exc: BaseException) -> None:
-        record.ended = time.time()
-        record.error = f"cancelled ({type(exc).__name__})"
-        record.extra["cancelled"] = True
+        mark_cancelled(record, exc)
         sink.note(f"interrupted by {type(exc).__name__}: container stopped")
 
     def _finish_container(self, record: RunRecord, sink: LogSink, container: Any) -> None:
@@ -441,8 +399,11 @@ class DockerRuntime:
                 sink.close()
             return
         record.extra["container_id"] = getattr(container, "id", None)
-        if record.exit_code is None:
-            record.exit_code = _container_exit_code(container)
+        state = _container_state(container)
+        if record.exit_code is None and state.get("ExitCode") is not None:
+            record.exit_code = int(state["ExitCode"])
+        if state.get("OOMKilled"):
+            record.extra["oom_killed"] = True
         try:
             image = container.image
             digests = (image.attrs or {}).get("RepoDigests") or []
@@ -460,11 +421,23 @@ class DockerRuntime:
             sink.close()
 
 
-def _container_exit_code(container: Any) -> int | None:
+REMOVE_CONTAINER = "import sys, docker; docker.from_env().containers.get(sys.argv[1]).remove(force=True)"
+
+
+def orphan_switch(container: Any, log_path: Path | None) -> DeadMansSwitch:
+    """A container outlives a killed run worker (dockerd runs it): remove it if the worker dies first.
+
+    The cleanup talks to the same engine (DOCKER_HOST and friends are inherited).
+    """
+    return DeadMansSwitch([sys.executable, "-c", REMOVE_CONTAINER, str(container.id)], log_path)
+
+
+def _container_state(container: Any) -> dict[str, Any]:
+    """The engine's ``State`` of the container (ExitCode, OOMKilled, ...); {} if it cannot be read."""
     if container is None:
-        return None
+        return {}
     try:
         container.reload()
-        return int(container.attrs["State"]["ExitCode"])
+        return dict(container.attrs.get("State") or {})
     except Exception:
-        return None
+        return {}

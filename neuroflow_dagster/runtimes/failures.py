@@ -1,7 +1,7 @@
 """Failure classes: which tool failures are worth retrying, and how long to wait.
 
-Requirements §6: transient and resource failures are retried (3 attempts,
-300 s x 2^(attempt-1) capped at 3600 s, +-20 % jitter); validation and
+docs/domain-rules.md#failures: transient and resource failures are retried
+(300 s x 2^(attempt-1) capped at 3600 s, +-20 % jitter); validation and
 configuration failures are not, because running the same input with the same
 settings again gives the same error and only delays the operator's fix.
 "tool" is an unknown non-zero exit: not retried either, since nothing says
@@ -10,8 +10,7 @@ that a second attempt would behave differently.
 The classification reads the error text (our message plus the last lines of
 the tool's log). Explicit markers win over guesses: the stand-ins print
 ``validation error:`` / ``configuration error:`` themselves. Plain Python;
-the two Dagster helpers at the bottom import dagster lazily so that this
-module stays importable without it.
+defs/execution.py turns a classified failure into Dagster's retry or failure.
 """
 
 from __future__ import annotations
@@ -19,11 +18,10 @@ from __future__ import annotations
 import random
 import re
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuroflow_dagster.config import RetryConfig
-    from neuroflow_dagster.runtimes.base import ToolRunError
 
 
 class FailureClass(str, Enum):
@@ -116,63 +114,3 @@ def retry_delay(attempt: int, retry_config: RetryConfig, rng: random.Random | No
     rng = rng or random.Random()
     factor = 1.0 + rng.uniform(-retry_config.jitter, retry_config.jitter)
     return max(0.0, base * factor)
-
-
-# --------------------------------------------------------------------------- Dagster helpers
-
-
-def dagster_retry_policy(retry_config: RetryConfig) -> Any:
-    """A Dagster ``RetryPolicy`` approximating §6 (for ``@asset(retry_policy=...)``).
-
-    Dagster's own formula differs from §6 and cannot be configured to match it: EXPONENTIAL is
-    ``(2^n - 1) x delay`` (300, 900, 2100 s), PLUS_MINUS jitter is +-``delay`` in absolute
-    seconds, and there is no cap. A RetryPolicy also retries every exception, including
-    validation and configuration failures, unless they are raised as
-    ``Failure(allow_retries=False)``: use :func:`dagster_error` for the exact behaviour.
-    """
-    import dagster as dg
-
-    return dg.RetryPolicy(
-        max_retries=retry_config.max_retries,
-        delay=retry_config.delay_seconds,
-        backoff=dg.Backoff.EXPONENTIAL,
-        jitter=dg.Jitter.PLUS_MINUS,
-    )
-
-
-def _record_metadata(error: ToolRunError) -> dict[str, Any]:
-    data = error.record.as_dict()
-    extra = data.pop("extra", {}) or {}
-    meta = {k: v for k, v in data.items() if v is not None and v != ""}
-    meta.update({f"extra_{k}": v for k, v in extra.items() if isinstance(v, (str, int, float, bool))})
-    meta["failure_class"] = str(error.failure_class)
-    return meta
-
-
-def dagster_error(
-    error: ToolRunError,
-    retry_config: RetryConfig,
-    retry_number: int,
-    rng: random.Random | None = None,
-) -> Exception:
-    """The exception an asset should raise for a failed tool run (``raise dagster_error(...)``).
-
-    Retryable classes become ``RetryRequested`` with the exact §6 delay for this attempt
-    (``retry_number`` = ``context.retry_number``, 0 on the first try); the others become
-    ``Failure(allow_retries=False)`` so no RetryPolicy re-runs a deterministic failure. Either
-    way the run record travels as failure metadata (for RetryRequested via its ``__cause__``,
-    which Dagster reports when retries are exhausted).
-    """
-    import dagster as dg
-
-    failure_class = FailureClass(error.failure_class)
-    metadata = _record_metadata(error)
-    if is_retryable(failure_class) and retry_config.max_retries > 0:
-        failure = dg.Failure(description=str(error), metadata=metadata)
-        retry = dg.RetryRequested(
-            max_retries=retry_config.max_retries,
-            seconds_to_wait=retry_delay(retry_number + 1, retry_config, rng),
-        )
-        retry.__cause__ = failure
-        return retry
-    return dg.Failure(description=str(error), metadata=metadata, allow_retries=False)

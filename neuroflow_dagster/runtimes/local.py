@@ -1,429 +1,20 @@
-"""Run a ToolSpec as a local process (and the process handling the other runtimes reuse).
-
-Why a process group: QSIPrep and friends are trees of processes (nipype
-workers, ANTs, MRtrix). Killing only the leader leaves the workers running
-for hours, holding CPUs, memory and the log pipe. The child therefore starts
-in its own session/process group and every stop (hard timeout, cancellation,
-stragglers after exit) signals the whole group: SIGTERM, then SIGKILL after a
-grace period.
-
-Cancellation: when a Dagster run is terminated the run worker gets SIGTERM,
-which Dagster turns into ``DagsterExecutionInterruptedError`` (a
-BaseException) raised in the step's thread. Anything that escapes the wait
-loop - that error, KeyboardInterrupt, a bug - stops the group before it
-propagates, so a cancelled run never leaves an orphaned 24 h job behind.
-
-Output is read by a thread into a queue and handled on the caller's thread,
-so the ``log`` callable (Dagster's ``context.log.info``) is only ever called
-from the thread that owns the context.
-"""
+"""Run a ToolSpec as a local process, or as an embedded stand-in (both on the process toolkit, process.py)."""
 
 from __future__ import annotations
 
 import os
-import queue
-import shlex
 import shutil
-import signal
-import subprocess
-import threading
-import time
-from collections import deque
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
 
-from neuroflow_dagster.runtimes.base import LogFn, RunRecord, ToolRunError
-from neuroflow_dagster.runtimes.failures import FailureClass, classify
+from neuroflow_dagster.runtimes.base import RunRecord, RunRequest, Runtime
+from neuroflow_dagster.runtimes.failures import FailureClass
+from neuroflow_dagster.runtimes.process import LogSink, fail, new_record, run_process
 from neuroflow_dagster.tools.spec import ToolSpec
 
 STAND_IN_IMAGE = "builtin stand-in (not the real tool)"
-NOTE_PREFIX = "[neuroflow] "
-TAIL_LINES = 50
-DEFAULT_KILL_GRACE_S = 10.0
-# After the leader exits, how long its children may keep the output pipe open before being killed.
-STRAGGLER_GRACE_S = 5.0
-_POLL_S = 0.1
 
 
-def _fmt_s(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.1f} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds:.1f} s"
-
-
-class LogSink:
-    """One run's output: the per-run log file, the caller's ``log`` callable and the last lines.
-
-    Our own remarks (timeouts, cancellation, exit) are prefixed with ``[neuroflow]`` so that
-    they are visible in the same file but never mistaken for the tool's output when a failure
-    is classified. Thread-safe: the Docker watchdog writes from its own thread.
-    """
-
-    def __init__(self, path: Path, log: LogFn | None, tail_lines: int = TAIL_LINES) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Append: a caller that reuses a path for a retry keeps the earlier attempt's log.
-        self._file: IO[str] | None = open(self.path, "a", encoding="utf-8", errors="replace")
-        self._log = log
-        self._tail: deque[str] = deque(maxlen=tail_lines)
-        self._lock = threading.Lock()
-        self._log_broken = False
-        self.lines = 0
-
-    def line(self, text: str, *, forward: bool = True) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.write(text + "\n")
-                self._file.flush()
-            self._tail.append(text)
-            if not text.startswith(NOTE_PREFIX):
-                self.lines += 1
-        if forward and self._log is not None and not self._log_broken:
-            try:
-                self._log(text)
-            except Exception as exc:  # a broken log sink must not kill a 24 h run
-                self._log_broken = True
-                self.line(f"{NOTE_PREFIX}log callable failed ({exc!r}); lines go to this file only",
-                          forward=False)
-
-    def note(self, text: str, *, forward: bool = True) -> None:
-        self.line(NOTE_PREFIX + text, forward=forward)
-
-    def write_raw(self, text: str) -> None:
-        """File only (e.g. Dagster Pipes protocol messages): kept for the record, not shown."""
-        with self._lock:
-            if self._file is not None:
-                self._file.write(text + "\n")
-                self._file.flush()
-
-    @property
-    def tail(self) -> str:
-        with self._lock:
-            return "\n".join(self._tail)
-
-    def tool_text(self) -> str:
-        """The tail without our own notes: what classification looks at."""
-        with self._lock:
-            return "\n".join(t for t in self._tail if not t.startswith(NOTE_PREFIX))
-
-    def last_output(self) -> str:
-        with self._lock:
-            for text in reversed(self._tail):
-                if text.strip() and not text.startswith(NOTE_PREFIX):
-                    return text.strip()
-        return ""
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-
-class LineSplitter:
-    """Turns arbitrary chunks (Docker log frames) into whole lines."""
-
-    def __init__(self) -> None:
-        self._buffer = ""
-
-    def feed(self, chunk: bytes | str) -> list[str]:
-        if isinstance(chunk, bytes):
-            chunk = chunk.decode("utf-8", errors="replace")
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split("\n")
-        return [line.rstrip("\r") for line in lines]
-
-    def flush(self) -> list[str]:
-        rest, self._buffer = self._buffer, ""
-        return [rest.rstrip("\r")] if rest else []
-
-
-def new_record(spec: ToolSpec, *, runtime: str, command: Sequence[str], log_path: Path,
-               image: str | None) -> RunRecord:
-    return RunRecord(
-        tool=spec.tool,
-        runtime=runtime,
-        command=shlex.join(command),
-        output_dir=str(spec.output_dir),
-        log_path=str(log_path),
-        started=time.time(),
-        image=image,
-        extra={"stand_in": True} if spec.stand_in else {},
-    )
-
-
-def fail(record: RunRecord, sink: LogSink | None, message: str, failure_class: FailureClass | str,
-         exit_code: int | None = None) -> ToolRunError:
-    """Finish the record of a failed run and build the error (the caller raises it)."""
-    if record.ended is None:
-        record.ended = time.time()
-    if exit_code is not None:
-        record.exit_code = exit_code
-    failure_class = str(FailureClass(failure_class))
-    record.extra["failure_class"] = failure_class
-    if sink is not None:
-        sink.note(f"failed ({failure_class}): {message}")
-        record.log_tail = sink.tail
-        sink.close()
-    return ToolRunError(message, record, failure_class)
-
-
-def exit_failure(record: RunRecord, sink: LogSink, exit_code: int | None) -> ToolRunError:
-    """A non-zero exit: message names the tool, the code, the log and the last output line."""
-    if exit_code is None:
-        how = "an unknown exit code"
-    elif exit_code < 0:
-        try:
-            how = f"killed by signal {signal.Signals(-exit_code).name}"
-        except ValueError:
-            how = f"killed by signal {-exit_code}"
-    else:
-        how = f"exit code {exit_code}"
-    last = sink.last_output()
-    message = f"{record.tool} failed with {how} (log: {record.log_path})"
-    if last:
-        message += f"; last output: {last[:500]}"
-    failure_class = classify(f"{message}\n{sink.tool_text()}", exit_code)
-    return fail(record, sink, message, failure_class, exit_code=exit_code)
-
-
-def succeed(record: RunRecord, sink: LogSink, exit_code: int = 0) -> RunRecord:
-    record.ended = time.time()
-    record.exit_code = exit_code
-    sink.note(f"finished: exit code {exit_code} after {_fmt_s(record.ended - record.started)}")
-    record.log_tail = sink.tail
-    sink.close()
-    return record
-
-
-# --------------------------------------------------------------------------- process groups
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    """Does the group still have a live (non-zombie) member?
-
-    Zombies count as members for ``killpg(pgid, 0)``; where PID 1 does not reap orphans (some
-    containers) that would make every stop wait the full grace period, so /proc is read when
-    it exists.
-    """
-    proc_root = Path("/proc")
-    if proc_root.is_dir():
-        for entry in proc_root.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-                return True
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def kill_group(proc: subprocess.Popen[bytes], grace_s: float) -> None:
-    """SIGTERM the child's process group, SIGKILL whatever is left after ``grace_s``."""
-    pgid = proc.pid  # start_new_session=True: the child leads its own group
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader so it does not count as a member
-        if not _group_alive(pgid):
-            break
-        time.sleep(0.05)
-    else:
-        _signal_group(pgid, signal.SIGKILL)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-        pass
-
-
-def _read_lines(stream: IO[bytes], sink_queue: queue.Queue[str | None]) -> None:
-    try:
-        for raw in iter(stream.readline, b""):
-            sink_queue.put(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
-    except (OSError, ValueError):  # pipe closed under us during a kill
-        pass
-    finally:
-        sink_queue.put(None)
-
-
-def run_process(
-    argv: Sequence[str],
-    *,
-    record: RunRecord,
-    sink: LogSink,
-    env: Mapping[str, str],
-    cwd: Path | None,
-    timeout_s: float | None,
-    soft_timeout_s: float | None,
-    kill_grace_s: float = DEFAULT_KILL_GRACE_S,
-) -> RunRecord:
-    """Run ``argv`` (never through a shell), stream its output, enforce the timeouts.
-
-    Returns the finished record on exit code 0, raises ToolRunError otherwise. Interrupts
-    (cancellation) stop the process group and are re-raised unchanged.
-    """
-    sink.note(f"running: {record.command}")
-    try:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            cwd=str(cwd) if cwd is not None else None,
-            start_new_session=True,
-        )
-    except FileNotFoundError as exc:
-        missing = exc.filename or argv[0]
-        if cwd is not None and not Path(cwd).is_dir():
-            raise fail(record, sink, f"{record.tool}: working directory {cwd} does not exist",
-                       FailureClass.CONFIGURATION) from exc
-        raise fail(record, sink, f"{record.tool}: executable not found: {missing} "
-                   f"(looked up on PATH of the worker)", FailureClass.CONFIGURATION) from exc
-    except PermissionError as exc:
-        raise fail(record, sink, f"{record.tool}: cannot execute {argv[0]}: permission denied",
-                   FailureClass.CONFIGURATION) from exc
-    record.extra["pid"] = proc.pid
-    assert proc.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True,
-                              name=f"neuroflow-log-{record.tool}")
-    reader.start()
-    started = time.monotonic()
-    timed_out = False
-    try:
-        timed_out = _pump(proc, lines, sink, started, timeout_s, soft_timeout_s, kill_grace_s)
-    except BaseException as exc:
-        # Cancellation (DagsterExecutionInterruptedError / KeyboardInterrupt) or a bug: the tree
-        # must not outlive us. A second interrupt during the grace period gets a SIGKILL.
-        try:
-            sink.note(f"interrupted by {type(exc).__name__}: stopping process group {proc.pid}")
-            kill_group(proc, kill_grace_s)
-        except BaseException:
-            _signal_group(proc.pid, signal.SIGKILL)
-            raise
-        finally:
-            record.ended = time.time()
-            record.exit_code = proc.returncode
-            record.error = f"cancelled ({type(exc).__name__}) after {_fmt_s(time.monotonic() - started)}"
-            record.extra["cancelled"] = True
-            sink.note(record.error)
-            record.log_tail = sink.tail
-            sink.close()
-        raise
-    finally:
-        # Closing the pipe while the reader is blocked in readline() would deadlock on the
-        # buffer's lock (seen when something outside the group keeps the pipe open): close it
-        # only once the reader is done, otherwise leave the daemon thread to the pipe's EOF.
-        reader.join(timeout=1.0)
-        if not reader.is_alive():
-            proc.stdout.close()
-    rc = proc.returncode
-    if timed_out:
-        record.extra["timed_out"] = True
-        record.extra["timeout_s"] = timeout_s
-        message = (f"{record.tool} exceeded its hard timeout of {_fmt_s(timeout_s or 0)} and was stopped "
-                   f"(log: {record.log_path})")
-        raise fail(record, sink, message, FailureClass.RESOURCE, exit_code=rc)
-    if rc != 0:
-        raise exit_failure(record, sink, rc)
-    return succeed(record, sink, rc)
-
-
-def _pump(
-    proc: subprocess.Popen[bytes],
-    lines: queue.Queue[str | None],
-    sink: LogSink,
-    started: float,
-    timeout_s: float | None,
-    soft_timeout_s: float | None,
-    kill_grace_s: float,
-) -> bool:
-    """Forward output until the process has exited and its output is closed; True if timed out."""
-    eof = warned = timed_out = stragglers_killed = False
-    exited_at: float | None = None
-    while True:
-        elapsed = time.monotonic() - started
-        if proc.poll() is None:
-            if soft_timeout_s is not None and not warned and elapsed >= soft_timeout_s:
-                warned = True
-                hard = f", hard limit {_fmt_s(timeout_s)}" if timeout_s else ""
-                sink.note(f"WARNING soft timeout: still running after {_fmt_s(elapsed)} "
-                          f"(soft limit {_fmt_s(soft_timeout_s)}{hard}); not stopped")
-            if timeout_s is not None and not timed_out and elapsed >= timeout_s:
-                timed_out = True
-                sink.note(f"hard timeout of {_fmt_s(timeout_s)} reached: stopping process group "
-                          f"{proc.pid} (SIGTERM, SIGKILL after {_fmt_s(kill_grace_s)})")
-                kill_group(proc, kill_grace_s)
-                continue
-        else:
-            if exited_at is None:
-                exited_at = time.monotonic()
-            if eof:
-                if not stragglers_killed and _group_alive(proc.pid):
-                    # Background children that closed their output but still run: not ours to keep.
-                    sink.note(f"processes of group {proc.pid} still running after exit: stopping them")
-                    kill_group(proc, min(kill_grace_s, 2.0))
-                return timed_out
-            if time.monotonic() - exited_at > STRAGGLER_GRACE_S:
-                if not stragglers_killed:
-                    stragglers_killed = True
-                    sink.note(f"exited, but processes of group {proc.pid} still hold its output open: "
-                              "killing them")
-                    _signal_group(proc.pid, signal.SIGKILL)
-                elif time.monotonic() - exited_at > 2 * STRAGGLER_GRACE_S:
-                    return timed_out
-        if eof:
-            try:
-                proc.wait(timeout=_POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
-            continue
-        try:
-            item = lines.get(timeout=_POLL_S)
-        except queue.Empty:
-            continue
-        if item is None:
-            eof = True
-            continue
-        sink.line(item)
-
-
-# --------------------------------------------------------------------------- runtimes
-
-
-def _timeouts(stage: Any, timeout_s: float | None, soft_timeout_s: float | None) -> tuple[float | None,
-                                                                                          float | None]:
-    """Explicit arguments win; otherwise the stage's ``timeout_minutes`` / ``soft_timeout_minutes``."""
-    if stage is not None:
-        if timeout_s is None and getattr(stage, "timeout_minutes", None):
-            timeout_s = float(stage.timeout_minutes) * 60
-        if soft_timeout_s is None and getattr(stage, "soft_timeout_minutes", None):
-            soft_timeout_s = float(stage.soft_timeout_minutes) * 60
-    return timeout_s, soft_timeout_s
-
-
-class LocalRuntime:
+class LocalRuntime(Runtime):
     """The tool is installed on the worker (pip/conda/system): argv runs as is.
 
     Mounts are identity mappings here (argv already holds host paths); the stage's cpus and
@@ -433,30 +24,18 @@ class LocalRuntime:
 
     name = "local"
 
-    def __init__(self, stage: Any | None = None, *, kill_grace_s: float = DEFAULT_KILL_GRACE_S) -> None:
-        self.stage = stage
-        self.kill_grace_s = kill_grace_s
-
     def image_label(self, spec: ToolSpec) -> str | None:
         return STAND_IN_IMAGE if spec.stand_in else None
 
     def check(self, spec: ToolSpec, record: RunRecord, sink: LogSink) -> None:
         """Refuse specs this runtime must not run (raise ToolRunError)."""
 
-    def run(
-        self,
-        spec: ToolSpec,
-        *,
-        log_path: Path,
-        timeout_s: float | None = None,
-        soft_timeout_s: float | None = None,
-        log: LogFn | None = None,
-        context: Any | None = None,
-    ) -> RunRecord:
+    def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
         argv = list(spec.argv)
-        record = new_record(spec, runtime=self.name, command=argv, log_path=Path(log_path),
-                            image=self.image_label(spec))
-        sink = LogSink(Path(log_path), log)
+        record = new_record(
+            spec, runtime=self.name, command=argv, log_path=request.log_path, image=self.image_label(spec)
+        )
+        sink = LogSink(request.log_path, request.log)
         self.check(spec, record, sink)
         sink.note(f"tool {spec.tool} on runtime {self.name}" + (f" ({record.image})" if record.image else ""))
         if not argv:
@@ -468,18 +47,23 @@ class LocalRuntime:
             try:
                 Path(spec.workdir).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise fail(record, sink, f"{spec.tool}: cannot create working directory {spec.workdir}: "
-                           f"{exc.strerror}", FailureClass.CONFIGURATION) from exc
-        timeout_s, soft_timeout_s = _timeouts(self.stage, timeout_s, soft_timeout_s)
+                raise fail(
+                    record,
+                    sink,
+                    f"{spec.tool}: cannot create working directory {spec.workdir}: {exc.strerror}",
+                    FailureClass.CONFIGURATION,
+                ) from exc
         return run_process(
             argv,
             record=record,
             sink=sink,
             env={**os.environ, **spec.env},
             cwd=spec.workdir,
-            timeout_s=timeout_s,
-            soft_timeout_s=soft_timeout_s,
+            timeout_s=request.timeout_s,
+            soft_timeout_s=request.soft_timeout_s,
             kill_grace_s=self.kill_grace_s,
+            lock=spec.lock,
+            lock_info={"owner": spec.lock_owner, "tool": spec.tool} if spec.lock else None,
         )
 
 
@@ -498,6 +82,10 @@ class BuiltinRuntime(LocalRuntime):
 
     def check(self, spec: ToolSpec, record: RunRecord, sink: LogSink) -> None:
         if not spec.stand_in:
-            raise fail(record, sink, f"{spec.tool}: runtime 'builtin' got a spec for the real tool "
-                       "(stand_in=False); build the stand-in spec or choose runtime local/docker/apptainer",
-                       FailureClass.CONFIGURATION)
+            raise fail(
+                record,
+                sink,
+                f"{spec.tool}: runtime 'builtin' got a spec for the real tool "
+                "(stand_in=False); build the stand-in spec or choose runtime local/docker/apptainer",
+                FailureClass.CONFIGURATION,
+            )

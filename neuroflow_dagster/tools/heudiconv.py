@@ -36,15 +36,14 @@ from importlib import metadata
 from pathlib import Path
 
 from neuroflow_dagster.config import ConfigError, NeuroflowConfig
+from neuroflow_dagster.naming.bids import entities, session_path
+from neuroflow_dagster.tools.layout import C_OUT, validate_label
 from neuroflow_dagster.tools.spec import Mount, ToolSpec
 
 TOOL = "heudiconv"
 CONTAINER_DICOM = "/dicom"
-CONTAINER_OUT = "/out"
 CONTAINER_HEURISTIC = "/heuristic.py"
 SHIPPED_HEURISTICS = Path(__file__).resolve().parent.parent / "heuristics"
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
-_SUFFIX = re.compile(r"_([A-Za-z0-9]+)\.(?:nii\.gz|nii)$")
 
 
 def shipped_heuristics() -> dict[str, Path]:
@@ -68,24 +67,14 @@ def resolve_heuristic(value: str) -> Path:
     return shipped[value]
 
 
-def _check_label(kind: str, label: str) -> None:
-    if not _LABEL.match(label):
-        raise ValueError(f"{kind} label {label!r} is not a BIDS label (letters and digits only)")
-
-
-def session_dir(root: Path, participant: str, session: str) -> Path:
-    """``root/sub-<participant>/ses-<session>`` (root is a staging dir or bids_root)."""
-    return Path(root) / f"sub-{participant}" / f"ses-{session}"
-
-
 def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
     """Patterns that must each match after a good conversion (relative to the staging dir)."""
-    base = f"sub-{participant}/ses-{session}"
+    base = session_path(participant, session)
     return (
         "dataset_description.json",
         f"{base}/*/*.nii.gz",
         f"{base}/*/*.json",
-        f"{base}/sub-{participant}_ses-{session}_scans.tsv",
+        f"{base}/{entities(participant, session)}_scans.tsv",
     )
 
 
@@ -114,8 +103,8 @@ def build_spec(
     docker/apptainer, host paths otherwise. Labels are without ``sub-``/``ses-``.
     """
     cfg = config.pipelines.bids_conversion
-    _check_label("participant", participant)
-    _check_label("session", session)
+    validate_label(participant)
+    validate_label(session, "session")
     dicom = Path(dicom_dir).resolve()
     staging = Path(staging_dir).resolve()
     if not dicom.is_dir():
@@ -126,14 +115,14 @@ def build_spec(
             "(its .heudiconv cache would replay an old heuristic's decisions)"
         )
     heuristic = resolve_heuristic(cfg.heuristic)
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized:
         mounts = (
             Mount(dicom, CONTAINER_DICOM, read_only=True),
-            Mount(staging, CONTAINER_OUT, read_only=False),
+            Mount(staging, C_OUT, read_only=False),
             Mount(heuristic, CONTAINER_HEURISTIC, read_only=True),
         )
-        dicom_arg, out_arg, heuristic_arg = CONTAINER_DICOM, CONTAINER_OUT, CONTAINER_HEURISTIC
+        dicom_arg, out_arg, heuristic_arg = CONTAINER_DICOM, C_OUT, CONTAINER_HEURISTIC
         env = {"NO_ET": "1"}
     else:
         mounts = (
@@ -176,7 +165,7 @@ def code_version(config: NeuroflowConfig) -> str:
         digest.update(resolve_heuristic(cfg.heuristic).read_bytes())
     except (ConfigError, OSError):
         digest.update(f"missing heuristic {cfg.heuristic}".encode())
-    if cfg.runtime in ("docker", "apptainer"):
+    if cfg.containerized:
         tools = f"image={cfg.image}"
     else:
         tools = ";".join(f"{name}={_package_version(name)}" for name in ("heudiconv", "dcm2niix"))
@@ -189,23 +178,6 @@ def _package_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "absent"
-
-
-def present_suffixes(session_path: str | os.PathLike[str]) -> set[str]:
-    """BIDS suffixes of the NIfTI files in a session folder, e.g. {"T1w", "dwi", "epi"}.
-
-    What the diffusion stages gate on (``requires_bids_suffixes: [dwi]``).
-    A missing folder has no suffixes.
-    """
-    root = Path(session_path)
-    found: set[str] = set()
-    if not root.is_dir():
-        return found
-    for path in root.glob("*/*.nii*"):
-        match = _SUFFIX.search(path.name)
-        if match:
-            found.add(match.group(1))
-    return found
 
 
 def _version_of(argv: list[str], env: dict[str, str]) -> str | None:

@@ -1,11 +1,11 @@
 """Where the diffusion stages read and write, and the small rules every tool spec shares.
 
 One place decides the derivative folders (``derivatives/qsiprep``,
-``derivatives/qsirecon-<workflow_name>``, ``derivatives/qsiparc``), the BIDS
-entity names, the per-run work folders and how a host path becomes the path a
-container sees. Labels are checked here before they reach any path or argv:
-a label such as ``../x`` or ``01 02`` must never become a folder name or two
-arguments.
+``derivatives/qsirecon-<workflow_name>``, ``derivatives/qsiparc``), the
+per-run work folders and how a host path becomes the path a container sees.
+The BIDS spelling itself is naming/bids.py; labels are checked here before
+they reach any path or argv: a label such as ``../x`` or ``01 02`` must never
+become a folder name or two arguments.
 """
 
 from __future__ import annotations
@@ -13,25 +13,30 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.naming import bids
+from neuroflow_dagster.naming.bids import is_label
 from neuroflow_dagster.tools.spec import Mount
 
-_LABEL = re.compile(r"[A-Za-z0-9]+")
 # A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
+# Where a containerized tool sees its output, work folder and FreeSurfer licence (fixed paths, so argv
+# does not depend on where the operator keeps data); every tool module uses these.
+C_OUT = "/out"
+C_WORK = "/work"
+C_LICENSE = "/opt/freesurfer/license.txt"
+# Switch off nipype's and the BIDS apps' start-up network pings: workers on a clinical network have no internet.
+NO_PING_ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
 _VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
 
 
 class SpecError(ValueError):
     """A tool run that cannot be described from this configuration (the message names the key or label)."""
-
-
-def is_label(text: object) -> bool:
-    """Letters and digits (ASCII) only - nothing a path or a shell could read as structure."""
-    return isinstance(text, str) and _LABEL.fullmatch(text) is not None
 
 
 def validate_label(label: str, kind: str = "participant") -> str:
@@ -41,27 +46,20 @@ def validate_label(label: str, kind: str = "participant") -> str:
     partition keys are bare labels, and guessing would hide a caller's bug.
     """
     if not is_label(label):
-        prefix = "sub-" if kind == "participant" else "ses-"
+        prefix = bids.SUBJECT_PREFIX if kind == "participant" else bids.SESSION_PREFIX
         hint = f" (give it without the '{prefix}' prefix)" if str(label).startswith(prefix) else ""
         raise SpecError(f"{kind} label {label!r} is not a BIDS label: letters and digits only{hint}")
     return label
 
 
 def entities(participant: str, session: str | None = None) -> str:
-    """The file-name prefix ``sub-X_ses-Y`` (or ``sub-X``)."""
-    name = f"sub-{validate_label(participant)}"
-    if session is not None:
-        name += f"_ses-{validate_label(session, 'session')}"
-    return name
-
-
-def subject_dir(root: Path, participant: str) -> Path:
-    return Path(root) / f"sub-{validate_label(participant)}"
+    """The file-name prefix ``sub-X_ses-Y`` (or ``sub-X``), labels checked."""
+    return bids.entities(validate_label(participant), None if session is None else validate_label(session, "session"))
 
 
 def session_dir(root: Path, participant: str, session: str) -> Path:
-    """``root/sub-X/ses-Y``: the same shape in BIDS, QSIPrep, QSIRecon and QSIParc trees."""
-    return subject_dir(root, participant) / f"ses-{validate_label(session, 'session')}"
+    """``root/sub-X/ses-Y`` with the labels checked: the same shape in BIDS, QSIPrep, QSIRecon and QSIParc trees."""
+    return bids.session_dir(root, validate_label(participant), validate_label(session, "session"))
 
 
 def qsiprep_dir(config: Any) -> Path:
@@ -95,6 +93,13 @@ def qsirecon_map_dirs(root: Path, participant: str, session: str) -> list[Path]:
 def qsirecon_maps(root: Path, participant: str, session: str) -> list[Path]:
     """The session's ``*_dwimap.nii.gz`` model maps: "is there a reconstruction to parcellate?"."""
     return sorted(p for d in qsirecon_map_dirs(root, participant, session) for p in d.glob("*_dwimap.nii.gz"))
+
+
+def publish_plan(output_dir: Path, final: Path, units: list[str]) -> dict[str, Any]:
+    """ToolSpec fields for a run writing into ``output_dir``: publish into ``final`` if that is elsewhere."""
+    if Path(output_dir) == Path(final):
+        return {}
+    return {"publish_to": Path(final), "publish_units": tuple(units)}
 
 
 def work_dir(config: Any, stage: str, participant: str, session: str | None = None) -> Path:
@@ -151,9 +156,34 @@ def _short_tool(tool: str) -> str:
 
 def tool_identity(stage_config: Any, stand_in_module: str) -> str:
     """What produced the outputs: the image (its tag is the version) or the stand-in and its package version."""
-    if stage_config.runtime == "builtin":
+    if stage_config.tool_runtime == "builtin":
         return f"builtin:{stand_in_module}:{package_version()}"
-    return stage_config.image or f"{stage_config.runtime}:unversioned"
+    return stage_config.image or f"{stage_config.tool_runtime}:unversioned"
+
+
+def stand_in_command(
+    module: str,
+    source: tuple[str, Path],
+    out: Path,
+    participant: str,
+    sessions: Sequence[str],
+    work: Path | None = None,
+) -> tuple[list[str], PathMap]:
+    """An embedded stand-in's command and its host-path map: ``python -m <module> <--X-dir> SOURCE
+    --output-dir OUT --participant-label P --session-label S... [--work-dir WORK]`` (the options every
+    stand-in takes, in that order; the caller appends the tool's own)."""
+    pm = PathMap(containerized=False)
+    flag, folder = source
+    argv = [
+        sys.executable, "-m", module,
+        flag, pm(folder, ""),
+        "--output-dir", pm(out, "", read_only=False),
+        "--participant-label", participant,
+        "--session-label", *sessions,
+    ]  # fmt: skip
+    if work is not None:
+        argv += ["--work-dir", pm(work, "", read_only=False)]
+    return argv, pm
 
 
 @dataclass

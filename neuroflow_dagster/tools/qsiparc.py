@@ -10,51 +10,50 @@ checked against the real click parser in the test suite.
 
 from __future__ import annotations
 
-import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.layout import C_OUT, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsiparc"
 STAND_IN = "neuroflow_dagster.tools.builtin.parcellate"
 
 C_QSIRECON = "/data/qsirecon"
-C_OUT = "/out"
 
 
 def golden_outputs(participant: str, session: str) -> tuple[str, ...]:
     ents = layout.entities(participant, session)
-    return (f"sub-{participant}/ses-{session}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
+    return (f"{session_path(participant, session)}/dwi/atlas-*/{ents}_atlas-*_diffmap.tsv",)
 
 
-def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
-    """The QSIParc run for one session, per the stage's runtime."""
+def build_spec(config: Any, participant: str, session: str, *, output_dir: Path | None = None) -> ToolSpec:
+    """The QSIParc run for one session, per the stage's runtime (``output_dir``: the run's staging folder)."""
     cfg = config.pipelines.qsiparc
     layout.validate_label(participant)
     layout.validate_label(session, "session")
     source = layout.qsirecon_dir(config)
-    out = layout.qsiparc_dir(config)
-    common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs}
+    final = layout.qsiparc_dir(config)
+    out = Path(output_dir) if output_dir is not None else final
+    common = {
+        "output_dir": out,
+        "outputs": golden_outputs(participant, session),
+        "nprocs": cfg.n_jobs,
+        **layout.publish_plan(out, final, [f"sub-{participant}/ses-{session}"]),
+    }
 
-    if cfg.runtime == "builtin":
-        pm = PathMap(containerized=False)
-        argv = [
-            sys.executable, "-m", STAND_IN,
-            "--qsirecon-dir", pm(source, ""),
-            "--output-dir", pm(out, "", read_only=False),
-            "--participant-label", participant,
-            "--session-label", session,
-            "--mask", cfg.mask,
-        ]  # fmt: skip
+    if cfg.tool_runtime == "builtin":
+        argv, pm = stand_in_command(STAND_IN, ("--qsirecon-dir", source), out, participant, [session])
+        argv += ["--mask", cfg.mask]
         out.mkdir(parents=True, exist_ok=True)
         return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), stand_in=True, **common)
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.runtime} (no default image)")
+        raise SpecError(f"pipelines.qsiparc.image: required when runtime is {cfg.tool_runtime} (no default image)")
     pm = PathMap(containerized=containerized)
     argv = [
         TOOL, "run",
@@ -73,9 +72,16 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
     return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), **common)
 
 
+def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, list[str]]]:
+    """What a run for one session reads, as (label, root, globs relative to root): the session's QSIRecon
+    folders (atlases in subject space, the model maps of every workflow) and the atlas tables."""
+    ses = session_path(participant, session)
+    return [("derivatives/qsirecon", layout.qsirecon_dir(config), [ses, f"derivatives/qsirecon-*/{ses}", "atlases"])]
+
+
 def _identity(cfg: Any) -> str:
     """Local runs without an image are versioned by the qsiparc installed beside neuroflow, if any."""
-    if cfg.runtime == "local" and not cfg.image:
+    if cfg.tool_runtime == "local" and not cfg.image:
         try:
             return f"qsiparc=={metadata.version('qsiparc')}"
         except metadata.PackageNotFoundError:

@@ -22,14 +22,14 @@ sources as root).
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.layout import C_LICENSE, C_OUT, C_WORK, NO_PING_ENV, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsiprep"
@@ -40,13 +40,7 @@ FILTER_QUERIES = ("dwi", "t1w", "t2w", "fmap", "roi")
 NEW_DIALECT = 26
 
 C_BIDS = "/data/bids"
-C_OUT = "/out"
-C_WORK = "/work"
-C_LICENSE = "/opt/freesurfer/license.txt"
 C_FILTER = "/neuroflow/bids_filter.json"
-
-# Switch off nipype's and QSIPrep's start-up network pings: workers on a clinical network have no internet.
-ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
 
 
 def dialect(config: Any) -> int:
@@ -106,7 +100,7 @@ def golden_outputs(participant: str, sessions: Sequence[str]) -> tuple[str, ...]
     sub = layout.entities(participant)
     outputs = ["dataset_description.json", f"{sub}.html"]
     for session in sessions:
-        stem = f"{sub}/ses-{session}/dwi/{layout.entities(participant, session)}_*space-ACPC_"
+        stem = f"{session_path(participant, session)}/dwi/{layout.entities(participant, session)}_*space-ACPC_"
         outputs += [
             f"{stem}desc-preproc_dwi.nii.gz",
             f"{stem}desc-preproc_dwi.bval",
@@ -125,44 +119,48 @@ def _sessions(sessions: Sequence[str]) -> list[str]:
     return sorted(labels)
 
 
-def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSpec:
-    """The QSIPrep run for ``participant`` over ``sessions`` (those with DWI), per the stage's runtime."""
+def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output_dir: Path | None = None) -> ToolSpec:
+    """The QSIPrep run for ``participant`` over ``sessions`` (those with DWI), per the stage's runtime.
+
+    ``output_dir``: the run's staging folder (tools/publish.py); the outputs are then published into
+    ``derivatives/qsiprep`` after success, the subject's folder replaced as a whole.
+    """
     cfg = config.pipelines.qsiprep
     layout.validate_label(participant)
     sessions = _sessions(sessions)
     bids = Path(config.paths.bids_root)
-    out = layout.qsiprep_dir(config)
+    final = layout.qsiprep_dir(config)
+    out = Path(output_dir) if output_dir is not None else final
     work = layout.work_dir(config, TOOL, participant)
     layout.check_not_inside(out, bids, "QSIPrep's output folder")
     layout.check_not_inside(work, bids, "QSIPrep's work folder")
     outputs = golden_outputs(participant, sessions)
-    common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
+    common = {
+        "output_dir": out,
+        "outputs": outputs,
+        "nprocs": cfg.nprocs,
+        "mem_mb": cfg.mem_mb,
+        **layout.publish_plan(out, final, [f"sub-{participant}"]),
+    }
 
-    if cfg.runtime == "builtin":
-        pm = PathMap(containerized=False)
-        argv = [
-            sys.executable, "-m", STAND_IN,
-            "--bids-dir", pm(bids, ""),
-            "--output-dir", pm(out, "", read_only=False),
-            "--participant-label", participant,
-            "--session-label", *sessions,
-            "--work-dir", pm(work, "", read_only=False),
-            "--nprocs", str(cfg.nprocs),
-        ]  # fmt: skip
+    if cfg.tool_runtime == "builtin":
+        argv, pm = stand_in_command(STAND_IN, ("--bids-dir", bids), out, participant, sessions, work)
+        argv += ["--nprocs", str(cfg.nprocs)]
         _prepare(work, out)
-        return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
-                        stand_in=True, **common)
+        return ToolSpec(
+            tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work, stand_in=True, **common
+        )
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsiprep.image: required when runtime is {cfg.tool_runtime}")
     version = dialect(config)
     if len(cfg.anatomical_template) != 1:
         raise SpecError(
             f"pipelines.qsiprep.anatomical_template {cfg.anatomical_template}: QSIPrep takes exactly one template"
         )
     if version < NEW_DIALECT and containerized and cfg.fs_license is None:
-        raise SpecError(f"pipelines.qsiprep.fs_license: required when runtime is {cfg.runtime} (QSIPrep 1.x)")
+        raise SpecError(f"pipelines.qsiprep.fs_license: required when runtime is {cfg.tool_runtime} (QSIPrep 1.x)")
 
     filter_file = write_bids_filter(bids_filter_path(config, participant), sessions, cfg.bids_filters)
     pm = PathMap(containerized=containerized)
@@ -198,8 +196,27 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str]) -> ToolSp
     argv.append("--notrack")
     argv += list(cfg.extra_args)
     _prepare(work, out)
-    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(ENV),
-                    workdir=Path(container_work), **common)
+    return ToolSpec(
+        tool=TOOL,
+        argv=tuple(argv),
+        image=cfg.image,
+        mounts=tuple(pm.mounts),
+        env=dict(NO_PING_ENV),
+        workdir=Path(container_work),
+        **common,
+    )
+
+
+def reads(config: Any, participant: str, sessions: Sequence[str]) -> list[tuple[str, Path, list[str]]]:
+    """What a run over ``sessions`` reads, as (label, root, globs relative to root): the sessions' BIDS
+    folders (not the subject's other sessions), the dataset description and the BIDS filter file."""
+    sessions = _sessions(sessions)
+    bids = Path(config.paths.bids_root)
+    reads = [("bids_root", bids, ["dataset_description.json", *(session_path(participant, s) for s in sessions)])]
+    if config.pipelines.qsiprep.tool_runtime != "builtin":
+        filter_file = bids_filter_path(config, participant)
+        reads.append(("bids_filter", filter_file.parent, [filter_file.name]))
+    return reads
 
 
 def _prepare(work: Path, out: Path) -> None:

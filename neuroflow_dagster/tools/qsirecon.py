@@ -16,24 +16,20 @@ parser is not exercised by the test suite; see docs/tools.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import PathMap, SpecError
+from neuroflow_dagster.tools.layout import C_LICENSE, C_OUT, C_WORK, NO_PING_ENV, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsirecon"
 STAND_IN = "neuroflow_dagster.tools.builtin.recon"
 
 C_QSIPREP = "/data/qsiprep"
-C_OUT = "/out"
-C_WORK = "/work"
-C_LICENSE = "/opt/freesurfer/license.txt"
 C_SPEC = "/neuroflow/recon_spec"
 
-ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -51,15 +47,19 @@ def golden_outputs(participant: str, session: str, atlases: list[str], *, stand_
     so its atlas patterns are ``seg-*`` rather than the configured atlases.
     """
     ents = layout.entities(participant, session)
-    dwi = f"sub-{participant}/ses-{session}/dwi/{ents}_*space-ACPC_"
+    dwi = f"{session_path(participant, session)}/dwi/{ents}_*space-ACPC_"
     outputs = [f"derivatives/qsirecon-*/{dwi}model-*_param-*_dwimap.nii.gz"]
-    for atlas in (["*"] if stand_in else atlases):
+    for atlas in ["*"] if stand_in else atlases:
         outputs += [f"{dwi}seg-{atlas}_dseg.nii.gz", f"atlases/atlas-{atlas}/atlas-{atlas}_dseg.tsv"]
     return tuple(outputs)
 
 
-def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
-    """The QSIRecon run for one session, per the stage's runtime."""
+def build_spec(config: Any, participant: str, session: str, *, output_dir: Path | None = None) -> ToolSpec:
+    """The QSIRecon run for one session, per the stage's runtime.
+
+    ``output_dir``: the run's staging folder; after success every ``sub-X/ses-Y`` it wrote (QSIRecon
+    nests them under ``derivatives/qsirecon-*/`` too) replaces the published one as a whole.
+    """
     cfg = config.pipelines.qsirecon
     layout.validate_label(participant)
     layout.validate_label(session, "session")
@@ -67,20 +67,19 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
         if not layout.is_label(atlas):
             raise SpecError(f"pipelines.qsirecon.atlases: {atlas!r} is not an atlas name (letters and digits)")
     source = layout.qsiprep_dir(config)
-    out = layout.qsirecon_dir(config)
+    final = layout.qsirecon_dir(config)
+    out = Path(output_dir) if output_dir is not None else final
     work = layout.work_dir(config, TOOL, participant, session)
-    common = {"output_dir": out, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb}
+    unit = f"sub-{participant}/ses-{session}"
+    common = {
+        "output_dir": out,
+        "nprocs": cfg.nprocs,
+        "mem_mb": cfg.mem_mb,
+        **layout.publish_plan(out, final, [unit, f"**/{unit}"]),
+    }
 
-    if cfg.runtime == "builtin":
-        pm = PathMap(containerized=False)
-        argv = [
-            sys.executable, "-m", STAND_IN,
-            "--qsiprep-dir", pm(source, ""),
-            "--output-dir", pm(out, "", read_only=False),
-            "--participant-label", participant,
-            "--session-label", session,
-            "--work-dir", pm(work, "", read_only=False),
-        ]  # fmt: skip
+    if cfg.tool_runtime == "builtin":
+        argv, pm = stand_in_command(STAND_IN, ("--qsiprep-dir", source), out, participant, [session], work)
         if cfg.atlas_file is not None:
             argv += ["--atlas-file", pm(Path(cfg.atlas_file), "")]
             if cfg.atlas_labels is not None:
@@ -88,15 +87,22 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
         elif cfg.atlas_labels is not None:
             raise SpecError("pipelines.qsirecon.atlas_labels is set without atlas_file")
         _prepare(work, out)
-        return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
-                        outputs=golden_outputs(participant, session, cfg.atlases, stand_in=True),
-                        stand_in=True, **common)
+        return ToolSpec(
+            tool=TOOL,
+            argv=tuple(argv),
+            image=None,
+            mounts=tuple(pm.mounts),
+            workdir=work,
+            outputs=golden_outputs(participant, session, cfg.atlases, stand_in=True),
+            stand_in=True,
+            **common,
+        )
 
-    containerized = cfg.runtime in ("docker", "apptainer")
+    containerized = cfg.containerized
     if containerized and not cfg.image:
-        raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsirecon.image: required when runtime is {cfg.tool_runtime}")
     if containerized and cfg.fs_license is None:
-        raise SpecError(f"pipelines.qsirecon.fs_license: required when runtime is {cfg.runtime}")
+        raise SpecError(f"pipelines.qsirecon.fs_license: required when runtime is {cfg.tool_runtime}")
     pm = PathMap(containerized=containerized)
     source_arg, out_arg = pm(source, C_QSIPREP), pm(out, C_OUT, read_only=False)
     spec_file = recon_spec_file(cfg.recon_spec)
@@ -126,9 +132,42 @@ def build_spec(config: Any, participant: str, session: str) -> ToolSpec:
     argv.append("--notrack")
     argv += list(cfg.extra_args)
     _prepare(work, out)
-    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(ENV),
-                    workdir=Path(container_work), outputs=golden_outputs(participant, session, cfg.atlases),
-                    **common)
+    return ToolSpec(
+        tool=TOOL,
+        argv=tuple(argv),
+        image=cfg.image,
+        mounts=tuple(pm.mounts),
+        env=dict(NO_PING_ENV),
+        workdir=Path(container_work),
+        outputs=golden_outputs(participant, session, cfg.atlases),
+        **common,
+    )
+
+
+def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, list[str]]]:
+    """What a run for one session reads, as (label, root, globs relative to root): the subject's QSIPrep
+    anatomy, this session's QSIPrep folder, QSIPrep's provenance and dataset description; the recon spec
+    and (stand-in) atlas files when they are files."""
+    cfg = config.pipelines.qsirecon
+    sub = layout.entities(participant)
+    reads = [
+        (
+            "derivatives/qsiprep",
+            layout.qsiprep_dir(config),
+            [
+                "dataset_description.json",
+                f"{sub}/anat",
+                session_path(participant, session),
+                f"{sub}/{sub}_*provenance.json",
+            ],
+        )
+    ]
+    spec_file = recon_spec_file(cfg.recon_spec)
+    files = [spec_file] if spec_file is not None else []
+    if cfg.tool_runtime == "builtin":
+        files += [Path(f) for f in (cfg.atlas_file, cfg.atlas_labels) if f is not None]
+    reads += [(f"config:{path.name}", path.parent, [path.name]) for path in files]
+    return reads
 
 
 def _prepare(work: Path, out: Path) -> None:
@@ -147,7 +186,7 @@ def code_version(config: Any) -> str:
         "atlases": list(cfg.atlases),
         "extra_args": list(cfg.extra_args),
     }
-    if cfg.runtime == "builtin":
+    if cfg.tool_runtime == "builtin":
         fields["atlas_file"] = layout.file_digest(cfg.atlas_file)
         fields["atlas_labels"] = layout.file_digest(cfg.atlas_labels)
     return layout.version_hash(TOOL, layout.tool_identity(cfg, STAND_IN), fields)

@@ -47,6 +47,20 @@ class ToolSpec:
     # True for the embedded stand-ins (python -m neuroflow_dagster.tools.builtin.*):
     # recorded so that no output is ever presented as the real tool's.
     stand_in: bool = False
+    # Set when ``output_dir`` is the run's staging folder: after a successful run its outputs are
+    # published into ``publish_to``, each ``publish_units`` folder replaced as a whole (tools/publish.py).
+    publish_to: Path | None = None
+    publish_units: tuple[str, ...] = ()
+    # An exclusive lock per piece of work (stage x partition), held by the tool's processes for as
+    # long as any of them lives, so two processes of the same work never run at once; ``lock_owner``
+    # (e.g. the Dagster run id) is written into it for whoever has to wait.
+    lock: Path | None = None
+    lock_owner: str = ""
+
+    @property
+    def final_dir(self) -> Path:
+        """Where the outputs live once the run succeeded (the published tree, else ``output_dir``)."""
+        return self.publish_to if self.publish_to is not None else self.output_dir
 
     def missing_outputs(self) -> list[str]:
         """Golden patterns that matched nothing: a run that 'succeeded' without them failed."""

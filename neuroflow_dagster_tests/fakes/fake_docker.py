@@ -1,6 +1,8 @@
 """A stand-in for ``docker.DockerClient`` whose containers are local processes.
 
-There is no Docker engine on the test machines. This fake implements the part of docker-py's
+The Docker runtime is tested on a real engine (test_runtimes_docker.py); this fake is kept only
+for what that engine cannot show on the test machines: a pull from a registry (none is
+reachable) and the RepoDigest such a pull brings. It implements the part of docker-py's
 API that dagster-docker's ``PipesDockerClient`` and our DockerRuntime use (``containers.create``
 / ``get`` / ``list`` / ``run``, ``images.get`` / ``pull``, a container's ``start``, ``logs``,
 ``wait``, ``stop``, ``reload``, ``remove``, ``image``, ``attrs``). A "container" runs

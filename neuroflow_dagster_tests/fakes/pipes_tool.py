@@ -1,4 +1,4 @@
-"""A tool that speaks Dagster Pipes, run inside a fake Docker container.
+"""A tool that speaks Dagster Pipes, run inside a Docker container (the host's Python bind-mounted).
 
 ``python pipes_tool.py ok|fail|sleep [PIDFILE]``: logs through Pipes, prints plain lines,
 then reports a materialization (ok), fails with a disk-full error (fail) or starts a

@@ -5,7 +5,6 @@ published into bids_root in one rename, so a failed run leaves no partial
 session and keeps the previous good one.
 """
 
-import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -13,52 +12,37 @@ from pathlib import Path
 
 import dagster as dg
 
+from neuroflow_dagster import provenance as prov
 from neuroflow_dagster.bids import dataset, validator
+from neuroflow_dagster.bids.verdicts import save_verdict
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.assets.common import build_or_refuse, session_context
+from neuroflow_dagster.defs.assets.common import SessionContext, build_or_refuse, session_context
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import session_partitions
+from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.naming.bids import entities, provenance_path, session_path
+from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import heudiconv
 
 STAGE = "bids_conversion"
 VALIDATOR_CHECK = "bids_validator"
 
 
-def _validation_file(config: NeuroflowConfig, participant: str, session: str) -> Path:
-    return config.paths.state / "validation" / f"sub-{participant}_ses-{session}.json"
-
-
-def save_validation(config: NeuroflowConfig, participant: str, session: str, passed: bool, summary: str) -> None:
-    """Remember the validator verdict so QSIPrep leaves out sessions whose BIDS is invalid."""
-    atomic_write_text(
-        _validation_file(config, participant, session), json.dumps({"passed": passed, "summary": summary})
-    )
-
-
-def validation_passed(config: NeuroflowConfig, participant: str, session: str) -> bool:
-    try:
-        return bool(json.loads(_validation_file(config, participant, session).read_text())["passed"])
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
+    args = stage_asset_args(stage(STAGE))
+
     @dg.asset(
-        name="bids_session",
-        partitions_def=session_partitions,
-        deps=[dg.AssetDep("dicom_session")],
+        **args,
         group_name="conversion",
         kinds={"bids"},
-        pool=STAGE,
         code_version=heudiconv.code_version(config),
         check_specs=[
             dg.AssetCheckSpec(
                 VALIDATOR_CHECK,
-                asset="bids_session",
+                asset=args["name"],
                 blocking=True,
-                partitions_def=session_partitions,
+                partitions_def=args["partitions_def"],
                 description="The real BIDS validator (bids-validator-deno) on the converted session.",
             )
         ],
@@ -67,7 +51,10 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def bids_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> Iterator[dg.MaterializeResult]:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        staging = cfg.paths.work_dir / "bids_staging" / f"sub-{ses.participant}_ses-{ses.session}_{context.run_id[:8]}"
+        refuse_if_disk_low(context, cfg, STAGE)
+        stage_cfg = cfg.pipelines.bids_conversion
+        versions = {} if stage_cfg.containerized else heudiconv.tool_versions()
+        staging = cfg.paths.work_dir / "bids_staging" / f"{entities(ses.participant, ses.session)}_{context.run_id[:8]}"
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
@@ -80,7 +67,11 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 session=ses.session,
                 staging_dir=staging,
             )
-            record = execute_spec(context, cfg, STAGE, spec)
+            record = execute_spec(context, cfg, STAGE, spec, provenance=conversion_plan(cfg, ses, versions))
+            # A Slurm job of an earlier attempt that this run adopted converted into that attempt's
+            # staging folder (runtimes/slurm.py): validate and publish that one.
+            staging = Path(record.output_dir)
+            dataset.ensure_bidsignore(staging)  # the validator skips what bids_root's .bidsignore skips
             started = time.monotonic()
             report = (
                 validator.validate_session(staging, ses.participant, ses.session)
@@ -101,14 +92,14 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        suffixes = sorted(heudiconv.present_suffixes(published.session_dir))
+        suffixes = sorted(dataset.present_suffixes(published.session_dir))
         passed = report.passed if report is not None else True
         summary = (
             report.summary()
             if report is not None
             else "BIDS validator disabled (pipelines.bids_conversion.bids_validator)"
         )
-        save_validation(cfg, ses.participant, ses.session, passed, summary)
+        save_verdict(cfg.paths.state, ses.participant, ses.session, passed, summary)
         meta = record_metadata(record, spec)
         meta.update(
             {
@@ -117,7 +108,10 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 "n_files": len(published.files),
                 "files": dg.MetadataValue.md("\n".join(f"- `{f}`" for f in published.files[:200])),
                 "bids_suffixes": ", ".join(suffixes) or "none",
-                "tool_versions": dg.MetadataValue.json(heudiconv.tool_versions()),
+                "tool_versions": dg.MetadataValue.json(versions or {"image": stage_cfg.image}),
+                "provenance": dg.MetadataValue.path(
+                    str(cfg.paths.bids_root / provenance_path(ses.participant, ses.session, derivative=False))
+                ),
                 "validator_errors": len(report.errors) if report else 0,
                 "validator_warnings": len(report.warnings) if report else 0,
             }
@@ -136,3 +130,25 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         )
 
     return bids_session
+
+
+def conversion_plan(cfg: NeuroflowConfig, ses: SessionContext, versions: dict[str, str | None]) -> prov.Plan:
+    """The conversion's provenance: in the session folder, the DICOM series as inputs, the heuristic."""
+    heuristic = heudiconv.resolve_heuristic(cfg.pipelines.bids_conversion.heuristic)
+    return prov.Plan(
+        participant=ses.participant,
+        sessions=(ses.session,),
+        document=provenance_path(ses.participant, ses.session, derivative=False),
+        dicom_dir=Path(ses.entry.dicom_path),
+        outputs_under=(session_path(ses.participant, ses.session),),
+        tool_versions=versions,
+        tool_extra={
+            "heuristic": {
+                "name": cfg.pipelines.bids_conversion.heuristic,
+                "file": str(heuristic),
+                "sha256": prov.sha256_file(heuristic),
+            },
+            "converter": cfg.pipelines.bids_conversion.converter,
+            "scan_id": ses.entry.scan_id,
+        },
+    )

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.execution import FAILURE_CLASS_KEY
-from neuroflow_dagster.defs.partitions import split_session_key
-from neuroflow_dagster.discovery.exclusions import load_exclusions
-from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
+from neuroflow_dagster import provenance as prov
+from neuroflow_dagster.config import NeuroflowConfig, StageConfig
+from neuroflow_dagster.discovery.identity import RegistryEntry
+from neuroflow_dagster.eligibility import NotEligible, registered_session
+from neuroflow_dagster.naming.bids import provenance_path
+from neuroflow_dagster.naming.partitions import split_session_key
+from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, STATUS_KEY, STATUS_NOT_APPLICABLE
 from neuroflow_dagster.tools.spec import ToolSpec
 
 
@@ -30,15 +33,10 @@ def refuse(reason: str, failure_class: str = "validation") -> dg.Failure:
 
 def session_context(config: NeuroflowConfig, partition_key: str) -> SessionContext:
     participant, session = split_session_key(partition_key)
-    entry = Registry(config.paths.state).get(participant, session)
-    if entry is None:
-        raise refuse(
-            f"sub-{participant} ses-{session} is not a registered session (no ScanID maps to it); "
-            "only partitions added by the discovery sensor can be processed"
-        )
-    excluded = load_exclusions(config).get(entry.scan_id)
-    if excluded:
-        raise refuse(f"ScanID {entry.scan_id!r} was excluded by {excluded.get('by')}: {excluded.get('reason')}")
+    try:
+        entry = registered_session(config, participant, session)
+    except NotEligible as exc:
+        raise refuse(str(exc), exc.failure_class) from None
     return SessionContext(participant, session, entry)
 
 
@@ -53,5 +51,34 @@ def build_or_refuse(build: Callable[..., ToolSpec], *args: Any, **kwargs: Any) -
 def not_applicable(reason: str, **extra: object) -> dg.MaterializeResult:
     """A stage that does not apply (e.g. no DWI) is recorded as such, visibly, not as a failure."""
     return dg.MaterializeResult(
-        metadata={"neuroflow/status": "not_applicable", "reason": reason, **extra},
+        metadata={STATUS_KEY: STATUS_NOT_APPLICABLE, "reason": reason, **extra},
+    )
+
+
+def tool_versions(stage_cfg: StageConfig, tool: str) -> dict[str, str]:
+    """Versions to record for a run: the stand-in's packages (builtin), the installed tool (local), also
+    inside a Slurm job; a container's image and digest are recorded from the run itself."""
+    if stage_cfg.tool_runtime == "builtin":
+        return prov.package_versions(prov.STAND_IN_PACKAGES)
+    if stage_cfg.tool_runtime == "local":
+        return prov.package_versions([tool])
+    return {}
+
+
+def derivative_plan(
+    stage_cfg: StageConfig,
+    tool: str,
+    participant: str,
+    sessions: Sequence[str],
+    reads: Sequence[tuple[str, Path, list[str]]],
+    session: str | None = None,
+) -> prov.Plan:
+    """The provenance plan of a derivative stage: its document in ``sub-X[/ses-Y]/`` of the staged tree,
+    the files the tool reads (``reads`` from its tool module) hashed before it starts."""
+    return prov.Plan(
+        participant=participant,
+        sessions=tuple(sessions),
+        document=provenance_path(participant, session),
+        inputs=tuple(prov.input_tree(label, root, patterns) for label, root, patterns in reads),
+        tool_versions=tool_versions(stage_cfg, tool),
     )

@@ -2,14 +2,15 @@
 
 import dagster as dg
 
-from neuroflow_dagster.defs.partitions import session_partitions, split_session_key
+from neuroflow_dagster.defs.partitions import session_partitions
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.defs.sensors import PROTOCOL_CHECK
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import recheck_protocol
+from neuroflow_dagster.naming.partitions import split_session_key
+from neuroflow_dagster.stages import PROTOCOL_CHECK, SOURCE_ASSET
 
 dicom_session = dg.AssetSpec(
-    "dicom_session",
+    SOURCE_ASSET,
     partitions_def=session_partitions,
     group_name="discovery",
     kinds={"dicom"},
@@ -22,7 +23,7 @@ dicom_session = dg.AssetSpec(
 
 
 @dg.asset_check(
-    asset="dicom_session",
+    asset=SOURCE_ASSET,
     name=PROTOCOL_CHECK,
     blocking=True,
     partitions_def=session_partitions,

@@ -3,10 +3,13 @@
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import session_partitions
+from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
+from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
+from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
+from neuroflow_dagster.stages import stage
 from neuroflow_dagster.tools import layout, qsiparc
 
 STAGE = "qsiparc"
@@ -16,12 +19,8 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsiparc
 
     @dg.asset(
-        name="qsiparc_session",
-        partitions_def=session_partitions,
-        deps=[dg.AssetDep("qsirecon_session")],
+        **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="parcellation",
-        kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
-        pool=STAGE,
         code_version=qsiparc.code_version(config),
         description="Per-region statistics of the session's diffusion maps (QSIParc layout).",
     )
@@ -30,14 +29,30 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         ses = session_context(cfg, context.partition_key)
         if not layout.qsirecon_maps(layout.qsirecon_dir(cfg), ses.participant, ses.session):
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
-        spec = build_or_refuse(qsiparc.build_spec, cfg, ses.participant, ses.session)
-        record = execute_spec(context, cfg, STAGE, spec)
+        refuse_if_disk_low(context, cfg, STAGE)
+        spec = build_or_refuse(
+            qsiparc.build_spec,
+            cfg,
+            ses.participant,
+            ses.session,
+            output_dir=staging_for(context, layout.qsiparc_dir(cfg)),
+        )
+        plan = derivative_plan(
+            cfg.pipelines.qsiparc,
+            qsiparc.TOOL,
+            ses.participant,
+            [ses.session],
+            qsiparc.reads(cfg, ses.participant, ses.session),
+            session=ses.session,
+        )
+        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
-        out = layout.session_dir(spec.output_dir, ses.participant, ses.session)
+        out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         tables = sorted(out.rglob("*.tsv")) if out.is_dir() else []
         meta.update(
             {
-                "neuroflow/status": "done",
+                STATUS_KEY: STATUS_DONE,
+                "provenance": dg.MetadataValue.path(record.extra["provenance"]),
                 "n_tables": len(tables),
                 "tables": dg.MetadataValue.md("\n".join(f"- `{t.relative_to(out)}`" for t in tables[:50])),
             }

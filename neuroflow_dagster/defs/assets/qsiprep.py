@@ -7,53 +7,27 @@ arrivals and then reconstructs every session of the subject.
 
 import dagster as dg
 
-from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.assets.bids import validation_passed
-from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import subject_of_session, subjects_partitions
+from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, refuse
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
+from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.discovery.exclusions import load_exclusions
-from neuroflow_dagster.discovery.identity import Registry
-from neuroflow_dagster.tools import heudiconv, qsiprep
+from neuroflow_dagster.eligibility import NotEligible, qsiprep_sessions
+from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
+from neuroflow_dagster.stages import stage
+from neuroflow_dagster.tools import layout, qsiprep
 
 STAGE = "qsiprep"
 
 
-def eligible_sessions(config: NeuroflowConfig, participant: str) -> tuple[list[str], dict[str, str]]:
-    """The subject's sessions QSIPrep takes, and why each other one is left out."""
-    required = set(config.pipelines.qsiprep.requires_bids_suffixes)
-    excluded = load_exclusions(config)
-    take: list[str] = []
-    left_out: dict[str, str] = {}
-    for entry in Registry(config.paths.state).sessions_of(participant):
-        ses = entry.session_id
-        folder = bids_session_dir(config.paths.bids_root, participant, ses)
-        if entry.scan_id in excluded:
-            left_out[ses] = f"excluded: {excluded[entry.scan_id].get('reason')}"
-        elif not folder.is_dir():
-            left_out[ses] = "not converted to BIDS"
-        elif not validation_passed(config, participant, ses):
-            left_out[ses] = "BIDS validator reported errors"
-        elif missing := required - heudiconv.present_suffixes(folder):
-            left_out[ses] = f"no {', '.join(sorted(missing))} in BIDS"
-        else:
-            take.append(ses)
-    return take, left_out
-
-
 def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsiprep
-    tool_name = "QSIPrep stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIPrep"
+    tool_name = tool_label(stage_cfg, "QSIPrep")
 
     @dg.asset(
-        name="qsiprep_subject",
-        partitions_def=subjects_partitions,
-        ins={"bids_session": dg.AssetIn(partition_mapping=subject_of_session, dagster_type=dg.Nothing)},
+        **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="preprocessing",
-        kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
-        pool=STAGE,
         code_version=qsiprep.code_version(config),
         description=f"{tool_name} over all of the subject's diffusion sessions (one anatomical template); "
         "re-runs whenever the subject gains a session.",
@@ -61,7 +35,10 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def qsiprep_subject(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         participant = context.partition_key
-        sessions, left_out = eligible_sessions(cfg, participant)
+        try:
+            sessions, left_out = qsiprep_sessions(cfg, participant)
+        except NotEligible as exc:
+            raise refuse(str(exc), exc.failure_class) from None
         for ses, why in left_out.items():
             context.log.warning(f"sub-{participant} ses-{ses} left out of QSIPrep: {why}")
         if not sessions:
@@ -69,15 +46,22 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 f"sub-{participant} has no session QSIPrep can take",
                 left_out=dg.MetadataValue.json(left_out),
             )
-        spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions)
-        record = execute_spec(context, cfg, STAGE, spec)
+        refuse_if_disk_low(context, cfg, STAGE)
+        spec = build_or_refuse(
+            qsiprep.build_spec, cfg, participant, sessions, output_dir=staging_for(context, layout.qsiprep_dir(cfg))
+        )
+        plan = derivative_plan(
+            cfg.pipelines.qsiprep, qsiprep.TOOL, participant, sessions, qsiprep.reads(cfg, participant, sessions)
+        )
+        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
         meta.update(
             {
-                "neuroflow/status": "done",
+                STATUS_KEY: STATUS_DONE,
                 "sessions": ", ".join(sessions),
                 "left_out": dg.MetadataValue.json(left_out),
                 "tool": tool_name,
+                "provenance": dg.MetadataValue.path(record.extra["provenance"]),
             }
         )
         return dg.MaterializeResult(metadata=meta)

@@ -2,13 +2,16 @@
 
 import dagster as dg
 
-from neuroflow_dagster.bids.dataset import session_dir as bids_session_dir
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.assets.common import build_or_refuse, not_applicable, session_context
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata
-from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
+from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
+from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.tools import heudiconv, layout, qsirecon
+from neuroflow_dagster.eligibility import missing_suffixes
+from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
+from neuroflow_dagster.stages import stage
+from neuroflow_dagster.tools import layout, qsirecon
 
 STAGE = "qsirecon"
 
@@ -30,27 +33,18 @@ def qc_image_metadata(png: object) -> dict[str, dg.MetadataValue]:
 
 def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsirecon
-    tool_name = "QSIRecon stand-in (builtin)" if stage_cfg.runtime == "builtin" else "QSIRecon"
+    tool_name = tool_label(stage_cfg, "QSIRecon")
 
     @dg.asset(
-        name="qsirecon_session",
-        partitions_def=session_partitions,
-        ins={
-            "qsiprep_subject": dg.AssetIn(partition_mapping=subject_of_session, dagster_type=dg.Nothing),
-            "bids_session": dg.AssetIn(dagster_type=dg.Nothing),
-        },
+        **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="reconstruction",
-        kinds={"python" if stage_cfg.runtime == "builtin" else stage_cfg.runtime},
-        pool=STAGE,
         code_version=qsirecon.code_version(config),
         description=f"{tool_name} ({stage_cfg.recon_spec}) for one session, after each QSIPrep of its subject.",
     )
     def qsirecon_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        missing = set(stage_cfg.requires_bids_suffixes) - heudiconv.present_suffixes(
-            bids_session_dir(cfg.paths.bids_root, ses.participant, ses.session)
-        )
+        missing = missing_suffixes(stage_cfg.requires_bids_suffixes, cfg, ses.participant, ses.session)
         if missing:
             return not_applicable(
                 f"sub-{ses.participant} ses-{ses.session} has no {', '.join(sorted(missing))} in BIDS"
@@ -60,11 +54,33 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
-        spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session)
-        record = execute_spec(context, cfg, STAGE, spec)
+        refuse_if_disk_low(context, cfg, STAGE)
+        spec = build_or_refuse(
+            qsirecon.build_spec,
+            cfg,
+            ses.participant,
+            ses.session,
+            output_dir=staging_for(context, layout.qsirecon_dir(cfg)),
+        )
+        plan = derivative_plan(
+            cfg.pipelines.qsirecon,
+            qsirecon.TOOL,
+            ses.participant,
+            [ses.session],
+            qsirecon.reads(cfg, ses.participant, ses.session),
+            session=ses.session,
+        )
+        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
-        meta.update({"neuroflow/status": "done", "tool": tool_name, "recon_spec": stage_cfg.recon_spec})
-        out = layout.session_dir(spec.output_dir, ses.participant, ses.session)
+        meta.update(
+            {
+                STATUS_KEY: STATUS_DONE,
+                "tool": tool_name,
+                "recon_spec": stage_cfg.recon_spec,
+                "provenance": dg.MetadataValue.path(record.extra["provenance"]),
+            }
+        )
+        out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         meta["n_outputs"] = sum(1 for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
         pngs = sorted(out.rglob("*desc-qc*.png")) if out.is_dir() else []
         if pngs:

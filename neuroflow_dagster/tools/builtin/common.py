@@ -154,8 +154,9 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def write_dataset_description(out_dir: Path, name: str, stands_in_for: str, description: str,
-                              extra: dict[str, Any] | None = None) -> Path:
+def write_dataset_description(
+    out_dir: Path, name: str, stands_in_for: str, description: str, extra: dict[str, Any] | None = None
+) -> Path:
     """A BIDS derivative dataset_description.json whose GeneratedBy names the stand-in."""
     data: dict[str, Any] = {
         "Name": name,
@@ -226,11 +227,66 @@ def load_gradients(bval_path: Path, bvec_path: Path, n_volumes: int) -> tuple[An
         raise ValidationError(f"cannot read b-vectors from {bvec_path}: {exc}") from exc
     if bvecs.shape[0] != 3 and bvecs.shape[-1] == 3:
         bvecs = bvecs.T
+    if bvals.ndim != 1:
+        raise ValidationError(f"{bval_path} must hold one row of b-values, it has shape {bvals.shape}")
     if bvals.size != n_volumes:
         raise ValidationError(f"{bval_path} has {bvals.size} b-values but the image has {n_volumes} volumes")
     if bvecs.shape != (3, n_volumes):
         raise ValidationError(f"{bvec_path} has shape {bvecs.shape}, expected (3, {n_volumes})")
     return bvals, bvecs.T
+
+
+def _volume_list(indices: Any, limit: int = 8) -> str:
+    shown = ", ".join(str(int(i)) for i in indices[:limit])
+    return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
+
+
+def check_gradients(
+    bvals: Any, bvecs: Any, source: str, b0_threshold: float = B0_THRESHOLD
+) -> tuple[Any, Any, list[str]]:
+    """Refuse gradient tables no diffusion model can use; normalise non-unit directions.
+
+    Refused (ValidationError naming ``source`` and the volumes, counted from 0): non-finite
+    or negative b-values, non-finite b-vectors of diffusion-weighted volumes (on b=0
+    volumes they are set to 0, as dipy does), and a diffusion-weighted volume
+    (b > b0_threshold) whose direction is zero (a trace/isotropic image left in the
+    series, or a broken table: which direction it encodes cannot be known).
+    Directions of b > b0_threshold volumes that are not unit length are scaled to unit
+    length (the b-value is kept) and reported in the returned notes. b=0 volumes keep
+    their vectors (often zero, sometimes a nominal direction for b = 5).
+    """
+    import numpy as np
+
+    bvals = np.asarray(bvals, dtype=float)
+    bvecs = np.array(bvecs, dtype=float)
+    notes: list[str] = []
+    bad = np.flatnonzero(~np.isfinite(bvals))
+    if bad.size:
+        raise ValidationError(f"{source}: b-value(s) of volume(s) {_volume_list(bad)} are not numbers")
+    bad = np.flatnonzero(bvals < 0)
+    if bad.size:
+        raise ValidationError(f"{source}: negative b-value(s) at volume(s) {_volume_list(bad)}")
+    dw = bvals > b0_threshold
+    bad = np.flatnonzero(~np.isfinite(bvecs).all(axis=1) & dw)
+    if bad.size:
+        raise ValidationError(f"{source}: b-vector(s) of volume(s) {_volume_list(bad)} are not numbers")
+    bvecs[~np.isfinite(bvecs)] = 0.0  # b=0 volumes: dipy's own data files carry NaN there; no direction is meant
+    norms = np.linalg.norm(bvecs, axis=1)
+    bad = np.flatnonzero(dw & (norms < 1e-6))
+    if bad.size:
+        raise ValidationError(
+            f"{source}: volume(s) {_volume_list(bad)} have b > {b0_threshold:g} but a zero gradient direction "
+            "(an isotropic/trace image left in the series or a broken .bvec); remove them or fix the table"
+        )
+    off = np.flatnonzero(dw & (np.abs(norms - 1.0) > 1e-2))
+    if off.size:
+        notes.append(
+            f"{source}: {off.size} b-vector(s) of diffusion-weighted volumes were not unit length "
+            f"(norms {norms[off].min():.3g}-{norms[off].max():.3g}); scaled to unit length, "
+            "b-values kept"
+        )
+    bvecs[dw] = bvecs[dw] / norms[dw, None]
+    return bvals, bvecs, notes
 
 
 def count_directions(bvals: Any, bvecs: Any, b0_threshold: float = B0_THRESHOLD, tol_deg: float = 1.0) -> int:

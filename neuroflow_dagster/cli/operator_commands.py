@@ -1,56 +1,31 @@
-"""Operator subcommands that read Dagster's own records (status, failures, reprocess, ...).
+"""Operator commands that read Dagster's own records (status, failures, reprocess, ...).
 
 status / failures / logs read the instance (event log, runs, check
 executions) of --dagster-home, else $DAGSTER_HOME, else
 <folder of neuroflow.yaml>/.dagster_home; reprocess / retry launch a backfill
 through the running webserver's GraphQL API, as the UI does; exclude /
 include edit the exclusion list (with its audit trail) through
-discovery/exclusions.py. Exit codes: 0 ok, 1 error, 2 configuration, 5 bad arguments.
+discovery/exclusions.py; rekey moves remapped ScanIDs (discovery/rekey.py). Exit codes: cli/exits.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from neuroflow_dagster.config import ConfigError, NeuroflowConfig, load_config
-
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_USAGE = 0, 1, 2, 5
+from neuroflow_dagster import stages
+from neuroflow_dagster.cli.exits import EXIT_ERROR, EXIT_OK, records_errors_exit_1
+from neuroflow_dagster.cli.output import add_format_option, print_json, print_rows
+from neuroflow_dagster.config import NeuroflowConfig, load_config
+from neuroflow_dagster.errors import UsageError
 
 STATUS_COLUMNS = ["subject", "session", "scan_id", "mapping", "protocol"]
-HELD_COLUMNS = ["scan_id", "state", "reason"]
+HELD_COLUMNS = ["scan_id", "state", "registered", "reason"]
+CELL_WIDTH = 90  # table cells are cut here (held folders: 110, failures: 70)
 FAILURE_COLUMNS = ["stage", "partition", "scan_id", "failure_class", "attempts", "last_error", "log_path"]
-
-
-# --------------------------------------------------------------------------- plumbing
-
-
-def _guard(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Map the helpers' errors onto the CLI's exit codes (usage 5, configuration 2, anything else 1)."""
-
-    def run(args: argparse.Namespace) -> int:
-        from neuroflow_dagster.cli import UsageError
-        from neuroflow_dagster.discovery.identity import RegistryError
-        from neuroflow_dagster.ops.backfill import BackfillError
-        from neuroflow_dagster.ops.common import OpsConfigError, OpsUsageError
-
-        try:
-            return func(args)
-        except OpsUsageError as exc:
-            raise UsageError(str(exc)) from exc
-        except OpsConfigError as exc:
-            raise ConfigError(str(exc)) from exc
-        except (BackfillError, RegistryError, RuntimeError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-
-    run.__name__ = func.__name__
-    run.__doc__ = func.__doc__
-    return run
 
 
 def _config(args: argparse.Namespace) -> NeuroflowConfig:
@@ -58,74 +33,57 @@ def _config(args: argparse.Namespace) -> NeuroflowConfig:
 
 
 def _instance(args: argparse.Namespace, config: NeuroflowConfig) -> Any:
-    from neuroflow_dagster.ops.common import open_instance, resolve_dagster_home
+    from neuroflow_dagster.control.instance import open_instance, resolve_dagster_home
 
     return open_instance(resolve_dagster_home(getattr(args, "dagster_home", None), config))
 
 
 def _stage(value: str | None) -> str | None:
-    from neuroflow_dagster.ops.common import normalize_stage
-
-    return normalize_stage(value) if value else None
-
-
-def _print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], *, max_width: int = 90) -> None:
-    if fmt in ("json", "csv"):
-        from neuroflow_dagster.cli import _print_rows as print_rows
-
-        print_rows(rows, fmt, columns)
-        return
-    cells = [{c: _cell(row.get(c, ""), max_width) for c in columns} for row in rows]
-    widths = {c: max([len(c)] + [len(r[c]) for r in cells]) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for r in cells:
-        print("  ".join(r[c].ljust(widths[c]) for c in columns).rstrip())
-
-
-def _cell(value: Any, max_width: int) -> str:
-    text = " ".join(str(value).split())
-    return text if len(text) <= max_width else text[: max_width - 3] + "..."
-
-
-def _json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    return stages.stage(value).name if value else None
 
 
 # --------------------------------------------------------------------------- status
 
 
-def _render_status(report: dict[str, Any], fmt: str, stages: list[str], summary: bool = False) -> None:
+def _render_status(report: dict[str, Any], fmt: str, names: list[str], summary: bool = False) -> None:
     if summary:  # the archive at a glance: totals and held folders, no row per session
-        report = {"held": report["held"], "totals": report["totals"]}
+        report = {k: report[k] for k in ("held", "problems", "notes", "totals", "disk_guard") if k in report}
         if fmt == "json":
-            _json(report)
+            print_json(report)
             return
-        _render_totals(report, stages)
+        _render_totals(report, names)
         return
     if fmt == "json":
-        _json(report)
+        print_json(report)
         return
-    columns = [*STATUS_COLUMNS, *stages, "note"]
+    columns = [*STATUS_COLUMNS, *names, "note"]
     if fmt == "csv":
         rows = list(report["sessions"])
         rows += [
             {"scan_id": h["scan_id"], "mapping": f"held: {h['state']}", "note": h["reason"]} for h in report["held"]
         ]
-        _print_rows(rows, "csv", columns)
+        print_rows(rows, "csv", columns)
         return
     rows = [
         {**r, "note": r["note"] or (f"protocol: {r['protocol_reason']}" if r["protocol"] == "failed" else "")}
         for r in report["sessions"]
     ]
-    _print_rows(rows, "table", columns)
-    _render_totals(report, stages)
+    print_rows(rows, "table", columns, max_width=CELL_WIDTH)
+    _render_totals(report, names)
 
 
-def _render_totals(report: dict[str, Any], stages: list[str]) -> None:
+def _render_totals(report: dict[str, Any], names: list[str]) -> None:
     if report["held"]:
         print()
-        print("held folders (not registered):")
-        _print_rows(report["held"], "table", HELD_COLUMNS, max_width=110)
+        print("held folders (REGISTERED: the labels of a registered session held for a new reason):")
+        print_rows(report["held"], "table", HELD_COLUMNS, max_width=110)
+    problems = [p["message"] for p in report.get("problems", [])]
+    for title, items in (("problems", problems), ("notes", report.get("notes", []))):
+        if items:
+            print()
+            print(f"{title}:")
+            for item in items:
+                print(f"  - {item}")
     totals = report["totals"]
     print()
     print(
@@ -133,9 +91,11 @@ def _render_totals(report: dict[str, Any], stages: list[str]) -> None:
         + (f" {totals['held_by_reason']}" if totals["held_by_reason"] else "")
     )
     print("  protocol: " + _counts(totals["protocol"]))
-    for name in stages:
-        unit = " (per subject)" if name == "qsiprep" else ""
+    for name in names:
+        unit = " (per subject)" if stages.stage(name).per_subject else ""
         print(f"  {name}{unit}: " + _counts(totals[name]))
+    if report.get("disk_guard"):
+        print(report["disk_guard"]["message"])
 
 
 def _counts(counter: dict[str, int]) -> str:
@@ -144,22 +104,23 @@ def _counts(counter: dict[str, int]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """One row per registered session (state per stage), one per held folder, and totals."""
-    from neuroflow_dagster.ops.common import STAGE_ASSETS
-    from neuroflow_dagster.ops.status import collect_status
+    from neuroflow_dagster.control.disk import disk_guard_view
+    from neuroflow_dagster.control.status import collect_status
 
     config = _config(args)
     stage = _stage(args.stage)
-    stages = [stage] if stage else list(STAGE_ASSETS)
+    names = [stage] if stage else stages.names()
     with _instance(args, config) as instance:
         while True:
             report = collect_status(instance, config, subject=args.subject, stage=stage, failed_only=args.failed)
+            report["disk_guard"] = disk_guard_view(instance, config)
             if args.watch is None:
-                _render_status(report, args.format, stages, args.summary)
+                _render_status(report, args.format, names, args.summary)
                 return EXIT_OK
             if sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
             print(f"neuroflow status - {time.strftime('%Y-%m-%d %H:%M:%S')} (every {args.watch:g}s, Ctrl-C stops)")
-            _render_status(report, args.format, stages, args.summary)
+            _render_status(report, args.format, names, args.summary)
             sys.stdout.flush()
             try:
                 time.sleep(args.watch)
@@ -170,21 +131,26 @@ def cmd_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- failures
 
 
-def cmd_failures(args: argparse.Namespace) -> int:
-    """The dead-letter list: partitions whose latest attempt failed, with class, attempts and log."""
+def _failures(args: argparse.Namespace) -> tuple[NeuroflowConfig, str | None, list[dict[str, Any]]]:
+    """The config, the chosen stage (None: all) and the failure rows (`failures`, `retry`)."""
+    from neuroflow_dagster.control.failures import collect_failures
     from neuroflow_dagster.discovery.identity import Registry
-    from neuroflow_dagster.ops.failures import collect_failures
 
     config = _config(args)
     stage = _stage(args.stage)
     with _instance(args, config) as instance:
-        rows = collect_failures(instance, Registry(config.paths.state), stage)
+        return config, stage, collect_failures(instance, Registry(config.paths.state), stage)
+
+
+def cmd_failures(args: argparse.Namespace) -> int:
+    """The dead-letter list: partitions whose latest attempt failed, with class, attempts and log."""
+    _, _, rows = _failures(args)
     if args.format == "json":
-        _json(rows)
+        print_json(rows)
     elif args.format == "csv":
-        _print_rows(rows, "csv", [*FAILURE_COLUMNS, "subject", "session", "failed_runs", "run_id", "at"])
+        print_rows(rows, "csv", [*FAILURE_COLUMNS, "subject", "session", "failed_runs", "run_id", "at"])
     else:
-        _print_rows(rows, "table", FAILURE_COLUMNS, max_width=70)
+        print_rows(rows, "table", FAILURE_COLUMNS, max_width=70)
         print(f"\n{len(rows)} failed partition(s)" + ("" if not rows else "; `neuroflow retry` relaunches them"))
     return EXIT_OK
 
@@ -193,7 +159,7 @@ def cmd_failures(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, command: str, stage: str, asset: str, partitions: list[str]) -> dict[str, Any]:
-    from neuroflow_dagster.ops.backfill import default_title, graphql_url, launch_backfill
+    from neuroflow_dagster.control.backfill import default_title, graphql_url, launch_backfill
 
     result: dict[str, Any] = {"stage": stage, "asset": asset, "partitions": partitions, "dry_run": args.dry_run}
     if args.dry_run:
@@ -221,7 +187,7 @@ def _print_launch(result: dict[str, Any], fmt: str) -> None:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     """Backfill a stage for chosen sessions (or subjects, for QSIPrep) through the webserver."""
-    from neuroflow_dagster.ops.backfill import select_partitions
+    from neuroflow_dagster.control.backfill import select_partitions
 
     config = _config(args)
     stage = _stage(args.stage)
@@ -230,7 +196,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     result = _launch(args, "reprocess", stage, selection.asset, selection.partitions)
     result["skipped"] = selection.skipped
     if args.format == "json":
-        _json(result)
+        print_json(result)
     else:
         _print_launch(result, args.format)
     return EXIT_OK
@@ -239,14 +205,8 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     """Relaunch the partitions listed by `failures` (one backfill per stage); excluded sessions stay out."""
     from neuroflow_dagster.discovery.exclusions import load_exclusions
-    from neuroflow_dagster.discovery.identity import Registry
-    from neuroflow_dagster.ops.common import STAGE_ASSETS
-    from neuroflow_dagster.ops.failures import collect_failures
 
-    config = _config(args)
-    stage = _stage(args.stage)
-    with _instance(args, config) as instance:
-        rows = collect_failures(instance, Registry(config.paths.state), stage)
+    config, stage, rows = _failures(args)
     excluded = load_exclusions(config)
     by_stage: dict[str, list[str]] = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -258,13 +218,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
         if row["partition"] not in keys:
             keys.append(row["partition"])
     results = []
-    for name in STAGE_ASSETS:
+    for record in stages.stages():
+        name = record.name
         if name in by_stage:
-            result = _launch(args, "retry", name, STAGE_ASSETS[name], sorted(by_stage[name]))
+            result = _launch(args, "retry", name, record.asset, sorted(by_stage[name]))
             result["skipped"] = skipped.get(name, {})
             results.append(result)
     if args.format == "json":
-        _json(results)
+        print_json(results)
     elif not results:
         print("no failed partitions to retry" + (f" for {stage}" if stage else ""))
     else:
@@ -278,14 +239,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def _resolve_scan_id(config: NeuroflowConfig, text: str) -> tuple[str, str]:
     """(ScanID, description): a registered session, or a folder discovery holds back (never registered)."""
+    from neuroflow_dagster.control.targets import resolve_session
     from neuroflow_dagster.discovery.identity import Registry
     from neuroflow_dagster.discovery.status_report import read_status_report
-    from neuroflow_dagster.ops.common import OpsUsageError, resolve_session
 
     registry = Registry(config.paths.state)
     try:
         entry = resolve_session(registry, text)
-    except OpsUsageError:
+    except UsageError:
         held = {str(h.get("scan_id")): h for h in read_status_report(config).get("held", [])}
         if text in held:
             return text, f"held folder {held[text].get('path', text)} ({held[text].get('reason')})"
@@ -296,11 +257,10 @@ def _resolve_scan_id(config: NeuroflowConfig, text: str) -> tuple[str, str]:
 def cmd_exclude(args: argparse.Namespace) -> int:
     """Exclude a session (ScanID or sub-X/ses-Y) with a reason: every stage refuses it; discovery skips it."""
     from neuroflow_dagster.discovery import exclusions
-    from neuroflow_dagster.ops.common import OpsUsageError
 
     config = _config(args)
     if not args.reason.strip():
-        raise OpsUsageError("--reason must say why the session is excluded")
+        raise UsageError("--reason must say why the session is excluded")
     scan_id, what = _resolve_scan_id(config, args.session)
     exclusions.exclude(config, scan_id, args.reason)
     print(f"excluded ScanID {scan_id!r} ({what}): {args.reason.strip()}")
@@ -327,13 +287,39 @@ def cmd_include(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_rekey(args: argparse.Namespace) -> int:
+    """Move ScanIDs held as `remapped` to what the mapping says now: correct the code, or retire + re-register."""
+    from neuroflow_dagster.discovery import rekey
+    from neuroflow_dagster.discovery.exclusions import load_exclusions
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.discovery.mapping import load_mapping
+
+    config = _config(args)
+    registry = Registry(config.paths.state)
+    try:
+        steps = rekey.plan_rekey(config, registry, args.scan_ids, load_mapping(config, write=False), args.reason)
+    except rekey.RekeyError as exc:
+        raise UsageError(str(exc)) from exc
+    excluded = load_exclusions(config)
+    for step in steps:
+        print(step.describe())
+        if step.action == "retire" and step.scan_id in excluded:
+            print(f"  note: {step.scan_id!r} is excluded: discovery holds it until `neuroflow include {step.scan_id}`")
+    if args.dry_run:
+        print("dry run: the registry is unchanged")
+        return EXIT_OK
+    rekey.apply_rekey(config, registry, steps, args.reason)
+    print(f"registry {registry.path} updated; audit trail: {registry.audit_path}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- logs
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """A run id: its tool log files (else its Dagster event log). A partition: its newest tool log(s)."""
-    from neuroflow_dagster.ops import logs
-    from neuroflow_dagster.ops.common import OpsUsageError, parse_partition
+    from neuroflow_dagster.control import logs
+    from neuroflow_dagster.control.targets import parse_partition
 
     config = _config(args)
     stage = _stage(args.stage)
@@ -341,7 +327,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if logs.looks_like_run_id(target):
         with _instance(args, config) as instance:
             if instance.get_run_by_id(target) is None:
-                raise OpsUsageError(f"no run {target} in this Dagster instance")
+                raise UsageError(f"no run {target} in this Dagster instance")
             paths = logs.run_log_paths(instance, target)
             messages = [] if paths else logs.run_event_messages(instance, target)
         if not paths:
@@ -359,8 +345,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _print_files(files: list[tuple[str, str]], tail: int | None) -> int:
-    from pathlib import Path
-
     status = EXIT_OK
     for label, name in files:
         path = Path(name)
@@ -393,12 +377,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                 help="the Dagster instance folder (default: $DAGSTER_HOME, else <config folder>/.dagster_home)",
             )
         if fmt:
-            p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+            add_format_option(p)
 
     p = sub.add_parser("status", help="every session's state per stage, held folders and totals")
     common(p)
     p.add_argument("--subject", help="only this participant label (with or without sub-)")
-    p.add_argument("--stage", help="only this stage's column: bids_conversion (bids), qsiprep, qsirecon, qsiparc")
+    p.add_argument("--stage", help=f"only this stage's column: {stages.help_names()}")
     p.add_argument("--failed", action="store_true", help="only sessions with a failed stage")
     p.add_argument("--summary", action="store_true", help="only the totals per stage and state, and the held folders")
     p.add_argument(
@@ -410,42 +394,48 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="SECS",
         help="redraw every SECS seconds (default 10) until Ctrl-C",
     )
-    p.set_defaults(func=_guard(cmd_status))
+    p.set_defaults(func=records_errors_exit_1(cmd_status))
 
     p = sub.add_parser("failures", help="partitions whose latest attempt failed (the dead-letter list)")
     common(p)
     p.add_argument("--stage")
-    p.set_defaults(func=_guard(cmd_failures))
+    p.set_defaults(func=records_errors_exit_1(cmd_failures))
 
     p = sub.add_parser("reprocess", help="backfill a stage for chosen sessions through the Dagster webserver")
     common(p, home=False)
-    p.add_argument("--stage", required=True, help="bids_conversion (bids), qsiprep, qsirecon or qsiparc")
+    p.add_argument("--stage", required=True, help=stages.help_names(" or "))
     p.add_argument("--subject")
     p.add_argument("--session", help="a session label (01 / ses-01) or a ScanID")
     p.add_argument("--all", action="store_true", help="every registered, non-excluded session")
     p.add_argument("--dry-run", action="store_true", help="list the partitions; launch nothing")
     p.add_argument("--url", default=None, help="the webserver (default http://127.0.0.1:3000/graphql)")
-    p.set_defaults(func=_guard(cmd_reprocess))
+    p.set_defaults(func=records_errors_exit_1(cmd_reprocess))
 
     p = sub.add_parser("retry", help="relaunch the partitions `failures` lists (one backfill per stage)")
     common(p)
     p.add_argument("--stage")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--url", default=None, help="the webserver (default http://127.0.0.1:3000/graphql)")
-    p.set_defaults(func=_guard(cmd_retry))
+    p.set_defaults(func=records_errors_exit_1(cmd_retry))
 
     p = sub.add_parser("exclude", help="exclude a session (ScanID or sub-X/ses-Y) with a reason")
     p.add_argument("session", metavar="SESSION")
     p.add_argument("--reason", required=True)
-    p.set_defaults(func=_guard(cmd_exclude))
+    p.set_defaults(func=records_errors_exit_1(cmd_exclude))
 
     p = sub.add_parser("include", help="lift an exclusion")
     p.add_argument("session", metavar="SESSION")
-    p.set_defaults(func=_guard(cmd_include))
+    p.set_defaults(func=records_errors_exit_1(cmd_include))
+
+    p = sub.add_parser("rekey", help="move ScanIDs held as remapped to the subject the mapping names now")
+    p.add_argument("scan_ids", nargs="+", metavar="SCAN_ID")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    p.set_defaults(func=records_errors_exit_1(cmd_rekey))
 
     p = sub.add_parser("logs", help="tool logs of a run id, or the newest of a partition")
     common(p, fmt=False)
     p.add_argument("target", metavar="RUN_OR_PARTITION", help="run id, '01|SUBJA', 'sub-SUBJA/ses-01' or a subject")
     p.add_argument("--stage")
     p.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N lines of each file")
-    p.set_defaults(func=_guard(cmd_logs))
+    p.set_defaults(func=records_errors_exit_1(cmd_logs))

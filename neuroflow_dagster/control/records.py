@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 from dagster import DagsterEventType, DagsterRunStatus
 
-from neuroflow_dagster.ops.common import STATUS_KEY
+from neuroflow_dagster.naming.tags import STATUS_KEY, STATUS_NOT_APPLICABLE
 
 CHUNK = 500  # keeps IN (...) lists under SQLite's variable limit
 IN_PROGRESS = (
@@ -46,7 +46,7 @@ class Materialization:
 
     @property
     def not_applicable(self) -> bool:
-        return self.metadata.get(STATUS_KEY) == "not_applicable"
+        return self.metadata.get(STATUS_KEY) == STATUS_NOT_APPLICABLE
 
 
 def latest_ids(instance: dg.DagsterInstance, asset: str) -> tuple[dict[str, int], dict[str, int]]:

@@ -15,9 +15,11 @@ from typing import Any
 import dagster as dg
 from dagster import DagsterEventType, DagsterRunStatus
 
+from neuroflow_dagster import stages
+from neuroflow_dagster.control import records
 from neuroflow_dagster.discovery.identity import Registry
-from neuroflow_dagster.ops import records
-from neuroflow_dagster.ops.common import FAILURE_CLASS_KEY, STAGE_ASSETS, SUBJECT_STAGES, split_partition
+from neuroflow_dagster.naming.partitions import split_session_key
+from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY
 
 _RUN_EVENTS = {
     DagsterEventType.STEP_FAILURE,
@@ -58,7 +60,7 @@ def _run_failure(instance: dg.DagsterInstance, run_id: str, asset: str) -> dict[
         "attempts": retries.get(step, 0) + 1,
         "failure_class": str(meta.get(FAILURE_CLASS_KEY) or "unclassified"),
         "last_error": (user.description if user and user.description else error) or run_message,
-        "log_path": str(meta.get("log_path") or ""),
+        "log_path": str(meta.get(LOG_PATH_KEY) or ""),
     }
 
 
@@ -67,7 +69,8 @@ def collect_failures(
 ) -> list[dict[str, Any]]:
     """One row per (stage, partition) whose latest attempt failed, newest first."""
     rows: list[dict[str, Any]] = []
-    for name, asset in STAGE_ASSETS.items():
+    for record in stages.stages():
+        name, asset = record.name, record.asset
         if stage and name != stage:
             continue
         attempts = records.open_attempts(instance, asset)
@@ -94,10 +97,10 @@ def collect_failures(
             if latest.dagster_run.status != DagsterRunStatus.FAILURE and info["failure_class"] == "run":
                 info["failure_class"] = "canceled"
                 info["last_error"] = info["last_error"] or "run canceled"
-            if name in SUBJECT_STAGES:
+            if record.per_subject:
                 participant, session = partition, ""
             else:
-                participant, session = split_partition(partition)
+                participant, session = split_session_key(partition)
             entry = registry.get(participant, session) if (registry is not None and session) else None
             rows.append(
                 {

@@ -15,10 +15,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
-from neuroflow_dagster.ops.common import STAGE_ASSETS, STAGE_TAG, SUBJECT_STAGES, OpsUsageError, session_partition
+from neuroflow_dagster.errors import UsageError
+from neuroflow_dagster.naming.partitions import session_key
+from neuroflow_dagster.naming.tags import STAGE_TAG
 
 DEFAULT_URL = "http://127.0.0.1:3000/graphql"
 
@@ -65,8 +68,9 @@ def select_partitions(
     `session` is a session label ("01", "ses-01") or a ScanID. Nothing given and
     no `all_sessions`: refuse, so a typo never reprocesses the whole archive.
     """
+    record = stages.stage(stage)
     if not (subject or session or all_sessions):
-        raise OpsUsageError("say which sessions: --subject, --session, or --all for every registered session")
+        raise UsageError("say which sessions: --subject, --session, or --all for every registered session")
     registry = Registry(config.paths.state)
     excluded = load_exclusions(config)
     wanted_subject = subject.removeprefix("sub-") if subject else None
@@ -81,20 +85,16 @@ def select_partitions(
         if entry.scan_id in excluded:
             skipped[entry.scan_id] = f"excluded: {excluded[entry.scan_id].get('reason')}"
             continue
-        key = (
-            entry.participant_id
-            if stage in SUBJECT_STAGES
-            else session_partition(entry.participant_id, entry.session_id)
-        )
+        key = entry.participant_id if record.per_subject else session_key(entry.participant_id, entry.session_id)
         if key not in partitions:
             partitions.append(key)
     if not partitions:
         what = " ".join(x for x in (f"sub-{wanted_subject}" if wanted_subject else "", session or "") if x)
-        raise OpsUsageError(
+        raise UsageError(
             f"no registered, non-excluded session matches {what or 'the registry'} ({registry.path})"
             + (f"; left out: {skipped}" if skipped else "")
         )
-    return Selection(stage, STAGE_ASSETS[stage], partitions, skipped)
+    return Selection(record.name, record.asset, partitions, skipped)
 
 
 def graphql_url(url: str | None) -> str:
@@ -108,7 +108,7 @@ def backfill_variables(asset: str, partitions: list[str], stage: str, title: str
         "backfillParams": {
             "assetSelection": [{"path": [asset]}],
             "partitionNames": list(partitions),
-            "tags": [{"key": STAGE_TAG, "value": stage}],
+            "tags": [{"key": STAGE_TAG, "value": stages.stage(stage).tag}],
             "title": title,
         }
     }

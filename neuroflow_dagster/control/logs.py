@@ -1,7 +1,7 @@
 """`neuroflow logs`: the tool log files of a run, or the newest one of a partition.
 
 Every tool run writes one file, log_dir/<stage>/<partition>_<time>_<run8>.log
-(defs/execution.py `log_path_for`), and records its path in the
+(naming/logs.py `run_log_path`), and records its path in the
 materialization or failure metadata (`log_path`). A run without such a file
 (refused before the tool started) is shown through Dagster's event log.
 """
@@ -16,9 +16,12 @@ from pathlib import Path
 import dagster as dg
 from dagster import DagsterEventType
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.ops import records
-from neuroflow_dagster.ops.common import STAGE_ASSETS, SUBJECT_STAGES, PartitionRef
+from neuroflow_dagster.control import records
+from neuroflow_dagster.control.targets import PartitionRef
+from neuroflow_dagster.naming.logs import partition_log_glob, stage_log_dir
+from neuroflow_dagster.naming.tags import LOG_PATH_KEY
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.IGNORECASE)
 
@@ -42,7 +45,7 @@ def run_log_paths(instance: dg.DagsterInstance, run_id: str) -> list[str]:
         else:
             user = event.step_failure_data.user_failure_data
             meta = records.metadata_values(user.metadata if user else {})
-        path = str(meta.get("log_path") or "")
+        path = str(meta.get(LOG_PATH_KEY) or "")
         if path and path not in paths:
             paths.append(path)
     return paths
@@ -67,10 +70,6 @@ def run_event_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     return lines
 
 
-def _safe(partition: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", partition) or "all"
-
-
 def partition_log_files(config: NeuroflowConfig, ref: PartitionRef, stage: str | None = None) -> list[tuple[str, Path]]:
     """(stage, newest log file) for the partition, per stage in pipeline order.
 
@@ -78,17 +77,18 @@ def partition_log_files(config: NeuroflowConfig, ref: PartitionRef, stage: str |
     log (session stages need a session).
     """
     out: list[tuple[str, Path]] = []
-    for name in STAGE_ASSETS:
+    for record in stages.stages():
+        name = record.name
         if stage and name != stage:
             continue
-        if name in SUBJECT_STAGES:
+        if record.per_subject:
             key = ref.participant
         elif ref.session is not None:
             key = ref.key
         else:
             continue
-        folder = config.paths.log_dir / name
-        files = [p for p in folder.glob(f"{_safe(key)}_*.log") if p.is_file()] if folder.is_dir() else []
+        folder = stage_log_dir(config.paths.log_dir, name)
+        files = [p for p in folder.glob(partition_log_glob(key)) if p.is_file()] if folder.is_dir() else []
         if files:
             out.append((name, max(files, key=lambda p: (p.stat().st_mtime, p.name))))
     return out
