@@ -62,6 +62,10 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
         for r in report["sessions"]
     ]
     print_rows(rows, "table", columns, max_width=CELL_WIDTH)
+    _render_totals(report, names)
+
+
+def _render_totals(report: dict[str, Any], names: list[str]) -> None:
     if report["held"]:
         print()
         print("held folders (REGISTERED: the labels of a registered session held for a new reason):")
@@ -99,7 +103,8 @@ def _render_summary(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     rows, states = summary_rows(totals, names)
     if fmt == "json":
         print_json({"stages": rows, "sessions": totals["sessions"], "held": totals["held"],
-                    "held_by_reason": totals["held_by_reason"], "disk_guard": report.get("disk_guard")})
+                    "held_by_reason": totals["held_by_reason"], "disk_guard": report.get("disk_guard"),
+                    "totals": totals})
         return
     print_rows(rows, fmt, ["stage", "unit", "total", *states], max_width=None if fmt == "csv" else CELL_WIDTH)
     if fmt == "table":
