@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             import cProfile
 
-            from neuroflow_dagster.ops.status import collect_status
+            from neuroflow_dagster.control.status import collect_status
 
             with home.instance() as instance, seeding.quiet():
                 prof = cProfile.Profile()

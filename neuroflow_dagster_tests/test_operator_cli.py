@@ -246,7 +246,7 @@ def test_status_json_states_per_stage(world: World, capsys: pytest.CaptureFixtur
 
 def test_not_applicable_is_found_without_reading_every_event(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SQL lookup answers on SQLite; reading every materialization's metadata is only a fallback."""
-    from neuroflow_dagster.ops import records
+    from neuroflow_dagster.control import records
 
     def no_full_read(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("with_metadata", True):
