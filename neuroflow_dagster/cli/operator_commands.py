@@ -152,12 +152,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     stage = _stage(args.stage)
     names = [stage] if stage else stages.names()
     render = _render_summary if args.summary else _render_status
-    with _instance(args, config) as instance:
-        if args.format == "nipoppy":
+    if args.format == "nipoppy":
+        with _instance(args, config) as instance:
             return _export_nipoppy(args, config, instance)
+    from neuroflow_dagster.control.instance import open_db, resolve_dagster_home
+
+    # The instance's tables, read directly: this path never imports dagster (control/dagster_db.py).
+    with open_db(resolve_dagster_home(getattr(args, "dagster_home", None), config)) as db:
         while True:
-            report = collect_status(instance, config, subject=args.subject, stage=stage, failed_only=args.failed)
-            report["disk_guard"] = disk_guard_view(instance, config)
+            report = collect_status(db, config, subject=args.subject, stage=stage, failed_only=args.failed)
+            report["disk_guard"] = disk_guard_view(db, config)
             if args.watch is None:
                 render(report, args.format, names)
                 return EXIT_OK

@@ -1,4 +1,8 @@
-"""The Dagster instance the operator commands read: which folder, opened read-only."""
+"""The Dagster instance the operator commands read: which folder, opened read-only.
+
+`open_db` (status) reads the instance's tables directly and imports no dagster; `open_instance`
+(the other commands) opens it through Dagster.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import dagster as dg
+from typing import TYPE_CHECKING
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dagster as dg
+
+    from neuroflow_dagster.control.dagster_db import Db
 
 
 def resolve_dagster_home(option: str | None, config: NeuroflowConfig | None) -> Path:
@@ -35,6 +43,7 @@ def resolve_dagster_home(option: str | None, config: NeuroflowConfig | None) -> 
 @contextmanager
 def open_instance(home: Path) -> Iterator[dg.DagsterInstance]:
     """The instance of `home`, opened from its dagster.yaml for reading (the CLI never writes Dagster records)."""
+    import dagster as dg
     from dagster._core.instance.ref import InstanceRef
 
     from neuroflow_dagster.control.storage import storage_problem
@@ -50,3 +59,17 @@ def open_instance(home: Path) -> Iterator[dg.DagsterInstance]:
         yield instance
     finally:
         instance.dispose()
+
+
+@contextmanager
+def open_db(home: Path) -> Iterator[Db]:
+    """The tables of the instance at `home`, read directly (control/dagster_db.py); refused like
+    `open_instance` while its SQLite storage is not ready (and never created here)."""
+    from neuroflow_dagster.control.dagster_db import Db
+    from neuroflow_dagster.control.storage import storage_problem
+
+    problem = storage_problem(home)
+    if problem:
+        raise ConfigError(problem)
+    with Db.from_home(home) as db:
+        yield db

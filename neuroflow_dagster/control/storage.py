@@ -36,15 +36,24 @@ class InstanceNotReady(Exception):
     """The instance's storage is missing, half-created or corrupt; the message says which and the fix."""
 
 
-def _uses_sqlite(home: Path) -> bool:
-    """Default storage (no storage/run_storage/event_log_storage key in dagster.yaml) is SQLite."""
+def _sqlite_base(home: Path) -> Path | None:
+    """The base folder of the instance's SQLite storage (None: not SQLite). Read from dagster.yaml without
+    Dagster where it is the default / `storage: sqlite` / PostgreSQL (control/dagster_db.py), through
+    Dagster's InstanceRef otherwise."""
+    from neuroflow_dagster.control.dagster_db import StorageConfigError, storage_location
+
+    try:
+        kind, where = storage_location(home)
+        return Path(where) if kind == "sqlite" else None
+    except StorageConfigError:
+        pass
     from dagster._core.instance.ref import InstanceRef
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = InstanceRef.from_dir(str(home))
     names = {ref.run_storage_data.class_name, ref.event_storage_data.class_name, ref.schedule_storage_data.class_name}
-    return all("Sqlite" in name for name in names)
+    return home if all("Sqlite" in name for name in names) else None
 
 
 def _alembic_rows(db: Path) -> list[str] | None:
@@ -63,11 +72,12 @@ def _alembic_rows(db: Path) -> list[str] | None:
 
 def storage_problem(home: Path) -> str | None:
     """Why the operator commands must not open the instance at ``home`` now (None: ready)."""
-    if not _uses_sqlite(home):
+    base = _sqlite_base(home)
+    if base is None:
         return None  # PostgreSQL: the server serialises schema creation; nothing to check here
     hint = INIT_HINT.format(home=home)
     for rel in SQLITE_DATABASES:
-        db = home / rel
+        db = base / rel
         if not db.is_file():
             return f"the Dagster instance at {home} is not initialized ({rel} does not exist): {hint}"
         rows = _alembic_rows(db)
@@ -96,7 +106,7 @@ def prepare_instance(home: Path) -> None:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     with FileLock(str(home / LOCK_NAME), timeout=300):
-        damaged = storage_problem(home) if _uses_sqlite(home) else None
+        damaged = storage_problem(home)
         if damaged and "is damaged" in damaged:
             raise InstanceNotReady(damaged)
         # Opening creates each storage's tables; upgrade() applies pending migrations (it prints progress).
