@@ -32,8 +32,8 @@ from neuroflow_dagster.control.dagster_db import Db
 from neuroflow_dagster.control.instance import open_db
 from neuroflow_dagster.control.status import load_views
 from neuroflow_dagster.definitions import build_definitions
-from neuroflow_dagster.diskspace import held_pools
 from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.diskspace import held_pools
 from neuroflow_dagster_tests.pg_server import PgServer, pg_database, postgres  # noqa: F401 (fixtures)
 from neuroflow_dagster_tests.test_operator_cli import (  # noqa: F401 (world is a fixture)
     BIDS,
@@ -55,11 +55,13 @@ def test_names_match_dagsters_enums() -> None:
     assert dagster_db.ASSET_MATERIALIZATION == dg.DagsterEventType.ASSET_MATERIALIZATION.value
     assert dagster_db.ASSET_MATERIALIZATION_PLANNED == dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED.value
     run = dg.DagsterRunStatus
-    assert set(dagster_db.RUN_IN_PROGRESS) == {s.value for s in (run.QUEUED, run.NOT_STARTED, run.STARTING, run.STARTED)}
+    in_progress = {s.value for s in (run.QUEUED, run.NOT_STARTED, run.STARTING, run.STARTED)}
+    assert set(dagster_db.RUN_IN_PROGRESS) == in_progress
     assert set(dagster_db.RUN_RUNNING) == {run.STARTING.value, run.STARTED.value}
     assert set(dagster_db.RUN_FAILED) == {run.FAILURE.value, run.CANCELED.value, run.CANCELING.value}
     # Every status Dagster has is either in progress, failed, or one status treats as neither.
-    assert {s.value for s in run} - set(dagster_db.RUN_IN_PROGRESS) - set(dagster_db.RUN_FAILED) == {"SUCCESS", "MANAGED", "SUSPENDED"}
+    neither = {s.value for s in run} - set(dagster_db.RUN_IN_PROGRESS) - set(dagster_db.RUN_FAILED)
+    assert neither == {"SUCCESS", "MANAGED", "SUSPENDED"}
     assert dagster_db.CHECK_SUCCEEDED == AssetCheckExecutionRecordStatus.SUCCEEDED.value
     assert dagster_db.CHECK_FAILED == AssetCheckExecutionRecordStatus.FAILED.value
     for name in ("dicom_session", "a/b"):
@@ -89,7 +91,7 @@ def oracle(instance: dg.DagsterInstance, pools: list[str]) -> dict[str, Any]:
                 r.partition_key
                 for r in full
                 if mats.get(r.partition_key) == r.storage_id
-                and getattr(r.asset_materialization.metadata.get("neuroflow/status"), "value", None) == "not_applicable"
+                and getattr(r.asset_materialization.metadata.get("neuroflow/status"), "value", "") == "not_applicable"
             }
             out["assets"][asset] = {
                 "mats": mats,
@@ -98,8 +100,8 @@ def oracle(instance: dg.DagsterInstance, pools: list[str]) -> dict[str, Any]:
                 "na": sorted(na),
             }
         run_ids = {run_id for a in out["assets"].values() for run_id, _ in a["attempts"].values()}
-        out["statuses"] = {r.dagster_run.run_id: r.dagster_run.status.value
-                           for r in instance.get_run_records(dg.RunsFilter(run_ids=sorted(run_ids)))} if run_ids else {}  # fmt: skip
+        runs = instance.get_run_records(dg.RunsFilter(run_ids=sorted(run_ids))) if run_ids else []
+        out["statuses"] = {r.dagster_run.run_id: r.dagster_run.status.value for r in runs}
         out["in_progress"] = sorted(
             (
                 r.dagster_run.run_id,
@@ -140,7 +142,13 @@ def direct(db: Db, pools: list[str]) -> dict[str, Any]:
     run_ids = {run_id for a in out["assets"].values() for run_id, _ in a["attempts"].values()}
     out["statuses"] = db.run_statuses(run_ids)
     out["in_progress"] = sorted(
-        (r.run_id, r.status, json.dumps(dict(r.tags), sort_keys=True), sorted(r.assets), sorted(list(c) for c in r.checks))
+        (
+            r.run_id,
+            r.status,
+            json.dumps(dict(r.tags), sort_keys=True),
+            sorted(r.assets),
+            sorted(list(c) for c in r.checks),
+        )
         for r in db.in_progress_runs()
     )
     out["checks"] = {p: [s.status, s.reason] for p, s in db.latest_check_states("dicom_session", "protocol").items()}
@@ -167,7 +175,7 @@ def assert_reader_agrees(instance: dg.DagsterInstance, home: Path) -> dict[str, 
 # --------------------------------------------------------------------------- SQLite: the operator scenario
 
 
-def test_direct_reader_agrees_with_dagster_on_sqlite(world: World) -> None:
+def test_direct_reader_agrees_with_dagster_on_sqlite(world: World) -> None:  # noqa: F811
     pools = sorted({s.pool for s in stages.stages()})
     world.instance.event_log_storage.set_concurrency_slots(pools[0], 0)  # the disk guard's hold
     try:
@@ -176,14 +184,15 @@ def test_direct_reader_agrees_with_dagster_on_sqlite(world: World) -> None:
         world.instance.event_log_storage.set_concurrency_slots(pools[0], 1)
 
 
-def test_status_command_does_not_import_dagster(world: World) -> None:
+def test_status_command_does_not_import_dagster(world: World) -> None:  # noqa: F811
     """json, table and --summary in a fresh interpreter: `dagster` never enters sys.modules."""
     code = (
         "import sys, io, contextlib\n"
         "from neuroflow_dagster.cli import main\n"
         "for extra in (['--format', 'json'], ['--format', 'table'], ['--summary']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
-        f"        rc = main(['--config', {str(world.config_file)!r}, 'status', *extra, '--dagster-home', {str(world.home)!r}])\n"
+        f"        rc = main(['--config', {str(world.config_file)!r}, 'status', *extra,\n"
+        f"                   '--dagster-home', {str(world.home)!r}])\n"
         "    assert rc == 0, (extra, rc)\n"
         "loaded = sorted(m for m in sys.modules if m == 'dagster' or m.startswith(('dagster.', 'dagster_')))\n"
         "print(loaded)\n"
@@ -245,7 +254,7 @@ def test_direct_reader_agrees_with_dagster_on_postgres(
         assert_reader_agrees(instance, home)
         # The command itself on this storage: the states the scenario made.
         with open_db(home) as db:
-            views, checks, checking = load_views(db)
+            views, checks, _ = load_views(db)
         assert views["bids_session"].failed and views["bids_session"].active == {"01|SUBJF": "queued"}
         assert checks["01|SUBJB"].status == "FAILED" and "T1w missing" in checks["01|SUBJB"].reason
         capsys.readouterr()

@@ -12,7 +12,8 @@ sqlite:``, is SQLite under the base dir (the event log's cross-run index shard
 ``storage: postgres:`` and this project's pooled ``storage: custom:``
 (neuroflow_dagster.pooled_storage) are PostgreSQL (``postgres_url`` or ``postgres_db``, ``{env:
 VAR}`` values). Any other storage is opened through Dagster (lazy import) and its own SQLAlchemy
-connections are used for the same SQL (`Db.from_instance`), so there is one set of queries.
+connections are used for the same SQL (`Db.from_instance`, control/instance.open_db), so there is
+one set of queries.
 
 Dagster's names used in SQL (event types, run and check statuses) are stable enum values; they are
 named here once and pinned against Dagster's enums by neuroflow_dagster_tests/test_dagster_db.py.
@@ -102,7 +103,8 @@ def _pg_url(config: Mapping[str, Any]) -> str:
         raise StorageConfigError("postgres storage config has neither postgres_url nor postgres_db")
     user, password = quote(str(db.get("username", ""))), str(db.get("password") or "")
     userinfo = f"{user}:{quote(password)}" if password else user
-    url = f"{db.get('scheme', 'postgresql')}://{userinfo}@{db.get('hostname', '')}:{db.get('port', 5432)}/{db.get('db_name', '')}"
+    host = f"{db.get('hostname', '')}:{db.get('port', 5432)}"
+    url = f"{db.get('scheme', 'postgresql')}://{userinfo}@{host}/{db.get('db_name', '')}"
     if db.get("params"):
         url += "?" + urlencode(db["params"], quote_via=quote)
     return url
@@ -144,16 +146,9 @@ class Db:
     @classmethod
     @contextmanager
     def from_home(cls, home: Path) -> Iterator[Db]:
-        """The instance at `home` read directly; through Dagster's own connections if its storage is not
-        one of those above."""
-        try:
-            kind, where = storage_location(home)
-        except StorageConfigError:
-            from neuroflow_dagster.control.instance import open_instance
-
-            with open_instance(home) as instance, cls.from_instance(instance) as db:
-                yield db
-            return
+        """The instance at `home` read directly; StorageConfigError if its storage is not one of those above
+        (control/instance.open_db then uses Dagster's own connections)."""
+        kind, where = storage_location(home)
         if kind == "sqlite":
             events = _sqlite_ro(Path(where) / SQLITE_INDEX_DB)
             runs = _sqlite_ro(Path(where) / SQLITE_RUNS_DB)
@@ -289,10 +284,8 @@ class Db:
         out = {p: CheckState(str(status)) for p, status, _ in rows if p is not None}
         failed = sorted(i for p, status, i in rows if p is not None and status == CHECK_FAILED)
         for chunk in chunks(failed):
-            for partition, body in self.events_rows(
-                f'SELECT "partition", evaluation_event FROM asset_check_executions WHERE id IN ({self._marks(len(chunk))})',
-                chunk,
-            ):
+            sql = 'SELECT "partition", evaluation_event FROM asset_check_executions WHERE id IN ({})'
+            for partition, body in self.events_rows(sql.format(self._marks(len(chunk))), chunk):
                 out[partition] = CheckState(CHECK_FAILED, _check_reason(body))
         return out
 
@@ -339,7 +332,8 @@ def _run_info(run_id: str, status: str, body: str) -> RunInfo:
         tags={str(k): str(v) for k, v in dict(run.get("tags") or {}).items()},
         assets=frozenset(_user_key(k) for k in _frozenset_items(run.get("asset_selection"))),
         checks=frozenset(
-            (_user_key(k.get("asset_key")), str(k.get("name"))) for k in _frozenset_items(run.get("asset_check_selection"))
+            (_user_key(k.get("asset_key")), str(k.get("name")))
+            for k in _frozenset_items(run.get("asset_check_selection"))
         ),
     )
 

@@ -65,9 +65,15 @@ def open_instance(home: Path) -> Iterator[dg.DagsterInstance]:
 def open_db(home: Path) -> Iterator[Db]:
     """The tables of the instance at `home`, read directly (control/dagster_db.py); refused like
     `open_instance` while its SQLite storage is not ready (and never created here)."""
-    from neuroflow_dagster.control.dagster_db import Db
+    from neuroflow_dagster.control.dagster_db import Db, StorageConfigError, storage_location
     from neuroflow_dagster.control.storage import storage_problem
 
+    try:
+        storage_location(home)
+    except StorageConfigError:  # a storage this reader does not open itself: Dagster's connections
+        with open_instance(home) as instance, Db.from_instance(instance) as db:
+            yield db
+        return
     problem = storage_problem(home)
     if problem:
         raise ConfigError(problem)
