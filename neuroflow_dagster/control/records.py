@@ -2,6 +2,10 @@
 
 Event storage ids grow monotonically, so "materialized after" is a comparison
 of storage ids; no timestamps (and no clock skew between processes) involved.
+These are the reads through Dagster's API (failures, logs, Nipoppy's export);
+`status` reads the same tables directly (control/dagster_db.py), and
+`latest_ids` / `not_applicable_partitions` here run those queries on an open
+instance's connections.
 """
 
 from __future__ import annotations
