@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 from typing import Any
@@ -15,8 +16,40 @@ def add_format_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=list(FORMATS), default="table")
 
 
+SCALARS = (str, int, float, bool, type(None))
+
+
+def dumps_indented(data: Any, level: int = 0) -> str:
+    """Exactly ``json.dumps(data, indent=2, default=str)``, faster: Python's C encoder is used only
+    without `indent`, and `status --format json` prints 20,000 rows (0.25 s in the pure-Python one).
+    A flat object (scalar values only) goes through the C encoder with the newline and indent in its
+    item separator; containers are laid out here, as the indenting encoder lays them out."""
+    pad = "  " * (level + 1)
+    if isinstance(data, dict) and data and all(isinstance(v, SCALARS) for v in data.values()):
+        if all(isinstance(k, str) for k in data):
+            flat = _flat_encoder(level).encode(data)
+            return "{\n" + pad + flat[1:-1] + "\n" + "  " * level + "}"
+    if isinstance(data, dict) and data:
+        items = (f"{pad}{json.dumps(k if isinstance(k, str) else _key(k))}: {dumps_indented(v, level + 1)}"
+                 for k, v in data.items())  # fmt: skip
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(data, (list, tuple)) and data:
+        return "[\n" + ",\n".join(pad + dumps_indented(v, level + 1) for v in data) + "\n" + "  " * level + "]"
+    return json.dumps(data, indent=2, default=str).replace("\n", "\n" + "  " * level)
+
+
+@functools.lru_cache(maxsize=16)
+def _flat_encoder(level: int) -> json.JSONEncoder:
+    return json.JSONEncoder(default=str, separators=(",\n" + "  " * (level + 1), ": "))
+
+
+def _key(key: Any) -> str:
+    """A non-string key as json.dumps writes it (True -> "true", 1 -> "1", None -> "null")."""
+    return json.dumps({key: 0})[1:].rsplit(":", 1)[0].strip('"')
+
+
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(dumps_indented(data))
 
 
 def print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], *, max_width: int | None = None) -> None:
@@ -41,5 +74,8 @@ def print_rows(rows: list[dict[str, Any]], fmt: str, columns: list[str], *, max_
 
 
 def _cell(value: Any, max_width: int) -> str:
-    text = " ".join(str(value).split())
+    text = str(value)
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text if len(text) <= max_width else text[: max_width - 3] + "..."  # already one clean line
+    text = " ".join(text.split())
     return text if len(text) <= max_width else text[: max_width - 3] + "..."

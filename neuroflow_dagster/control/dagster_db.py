@@ -207,14 +207,16 @@ class Db:
         return " AND timestamp > ?", [at.strftime("%Y-%m-%d %H:%M:%S.%f") if self.dialect == "sqlite" else at]
 
     # -------------------------------------------------------------- reads
-    def latest_ids(self, asset: str) -> tuple[dict[str, int], dict[str, int]]:
-        """(latest materialization, latest planned materialization) storage id per partition, one query."""
+    def latest_ids(self, asset: str, *, planned: bool = True) -> tuple[dict[str, int], dict[str, int]]:
+        """(latest materialization, latest planned materialization) storage id per partition, one query
+        (`planned=False`: materializations only, half the rows)."""
         wipe, wipe_params = self._wipe_filter(asset)
+        types = [ASSET_MATERIALIZATION, ASSET_MATERIALIZATION_PLANNED] if planned else [ASSET_MATERIALIZATION]
         rows = self.events_rows(
             'SELECT dagster_event_type, "partition", MAX(id) FROM event_logs '
-            'WHERE asset_key = ? AND "partition" IS NOT NULL AND dagster_event_type IN (?, ?)'
+            f'WHERE asset_key = ? AND "partition" IS NOT NULL AND dagster_event_type IN ({self._marks(len(types))})'
             + wipe + ' GROUP BY dagster_event_type, "partition"',
-            [asset_key_string(asset), ASSET_MATERIALIZATION, ASSET_MATERIALIZATION_PLANNED, *wipe_params],
+            [asset_key_string(asset), *types, *wipe_params],
         )
         mats: dict[str, int] = {}
         planned: dict[str, int] = {}

@@ -92,7 +92,8 @@ def load_views(db: Db) -> tuple[dict[str, AssetView], dict[str, Any], set[str]]:
         if run.tags.get(STAGE_TAG) == "discovery":  # the discovery sensor's check job (whole job, no selection)
             checking.add(partition)
 
-    ids = {asset: db.latest_ids(asset) for asset in [SOURCE_ASSET, *stage_assets]}
+    # The source asset is never planned by a stage run status tracks: its materializations only.
+    ids = {asset: db.latest_ids(asset, planned=asset != SOURCE_ASSET) for asset in [SOURCE_ASSET, *stage_assets]}
     attempts = {asset: db.open_attempts(asset, *ids[asset]) for asset in stage_assets}
     statuses = db.run_statuses(run_id for a in attempts.values() for run_id, _ in a.values())
     views: dict[str, AssetView] = {}
