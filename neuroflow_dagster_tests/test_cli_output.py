@@ -18,7 +18,7 @@ CASES: list[Any] = [
     [1, "x", None],
     {"a": 1, "b": 'é\n"', "c": None, "d": True, "e": 1.5, "f": float("nan")},
     {"s": [{"a": "b", "c": 1}, {"d": [1, 2, {"e": {}}]}], "t": {"x": {"y": "z"}}, "p": Path("/x")},
-    {1: "a", True: "b", None: "c", 2.5: "d"},
+    {1: "a", False: "b", None: "c", 2.5: "d"},
     {"k": {1: 2}},
     "str",
     3,
