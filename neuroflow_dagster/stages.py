@@ -33,6 +33,12 @@ SUBJECT: Level = "subject"
 SOURCE = "discovery"
 SOURCE_ASSET = "dicom_session"
 PROTOCOL_CHECK = "protocol"
+# The image QC gate after preprocessing (qc/, docs/operations.md "The QC gate"): a session asset read
+# from QSIPrep's QC table, with a blocking check, run before (and in the same run as) the stages it
+# gates; a failed check holds those stages for that session until an operator approves it.
+QC_ASSET = "image_qc_session"
+QC_CHECK = "image_qc"
+QC_GATED_STAGES = ("qsirecon", "qsiparc")
 
 
 @dataclass(frozen=True)
