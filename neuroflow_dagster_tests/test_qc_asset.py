@@ -68,7 +68,8 @@ def test_failing_qc_skips_recon_and_parcellation_in_its_run_until_approved(world
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
     meta = {k: v.value for k, v in evaluation.metadata.items()}
     assert meta["neuroflow/qc"] == "failed"
-    assert meta["raw_masked_neighbor_corr"] == pytest.approx(0.17) and meta["raw_masked_neighbor_corr level"] == "failed"
+    assert meta["raw_masked_neighbor_corr"] == pytest.approx(0.17)
+    assert meta["raw_masked_neighbor_corr level"] == "failed"
     assert meta["raw_masked_neighbor_corr thresholds"] == "fail < 0.5, warn < 0.8"
     assert meta["raw_num_bad_slices"] == 39 and meta["raw_num_bad_slices thresholds"] == "fail > 5, warn > 0"
     assert "raw_masked_neighbor_corr 0.17 < 0.5" in evaluation.description
