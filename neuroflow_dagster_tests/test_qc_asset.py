@@ -17,6 +17,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from neuroflow_dagster.control.status import collect_status
 from neuroflow_dagster.definitions import build_definitions
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.qc import approvals
@@ -86,13 +87,23 @@ def test_failing_qc_skips_recon_and_parcellation_in_its_run_until_approved(world
     assert "failed image QC" in str(failure.event_specific_data.error.message)
     assert failure.event_specific_data.user_failure_data.metadata["neuroflow/failure_class"].value == "qc"
 
+    status = collect_status(instance, config)
+    row = next(r for r in status["sessions"] if r["scan_id"] == "SCAN_POOR")
+    assert row["qc"] == "FAILED" and "raw_num_bad_slices 39 > 5" in row["note"]
+    assert "neuroflow qc approve SCAN_POOR" in row["note"] and status["totals"]["qc"] == {"FAILED": 1}
+    assert [r["scan_id"] for r in collect_status(instance, config, failed_only=True)["sessions"]] == ["SCAN_POOR"]
+
     approvals.approve(config, "SCAN_POOR", "0075", "02", "dropouts confined to 3 volumes", by="dr.who")
+    assert next(r for r in collect_status(instance, config)["sessions"] if r["scan_id"] == "SCAN_POOR")["qc"] == \
+        "approved"  # approved, its relaunch still to come
     after = run(defs, instance, "02|0075", [QC, RECON, PARC])
     (evaluation,) = after.get_asset_check_evaluations()
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
     assert "approved by dr.who at " in evaluation.description
     assert evaluation.metadata["neuroflow/qc"].value == "approved"
     assert "STEP_START" in step_events(after, "qsirecon_session")  # the gate let it through
+    assert next(r for r in collect_status(instance, config)["sessions"] if r["scan_id"] == "SCAN_POOR")["qc"] == \
+        "approved"
 
 
 def test_passing_session_goes_on_and_a_session_without_qsiprep_is_not_applicable(world: Any) -> None:
@@ -100,6 +111,8 @@ def test_passing_session_goes_on_and_a_session_without_qsiprep_is_not_applicable
     result = run(defs, instance, "01|0075", [QC, RECON])
     (evaluation,) = result.get_asset_check_evaluations()
     assert evaluation.passed and evaluation.metadata["neuroflow/qc"].value == "passed"
+    rows = {r["scan_id"]: r["qc"] for r in collect_status(instance, config)["sessions"]}
+    assert rows == {"SCAN_GOOD": "passed", "SCAN_POOR": "-"}
     assert "STEP_START" in step_events(result, "qsirecon_session")
     Registry(config.paths.state).assign("SCAN_NODWI", "75")
     result = run(defs, instance, "03|0075", [QC])

@@ -45,11 +45,19 @@ def _stage(value: str | None) -> str | None:
 # --------------------------------------------------------------------------- status
 
 
+def with_qc(names: list[str]) -> list[str]:
+    """The stage columns with the image QC gate's column before the first stage it gates."""
+    if len(names) < 2 or stages.QC_GATED_STAGES[0] not in names:
+        return names
+    at = names.index(stages.QC_GATED_STAGES[0])
+    return [*names[:at], "qc", *names[at:]]
+
+
 def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     if fmt == "json":
         print_json(report)
         return
-    columns = [*STATUS_COLUMNS, *names, "note"]
+    columns = [*STATUS_COLUMNS, *with_qc(names), "note"]
     if fmt == "csv":
         rows = list(report["sessions"])
         rows += [
@@ -80,6 +88,8 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
         + (f" {totals['held_by_reason']}" if totals["held_by_reason"] else "")
     )
     print("  protocol: " + _counts(totals["protocol"]))
+    if "qc" in with_qc(names):
+        print("  qc: " + _counts(totals.get("qc", {})))
     for name in names:
         unit = " (per subject)" if stages.stage(name).per_subject else ""
         print(f"  {name}{unit}: " + _counts(totals[name]))

@@ -25,7 +25,8 @@ from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import read_status_report
 from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import PARTITION_TAG, STAGE_TAG
-from neuroflow_dagster.stages import PROTOCOL_CHECK, SOURCE_ASSET, SUBJECT
+from neuroflow_dagster.qc.approvals import load_approvals
+from neuroflow_dagster.stages import PROTOCOL_CHECK, QC_ASSET, QC_CHECK, SOURCE_ASSET, SUBJECT
 
 STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded", "retired")
 
@@ -125,6 +126,22 @@ def _protocol(check: Any, checking: bool) -> tuple[str, str]:
     return "pending", ""
 
 
+def qc_state(check: Any, approved: bool) -> str:
+    """The QC column: passed / warn / FAILED / approved / - (not judged yet, or nothing to judge).
+
+    From the latest `image_qc` check execution (its `neuroflow/qc` metadata); a failure approved
+    since (its relaunch still to come) already reads `approved`.
+    """
+    if check is None or check.evaluation is None:
+        return "-"
+    state = str(records.metadata_values(check.evaluation.metadata).get("neuroflow/qc", ""))
+    if state == "failed":
+        return "approved" if approved else "FAILED"
+    if state in ("passed", "warn", "approved"):
+        return state
+    return "-"
+
+
 def _upstream_storage_ids(
     asset: str, participant: str, partition: str, views: dict[str, AssetView], sessions_of: dict[str, list[str]]
 ) -> list[int]:
@@ -170,6 +187,8 @@ def collect_status(
     registry = Registry(config.paths.state)
     excluded = load_exclusions(config)
     views, checks, checking = load_views(instance)
+    qc_checks = records.latest_check_executions(instance, QC_ASSET, QC_CHECK)
+    approved = load_approvals(config)
     entries = registry.all()
     sessions_of: dict[str, list[str]] = {}
     for entry in entries:
@@ -203,12 +222,16 @@ def collect_status(
             row[column.name] = (
                 "excluded" if exclusion else stage_state(column.asset, key, participant, views, sessions_of)
             )
+        row["qc"] = "-" if exclusion else qc_state(qc_checks.get(partition), entry.scan_id in approved)
         row["note"] = f"excluded: {exclusion.get('reason')}" if exclusion else ""
+        if row["qc"] == "FAILED" and not row["note"]:
+            summary = records.metadata_values(qc_checks[partition].evaluation.metadata).get("qc_summary", "")
+            row["note"] = f"{summary}; `neuroflow qc approve {entry.scan_id} --reason ...` lets it through"
         if participant in merged:
             row["note"] = "identity conflict: sessions of two SubjectCodes (see problems)"
         elif entry.scan_id in held_now:
             row["note"] = f"held: {held_now[entry.scan_id].get('reason')} (see held folders)"
-        if failed_only and not any(row[column.name] == "failed" for column in columns):
+        if failed_only and row["qc"] != "FAILED" and not any(row[column.name] == "failed" for column in columns):
             continue
         rows.append(row)
     if not failed_only:
@@ -253,6 +276,7 @@ def _retired_row(entry: Any, names: list[str]) -> dict[str, Any]:
         "protocol_reason": "",
     }
     row.update({name: "retired" for name in names})
+    row["qc"] = "-"
     row["note"] = f"re-keyed: {entry.note}"
     return row
 
@@ -262,6 +286,7 @@ def totals(rows: list[dict[str, Any]], held: list[dict[str, Any]], names: list[s
     out: dict[str, Any] = {"sessions": len(rows), "held": len(held)}
     out["held_by_reason"] = dict(Counter(h["state"] for h in held))
     out["protocol"] = dict(Counter(r["protocol"] for r in rows if r["protocol"] != "-"))
+    out["qc"] = dict(Counter(r.get("qc", "-") for r in rows if r.get("qc", "-") != "-"))
     for name in names:
         if stages.stage(name).per_subject:
             per_subject = {r["subject"]: r[name] for r in rows}

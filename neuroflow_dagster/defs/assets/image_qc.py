@@ -111,7 +111,7 @@ def build_image_qc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         deps=[dg.AssetDep(qsiprep.asset, partition_mapping=subject_of_session)],
         check_specs=[
             dg.AssetCheckSpec(
-                stages.QC_CHECK, asset=stages.QC_ASSET, blocking=True,
+                stages.QC_CHECK, asset=stages.QC_ASSET, blocking=True, partitions_def=session_partitions,
                 description="QSIPrep's image QC measures against the qc thresholds of neuroflow.yaml; a failure "
                             "holds reconstruction and parcellation of the session until `neuroflow qc approve`",
             )
