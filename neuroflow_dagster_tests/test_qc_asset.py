@@ -19,6 +19,7 @@ import pytest
 
 from neuroflow_dagster.control.status import collect_status
 from neuroflow_dagster.definitions import build_definitions
+from neuroflow_dagster.defs import alerts
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.qc import approvals
 from neuroflow_dagster_tests.test_qc_gate import write_session
@@ -80,6 +81,15 @@ def test_failing_qc_skips_recon_and_parcellation_in_its_run_until_approved(world
     # recon and parcellation were skipped, never started
     assert "STEP_START" not in step_events(result, "qsirecon_session")
     assert "STEP_START" not in step_events(result, "qsiparc_session")
+
+    # The failed run is a QC alert (class qc, the measures, the way out)
+    dagster_run = instance.get_run_by_id(result.run_id)
+    steps = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    alert = alerts.alert_from_failure(dagster_run, [r.event_log_entry.dagster_event for r in steps], "failed",
+                                      evaluation.description)
+    assert alert is not None and (alert.stage, alert.failure_class) == ("image QC", "qc")
+    assert "sub-0075 ses-02" in alert.title() and "raw_num_bad_slices 39 > 5" in alert.text()
+    assert "neuroflow qc approve '02|0075' --reason" in alert.text()
 
     # Launched alone (a UI materialization, `reprocess --stage qsirecon`): refused with the reason.
     alone = run(defs, instance, "02|0075", [RECON])

@@ -183,13 +183,28 @@ def _strip_fence(text: str) -> str:
 
 
 def alert_from_failure(
-    run: dg.DagsterRun, step_failures: list[dg.DagsterEvent], run_failure_message: str | None
+    run: dg.DagsterRun, step_failures: list[dg.DagsterEvent], run_failure_message: str | None,
+    qc_reason: str | None = None,
 ) -> FailureAlert | None:
-    """What the alert says, from the failed run and its step failures; None if not a stage run."""
+    """What the alert says, from the failed run and its step failures; None if not a stage run.
+
+    A run stopped by the image QC gate (its `image_qc_session` step failed on the blocking check)
+    is a QC alert: class `qc`, the failing measures (``qc_reason``, the check's description) and
+    how to let the session through.
+    """
+    subject, session = _partition_of_run(run)
+    if any(e.step_key == stages.QC_ASSET for e in step_failures):
+        scan = f"{session}|{subject}" if session else str(subject)
+        return FailureAlert(
+            stage="image QC", subject=subject, session=session, failure_class="qc",
+            reason=(f"{qc_reason or 'image QC failed'}; reconstruction and parcellation are held. Look at "
+                    f"{stages.QC_ASSET} {scan} in the UI; `neuroflow qc approve '{scan}' --reason ...` lets "
+                    "it through")[:2000],
+            run_id=run.run_id, job_name=run.job_name,
+        )
     stage = _stage_of_run(run, [e.step_key for e in step_failures if e.step_key])
     if stage is None:
         return None
-    subject, session = _partition_of_run(run)
     failure_class = "run"
     reason = (run_failure_message or "the run failed").strip()
     log_path = log_tail = None
@@ -317,9 +332,15 @@ def build_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
         if will_be_retried(context.dagster_run):
             context.log.info(f"run {context.dagster_run.run_id} failed and will be retried: no alert yet")
             return
-        alert = alert_from_failure(
-            context.dagster_run, list(context.get_step_failure_events()), context.failure_event.message
-        )
+        failures = list(context.get_step_failure_events())
+        qc_reason = None
+        if any(e.step_key == stages.QC_ASSET for e in failures):
+            checks = context.instance.all_logs(
+                context.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            )
+            qc_reason = next((str(e.dagster_event.event_specific_data.description or "") for e in checks
+                              if e.dagster_event and e.dagster_event.step_key == stages.QC_ASSET), None)
+        alert = alert_from_failure(context.dagster_run, failures, context.failure_event.message, qc_reason)
         if alert is None:
             context.log.info(f"run {context.dagster_run.run_id} is not a stage run: no alert")
             return
