@@ -221,8 +221,9 @@ class SlurmConfig(_Section):
     def _extra_args(cls, value: list[str]) -> list[str]:
         for arg in value:
             if not arg.startswith("-") or any(c in arg for c in "\n\r\0"):
-                raise ValueError(f"{arg!r}: each item must be one sbatch option starting with '-' "
-                                 "(e.g. --constraint=avx2)")
+                raise ValueError(
+                    f"{arg!r}: each item must be one sbatch option starting with '-' (e.g. --constraint=avx2)"
+                )
             name = arg.split("=", 1)[0]
             if name in _SBATCH_OWNED:
                 raise ValueError(f"{arg!r}: {name} is {_SBATCH_OWNED[name]}")
@@ -670,6 +671,8 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
             how = cfg.runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
             problems.append(f"pipelines.{section}.fs_license: required when runtime is {how}")
         if cfg.runtime == "slurm" and shutil.which("sbatch") is None:
-            problems.append(f"pipelines.{section}.runtime: slurm, but sbatch is not on PATH of this host "
-                            "(run the services on a login/submit node with Slurm's client commands)")
+            problems.append(
+                f"pipelines.{section}.runtime: slurm, but sbatch is not on PATH of this host "
+                "(run the services on a login/submit node with Slurm's client commands)"
+            )
     return problems

@@ -17,10 +17,11 @@ from neuroflow_dagster.config import ConfigError, NeuroflowConfig, check_paths, 
 from neuroflow_dagster.defs.alerts import build_alert_sensor, build_discovery_alert_sensor
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
 from neuroflow_dagster.defs.assets.image_qc import build_image_qc_asset
+from neuroflow_dagster.defs.automation import build_automation_sensors
 from neuroflow_dagster.defs.diskguard import build_disk_guard_sensor
 from neuroflow_dagster.defs.graph import build_stage_assets, partitions_def
 from neuroflow_dagster.defs.resources import NeuroflowResource
-from neuroflow_dagster.defs.sensors import build_automation_sensors, build_discovery_sensor, max_runtime_tags
+from neuroflow_dagster.defs.sensors import build_discovery_sensor, max_runtime_tags
 from neuroflow_dagster.naming.tags import STAGE_TAG
 
 
@@ -54,7 +55,7 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
         sensors=[
             build_discovery_sensor(config),
             build_disk_guard_sensor(config),
-            *build_automation_sensors(config),
+            *build_automation_sensors(config, max_runtime_tags),
             *optional(build_alert_sensor(config)),
             *optional(build_discovery_alert_sensor(config)),
         ],

@@ -228,8 +228,10 @@ def build_document(
     }
     return {
         "format": FORMAT,
-        "generated_by": {"name": "neuroflow-dagster", "version": package_versions(["neuroflow-dagster"]).get(
-            "neuroflow-dagster", "unknown")},
+        "generated_by": {
+            "name": "neuroflow-dagster",
+            "version": package_versions(["neuroflow-dagster"]).get("neuroflow-dagster", "unknown"),
+        },
         "stage": stage,
         "asset": asset,
         "partition": partition,

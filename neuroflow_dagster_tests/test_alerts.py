@@ -237,6 +237,37 @@ def test_failed_conversion_is_posted_to_slack_and_mailed(
     assert webhook_url(webhook) not in config.source.read_text()
 
 
+def test_a_failed_parcellation_in_a_recon_run_is_a_qsiparc_alert(
+    tmp_path: Path, webhook: ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recon and parcellation of a session share a run tagged qsirecon; the failed step names the stage."""
+    monkeypatch.setenv(WEBHOOK_ENV, webhook_url(webhook))
+    config = alert_config(tmp_path, None)
+    sensor = alerts.build_alert_sensor(config)
+    assert sensor is not None
+    defs = build_definitions(config)
+    parcellation = defs.resolve_assets_def("qsiparc_session")
+
+    @dg.asset(key="qsirecon_session", partitions_def=parcellation.partitions_def)
+    def recon_stand_in() -> None:  # the reconstruction succeeds; the real parcellation then refuses
+        return None
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(subjects_partitions.name, ["GHOST"])
+        instance.add_dynamic_partitions(session_labels_partitions.name, ["01"])
+        result = dg.materialize(
+            [recon_stand_in, parcellation],
+            instance=instance,
+            partition_key="01|GHOST",
+            tags={"neuroflow/stage": "qsirecon"},
+            raise_on_error=False,
+        )
+        assert not result.success
+        run_sensor(sensor, instance, result.dagster_run)
+    assert len(webhook.posts) == 1
+    assert "qsiparc failed: sub-GHOST ses-01 (validation)" in json.loads(webhook.posts[0]["body"])["text"]
+
+
 def test_log_tail_and_path_come_from_the_step_failure_metadata(tmp_path: Path) -> None:
     """A tool failure as execute_spec raises it: class, log path and tail reach the alert text."""
 
@@ -265,8 +296,9 @@ def test_log_tail_and_path_come_from_the_step_failure_metadata(tmp_path: Path) -
     assert "Killed: out of memory" in alert.text()
 
 
-def test_no_alert_for_runs_that_are_not_stage_runs(tmp_path: Path, webhook: ThreadingHTTPServer,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_alert_for_runs_that_are_not_stage_runs(
+    tmp_path: Path, webhook: ThreadingHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(WEBHOOK_ENV, webhook_url(webhook))
     config = alert_config(tmp_path, None)
 
@@ -373,7 +405,9 @@ def test_no_sensor_without_alert_config(tmp_path: Path) -> None:
 
 
 def test_delivery_errors_name_the_channel_and_one_working_channel_is_enough(
-    tmp_path: Path, webhook: ThreadingHTTPServer, smtp_server: socketserver.ThreadingTCPServer,
+    tmp_path: Path,
+    webhook: ThreadingHTTPServer,
+    smtp_server: socketserver.ThreadingTCPServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = alert_config(tmp_path, smtp_server.server_address[1])

@@ -1,10 +1,13 @@
 """Tick-by-tick automation: what each stage requests as sessions arrive, convert, fail or are blocked.
 
-Drives Dagster's own evaluator (`evaluate_automation_conditions`) over the
-project's real Definitions on a temporary instance. Stage runs are simulated
-by reporting their materializations and check results, so each tick's
-decision is seen in isolation. (The serialized graph the daemon uses is
-exercised by test_daemon_e2e.py.)
+Ticks the project's real stage sensors (`automation_<stage>`, from the real
+Definitions) with their cursors on a temporary instance, one after the other
+as the daemon does. Stage runs are simulated by reporting their
+materializations and check results, so each tick's decision is seen in
+isolation; the requests a tick makes are not launched (the sensor remembers
+them, as it does until the daemon has created their runs). A recon request
+also parcellates in the same run; it is listed under its stage's asset,
+`qsirecon_session`. (The daemon itself is exercised by test_daemon_e2e.py.)
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 BIDS, QSIPREP, QSIRECON, QSIPARC = (asset_key(s) for s in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"))
 
 CHECK_OF = {DICOM: PROTOCOL_CHECK, BIDS: VALIDATOR_CHECK}
+STAGE_OF = {"bids_conversion": BIDS, "qsiprep": QSIPREP, "qsirecon": QSIRECON, "qsiparc": QSIPARC}
 
 
 def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, partition: str, passed: bool) -> None:
     """Record a check result through a real run, as production does (a check run or the asset's run).
 
-    A stand-in check body with the real check's key; the verdict comes from the test.
+    A stand-in check body with the real check's key; the verdict comes from the test. The run carries
+    the stage tag production's runs carry (the discovery sensor's check job, the conversion run).
     """
 
     @dg.asset_check(asset=asset, name=name, blocking=True, partitions_def=session_partitions)
@@ -42,20 +47,23 @@ def run_check(instance: dg.DagsterInstance, asset: dg.AssetKey, name: str, parti
     defs = dg.Definitions(
         assets=[dg.AssetSpec(asset, partitions_def=session_partitions)], asset_checks=[stand_in_check], jobs=[job]
     )
+    stage = "discovery" if asset == DICOM else "bids_conversion"
     defs.resolve_job_def("check").execute_in_process(
-        instance=instance, tags={"dagster/partition": partition}, raise_on_error=False
+        instance=instance, tags={"dagster/partition": partition, "neuroflow/stage": stage}, raise_on_error=False
     )
 
 
 class Harness:
-    """A temporary instance plus the project's definitions and the automation cursor."""
+    """A temporary instance plus the project's definitions and the automation sensors' cursors."""
 
-    def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions) -> None:
+    def __init__(self, instance: dg.DagsterInstance, defs: dg.Definitions, config: Any = None) -> None:
         self.instance = instance
         self.defs = defs
-        # One cursor per automation sensor: like the daemon, each stage's sensor evaluates only its
-        # own assets, so a stage never sees what another stage "will request" in the same tick.
-        self.cursors: dict[dg.AssetKey, Any] = {}
+        self.config = config
+        # One cursor per automation sensor: like the daemon, each stage's sensor decides only its
+        # own stage, so a stage never sees what another stage requests in the same tick.
+        self.cursors: dict[str, str | None] = {}
+        self.sensors = {s.name: s for s in defs.sensors or [] if s.name.startswith("automation_")}
 
     def arrive(self, subject: str, session: str, *, protocol_ok: bool = True) -> None:
         self.instance.add_dynamic_partitions("subjects", [subject])
@@ -68,19 +76,24 @@ class Harness:
         if check is not None:
             run_check(self.instance, key, check, partition, check_passed)
 
+    def tick_requests(self) -> dict[str, list[dg.RunRequest]]:
+        """sensor name -> the run requests of one tick of each stage sensor, in pipeline order."""
+        out: dict[str, list[dg.RunRequest]] = {}
+        for stage in STAGE_OF:
+            sensor = self.sensors[f"automation_{stage}"]
+            result = sensor(dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name)))
+            assert isinstance(result, dg.SensorResult)
+            self.cursors[sensor.name] = result.cursor
+            out[stage] = list(result.run_requests or [])
+        return out
+
     def tick(self) -> dict[str, set[str]]:
+        """asset of each stage -> partitions its sensor requested this tick."""
         requested: dict[str, set[str]] = {}
-        for key in (BIDS, QSIPREP, QSIRECON, QSIPARC):
-            result = dg.evaluate_automation_conditions(
-                defs=self.defs,
-                instance=self.instance,
-                asset_selection=dg.AssetSelection.assets(key),
-                cursor=self.cursors.get(key),
-            )
-            self.cursors[key] = result.cursor
-            partitions = result.get_requested_partitions(key)
-            if partitions:
-                requested[key.to_user_string()] = {str(p) for p in partitions}
+        for stage, requests in self.tick_requests().items():
+            for request in requests:
+                assert request.tags["neuroflow/stage"] == stage
+                requested.setdefault(STAGE_OF[stage].to_user_string(), set()).add(str(request.partition_key))
         return requested
 
 
@@ -89,7 +102,7 @@ def harness(tmp_path: Path) -> Any:
     config = make_workspace(tmp_path)
     defs = build_definitions(config)
     with dg.instance_for_test() as instance:
-        yield Harness(instance, defs)
+        yield Harness(instance, defs, config)
 
 
 def test_two_subjects_three_sessions_then_a_late_one(harness: Harness) -> None:
@@ -210,3 +223,130 @@ def test_check_passing_after_the_first_tick_triggers_conversion(harness: Harness
     run_check(h.instance, DICOM, PROTOCOL_CHECK, "01|A", True)
     assert h.tick() == {"bids_session": {"01|A"}}
     assert h.tick() == {}
+
+
+def test_a_check_run_ending_long_after_the_registration_still_converts(harness: Harness) -> None:
+    """The check run's end brings the session back, however many ticks passed (not only the last window)."""
+    h = harness
+    h.instance.add_dynamic_partitions("subjects", ["A"])
+    h.instance.add_dynamic_partitions("session_labels", ["01"])
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=DICOM, partition="01|A"))
+    for _ in range(3):
+        assert h.tick() == {}  # no verdict yet; the registration leaves the sensors' re-read window
+    run_check(h.instance, DICOM, PROTOCOL_CHECK, "01|A", True)
+    assert h.tick() == {"bids_session": {"01|A"}}
+
+
+def test_a_registration_before_its_partitions_are_added_waits_for_them(harness: Harness) -> None:
+    """The daemon stores a discovery tick's events before it adds the tick's partitions; a run request
+    for an unknown partition would fail the whole automation tick."""
+    h = harness
+    verdict = {"protocol_valid": True}  # the discovery sensor's verdict travels with the registration
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=DICOM, partition="01|A", metadata=verdict))
+    assert h.tick() == {}
+    h.instance.add_dynamic_partitions("subjects", ["A"])
+    h.instance.add_dynamic_partitions("session_labels", ["01"])
+    assert h.tick() == {"bids_session": {"01|A"}}
+    assert h.tick() == {}
+
+
+def test_a_long_backlog_is_taken_in_pages(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first tick on an existing archive is paged (oldest first), so no tick outlasts the sensor timeout."""
+    from neuroflow_dagster.defs import automation
+
+    monkeypatch.setattr(automation, "MAX_CANDIDATES", 2)
+    h = harness
+    for subject in ("A", "B", "C", "D", "E"):
+        h.arrive(subject, "01")
+    assert h.tick() == {"bids_session": {"01|A", "01|B"}}
+    assert h.tick() == {"bids_session": {"01|C", "01|D"}}
+    assert h.tick() == {"bids_session": {"01|E"}}
+    assert h.tick() == {}
+
+
+def stand_in_run(
+    instance: dg.DagsterInstance, partition: str, *, recon: bool = True, parc: bool = True, parc_fails: bool = False
+) -> None:
+    """A real run of stand-ins with the real keys: planned events, materializations, run end, as production."""
+
+    @dg.asset(key=QSIRECON, partitions_def=session_partitions)
+    def recon_stand_in() -> None:
+        return None
+
+    @dg.asset(key=QSIPARC, partitions_def=session_partitions, deps=[QSIRECON])
+    def parc_stand_in() -> None:
+        if parc_fails:
+            raise dg.Failure("stand-in parcellation failure")
+
+    selection = [key for key, on in ((QSIRECON, recon), (QSIPARC, parc)) if on]
+    dg.materialize(
+        [recon_stand_in, parc_stand_in],
+        selection=selection,
+        partition_key=partition,
+        instance=instance,
+        raise_on_error=False,
+    )
+
+
+def test_recon_and_parcellation_of_a_session_run_together(harness: Harness) -> None:
+    """One run per session for both (issue 12: fewer run start-ups); parcellation alone after a recon-only run."""
+    h = harness
+    h.arrive("A", "01")
+    h.done(BIDS, "01|A")
+    h.done(QSIPREP, "A")
+    requests = h.tick_requests()
+    assert [
+        (r.partition_key, sorted(k.to_user_string() for k in r.asset_selection or [])) for r in requests["qsirecon"]
+    ] == [("01|A", ["qsiparc_session", "qsirecon_session"])]
+    assert requests["qsiparc"] == []
+    stand_in_run(h.instance, "01|A")
+    assert h.tick() == {}  # the run parcellated what it reconstructed
+    h.done(QSIPREP, "A")
+    assert h.tick() == {"qsirecon_session": {"01|A"}}
+    stand_in_run(h.instance, "01|A", parc_fails=True)
+    assert h.tick() == {}  # a failed parcellation is not retried by itself (as any failed request)
+    stand_in_run(h.instance, "01|A", parc=False)  # e.g. an operator reprocesses the reconstruction
+    assert h.tick() == {"qsiparc_session": {"01|A"}}
+    assert h.tick() == {}
+
+
+def test_cron_mode_waits_for_the_next_cron_tick(tmp_path: Path) -> None:
+    """pipelines.qsiprep.trigger: cron -- a wave is taken at the first cron tick after it is converted."""
+    from datetime import datetime, timezone
+
+    from neuroflow_dagster.defs.automation import Cursor, QsiprepStage, run_stage_tick
+
+    config = make_workspace(tmp_path, {"pipelines": {"qsiprep": {"trigger": "cron", "cron": "0 2 * * *"}}})
+    with dg.instance_for_test() as instance:
+        h = Harness(instance, build_definitions(config), config)
+        h.arrive("A", "01")
+        h.done(BIDS, "01|A")
+        stage = QsiprepStage(config)
+        start = datetime(2030, 1, 1, 3, 0, tzinfo=timezone.utc).timestamp()  # an hour after a cron tick
+
+        def requested(result: Any) -> list[str]:
+            return [d.key for d in result.decisions if d.action == "request"]
+
+        first = run_stage_tick(stage, instance, Cursor(), now=start)
+        assert requested(first) == [] and list(first.cursor.pending) == ["A"]
+        later = run_stage_tick(stage, instance, first.cursor, now=start + 12 * 3600)
+        assert requested(later) == []
+        after_cron = run_stage_tick(stage, instance, later.cursor, now=start + 24 * 3600)
+        assert requested(after_cron) == ["A"]
+        assert requested(run_stage_tick(stage, instance, after_cron.cursor, now=start + 24 * 3600 + 60)) == []
+
+
+def test_a_quiet_tick_reads_nothing_but_the_event_log_head(harness: Harness) -> None:
+    """The cost of a tick follows the change: with nothing new, no partition is examined (issue 12)."""
+    from neuroflow_dagster.defs.automation import Cursor, QsiprepStage, run_stage_tick
+
+    h = harness
+    h.arrive("A", "01")
+    h.done(BIDS, "01|A")
+    stage = QsiprepStage(h.config)
+    busy = run_stage_tick(stage, h.instance, Cursor())
+    assert busy.candidates == 1 and [d.key for d in busy.decisions if d.action == "request"] == ["A"]
+    overlap = run_stage_tick(stage, h.instance, busy.cursor)  # the previous window, re-read once
+    assert [d.action for d in overlap.decisions] == ["none"]
+    quiet = run_stage_tick(stage, h.instance, overlap.cursor)
+    assert quiet.candidates == 0 and quiet.decisions == []

@@ -2,8 +2,8 @@
 
 A snapshot test (as dagster-open-platform keeps them): the golden file lists
 every asset, its partitions, its parents with the partition mapping that
-survives serialization, its pool, group, automation condition label and
-checks. A change to the graph shows up as a diff of that file; refresh it
+survives serialization, its pool, group, the automation sensor(s) that
+launch it, and checks. A change to the graph shows up as a diff of that file; refresh it
 with NEUROFLOW_UPDATE_SNAPSHOTS=1 after reviewing the change.
 """
 
@@ -29,6 +29,12 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph.json"
 def serialized_graph(defs: dg.Definitions) -> dict[str, Any]:
     repo = defs.get_repository_def()
     snap = deserialize_value(serialize_value(RepositorySnap.from_def(repo)), RepositorySnap)
+    asset_graph = defs.resolve_asset_graph()
+    launched_by: dict[str, list[str]] = {}
+    for sensor in snap.sensors:
+        if sensor.name.startswith("automation_") and sensor.asset_selection is not None:
+            for key in sensor.asset_selection.resolve(asset_graph):
+                launched_by.setdefault(key.to_user_string(), []).append(sensor.name)
     graph: dict[str, Any] = {}
     for node in sorted(snap.asset_nodes, key=lambda n: n.asset_key.to_user_string()):
         partitions = node.partitions
@@ -43,13 +49,21 @@ def serialized_graph(defs: dg.Definitions) -> dict[str, Any]:
             },
             "pools": sorted(node.pools or []),
             "executable": node.execution_type.value,
-            "automation": node.automation_condition.get_label() if node.automation_condition else None,
+            "automation": sorted(launched_by.get(node.asset_key.to_user_string(), [])),
+            "condition": node.automation_condition.get_label() if node.automation_condition else None,
         }
     checks = sorted(
         f"{c.asset_key.to_user_string()}:{c.name} (blocking={c.blocking})" for c in snap.asset_check_nodes or []
     )
     sensors = sorted(f"{s.name} ({s.default_status.value if s.default_status else 'default'})" for s in snap.sensors)
-    return {"assets": graph, "checks": checks, "sensors": sensors, "jobs": sorted(j.name for j in snap.job_datas or [])}
+    descriptions = {s.name: s.description for s in snap.sensors}
+    return {
+        "assets": graph,
+        "checks": checks,
+        "sensors": sensors,
+        "sensor_descriptions": descriptions,
+        "jobs": sorted(j.name for j in snap.job_datas or []),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +103,15 @@ def test_a_broken_workspace_stops_loading_with_the_reason(tmp_path: Path) -> Non
 
 
 def test_cron_mode_changes_only_qsiprep(tmp_path: Path) -> None:
-    eager = serialized_graph(build_definitions(make_workspace(tmp_path / "a")))["assets"]
+    """The trigger mode lives in the QSIPrep automation sensor (its behaviour: test_automation.py)."""
+    eager = serialized_graph(build_definitions(make_workspace(tmp_path / "a")))
     cron = serialized_graph(
         build_definitions(make_workspace(tmp_path / "b", {"pipelines": {"qsiprep": {"trigger": "cron"}}}))
-    )["assets"]
-    changed = {k for k in eager if eager[k] != cron[k]}
-    assert changed == {"qsiprep_subject"}
-    assert "cron" in cron["qsiprep_subject"]["automation"]
+    )
+    assert eager["assets"] == cron["assets"]
+    before, after = eager["sensor_descriptions"], cron["sensor_descriptions"]
+    assert {name for name in before if before[name] != after[name]} == {"automation_qsiprep"}
+    assert "cron 0 2 */3 * *" in after["automation_qsiprep"]
 
 
 def test_shipped_dagster_yaml_is_the_project_one() -> None:

@@ -244,6 +244,33 @@ def test_status_json_states_per_stage(world: World, capsys: pytest.CaptureFixtur
     assert totals["protocol"] == {"passed": 3, "failed": 1, "unchecked": 4}
 
 
+def test_not_applicable_is_found_without_reading_every_event(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SQL lookup answers on SQLite; reading every materialization's metadata is only a fallback."""
+    from neuroflow_dagster.control import records
+
+    def no_full_read(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("with_metadata", True):
+            raise AssertionError("read every materialization's metadata")
+        return original(*args, **kwargs)
+
+    original = records.latest_materializations
+    parc, _ = records.latest_ids(world.instance, "qsiparc_session")
+    recon, _ = records.latest_ids(world.instance, "qsirecon_session")
+    monkeypatch.setattr(records, "latest_materializations", no_full_read)
+    assert records.not_applicable_partitions(world.instance, "qsiparc_session", parc) == {"01|SUBJA"}
+    assert records.not_applicable_partitions(world.instance, "qsirecon_session", recon) == set()
+
+
+def test_status_summary_is_the_totals_without_rows(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --summary`: the archive at a glance (issue 12), the same totals as the full view."""
+    full = world.json(capsys, "status")
+    summary = world.json(capsys, "status", "--summary")
+    assert "sessions" not in summary or isinstance(summary["sessions"], int)  # counts, no row per session
+    assert summary["totals"] == full["totals"] and summary["held"] == len(full["held"])
+    code, out, _ = world.cli(capsys, "status", "--summary")
+    assert code == 0 and "01|SUBJA" not in out and "8 session(s); 2 held folder(s)" in out
+
+
 def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     only_a = world.json(capsys, "status", "--subject", "sub-SUBJA")
     assert [r["partition"] for r in only_a["sessions"]] == ["01|SUBJA", "02|SUBJA"]
@@ -582,6 +609,15 @@ def test_exit_codes(world: World, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "configuration error" in capsys.readouterr().err
     code = cli.main(["--config", str(world.config_file), "failures", "--dagster-home", str(tmp_path / "no_home")])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_session_key_is_dagsters_multi_partition_key() -> None:
+    from neuroflow_dagster.naming.partitions import session_key
+
+    for subject, session in [("SUBJA", "01"), ("0075", "12"), ("A", "3")]:
+        assert session_key(subject, session) == str(
+            dg.MultiPartitionKey({"subject": subject, "session": session})
+        )
 
 
 # --------------------------------------------------------------------------- held cases, rekey

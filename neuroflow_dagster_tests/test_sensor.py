@@ -92,7 +92,10 @@ def test_new_folders_become_partitions_events_and_checks(workspace: Any) -> None
         assert sorted(instance.get_dynamic_partitions("subjects")) == ["0075", "CLML01"]
         assert instance.get_dynamic_partitions("session_labels") == ["01"]
         assert materialized_partitions(instance) == {"01|0075", "01|CLML01"}
-        assert sorted(r.tags["dagster/partition"] for r in first.run_requests) == ["01|0075", "01|CLML01"]
+        # New sessions: the protocol verdict is reported with the registration, no check run (issue 12).
+        assert not first.run_requests
+        reported = [e for e in first.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
+        assert sorted((e.partition, e.passed) for e in reported) == [("01|0075", False), ("01|CLML01", True)]
         mats = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=DICOM), limit=10).records
         meta = {r.partition_key: r.asset_materialization.metadata for r in mats}  # type: ignore[union-attr]
         assert meta["01|CLML01"]["scan_id"].value == "20240115_1430"
@@ -138,6 +141,10 @@ def test_invalid_then_fixed_is_rereported_and_rechecked(workspace: Any) -> None:
         make_session(folder.parent, folder.name, [("ep2d_DTI", 10)])  # the rest of the files arrive
         r3 = tick(sensor, instance, r2.cursor)
         assert [e.partition for e in r3.asset_events if isinstance(e, dg.AssetMaterialization)] == ["01|0075"]
+        # A second verdict for the same partition cannot be reported (one runless execution per
+        # partition): it comes from a run of the check.
+        assert [r.tags["dagster/partition"] for r in r3.run_requests] == ["01|0075"]
+        assert not [e for e in r3.asset_events if isinstance(e, dg.AssetCheckEvaluation)]
         assert check_results(instance)["01|0075"] == (True, "Session valid: 1 scan types found")
         assert instance.get_dynamic_partitions("session_labels") == ["01"]  # same labels, not a new session
 

@@ -70,10 +70,17 @@ def test_a_registered_stage_is_in_the_graph_jobs_sensors_pools_and_alerts(
 
     repo = defs.get_repository_def()
     sensor = repo.get_sensor_def("automation_toyqc")
-    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
-    assert sensor.run_tags[STAGE_TAG] == "toyqc" and int(sensor.run_tags[MAX_RUNTIME_TAG]) > 4 * 30 * 60
-    assert sensor.asset_selection.resolve(repo.asset_graph) == {asset_key("toyqc")}
     assert repo.get_job("toyqc_job").tags[STAGE_TAG] == "toyqc"
+
+    with dg.instance_for_test() as instance:
+        # The toy stage has no rules of its own: it follows its upstream (FollowStage, eager-like).
+        instance.add_dynamic_partitions("subjects", ["SUBJA"])
+        instance.add_dynamic_partitions("session_labels", ["01"])
+        assert not sensor(dg.build_sensor_context(instance=instance)).run_requests  # nothing converted yet
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key("bids_conversion"), partition=PARTITION))
+        [request] = sensor(dg.build_sensor_context(instance=instance)).run_requests
+        assert request.partition_key == PARTITION and request.asset_selection == [asset_key("toyqc")]
+        assert request.tags[STAGE_TAG] == "toyqc" and int(request.tags[MAX_RUNTIME_TAG]) > 4 * 30 * 60
 
     with dg.instance_for_test() as instance:
         assert "toyqc=3" in ensure_pool_limits(instance, config)

@@ -165,15 +165,22 @@ def finish(proc: subprocess.Popen[str], what: str, timeout: float = 120) -> str:
 
 
 def automation_ticked(log: Path) -> bool:
-    """Every automation sensor has finished one evaluation.
+    """Every automation sensor has finished one evaluation (the daemon's log line for a sensor tick).
 
-    A condition's first evaluation treats what already happened as handled, so a session
-    registered before that first tick is never converted by itself (a race seen on a slow
-    machine; reported with the automation). These tests drop sessions after it.
+    Kept from the declarative conditions, whose first evaluation treated what already happened as
+    handled; the stage sensors catch up by themselves (test_automation.py), but the tests still drop
+    their sessions after it so that each tick's requests are the ones they check.
     """
     text = log.read_text(errors="replace") if log.exists() else ""
     stages = ("bids_conversion", "qsiprep", "qsirecon", "qsiparc")
-    return all(re.search(rf"Tick produced .* for automation_{stage} in", text) for stage in stages)
+    return all(
+        re.search(
+            rf"(Tick produced .* for automation_{stage} in|Sensor automation_{stage} skipped"
+            rf"|No run requests returned for automation_{stage},|Completed launch of run \S+ for automation_{stage})",
+            text,
+        )
+        for stage in stages
+    )
 
 
 # --------------------------------------------------------------------------- measuring

@@ -151,8 +151,6 @@ def bids_root_lock(bids_root: Path, lock_dir: Path, timeout_s: float = LOCK_TIME
         yield
 
 
-
-
 def _clean(value: object) -> str:
     text = "" if value is None else str(value)
     text = " ".join(text.replace("\t", " ").splitlines()).strip()

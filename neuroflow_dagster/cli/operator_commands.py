@@ -18,7 +18,7 @@ from typing import Any
 
 from neuroflow_dagster import stages
 from neuroflow_dagster.cli.exits import EXIT_ERROR, EXIT_OK, records_errors_exit_1
-from neuroflow_dagster.cli.output import add_format_option, print_json, print_rows
+from neuroflow_dagster.cli.output import FORMATS, add_format_option, print_json, print_rows
 from neuroflow_dagster.config import NeuroflowConfig, load_config
 from neuroflow_dagster.errors import UsageError
 
@@ -70,6 +70,10 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
         for r in report["sessions"]
     ]
     print_rows(rows, "table", columns, max_width=CELL_WIDTH)
+    _render_totals(report, names)
+
+
+def _render_totals(report: dict[str, Any], names: list[str]) -> None:
     if report["held"]:
         print()
         print("held folders (REGISTERED: the labels of a registered session held for a new reason):")
@@ -101,25 +105,76 @@ def _counts(counter: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counter.items())) or "-"
 
 
+def _render_summary(report: dict[str, Any], fmt: str, names: list[str]) -> None:
+    """`status --summary`: counts per stage and state, held folders and the disk guard; no session rows."""
+    from neuroflow_dagster.control.summary import summary_rows
+
+    totals = report["totals"]
+    rows, states = summary_rows(totals, names)
+    if fmt == "json":
+        print_json({"stages": rows, "sessions": totals["sessions"], "held": totals["held"],
+                    "held_by_reason": totals["held_by_reason"], "disk_guard": report.get("disk_guard"),
+                    "totals": totals})
+        return
+    print_rows(rows, fmt, ["stage", "unit", "total", *states], max_width=None if fmt == "csv" else CELL_WIDTH)
+    if fmt == "table":
+        print()
+        print(f"{totals['sessions']} session(s); {totals['held']} held folder(s)"
+              + (f": {_counts(totals['held_by_reason'])}" if totals["held_by_reason"] else ""))
+        if report.get("disk_guard"):
+            print(report["disk_guard"]["message"])
+
+
+def _export_nipoppy(args: argparse.Namespace, config: NeuroflowConfig, instance: Any) -> int:
+    """`status --format nipoppy --output DIR`: Nipoppy's curation and processing status files (+ manifest)."""
+    from neuroflow_dagster.control import nipoppy
+    from neuroflow_dagster.control.status import collect_status
+
+    if not args.output:
+        raise UsageError("--format nipoppy writes files: give the folder with --output DIR")
+    refused = [flag for flag, on in (("--watch", args.watch is not None), ("--failed", args.failed),
+                                     ("--stage", args.stage), ("--summary", args.summary)) if on]  # fmt: skip
+    if refused:
+        raise UsageError(f"--format nipoppy exports every stage of every session; drop {', '.join(refused)}")
+    report = collect_status(instance, config, subject=args.subject)
+    tables = nipoppy.build_tables(report, config, nipoppy.recorded_tools(instance))
+    files = nipoppy.write_tables(tables, Path(args.output))
+    counts = nipoppy.summary(tables)
+    print(f"wrote Nipoppy {nipoppy.NIPOPPY_VERSION} status files to {Path(args.output)}:")
+    for name, path in files.items():
+        print(f"  {path.name}: {len(tables[name])} row(s)")
+    cur = counts["curation"]
+    print(f"curation ({counts['sessions']} session(s)): in_pre_reorg {cur['in_pre_reorg']}, "
+          f"in_post_reorg {cur['in_post_reorg']}, in_bids {cur['in_bids']}")
+    for pipeline, by_status in counts["processing"].items():
+        print(f"  {pipeline}: {_counts(by_status)}")
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """One row per registered session (state per stage), one per held folder, and totals."""
     from neuroflow_dagster.control.disk import disk_guard_view
     from neuroflow_dagster.control.status import collect_status
 
     config = _config(args)
+    if args.output and args.format != "nipoppy":
+        raise UsageError("--output is for --format nipoppy (the other formats print)")
     stage = _stage(args.stage)
     names = [stage] if stage else stages.names()
+    render = _render_summary if args.summary else _render_status
     with _instance(args, config) as instance:
+        if args.format == "nipoppy":
+            return _export_nipoppy(args, config, instance)
         while True:
             report = collect_status(instance, config, subject=args.subject, stage=stage, failed_only=args.failed)
             report["disk_guard"] = disk_guard_view(instance, config)
             if args.watch is None:
-                _render_status(report, args.format, names)
+                render(report, args.format, names)
                 return EXIT_OK
             if sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
             print(f"neuroflow status - {time.strftime('%Y-%m-%d %H:%M:%S')} (every {args.watch:g}s, Ctrl-C stops)")
-            _render_status(report, args.format, names)
+            render(report, args.format, names)
             sys.stdout.flush()
             try:
                 time.sleep(args.watch)
@@ -379,7 +434,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             add_format_option(p)
 
     p = sub.add_parser("status", help="every session's state per stage, held folders and totals")
-    common(p)
+    common(p, fmt=False)
+    p.add_argument(
+        "--format",
+        choices=[*FORMATS, "nipoppy"],
+        default="table",
+        help="nipoppy: write Nipoppy's curation_status.tsv, processing_status.tsv and manifest.tsv to --output",
+    )
+    p.add_argument("--output", metavar="DIR", help="the folder --format nipoppy writes its files to")
+    p.add_argument("--summary", action="store_true", help="only the counts per stage and state")
     p.add_argument("--subject", help="only this participant label (with or without sub-)")
     p.add_argument("--stage", help=f"only this stage's column: {stages.help_names()}")
     p.add_argument("--failed", action="store_true", help="only sessions with a failed stage")

@@ -90,8 +90,10 @@ def _home_option(value: str | None) -> Path:
         raise UsageError("no Dagster instance: pass --dagster-home or set DAGSTER_HOME")
     path = Path(home).resolve()
     if not (path / "dagster.yaml").is_file():
-        raise UsageError(f"{path / 'dagster.yaml'} does not exist: copy the project's dagster.yaml there first "
-                         "(deploy/ has the production variants)")
+        raise UsageError(
+            f"{path / 'dagster.yaml'} does not exist: copy the project's dagster.yaml there first "
+            "(deploy/ has the production variants)"
+        )
     return path
 
 

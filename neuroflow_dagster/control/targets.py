@@ -41,9 +41,7 @@ def parse_partition(text: str) -> PartitionRef:
         return PartitionRef(m.group(1), m.group(2))
     elif m := _SUB.match(value):
         return PartitionRef(m.group(1))
-    raise UsageError(
-        f"{text!r} is not a partition: use '01|SUBJA', 'sub-SUBJA/ses-01', 'SUBJA/01' or a subject label"
-    )
+    raise UsageError(f"{text!r} is not a partition: use '01|SUBJA', 'sub-SUBJA/ses-01', 'SUBJA/01' or a subject label")
 
 
 def resolve_session(registry: Registry, text: str) -> RegistryEntry:

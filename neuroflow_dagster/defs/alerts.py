@@ -137,17 +137,21 @@ class DiscoveryAlert:
 
 
 def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
-    """The stage tag when the run has one; else the stage asset it ran (UI launches carry no tag).
+    """The stage whose step failed; else the stage tag; else the stage asset it ran (UI launches carry no tag).
 
     The stage assets are single-op assets whose op is named after the asset, so a failed step's key
-    names the asset when the run has no asset selection (ad-hoc `materialize`).
+    names the asset. It comes first because a recon run also parcellates (one run per session): a
+    failed parcellation step is a qsiparc failure although the run is tagged qsirecon.
     """
+    for step in step_keys:
+        by_step = stages.by_asset(step)
+        if by_step is not None:
+            return by_step.name
     tagged = run.tags.get(STAGE_TAG)
     if tagged:
         by_tag = stages.by_tag(tagged)
         return by_tag.name if by_tag else None
-    keys = list(run.asset_selection or ()) + [dg.AssetKey(k) for k in step_keys]
-    for key in keys:
+    for key in run.asset_selection or ():
         stage = stages.by_asset(key.to_user_string())
         if stage is not None:
             return stage.name

@@ -105,8 +105,10 @@ class DiskAlert:
         lines = [self.title()]
         for folder in self.report.folders:
             if folder.guarded:
-                lines.append(f"{folder.key}: {folder.path}: {gb(folder.free_bytes)} free of "
-                             f"{gb(folder.total_bytes)} (floor {folder.floor_gb:g} GB)")
+                lines.append(
+                    f"{folder.key}: {folder.path}: {gb(folder.free_bytes)} free of "
+                    f"{gb(folder.total_bytes)} (floor {folder.floor_gb:g} GB)"
+                )
         lines += [f"cannot measure: {e}" for e in self.report.errors]
         if self.kind == "low":
             lines += [

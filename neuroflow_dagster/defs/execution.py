@@ -44,6 +44,7 @@ from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import FailureClass, classify, is_retryable, retry_delay
 from neuroflow_dagster.runtimes.jobs import JobStore
 from neuroflow_dagster.tools import publish
+from neuroflow_dagster.tools.layout import package_version
 from neuroflow_dagster.tools.spec import ToolSpec
 
 
@@ -74,16 +75,19 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
         meta["image_digest"] = record.image_digest
     if spec is not None:
         meta["stand_in"] = spec.stand_in
+        if spec.stand_in:  # the stand-ins are versioned with neuroflow (status --format nipoppy reads it)
+            meta["stand_in_version"] = package_version()
     for key, value in record.extra.items():  # job id, node, state, exit code, elapsed, max RSS
         if key.startswith("slurm_") and isinstance(value, (str, int, float, bool)):
-            meta[f"slurm/{key[len('slurm_'):]}"] = value
+            meta[f"slurm/{key[len('slurm_') :]}"] = value
     if record.log_tail:
         meta[LOG_TAIL_KEY] = dg.MetadataValue.md("```\n" + record.log_tail[-4000:] + "\n```")
     return meta
 
 
-def runtime_options(context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str,
-                    partition: str) -> dict[str, Any]:
+def runtime_options(
+    context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, partition: str
+) -> dict[str, Any]:
     """What a runtime needs beyond the stage's settings: for slurm, who owns the job and where its record goes."""
     if stage_settings(config, stage).runtime != "slurm":
         return {}
@@ -119,8 +123,14 @@ def execute_spec(
     runtime = get_runtime(stage_cfg, **runtime_options(context, config, stage, str(partition)))
 
     def failed(message: str, failure_class: FailureClass, record: RunRecord | None = None) -> Exception:
-        record = record or RunRecord(tool=spec.tool, runtime=runtime.name, command=spec.command_line(),
-                                     output_dir=str(spec.output_dir), log_path=str(log_path), started=time.time())
+        record = record or RunRecord(
+            tool=spec.tool,
+            runtime=runtime.name,
+            command=spec.command_line(),
+            output_dir=str(spec.output_dir),
+            log_path=str(log_path),
+            started=time.time(),
+        )
         error = ToolRunError(message + release_if_disk_full(spec, message), record, str(failure_class))
         return tool_failure(error, stage_cfg.retry, context.retry_number, stage, spec, log=context.log.warning)
 
@@ -129,10 +139,14 @@ def execute_spec(
         try:
             inputs = prov.collect_inputs(provenance)
         except OSError as exc:  # an input vanished or is unreadable while being hashed: another run moved it
-            raise failed(f"{stage}: cannot read the inputs for the provenance record: {exc}",
-                         FailureClass.RESOURCE if is_disk_full(exc) else FailureClass.TRANSIENT) from exc
-        context.log.info(f"{stage}: inputs identified for provenance in {inputs.seconds:.1f}s "
-                         f"({inputs.bytes_hashed / 1e6:.1f} MB hashed)")
+            raise failed(
+                f"{stage}: cannot read the inputs for the provenance record: {exc}",
+                FailureClass.RESOURCE if is_disk_full(exc) else FailureClass.TRANSIENT,
+            ) from exc
+        context.log.info(
+            f"{stage}: inputs identified for provenance in {inputs.seconds:.1f}s "
+            f"({inputs.bytes_hashed / 1e6:.1f} MB hashed)"
+        )
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
     try:
         record = runtime.run(spec, log_path=log_path, log=context.log.info, context=context)
@@ -162,8 +176,9 @@ def execute_spec(
         context.log.info(f"{stage}: provenance written ({written.name}, {provenance.document})")
     if spec.publish_to is not None:
         try:
-            done = publish.publish_outputs(spec.output_dir, spec.publish_to, spec.publish_units,
-                                           partition=str(partition))
+            done = publish.publish_outputs(
+                spec.output_dir, spec.publish_to, spec.publish_units, partition=str(partition)
+            )
         except (publish.PublishError, OSError) as exc:
             failure_class = classify(str(exc), None)
             if failure_class == FailureClass.TOOL:
@@ -172,8 +187,9 @@ def execute_spec(
             note = release_if_disk_full(spec, message) or unpublished_note(spec)
             error = ToolRunError(message, record, str(failure_class))
             raise final_failure(error, spec, message + note) from exc
-        context.log.info(f"{stage}: published {', '.join(done.units) or 'files'} into {done.target} "
-                         f"({done.files} files)")
+        context.log.info(
+            f"{stage}: published {', '.join(done.units) or 'files'} into {done.target} ({done.files} files)"
+        )
         record.extra["published_units"] = done.units
     return record
 
@@ -185,8 +201,9 @@ def release_if_disk_full(spec: ToolSpec | None, text: str) -> str:
         return ""
     shutil.rmtree(spec.output_dir, ignore_errors=True)
     state = "could not be deleted" if spec.output_dir.exists() else "deleted to free the space it took"
-    return (f"; the disk is full: staging folder {spec.output_dir} {state}, "
-            f"nothing published ({spec.publish_to} unchanged)")
+    return (
+        f"; the disk is full: staging folder {spec.output_dir} {state}, nothing published ({spec.publish_to} unchanged)"
+    )
 
 
 def upstream_materializations(
@@ -259,7 +276,8 @@ def write_provenance(
             "config_file": str(config.source) if config.source is not None else None,
         },
         upstream=upstream_materializations(context, stage, plan.participant, plan.sessions)
-        if stages.by_asset(context.asset_key.to_user_string()) is not None else [],
+        if stages.by_asset(context.asset_key.to_user_string()) is not None
+        else [],
         inputs=inputs,
         outputs=outputs,
         outputs_seconds=out_seconds,

@@ -22,4 +22,3 @@ session_partitions = dg.MultiPartitionsDefinition(
     {keys.SUBJECT_DIM: subjects_partitions, keys.SESSION_DIM: session_labels_partitions}
 )
 subject_of_session = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=keys.SUBJECT_DIM)
-

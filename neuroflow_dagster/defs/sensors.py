@@ -4,26 +4,28 @@ A thin wrapper around the plain-Python discovery engine. Each tick:
 1. runs discovery (stability wait, mapping, header reads only where needed),
 2. adds the new subjects and session labels to the dynamic partition sets,
 3. reports one `dicom_session` materialization per new or changed session
-   (ScanID, path, series table, acquisition date, mapping source),
-4. requests one run of the blocking `protocol` check per reported session.
+   (ScanID, path, series table, acquisition date, mapping source, and the protocol verdict),
+4. records the blocking `protocol` check of each reported session: as an evaluation reported with
+   the materialization when the partition has no check execution yet (no run: a run costs seconds
+   of start-up per session), or by a run of the check otherwise.
 
-Why a run for the check and not a reported evaluation: Dagster stores check
-executions unique per (check, run, partition), and runless events all share
-one empty run id, so a second report for the same partition (an invalid
-session re-checked after its folder changed) is rejected by the database. A
-check run also targets the latest materialization natively, which is what
-`all_deps_blocking_checks_passed()` downstream looks at.
+Why a run in the second case: Dagster stores check executions unique per (check, run, partition),
+and reported (runless) evaluations all share one empty run id, so a second report for the same
+partition (an invalid session re-checked after its folder changed) is rejected by the database. A
+check run also targets the latest materialization natively.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import dagster as dg
 
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.defs.automation import PROTOCOL_VALID_KEY
 from neuroflow_dagster.defs.diskguard import apply_pool_limits
 from neuroflow_dagster.defs.graph import DICOM_KEY, stage_settings
 from neuroflow_dagster.defs.partitions import session_labels_partitions, session_partitions, subjects_partitions
@@ -57,6 +59,7 @@ def registration_metadata(reg: engine.Registration) -> dict[str, Any]:
         "unreadable_examples": ", ".join(reg.unreadable_examples) or "none",
         "series": dg.MetadataValue.md(series_markdown(reg.series)),
         "protocol": reg.protocol.message,
+        PROTOCOL_VALID_KEY: reg.protocol.valid,
     }
 
 
@@ -68,6 +71,36 @@ def ensure_pool_limits(instance: dg.DagsterInstance, config: NeuroflowConfig) ->
     """
     _decision, changed = apply_pool_limits(instance, config)
     return changed
+
+
+def partitions_with_checks(instance: dg.DagsterInstance, partitions: list[str]) -> set[str]:
+    """Partitions that already have a protocol check execution (a reported one cannot be repeated)."""
+    if not partitions:
+        return set()
+    key = dg.AssetCheckKey(DICOM_KEY, stages.PROTOCOL_CHECK)
+    found: set[str] = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in range(0, len(partitions), 500):
+            infos = instance.event_log_storage.get_asset_check_partition_info(
+                [key], partition_keys=partitions[start : start + 500]
+            )
+            found.update(str(i.partition_key) for i in infos)
+    return found
+
+
+def protocol_evaluation(key: str, reg: engine.Registration) -> dg.AssetCheckEvaluation:
+    """The registration's protocol verdict as a check evaluation (reported right after its materialization)."""
+    return dg.AssetCheckEvaluation(
+        asset_key=DICOM_KEY,
+        check_name=stages.PROTOCOL_CHECK,
+        passed=reg.protocol.valid,
+        metadata={"reason": reg.protocol.message, "scan_id": reg.scan_id, "reported_by": "dicom_discovery"},
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=reg.protocol.message,
+        blocking=True,
+        partition=key,
+    )
 
 
 def _tag_safe(text: str) -> str:
@@ -91,7 +124,7 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
         minimum_interval_seconds=config.discovery.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Registers DICOM session folders once stable: partitions, dicom_session events, "
-        "protocol check runs.",
+        "protocol verdicts (reported, or by a check run for a re-registered session).",
     )
     def dicom_discovery(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         started = time.monotonic()
@@ -108,6 +141,10 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
         subjects: list[str] = []
         runs: list[dg.RunRequest] = []
         labels: list[str] = []
+        checked = partitions_with_checks(
+            context.instance,
+            [str(session_key(r.participant_label, r.session_label)) for r in result.registrations],
+        )
         for reg in result.registrations:
             key = session_key(reg.participant_label, reg.session_label)
             subjects.append(reg.participant_label)
@@ -120,6 +157,9 @@ def build_discovery_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
                     metadata=registration_metadata(reg),
                 )
             )
+            if str(key) not in checked:
+                events.append(protocol_evaluation(str(key), reg))
+                continue
             runs.append(
                 dg.RunRequest(
                     run_key=None,
@@ -180,23 +220,3 @@ def max_runtime_tags(config: NeuroflowConfig, stage: stages.Stage) -> dict[str, 
     r = cfg.retry
     budget = (r.max_retries + 1) * cfg.timeout_s + r.max_retries * r.max_delay_seconds * (1 + r.jitter) + 900
     return {MAX_RUNTIME_TAG: str(int(min(INSTANCE_MAX_RUNTIME_S, budget)))}
-
-
-def build_automation_sensors(config: NeuroflowConfig) -> list[dg.AutomationConditionSensorDefinition]:
-    """One automation sensor per stage, so every run it launches carries its stage tag.
-
-    Run-queue tag limits key on that tag (asset tags are not copied to runs);
-    the pools on the assets hold the limit for runs launched without tags too.
-    """
-    interval = max(5, min(30, config.discovery.interval_seconds))
-    return [
-        dg.AutomationConditionSensorDefinition(
-            name=f"automation_{stage.name}",
-            target=dg.AssetSelection.assets(stage.asset),
-            run_tags={STAGE_TAG: stage.tag, **max_runtime_tags(config, stage)},
-            default_status=dg.DefaultSensorStatus.RUNNING,
-            minimum_interval_seconds=interval,
-            description=f"Declarative automation for {stage.name}; its runs carry {STAGE_TAG}={stage.tag}.",
-        )
-        for stage in stages.stages()
-    ]

@@ -153,9 +153,7 @@ SERIES: dict[str, SeriesPlan] = {
         _AXIAL,
         phase_positive=True,
     ),
-    "adc": SeriesPlan(
-        "ep2d_diff_DTI_AP_ADC", ("DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"), "anat", _AXIAL
-    ),
+    "adc": SeriesPlan("ep2d_diff_DTI_AP_ADC", ("DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"), "anat", _AXIAL),
 }
 DEFAULT_SERIES = ("t1w", "dwi")
 
@@ -268,9 +266,7 @@ def _positions(plan: SeriesPlan) -> np.ndarray:
     """Patient (LPS) coordinates of every voxel: array (slices, rows, columns, 3)."""
     row_dir, col_dir, normal, corner = _geometry(plan)
     s = plan.spacing_mm
-    k, r, c = np.meshgrid(
-        np.arange(plan.slices), np.arange(plan.rows), np.arange(plan.columns), indexing="ij"
-    )
+    k, r, c = np.meshgrid(np.arange(plan.slices), np.arange(plan.rows), np.arange(plan.columns), indexing="ij")
     return corner + s * (c[..., None] * row_dir + r[..., None] * col_dir + k[..., None] * normal)
 
 
@@ -332,9 +328,7 @@ def _anat_volume(plan: SeriesPlan, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(vol), 0, 4095)[None]
 
 
-def _base_dataset(
-    seed: int, session: SynthSession, plan: SeriesPlan, series_uid: str, number: int
-) -> Dataset:
+def _base_dataset(seed: int, session: SynthSession, plan: SeriesPlan, series_uid: str, number: int) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = MRImageStorage
     ds.Modality = "MR"
@@ -547,9 +541,7 @@ def write_session(
                 volumes = _dwi_volumes(plan, bvals, bvecs, rng, noise_sd, dropout_volumes)
                 # The first run keeps the single-run UIDs and file names, so default sessions stay as they were.
                 key = kind if run == 0 else f"{kind}_run{run + 1}"
-                written[key] = _write_series(
-                    folder, seed, session, key, plan, number, start, volumes, bvals, bvecs
-                )
+                written[key] = _write_series(folder, seed, session, key, plan, number, start, volumes, bvals, bvecs)
                 start += timedelta(minutes=5)
             truth = DwiTruth(
                 bvals,
@@ -567,9 +559,7 @@ def write_session(
             bvals = np.zeros(1)
             bvecs = np.zeros((1, 3))
             volumes = _dwi_volumes(plan, bvals, bvecs, rng, noise_sd)
-            written[kind] = _write_series(
-                folder, seed, session, kind, plan, number, start, volumes, bvals, bvecs
-            )
+            written[kind] = _write_series(folder, seed, session, kind, plan, number, start, volumes, bvals, bvecs)
         else:
             volumes = _anat_volume(plan, rng)
             written[kind] = _write_series(folder, seed, session, kind, plan, number, start, volumes)

@@ -61,6 +61,7 @@ def write_demo_sessions(incoming: Path) -> None:
     _stage_then_move(incoming, "20240115_1430", synthetic(1, 12, datetime(2024, 1, 15, 14, 30), "DEMO01"))
     _stage_then_move(incoming, "20240301_0900", synthetic(2, 12, datetime(2024, 3, 1, 9, 0), "DEMO01"))
     _stage_then_move(incoming, "20240212_1015", synthetic(3, 20, datetime(2024, 2, 12, 10, 15), "0075"))
+
     def real_prisma(d: Path) -> None:
         # The real diffusion series has 3 files; a synthetic T1w completes the session (and the protocol).
         sources.copy_real_session(d, "b0dwiForFmap")
@@ -71,8 +72,15 @@ def write_demo_sessions(incoming: Path) -> None:
     _stage_then_move(
         incoming,
         "20240320_1000",
-        lambda d: synth.write_session(d, seed=7, n_b0=2, n_directions=12, acquired=datetime(2024, 3, 20, 10, 0),
-                                      patient_id="DEMO03", **synth.POOR_QUALITY),
+        lambda d: synth.write_session(
+            d,
+            seed=7,
+            n_b0=2,
+            n_directions=12,
+            acquired=datetime(2024, 3, 20, 10, 0),
+            patient_id="DEMO03",
+            **synth.POOR_QUALITY,
+        ),
     )
     _stage_then_move(incoming, "20240410_1200", synthetic(5, 12, datetime(2024, 4, 10, 12, 0), "UNKNOWN"))
 

@@ -287,9 +287,7 @@ class _Tick:
 
     # ------------------------------------------------------------------ helpers
 
-    def hold(
-        self, folder: SessionFolder, reason: HeldReason, message: str, entry: RegistryEntry | None = None
-    ) -> None:
+    def hold(self, folder: SessionFolder, reason: HeldReason, message: str, entry: RegistryEntry | None = None) -> None:
         registered = entry.labels if entry is not None else ""
         self.result.held.append(
             Held(folder.scan_id, str(folder.path), reason, message, registered, blocks=reason == "remapped")

@@ -525,7 +525,6 @@ class Registry:
             finally:
                 self.reload(force=True)
 
-
     def with_changes(self, changes: Sequence[tuple[RegistryEntry, RegistryEntry]]) -> Registry:
         """A copy in memory with (old -> new) applied, for planning a re-key; never written."""
         sim = copy.copy(self)

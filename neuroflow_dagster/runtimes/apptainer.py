@@ -148,8 +148,9 @@ class ApptainerRuntime(Runtime):
 
         record.extra["executable"] = executable
         if container_user(self.stage) != current_user():
-            sink.note(f"user {container_user(self.stage)} is ignored: apptainer runs as the calling user "
-                      f"({current_user()})")
+            sink.note(
+                f"user {container_user(self.stage)} is ignored: apptainer runs as the calling user ({current_user()})"
+            )
         if self.hash_image and image is not None:
             try:
                 record.image_digest = image_digest(image)

@@ -148,9 +148,14 @@ class DockerRuntime(Runtime):
         """With a Dagster context: through Dagster Pipes (results other than logs are dropped; an asset
         that wants what a Pipes-speaking tool reports uses :meth:`run_with_pipes`)."""
         if request.context is not None:
-            record, _ = self.run_with_pipes(spec, context=request.context, log_path=request.log_path,
-                                            timeout_s=request.timeout_s, soft_timeout_s=request.soft_timeout_s,
-                                            log=request.log)
+            record, _ = self.run_with_pipes(
+                spec,
+                context=request.context,
+                log_path=request.log_path,
+                timeout_s=request.timeout_s,
+                soft_timeout_s=request.soft_timeout_s,
+                log=request.log,
+            )
             return record
         return self._run_plain(spec, request)
 
@@ -237,11 +242,17 @@ class DockerRuntime(Runtime):
 
     # -- internals --------------------------------------------------------------------------
 
-    def _prepare(self, spec: ToolSpec, log_path: Path, log: LogFn | None
-                 ) -> tuple[RunRecord, LogSink, str, dict[str, Any]]:
+    def _prepare(
+        self, spec: ToolSpec, log_path: Path, log: LogFn | None
+    ) -> tuple[RunRecord, LogSink, str, dict[str, Any]]:
         image = resolve_image(spec, self.stage)
-        record = new_record(spec, runtime=self.name, command=docker_run_argv(spec, self.stage, image=image),
-                            log_path=log_path, image=image)
+        record = new_record(
+            spec,
+            runtime=self.name,
+            command=docker_run_argv(spec, self.stage, image=image),
+            log_path=log_path,
+            image=image,
+        )
         record.extra["container_command"] = shlex.join(spec.argv)
         sink = LogSink(log_path, log)
         sink.note(f"tool {spec.tool} on runtime docker, image {image}")
@@ -256,8 +267,13 @@ class DockerRuntime(Runtime):
         captured: dict[str, Any] = {}
         watchdog = self._watchdog(sink, request.timeout_s, request.soft_timeout_s, captured)
         outcome: BaseException | None = None
-        create = {"image": image, "command": list(spec.argv[1:]), "detach": True,
-                  "environment": dict(spec.env), **kwargs}
+        create = {
+            "image": image,
+            "command": list(spec.argv[1:]),
+            "detach": True,
+            "environment": dict(spec.env),
+            **kwargs,
+        }
         watchdog.start()
         try:
             client = self.client if self.client is not None else docker.client.from_env()
@@ -297,12 +313,19 @@ class DockerRuntime(Runtime):
             raise self._exit_failure(record, sink, watchdog)
         return succeed(record, sink, 0)
 
-    def _watchdog(self, sink: LogSink, timeout_s: float | None, soft_timeout_s: float | None,
-                  captured: dict[str, Any]) -> Watchdog:
+    def _watchdog(
+        self, sink: LogSink, timeout_s: float | None, soft_timeout_s: float | None, captured: dict[str, Any]
+    ) -> Watchdog:
         """The stage's limits (unless given) on the container ``captured`` holds once it exists."""
         timeout_s, soft_timeout_s = resolve_timeouts(self.stage, timeout_s, soft_timeout_s)
-        return Watchdog(sink, timeout_s, soft_timeout_s, self.kill_grace_s,
-                        lambda: self._stop(captured.get("container"), sink), "the container")
+        return Watchdog(
+            sink,
+            timeout_s,
+            soft_timeout_s,
+            self.kill_grace_s,
+            lambda: self._stop(captured.get("container"), sink),
+            "the container",
+        )
 
     def _stop(self, container: Any, sink: LogSink) -> bool:
         """Stop the container (SIGTERM, SIGKILL after the grace period); False if there is none yet."""
@@ -320,17 +343,27 @@ class DockerRuntime(Runtime):
         if record.extra.get("oom_killed"):
             # The engine's own word (State.OOMKilled), whatever the tool printed before it died.
             limit = self.stage.memory_mb if self.stage is not None else None
-            return fail(record, sink, f"{record.tool} was killed by the out-of-memory killer (exit code "
-                        f"{record.exit_code}" + (f", memory_mb {limit}" if limit else "")
-                        + f") (log: {record.log_path})", FailureClass.RESOURCE, exit_code=record.exit_code)
+            return fail(
+                record,
+                sink,
+                f"{record.tool} was killed by the out-of-memory killer (exit code "
+                f"{record.exit_code}" + (f", memory_mb {limit}" if limit else "") + f") (log: {record.log_path})",
+                FailureClass.RESOURCE,
+                exit_code=record.exit_code,
+            )
         return exit_failure(record, sink, record.exit_code)
 
-    def _docker_failure(self, record: RunRecord, sink: LogSink, image: str, exc: BaseException,
-                        watchdog: Watchdog) -> ToolRunError:
+    def _docker_failure(
+        self, record: RunRecord, sink: LogSink, image: str, exc: BaseException, watchdog: Watchdog
+    ) -> ToolRunError:
         if watchdog.timed_out or isinstance(exc, TimeoutError):
             record.extra["timed_out"] = True
-            return fail(record, sink, f"{record.tool}: hard timeout reached before the container ran "
-                        f"(log: {record.log_path})", FailureClass.RESOURCE)
+            return fail(
+                record,
+                sink,
+                f"{record.tool}: hard timeout reached before the container ran (log: {record.log_path})",
+                FailureClass.RESOURCE,
+            )
         text = str(exc)
         if isinstance(exc, docker.errors.ImageNotFound | docker.errors.NotFound):
             message = f"{record.tool}: image not found: {image} ({text})"
@@ -339,13 +372,17 @@ class DockerRuntime(Runtime):
         if isinstance(exc, docker.errors.APIError) and "/images/create" in url:
             # The image is not on this host and pulling it failed (e.g. no registry reachable, as on
             # an air-gapped site): the operator must pull or `docker load` it here, a retry will not.
-            message = (f"{record.tool}: image not found: {image} is not on this Docker host and could not be "
-                       f"pulled ({exc.explanation or text}); pull it or `docker load` it on this host")
+            message = (
+                f"{record.tool}: image not found: {image} is not on this Docker host and could not be "
+                f"pulled ({exc.explanation or text}); pull it or `docker load` it on this host"
+            )
             return fail(record, sink, message, FailureClass.CONFIGURATION)
         if isinstance(exc, docker.errors.APIError) and exc.is_client_error():
             # 4xx: the engine refused the request itself (e.g. more cpus than the host has).
-            message = (f"{record.tool}: the Docker engine refused the container ({exc.explanation or text}); "
-                       "check the stage's cpus, memory_mb, user and mounts")
+            message = (
+                f"{record.tool}: the Docker engine refused the container ({exc.explanation or text}); "
+                "check the stage's cpus, memory_mb, user and mounts"
+            )
             return fail(record, sink, message, FailureClass.CONFIGURATION)
         message = f"{record.tool}: docker error with image {image}: {text}"
         return fail(record, sink, message, classify(text, None))

@@ -110,8 +110,7 @@ class Group:
         """SIGTERM the group, SIGKILL what is left after the grace period (once)."""
         if not self._stopping.acquire(blocking=False):
             return
-        say(f"{why}: stopping the tool's process group {self.pgid} "
-            f"(SIGTERM, SIGKILL after {self.grace_s:g} s)")
+        say(f"{why}: stopping the tool's process group {self.pgid} (SIGTERM, SIGKILL after {self.grace_s:g} s)")
         self.signal_members(signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
         while time.monotonic() < deadline:
@@ -190,8 +189,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="guard.py", description=__doc__.splitlines()[0])
     parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("--log", help="the per-run log file (the guard's notes go there once the worker is gone)")
-    parser.add_argument("--cleanup", action="store_true",
-                        help="dead man's switch: run the command only if stdin ends without 'done'")
+    parser.add_argument(
+        "--cleanup", action="store_true", help="dead man's switch: run the command only if stdin ends without 'done'"
+    )
     parser.add_argument("--lock", help="exclusive lock file held for the tool's lifetime")
     parser.add_argument("--lock-info", default="{}", help="JSON describing this work, written into the lock")
     parser.add_argument("--lock-wait", type=float, default=120.0, help="seconds to wait for a held lock")
@@ -218,8 +218,9 @@ def cleanup_when_orphaned(command: list[str]) -> int:
     PARENT_GONE = True
     say(f"the run worker is gone: running its cleanup {' '.join(command)}")
     try:
-        code = subprocess.call(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=120)
+        code = subprocess.call(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         say(f"cleanup failed: {exc}")
         return 1
@@ -238,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     reset_signal_dispositions()
     lock_fd = None
     if args.lock:
-        info = {**json.loads(args.lock_info), "guard_pid": os.getpid(), "host": os.uname().nodename,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        info = {
+            **json.loads(args.lock_info),
+            "guard_pid": os.getpid(),
+            "host": os.uname().nodename,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         lock_fd = take_lock(args.lock, info, args.lock_wait)
         if lock_fd is None:
             return EXIT_LOCK_TIMEOUT

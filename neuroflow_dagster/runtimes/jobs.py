@@ -98,11 +98,14 @@ class JobStore:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise JobRecordError(f"job record {path} is unreadable ({exc}); inspect it, then delete it "
-                                 "so the next run can submit") from exc
+            raise JobRecordError(
+                f"job record {path} is unreadable ({exc}); inspect it, then delete it so the next run can submit"
+            ) from exc
         if not isinstance(data, dict) or data.get("stage") != stage or data.get("partition") != partition:
-            raise JobRecordError(f"job record {path} does not belong to {stage} / {partition!r}; "
-                                 "inspect it, then delete it so the next run can submit")
+            raise JobRecordError(
+                f"job record {path} does not belong to {stage} / {partition!r}; "
+                "inspect it, then delete it so the next run can submit"
+            )
         return JobRecord.from_dict(data)
 
     def save(self, record: JobRecord) -> Path:

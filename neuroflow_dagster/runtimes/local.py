@@ -32,8 +32,9 @@ class LocalRuntime(Runtime):
 
     def execute(self, spec: ToolSpec, request: RunRequest) -> RunRecord:
         argv = list(spec.argv)
-        record = new_record(spec, runtime=self.name, command=argv, log_path=request.log_path,
-                            image=self.image_label(spec))
+        record = new_record(
+            spec, runtime=self.name, command=argv, log_path=request.log_path, image=self.image_label(spec)
+        )
         sink = LogSink(request.log_path, request.log)
         self.check(spec, record, sink)
         sink.note(f"tool {spec.tool} on runtime {self.name}" + (f" ({record.image})" if record.image else ""))
@@ -46,8 +47,12 @@ class LocalRuntime(Runtime):
             try:
                 Path(spec.workdir).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise fail(record, sink, f"{spec.tool}: cannot create working directory {spec.workdir}: "
-                           f"{exc.strerror}", FailureClass.CONFIGURATION) from exc
+                raise fail(
+                    record,
+                    sink,
+                    f"{spec.tool}: cannot create working directory {spec.workdir}: {exc.strerror}",
+                    FailureClass.CONFIGURATION,
+                ) from exc
         return run_process(
             argv,
             record=record,
@@ -77,6 +82,10 @@ class BuiltinRuntime(LocalRuntime):
 
     def check(self, spec: ToolSpec, record: RunRecord, sink: LogSink) -> None:
         if not spec.stand_in:
-            raise fail(record, sink, f"{spec.tool}: runtime 'builtin' got a spec for the real tool "
-                       "(stand_in=False); build the stand-in spec or choose runtime local/docker/apptainer",
-                       FailureClass.CONFIGURATION)
+            raise fail(
+                record,
+                sink,
+                f"{spec.tool}: runtime 'builtin' got a spec for the real tool "
+                "(stand_in=False); build the stand-in spec or choose runtime local/docker/apptainer",
+                FailureClass.CONFIGURATION,
+            )

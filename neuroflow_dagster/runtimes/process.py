@@ -88,8 +88,7 @@ class LogSink:
                 self._log(text)
             except Exception as exc:  # a broken log sink must not kill a 24 h run
                 self._log_broken = True
-                self.line(f"{NOTE_PREFIX}log callable failed ({exc!r}); lines go to this file only",
-                          forward=False)
+                self.line(f"{NOTE_PREFIX}log callable failed ({exc!r}); lines go to this file only", forward=False)
 
     def note(self, text: str, *, forward: bool = True) -> None:
         self.line(NOTE_PREFIX + text, forward=forward)
@@ -143,8 +142,7 @@ class LineSplitter:
         return [rest.rstrip("\r")] if rest else []
 
 
-def new_record(spec: ToolSpec, *, runtime: str, command: Sequence[str], log_path: Path,
-               image: str | None) -> RunRecord:
+def new_record(spec: ToolSpec, *, runtime: str, command: Sequence[str], log_path: Path, image: str | None) -> RunRecord:
     return RunRecord(
         tool=spec.tool,
         runtime=runtime,
@@ -157,8 +155,13 @@ def new_record(spec: ToolSpec, *, runtime: str, command: Sequence[str], log_path
     )
 
 
-def fail(record: RunRecord, sink: LogSink | None, message: str, failure_class: FailureClass | str,
-         exit_code: int | None = None) -> ToolRunError:
+def fail(
+    record: RunRecord,
+    sink: LogSink | None,
+    message: str,
+    failure_class: FailureClass | str,
+    exit_code: int | None = None,
+) -> ToolRunError:
     """Finish the record of a failed run and build the error (the caller raises it)."""
     if record.ended is None:
         record.ended = time.time()
@@ -206,22 +209,27 @@ def succeed(record: RunRecord, sink: LogSink, exit_code: int = 0) -> RunRecord:
 
 def soft_timeout_note(elapsed: float, soft_timeout_s: float, timeout_s: float | None) -> str:
     hard = f", hard limit {fmt_duration(timeout_s)}" if timeout_s else ""
-    return (f"WARNING soft timeout: still running after {fmt_duration(elapsed)} "
-            f"(soft limit {fmt_duration(soft_timeout_s)}{hard}); not stopped")
+    return (
+        f"WARNING soft timeout: still running after {fmt_duration(elapsed)} "
+        f"(soft limit {fmt_duration(soft_timeout_s)}{hard}); not stopped"
+    )
 
 
 def hard_timeout_note(timeout_s: float, target: str, grace_s: float) -> str:
-    return (f"hard timeout of {fmt_duration(timeout_s)} reached: stopping {target} "
-            f"(SIGTERM, SIGKILL after {fmt_duration(grace_s)})")
+    return (
+        f"hard timeout of {fmt_duration(timeout_s)} reached: stopping {target} "
+        f"(SIGTERM, SIGKILL after {fmt_duration(grace_s)})"
+    )
 
 
-def timeout_failure(record: RunRecord, sink: LogSink, timeout_s: float | None,
-                    exit_code: int | None) -> ToolRunError:
+def timeout_failure(record: RunRecord, sink: LogSink, timeout_s: float | None, exit_code: int | None) -> ToolRunError:
     """A run stopped at its hard timeout: a resource failure (it may fit with more time or less load)."""
     record.extra["timed_out"] = True
     record.extra["timeout_s"] = timeout_s
-    message = (f"{record.tool} exceeded its hard timeout of {fmt_duration(timeout_s or 0)} and was stopped "
-               f"(log: {record.log_path})")
+    message = (
+        f"{record.tool} exceeded its hard timeout of {fmt_duration(timeout_s or 0)} and was stopped "
+        f"(log: {record.log_path})"
+    )
     return fail(record, sink, message, FailureClass.RESOURCE, exit_code=exit_code)
 
 
@@ -242,8 +250,15 @@ class Watchdog:
     not exist yet, e.g. a container still being created).
     """
 
-    def __init__(self, sink: LogSink, timeout_s: float | None, soft_timeout_s: float | None,
-                 grace_s: float, stop: Callable[[], bool], target: str) -> None:
+    def __init__(
+        self,
+        sink: LogSink,
+        timeout_s: float | None,
+        soft_timeout_s: float | None,
+        grace_s: float,
+        stop: Callable[[], bool],
+        target: str,
+    ) -> None:
         self.sink = sink
         self.timeout_s = timeout_s
         self.soft_timeout_s = soft_timeout_s
@@ -351,15 +366,28 @@ def read_lines(stream: IO[bytes], sink_queue: queue.Queue[str | None]) -> None:
 GUARD_SCRIPT = Path(guard.__file__).resolve()
 
 
-def guarded(argv: Sequence[str], *, grace_s: float, log_path: Path | str | None = None, lock: Path | None = None,
-            lock_info: Mapping[str, Any] | None = None, lock_wait_s: float = 120.0) -> list[str]:
+def guarded(
+    argv: Sequence[str],
+    *,
+    grace_s: float,
+    log_path: Path | str | None = None,
+    lock: Path | None = None,
+    lock_info: Mapping[str, Any] | None = None,
+    lock_wait_s: float = 120.0,
+) -> list[str]:
     """``argv`` wrapped in its guard: ``python -I -S guard.py --grace S [--log F] [--lock F ...] -- argv``."""
     wrapper = [sys.executable, "-I", "-S", str(GUARD_SCRIPT), "--grace", f"{grace_s:g}"]
     if log_path:
         wrapper += ["--log", str(log_path)]
     if lock is not None:
-        wrapper += ["--lock", str(lock), "--lock-info", json.dumps(dict(lock_info or {}), sort_keys=True),
-                    "--lock-wait", f"{lock_wait_s:g}"]
+        wrapper += [
+            "--lock",
+            str(lock),
+            "--lock-info",
+            json.dumps(dict(lock_info or {}), sort_keys=True),
+            "--lock-wait",
+            f"{lock_wait_s:g}",
+        ]
     return [*wrapper, "--", *argv]
 
 
@@ -376,8 +404,11 @@ class DeadMansSwitch:
         if log_path:
             argv += ["--log", str(log_path)]
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [*argv, "--", *cleanup], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
+            [*argv, "--", *cleanup],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def disarm(self) -> None:
@@ -430,13 +461,13 @@ def run_process(
     """
     sink.note(f"running: {record.command}")
     if cwd is not None and not Path(cwd).is_dir():
-        raise fail(record, sink, f"{record.tool}: working directory {cwd} does not exist",
-                   FailureClass.CONFIGURATION)
+        raise fail(record, sink, f"{record.tool}: working directory {cwd} does not exist", FailureClass.CONFIGURATION)
     problem = executable_problem(argv[0], env, cwd)
     if problem:
         raise fail(record, sink, f"{record.tool}: {problem}", FailureClass.CONFIGURATION)
-    guard_argv = guarded(argv, grace_s=kill_grace_s, log_path=record.log_path, lock=lock, lock_info=lock_info,
-                         lock_wait_s=lock_wait_s)
+    guard_argv = guarded(
+        argv, grace_s=kill_grace_s, log_path=record.log_path, lock=lock, lock_info=lock_info, lock_wait_s=lock_wait_s
+    )
     try:
         proc = subprocess.Popen(
             guard_argv,
@@ -449,13 +480,15 @@ def run_process(
             start_new_session=True,
         )
     except OSError as exc:  # the interpreter itself cannot start: the worker is broken
-        raise fail(record, sink, f"{record.tool}: cannot start {guard_argv[0]}: {exc.strerror}",
-                   FailureClass.CONFIGURATION) from exc
+        raise fail(
+            record, sink, f"{record.tool}: cannot start {guard_argv[0]}: {exc.strerror}", FailureClass.CONFIGURATION
+        ) from exc
     record.extra["pid"] = proc.pid
     assert proc.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
-    reader = threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True,
-                              name=f"neuroflow-log-{record.tool}")
+    reader = threading.Thread(
+        target=read_lines, args=(proc.stdout, lines), daemon=True, name=f"neuroflow-log-{record.tool}"
+    )
     reader.start()
     started = time.monotonic()
     timed_out = False
@@ -490,8 +523,10 @@ def run_process(
                 pass
     rc = proc.returncode
     if lock is not None and rc == guard.EXIT_LOCK_TIMEOUT and guard.LOCK_BUSY in sink.tail:
-        message = (f"{record.tool} was not started: another process of the same work is still running "
-                   f"(lock {lock}); see the log {record.log_path}")
+        message = (
+            f"{record.tool} was not started: another process of the same work is still running "
+            f"(lock {lock}); see the log {record.log_path}"
+        )
         raise fail(record, sink, message, FailureClass.TRANSIENT, exit_code=rc)
     if timed_out:
         raise timeout_failure(record, sink, timeout_s, rc)
@@ -535,8 +570,7 @@ def _pump(
             if time.monotonic() - exited_at > STRAGGLER_GRACE_S:
                 if not stragglers_killed:
                     stragglers_killed = True
-                    sink.note(f"exited, but processes of group {proc.pid} still hold its output open: "
-                              "killing them")
+                    sink.note(f"exited, but processes of group {proc.pid} still hold its output open: killing them")
                     signal_group(proc.pid, signal.SIGKILL)
                 elif time.monotonic() - exited_at > 2 * STRAGGLER_GRACE_S:
                     return timed_out

@@ -61,10 +61,24 @@ from neuroflow_dagster.runtimes.process import (
 from neuroflow_dagster.tools.spec import ToolSpec
 
 WRAPPER = Path(__file__).with_name("slurm_job.py")
-BATCH_SCRIPT = "#!/bin/sh\n# neuroflow-dagster: runs the job wrapper given as arguments\nexec \"$@\"\n"
-ACTIVE = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                    "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
-                    "RESV_DEL_HOLD"})
+BATCH_SCRIPT = '#!/bin/sh\n# neuroflow-dagster: runs the job wrapper given as arguments\nexec "$@"\n'
+ACTIVE = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "SUSPENDED",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "RESIZING",
+        "SIGNALING",
+        "STAGE_OUT",
+        "STOPPED",
+        "RESV_DEL_HOLD",
+    }
+)
 RESOURCE_STATES = {"TIMEOUT": "time limit", "OUT_OF_MEMORY": "memory limit", "DEADLINE": "deadline"}
 TRANSIENT_STATES = {"NODE_FAIL": "node failure", "BOOT_FAIL": "node boot failure", "PREEMPTED": "preemption"}
 # Evidence in the job's output that Slurm killed it for memory (OverMemoryKill, cgroup OOM).
@@ -73,10 +87,15 @@ _SBATCH_CONFIG = re.compile(
     r"invalid (account|partition|qos)|account/partition|requested node configuration is not available|"
     r"requested time limit is invalid|unrecognized option|invalid option|unknown option|"
     r"invalid generic resource|memory specification can not be satisfied|invalid (job|feature)|"
-    r"unable to open file|no partition specified|invalid user", re.I)
-_SBATCH_LIMIT = re.compile(r"submit ?limit|MaxSubmit|job violates accounting/qos policy|"
-                           r"slurm temporarily unable|unable to contact slurm controller|"
-                           r"socket timed out|connection refused|transient", re.I)
+    r"unable to open file|no partition specified|invalid user",
+    re.I,
+)
+_SBATCH_LIMIT = re.compile(
+    r"submit ?limit|MaxSubmit|job violates accounting/qos policy|"
+    r"slurm temporarily unable|unable to contact slurm controller|"
+    r"socket timed out|connection refused|transient",
+    re.I,
+)
 SACCT_RETRY_S = 20.0
 LOCK_WAIT_S = 120.0
 
@@ -165,17 +184,27 @@ class SlurmCLI:
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         try:
-            proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=self.timeout_s,
-                                  env=self.env, check=False, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                list(argv),
+                capture_output=True,
+                text=True,
+                timeout=self.timeout_s,
+                env=self.env,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
         except FileNotFoundError as exc:
-            raise SlurmCommandError(f"executable not found: {argv[0]} (Slurm's client commands must be on "
-                                    "PATH of the run worker)") from exc
+            raise SlurmCommandError(
+                f"executable not found: {argv[0]} (Slurm's client commands must be on PATH of the run worker)"
+            ) from exc
         except subprocess.TimeoutExpired as exc:
-            raise SlurmCommandError(f"{argv[0]} did not answer within {self.timeout_s:.0f} s "
-                                    "(controller overloaded or unreachable)") from exc
+            raise SlurmCommandError(
+                f"{argv[0]} did not answer within {self.timeout_s:.0f} s (controller overloaded or unreachable)"
+            ) from exc
         if check and proc.returncode != 0:
-            raise SlurmCommandError(f"{shlex.join(argv)} exited {proc.returncode}: "
-                                    f"{(proc.stderr or proc.stdout).strip()[:1000]}")
+            raise SlurmCommandError(
+                f"{shlex.join(argv)} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[:1000]}"
+            )
         return proc
 
     def submit(self, argv: list[str]) -> str:
@@ -196,8 +225,13 @@ class SlurmCLI:
         if not lines:
             return None
         state, node, reason, elapsed = [*lines[0].split("|"), "", "", ""][:4]
-        return JobState(state=state.strip(), source="squeue", node=node or None, reason=reason or None,
-                        elapsed_s=parse_duration_s(elapsed))
+        return JobState(
+            state=state.strip(),
+            source="squeue",
+            node=node or None,
+            reason=reason or None,
+            elapsed_s=parse_duration_s(elapsed),
+        )
 
     def find_by_name(self, name: str) -> str | None:
         """The newest active job of ours named ``name`` (a submit interrupted before its id was saved)."""
@@ -209,8 +243,16 @@ class SlurmCLI:
         """sacct's view of the job (and the peak RSS over its steps); None if accounting has no record."""
         if self._accounting is False:
             return None
-        proc = self.run("sacct", "-n", "-P", "-j", job_id, "-o",
-                        "JobIDRaw,State,ExitCode,NodeList,ElapsedRaw,MaxRSS,Reason", check=False)
+        proc = self.run(
+            "sacct",
+            "-n",
+            "-P",
+            "-j",
+            job_id,
+            "-o",
+            "JobIDRaw,State,ExitCode,NodeList,ElapsedRaw,MaxRSS,Reason",
+            check=False,
+        )
         text = (proc.stderr + proc.stdout).lower()
         if proc.returncode != 0 or "accounting storage is disabled" in text or "not running a supported" in text:
             if "disabled" in text or "not running a supported" in text or "slurmdbd" in text:
@@ -228,9 +270,15 @@ class SlurmCLI:
             if size is not None:
                 rss.append(size)
             if raw_id == job_id:
-                job = JobState(state=state.split()[0] if state else "UNKNOWN", source="sacct",
-                               exit_code=parse_exit(exit_raw), raw_exit=exit_raw, node=node or None,
-                               elapsed_s=float(elapsed) if elapsed.isdigit() else None, reason=reason or None)
+                job = JobState(
+                    state=state.split()[0] if state else "UNKNOWN",
+                    source="sacct",
+                    exit_code=parse_exit(exit_raw),
+                    raw_exit=exit_raw,
+                    node=node or None,
+                    elapsed_s=float(elapsed) if elapsed.isdigit() else None,
+                    reason=reason or None,
+                )
                 if state.startswith("CANCELLED by"):
                     job.extra["cancelled_by_uid"] = state.split()[-1]
         if job is not None and rss:
@@ -245,9 +293,15 @@ class SlurmCLI:
         values = parse_key_values(proc.stdout)
         if "JobState" not in values:
             return None
-        return JobState(state=values["JobState"], source="scontrol", exit_code=parse_exit(values.get("ExitCode")),
-                        raw_exit=values.get("ExitCode"), node=values.get("NodeList") or None,
-                        elapsed_s=parse_duration_s(values.get("RunTime")), reason=values.get("Reason"))
+        return JobState(
+            state=values["JobState"],
+            source="scontrol",
+            exit_code=parse_exit(values.get("ExitCode")),
+            raw_exit=values.get("ExitCode"),
+            node=values.get("NodeList") or None,
+            elapsed_s=parse_duration_s(values.get("RunTime")),
+            reason=values.get("Reason"),
+        )
 
     def jobcomp(self, job_id: str) -> JobState | None:
         """The jobcomp/filetxt file (if the cluster writes one and it is readable here)."""
@@ -262,9 +316,13 @@ class SlurmCLI:
         for line in reversed(lines):
             if line.startswith(f"JobId={job_id} "):
                 values = parse_key_values(line)
-                return JobState(state=values.get("JobState", "UNKNOWN"), source="jobcomp",
-                                exit_code=parse_exit(values.get("ExitCode")), raw_exit=values.get("ExitCode"),
-                                node=values.get("NodeList") or None)
+                return JobState(
+                    state=values.get("JobState", "UNKNOWN"),
+                    source="jobcomp",
+                    exit_code=parse_exit(values.get("ExitCode")),
+                    raw_exit=values.get("ExitCode"),
+                    node=values.get("NodeList") or None,
+                )
         return None
 
     def cancel(self, job_id: str) -> None:
@@ -288,12 +346,28 @@ def job_name(stage_name: str, partition: str) -> str:
     return f"nf-{stage_name}-{safe}"
 
 
-def sbatch_argv(stage: StageConfig, *, name: str, output: Path, workdir: Path, script: Path, timeout_s: float | None,
-                job_args: list[str]) -> list[str]:
+def sbatch_argv(
+    stage: StageConfig,
+    *,
+    name: str,
+    output: Path,
+    workdir: Path,
+    script: Path,
+    timeout_s: float | None,
+    job_args: list[str],
+) -> list[str]:
     """The sbatch command: resources from the stage, then the operator's extra options, then the script."""
     cfg = stage.slurm
-    argv = ["sbatch", "--parsable", f"--job-name={name}", f"--output={output}", "--open-mode=append",
-            f"--chdir={workdir}", "--no-requeue", f"--time={_time_limit(stage, timeout_s)}"]
+    argv = [
+        "sbatch",
+        "--parsable",
+        f"--job-name={name}",
+        f"--output={output}",
+        "--open-mode=append",
+        f"--chdir={workdir}",
+        "--no-requeue",
+        f"--time={_time_limit(stage, timeout_s)}",
+    ]
     mem = cfg.mem_mb or stage.memory_mb
     if mem:
         argv.append(f"--mem={int(mem)}M")
@@ -316,13 +390,13 @@ def inner_argv(spec: ToolSpec, stage: StageConfig, inside: str) -> tuple[list[st
     extra: list[str] = []
     for bind in stage.slurm.binds:
         extra += ["--bind", bind]
-    argv = apptainer_exec_argv(spec, stage, stage.slurm.apptainer, image=resolve_image(spec, stage),
-                               extra_args=extra)
+    argv = apptainer_exec_argv(spec, stage, stage.slurm.apptainer, image=resolve_image(spec, stage), extra_args=extra)
     return argv, {}, None
 
 
-def fingerprint(argv: list[str], env: dict[str, str], cwd: str | None, sbatch_options: list[str],
-                output_dir: str | None = None) -> str:
+def fingerprint(
+    argv: list[str], env: dict[str, str], cwd: str | None, sbatch_options: list[str], output_dir: str | None = None
+) -> str:
     """Same tool command and the same job request: the job a restarted run may adopt.
 
     ``sbatch_options`` are the options before the script; the per-run file paths are left out, and
@@ -430,10 +504,18 @@ class SlurmRuntime(Runtime):
         files = {k: log_path.with_name(f"{stem}.{k}") for k in ("slurm.out", "job.json", "result.json", "sbatch.sh")}
         name = job_name(self.stage_name, self.partition)
         job_args = [sys.executable, "-I", str(WRAPPER), str(files["job.json"])]
-        sbatch = sbatch_argv(self.stage, name=name, output=files["slurm.out"], workdir=log_path.parent,
-                             script=files["sbatch.sh"], timeout_s=timeout_s, job_args=job_args)
-        print_ = fingerprint(argv, env, cwd, sbatch[: sbatch.index(str(files["sbatch.sh"]))],
-                             output_dir=str(spec.output_dir))
+        sbatch = sbatch_argv(
+            self.stage,
+            name=name,
+            output=files["slurm.out"],
+            workdir=log_path.parent,
+            script=files["sbatch.sh"],
+            timeout_s=timeout_s,
+            job_args=job_args,
+        )
+        print_ = fingerprint(
+            argv, env, cwd, sbatch[: sbatch.index(str(files["sbatch.sh"]))], output_dir=str(spec.output_dir)
+        )
         record.extra["slurm_sbatch"] = shlex.join(sbatch)
 
         pending: dict[str, JobRecord] = {}
@@ -445,8 +527,12 @@ class SlurmRuntime(Runtime):
                 try:
                     job = self._existing_job(print_, record, sink)
                 except SlurmCommandError as exc:
-                    raise fail(record, sink, f"{spec.tool}: cannot ask slurm about the earlier job: {exc}",
-                               FailureClass.TRANSIENT) from exc
+                    raise fail(
+                        record,
+                        sink,
+                        f"{spec.tool}: cannot ask slurm about the earlier job: {exc}",
+                        FailureClass.TRANSIENT,
+                    ) from exc
                 if job is None:
                     job = self._submit(spec, argv, env, cwd, sbatch, files, name, print_, record, sink, pending)
             queue = self._wait(job, record, sink, soft_timeout_s)
@@ -477,12 +563,21 @@ class SlurmRuntime(Runtime):
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
                         holder = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip() or "unknown"
-                        raise fail(record, sink, f"{spec.tool}: another process of this work still holds "
-                                   f"{path} after {LOCK_WAIT_S:g} s: {holder}", FailureClass.TRANSIENT) from None
+                        raise fail(
+                            record,
+                            sink,
+                            f"{spec.tool}: another process of this work still holds "
+                            f"{path} after {LOCK_WAIT_S:g} s: {holder}",
+                            FailureClass.TRANSIENT,
+                        ) from None
                     time.sleep(0.5)
             os.ftruncate(fd, 0)
-            info = {"owner": spec.lock_owner or self.run_id, "tool": spec.tool, "runtime": self.name,
-                    "pid": os.getpid()}
+            info = {
+                "owner": spec.lock_owner or self.run_id,
+                "tool": spec.tool,
+                "runtime": self.name,
+                "pid": os.getpid(),
+            }
             os.pwrite(fd, (json.dumps(info, sort_keys=True) + "\n").encode(), 0)
             yield
         finally:
@@ -497,8 +592,10 @@ class SlurmRuntime(Runtime):
         elif shutil.which("sbatch", path=self.cli.env.get("PATH")) is None:
             problem = "executable not found: sbatch (Slurm's client commands must be on PATH of the run worker)"
         elif inside == "builtin" and not spec.stand_in:
-            problem = ("runtime slurm with slurm.inside builtin got a spec for the real tool (stand_in=False); "
-                       "set pipelines.<stage>.slurm.inside to local or apptainer")
+            problem = (
+                "runtime slurm with slurm.inside builtin got a spec for the real tool (stand_in=False); "
+                "set pipelines.<stage>.slurm.inside to local or apptainer"
+            )
         elif inside == "apptainer":
             problem = apptainer_image_problem(resolve_image(spec, self.stage))
             problem = problem or next((p for p in map(mount_problem, spec.mounts) if p), None)
@@ -523,21 +620,29 @@ class SlurmRuntime(Runtime):
         who = f"run {old.owner_run_id} on {old.owner_host}"
         if state is not None and state.active:
             if old.fingerprint == print_:
-                sink.note(f"re-attaching to slurm job {old.job_id} ({state.state}), submitted by {who} "
-                          f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.submitted))}")
+                sink.note(
+                    f"re-attaching to slurm job {old.job_id} ({state.state}), submitted by {who} "
+                    f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(old.submitted))}"
+                )
                 record.extra["slurm_reattached"] = True
                 self._own(old, record)
                 return old
-            sink.note(f"slurm job {old.job_id} of {who} is {state.state} with a different command or request: "
-                      "cancelling it before submitting (two jobs must not write the same outputs)")
+            sink.note(
+                f"slurm job {old.job_id} of {who} is {state.state} with a different command or request: "
+                "cancelling it before submitting (two jobs must not write the same outputs)"
+            )
             self.cli.cancel(old.job_id)
             self._wait_gone(old.job_id, sink)
             self._collected(old, {"state": "CANCELLED", "reason": "superseded"})
             return None
         # Finished while no run was watching: adopt its result only within the same retry chain
         # (the same intended work); a later, independent run recomputes.
-        if (old.fingerprint == print_ and old.owner_root_run_id and old.owner_root_run_id == self.root_run_id
-                and old.owner_run_id != self.run_id):
+        if (
+            old.fingerprint == print_
+            and old.owner_root_run_id
+            and old.owner_root_run_id == self.root_run_id
+            and old.owner_run_id != self.run_id
+        ):
             sink.note(f"slurm job {old.job_id} of {who} ended while no run was watching it: using its result")
             record.extra["slurm_reattached"] = True
             self._own(old, record)
@@ -556,17 +661,42 @@ class SlurmRuntime(Runtime):
         if self.jobs is not None:
             self.jobs.save(job)
 
-    def _submit(self, spec: ToolSpec, argv: list[str], env: dict[str, str], cwd: str | None, sbatch: list[str],
-                files: dict[str, Path], name: str, print_: str, record: RunRecord, sink: LogSink,
-                pending: dict[str, JobRecord]) -> JobRecord:
-        atomic_write_text(files["job.json"], json.dumps({"tool": spec.tool, "argv": argv, "env": env, "cwd": cwd,
-                                                         "result": str(files["result.json"])}, indent=1))
+    def _submit(
+        self,
+        spec: ToolSpec,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        sbatch: list[str],
+        files: dict[str, Path],
+        name: str,
+        print_: str,
+        record: RunRecord,
+        sink: LogSink,
+        pending: dict[str, JobRecord],
+    ) -> JobRecord:
+        atomic_write_text(
+            files["job.json"],
+            json.dumps(
+                {"tool": spec.tool, "argv": argv, "env": env, "cwd": cwd, "result": str(files["result.json"])}, indent=1
+            ),
+        )
         atomic_write_text(files["sbatch.sh"], BATCH_SCRIPT)
         files["result.json"].unlink(missing_ok=True)
-        job = JobRecord(stage=self.stage_name, partition=self.partition, runtime=self.name, status="submitting",
-                        owner_run_id=self.run_id, owner_root_run_id=self.root_run_id, fingerprint=print_,
-                        job_name=name, log_path=str(record.log_path), output_path=str(files["slurm.out"]),
-                        result_path=str(files["result.json"]), output_dir=str(spec.output_dir))
+        job = JobRecord(
+            stage=self.stage_name,
+            partition=self.partition,
+            runtime=self.name,
+            status="submitting",
+            owner_run_id=self.run_id,
+            owner_root_run_id=self.root_run_id,
+            fingerprint=print_,
+            job_name=name,
+            log_path=str(record.log_path),
+            output_path=str(files["slurm.out"]),
+            result_path=str(files["result.json"]),
+            output_dir=str(spec.output_dir),
+        )
         if self.jobs is not None:
             self.jobs.save(job)
         pending["job"] = job  # an interrupt during sbatch still finds the job (by name) to cancel
@@ -582,8 +712,9 @@ class SlurmRuntime(Runtime):
                 failure_class = FailureClass.CONFIGURATION
             else:
                 guessed = classify(text, None)
-                failure_class = FailureClass.TRANSIENT if guessed == FailureClass.TRANSIENT else \
-                    FailureClass.CONFIGURATION
+                failure_class = (
+                    FailureClass.TRANSIENT if guessed == FailureClass.TRANSIENT else FailureClass.CONFIGURATION
+                )
             if self.jobs is not None:
                 self._collected(job, {"state": "NOT_SUBMITTED", "error": text})
             raise fail(record, sink, f"{spec.tool}: sbatch refused the job: {text}", failure_class) from exc
@@ -637,8 +768,12 @@ class SlurmRuntime(Runtime):
                     record.extra["slurm_node"] = state.node
             if state.state == "RUNNING" and running_since is None:
                 running_since = time.monotonic() - (state.elapsed_s or 0.0)
-            if (soft_timeout_s is not None and not warned and running_since is not None
-                    and time.monotonic() - running_since >= soft_timeout_s):
+            if (
+                soft_timeout_s is not None
+                and not warned
+                and running_since is not None
+                and time.monotonic() - running_since >= soft_timeout_s
+            ):
                 warned = True
                 sink.note(soft_timeout_note(time.monotonic() - running_since, soft_timeout_s, None))
             time.sleep(poll_interval(self.poll_s, time.monotonic() - watching_since))
@@ -657,8 +792,10 @@ class SlurmRuntime(Runtime):
             time.sleep(1.0)
         if state is None:
             if sink is not None and self.cli.accounting_disabled:
-                sink.note("slurm accounting is not available (sacct disabled): reading the controller, "
-                          "jobcomp and the job's result file instead")
+                sink.note(
+                    "slurm accounting is not available (sacct disabled): reading the controller, "
+                    "jobcomp and the job's result file instead"
+                )
             for source in (self.cli.controller, self.cli.jobcomp):
                 state = source(job.job_id)
                 if state is not None and not state.active:
@@ -668,8 +805,12 @@ class SlurmRuntime(Runtime):
         if state is None:
             if result is not None:
                 completed = result.get("exit_code") == 0
-                state = JobState(state="COMPLETED" if completed else "FAILED", source="job result file",
-                                 exit_code=result.get("exit_code"), node=result.get("node"))
+                state = JobState(
+                    state="COMPLETED" if completed else "FAILED",
+                    source="job result file",
+                    exit_code=result.get("exit_code"),
+                    node=result.get("node"),
+                )
             else:
                 state = JobState(state="UNKNOWN", source="none")
         if result is not None:
@@ -690,16 +831,22 @@ class SlurmRuntime(Runtime):
                 break
             except SlurmCommandError as exc:
                 if attempt == 2:
-                    raise fail(record, sink, f"{record.tool}: slurm job {job.job_id} ended, but its final state "
-                               f"could not be read: {exc}", FailureClass.TRANSIENT) from exc
+                    raise fail(
+                        record,
+                        sink,
+                        f"{record.tool}: slurm job {job.job_id} ended, but its final state could not be read: {exc}",
+                        FailureClass.TRANSIENT,
+                    ) from exc
                 sink.note(f"reading the final state of slurm job {job.job_id} failed ({exc}); trying again")
                 time.sleep(min(self.poll_s * 3, 30))
         if final.node is None:
             final.node = queue.node
         self._record_final(record, final)
         self._collected(job, {"state": final.state, "exit_code": final.exit_code, "source": final.source})
-        summary = (f"slurm job {job.job_id} ended {final.state} (exit {final.raw_exit or final.exit_code}, "
-                   f"from {final.source})")
+        summary = (
+            f"slurm job {job.job_id} ended {final.state} (exit {final.raw_exit or final.exit_code}, "
+            f"from {final.source})"
+        )
         sink.note(summary)
         tool_text = sink.tool_text()
         if final.state == "COMPLETED" and final.exit_code == 0:
@@ -711,21 +858,29 @@ class SlurmRuntime(Runtime):
                 record.extra["timeout_s"] = _time_limit(self.stage, None) * 60
             if what == "memory limit":
                 record.extra["oom_killed"] = True
-            message = (f"{record.tool}: slurm job {job.job_id} exceeded its {what} ({final.state}) "
-                       f"(log: {record.log_path})")
+            message = (
+                f"{record.tool}: slurm job {job.job_id} exceeded its {what} ({final.state}) (log: {record.log_path})"
+            )
             raise fail(record, sink, message, FailureClass.RESOURCE, exit_code=final.exit_code)
         if final.state in TRANSIENT_STATES:
-            message = (f"{record.tool}: slurm job {job.job_id} ended by {TRANSIENT_STATES[final.state]} "
-                       f"({final.state}) (log: {record.log_path})")
+            message = (
+                f"{record.tool}: slurm job {job.job_id} ended by {TRANSIENT_STATES[final.state]} "
+                f"({final.state}) (log: {record.log_path})"
+            )
             raise fail(record, sink, message, FailureClass.TRANSIENT, exit_code=final.exit_code)
         if final.state == "CANCELLED":
             by = final.extra.get("cancelled_by_uid")
-            message = (f"{record.tool}: slurm job {job.job_id} was cancelled outside neuroflow"
-                       + (f" (by uid {by})" if by else "") + f"; not retried (log: {record.log_path})")
+            message = (
+                f"{record.tool}: slurm job {job.job_id} was cancelled outside neuroflow"
+                + (f" (by uid {by})" if by else "")
+                + f"; not retried (log: {record.log_path})"
+            )
             raise fail(record, sink, message, FailureClass.TOOL, exit_code=final.exit_code)
         if final.state == "UNKNOWN":
-            message = (f"{record.tool}: the end of slurm job {job.job_id} was not recorded anywhere (no accounting, "
-                       f"the controller forgot it, no result file): treated as failed (log: {record.log_path})")
+            message = (
+                f"{record.tool}: the end of slurm job {job.job_id} was not recorded anywhere (no accounting, "
+                f"the controller forgot it, no result file): treated as failed (log: {record.log_path})"
+            )
             raise fail(record, sink, message, FailureClass.TRANSIENT)
         if final.exit_code in (None, 0):
             message = f"{record.tool}: slurm job {job.job_id} ended {final.state} (log: {record.log_path})"
@@ -733,11 +888,13 @@ class SlurmRuntime(Runtime):
         raise exit_failure(record, sink, final.exit_code)
 
     def _record_final(self, record: RunRecord, final: JobState) -> None:
-        record.extra.update({
-            "slurm_state": final.state,
-            "slurm_state_source": final.source,
-            "slurm_exit_code": final.raw_exit or (str(final.exit_code) if final.exit_code is not None else None),
-        })
+        record.extra.update(
+            {
+                "slurm_state": final.state,
+                "slurm_state_source": final.source,
+                "slurm_exit_code": final.raw_exit or (str(final.exit_code) if final.exit_code is not None else None),
+            }
+        )
         if final.node:
             record.extra["slurm_node"] = final.node
         if final.elapsed_s is not None:

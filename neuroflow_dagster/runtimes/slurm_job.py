@@ -54,9 +54,19 @@ def main(job_file: str) -> int:
     except OSError as exc:
         print(f"[neuroflow] cannot start {argv[0]}: {exc}", flush=True)
         print(f"executable not found or not executable: {argv[0]} ({exc.strerror})", file=sys.stderr, flush=True)
-        _write_result(job["result"], {"exit_code": 127, "signal": None, "node": node, "job_id": job_id,
-                                      "started": started, "ended": time.time(), "max_rss_kb": None,
-                                      "error": str(exc)})
+        _write_result(
+            job["result"],
+            {
+                "exit_code": 127,
+                "signal": None,
+                "node": node,
+                "job_id": job_id,
+                "started": started,
+                "ended": time.time(),
+                "max_rss_kb": None,
+                "error": str(exc),
+            },
+        )
         return 127
 
     def forward(signum: int, _frame: object) -> None:
@@ -70,11 +80,21 @@ def main(job_file: str) -> int:
     rc = proc.wait()
     ended = time.time()
     max_rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    result = {"exit_code": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else None, "node": node,
-              "job_id": job_id, "started": started, "ended": ended, "max_rss_kb": max_rss_kb}
+    result = {
+        "exit_code": rc if rc >= 0 else 128 - rc,
+        "signal": -rc if rc < 0 else None,
+        "node": node,
+        "job_id": job_id,
+        "started": started,
+        "ended": ended,
+        "max_rss_kb": max_rss_kb,
+    }
     _write_result(job["result"], result)
-    print(f"[neuroflow] tool exited with {rc if rc >= 0 else f'signal {-rc}'} after {ended - started:.1f} s "
-          f"(peak RSS {max_rss_kb / 1024:.0f} MB)", flush=True)
+    print(
+        f"[neuroflow] tool exited with {rc if rc >= 0 else f'signal {-rc}'} after {ended - started:.1f} s "
+        f"(peak RSS {max_rss_kb / 1024:.0f} MB)",
+        flush=True,
+    )
     if rc < 0:  # end the way the tool ended, so Slurm records the signal
         signal.signal(-rc, signal.SIG_DFL)
         os.kill(os.getpid(), -rc)

@@ -39,9 +39,6 @@ class SpecError(ValueError):
     """A tool run that cannot be described from this configuration (the message names the key or label)."""
 
 
-
-
-
 def validate_label(label: str, kind: str = "participant") -> str:
     """Return ``label`` if it is a BIDS label (letters and digits only), else raise SpecError.
 

@@ -106,8 +106,9 @@ def _units_in(staged: Path, patterns: Sequence[str]) -> list[Path]:
     return found
 
 
-def publish_outputs(staged: Path, target: Path, units: Sequence[str], *, partition: str,
-                    lock_dir: Path | None = None) -> Published:
+def publish_outputs(
+    staged: Path, target: Path, units: Sequence[str], *, partition: str, lock_dir: Path | None = None
+) -> Published:
     """Move a successful run's staged tree into ``target`` (see the module docstring).
 
     ``units`` are glob patterns relative to ``staged`` (``sub-X``, ``**/sub-X/ses-Y``). Serialised per

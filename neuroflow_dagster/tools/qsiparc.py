@@ -38,8 +38,12 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     source = layout.qsirecon_dir(config)
     final = layout.qsiparc_dir(config)
     out = Path(output_dir) if output_dir is not None else final
-    common = {"output_dir": out, "outputs": golden_outputs(participant, session), "nprocs": cfg.n_jobs,
-              **layout.publish_plan(out, final, [f"sub-{participant}/ses-{session}"])}
+    common = {
+        "output_dir": out,
+        "outputs": golden_outputs(participant, session),
+        "nprocs": cfg.n_jobs,
+        **layout.publish_plan(out, final, [f"sub-{participant}/ses-{session}"]),
+    }
 
     if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--qsirecon-dir", source), out, participant, [session])

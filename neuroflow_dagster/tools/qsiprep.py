@@ -43,7 +43,6 @@ C_BIDS = "/data/bids"
 C_FILTER = "/neuroflow/bids_filter.json"
 
 
-
 def dialect(config: Any) -> int:
     """1 for QSIPrep 1.x (the default image), 26 for QSIPrep 26.x and later.
 
@@ -136,15 +135,21 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
     layout.check_not_inside(out, bids, "QSIPrep's output folder")
     layout.check_not_inside(work, bids, "QSIPrep's work folder")
     outputs = golden_outputs(participant, sessions)
-    common = {"output_dir": out, "outputs": outputs, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb,
-              **layout.publish_plan(out, final, [f"sub-{participant}"])}
+    common = {
+        "output_dir": out,
+        "outputs": outputs,
+        "nprocs": cfg.nprocs,
+        "mem_mb": cfg.mem_mb,
+        **layout.publish_plan(out, final, [f"sub-{participant}"]),
+    }
 
     if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--bids-dir", bids), out, participant, sessions, work)
         argv += ["--nprocs", str(cfg.nprocs)]
         _prepare(work, out)
-        return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
-                        stand_in=True, **common)
+        return ToolSpec(
+            tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work, stand_in=True, **common
+        )
 
     containerized = cfg.containerized
     if containerized and not cfg.image:
@@ -191,8 +196,15 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
     argv.append("--notrack")
     argv += list(cfg.extra_args)
     _prepare(work, out)
-    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(NO_PING_ENV),
-                    workdir=Path(container_work), **common)
+    return ToolSpec(
+        tool=TOOL,
+        argv=tuple(argv),
+        image=cfg.image,
+        mounts=tuple(pm.mounts),
+        env=dict(NO_PING_ENV),
+        workdir=Path(container_work),
+        **common,
+    )
 
 
 def reads(config: Any, participant: str, sessions: Sequence[str]) -> list[tuple[str, Path, list[str]]]:

@@ -49,7 +49,7 @@ def golden_outputs(participant: str, session: str, atlases: list[str], *, stand_
     ents = layout.entities(participant, session)
     dwi = f"{session_path(participant, session)}/dwi/{ents}_*space-ACPC_"
     outputs = [f"derivatives/qsirecon-*/{dwi}model-*_param-*_dwimap.nii.gz"]
-    for atlas in (["*"] if stand_in else atlases):
+    for atlas in ["*"] if stand_in else atlases:
         outputs += [f"{dwi}seg-{atlas}_dseg.nii.gz", f"atlases/atlas-{atlas}/atlas-{atlas}_dseg.tsv"]
     return tuple(outputs)
 
@@ -71,8 +71,12 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     out = Path(output_dir) if output_dir is not None else final
     work = layout.work_dir(config, TOOL, participant, session)
     unit = f"sub-{participant}/ses-{session}"
-    common = {"output_dir": out, "nprocs": cfg.nprocs, "mem_mb": cfg.mem_mb,
-              **layout.publish_plan(out, final, [unit, f"**/{unit}"])}
+    common = {
+        "output_dir": out,
+        "nprocs": cfg.nprocs,
+        "mem_mb": cfg.mem_mb,
+        **layout.publish_plan(out, final, [unit, f"**/{unit}"]),
+    }
 
     if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--qsiprep-dir", source), out, participant, [session], work)
@@ -83,9 +87,16 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
         elif cfg.atlas_labels is not None:
             raise SpecError("pipelines.qsirecon.atlas_labels is set without atlas_file")
         _prepare(work, out)
-        return ToolSpec(tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work,
-                        outputs=golden_outputs(participant, session, cfg.atlases, stand_in=True),
-                        stand_in=True, **common)
+        return ToolSpec(
+            tool=TOOL,
+            argv=tuple(argv),
+            image=None,
+            mounts=tuple(pm.mounts),
+            workdir=work,
+            outputs=golden_outputs(participant, session, cfg.atlases, stand_in=True),
+            stand_in=True,
+            **common,
+        )
 
     containerized = cfg.containerized
     if containerized and not cfg.image:
@@ -121,9 +132,16 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     argv.append("--notrack")
     argv += list(cfg.extra_args)
     _prepare(work, out)
-    return ToolSpec(tool=TOOL, argv=tuple(argv), image=cfg.image, mounts=tuple(pm.mounts), env=dict(NO_PING_ENV),
-                    workdir=Path(container_work), outputs=golden_outputs(participant, session, cfg.atlases),
-                    **common)
+    return ToolSpec(
+        tool=TOOL,
+        argv=tuple(argv),
+        image=cfg.image,
+        mounts=tuple(pm.mounts),
+        env=dict(NO_PING_ENV),
+        workdir=Path(container_work),
+        outputs=golden_outputs(participant, session, cfg.atlases),
+        **common,
+    )
 
 
 def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, list[str]]]:
@@ -132,9 +150,18 @@ def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, 
     and (stand-in) atlas files when they are files."""
     cfg = config.pipelines.qsirecon
     sub = layout.entities(participant)
-    reads = [("derivatives/qsiprep", layout.qsiprep_dir(config), [
-        "dataset_description.json", f"{sub}/anat", session_path(participant, session), f"{sub}/{sub}_*provenance.json",
-    ])]
+    reads = [
+        (
+            "derivatives/qsiprep",
+            layout.qsiprep_dir(config),
+            [
+                "dataset_description.json",
+                f"{sub}/anat",
+                session_path(participant, session),
+                f"{sub}/{sub}_*provenance.json",
+            ],
+        )
+    ]
     spec_file = recon_spec_file(cfg.recon_spec)
     files = [spec_file] if spec_file is not None else []
     if cfg.tool_runtime == "builtin":

@@ -16,7 +16,6 @@ from neuroflow_dagster import provenance as prov
 from neuroflow_dagster.bids import dataset, validator
 from neuroflow_dagster.bids.verdicts import save_verdict
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import SessionContext, build_or_refuse, session_context
 from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata
@@ -38,7 +37,6 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         group_name="conversion",
         kinds={"bids"},
         code_version=heudiconv.code_version(config),
-        automation_condition=automation.bids_condition(),
         check_specs=[
             dg.AssetCheckSpec(
                 VALIDATOR_CHECK,

@@ -3,7 +3,6 @@
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
 from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
 from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
@@ -24,7 +23,6 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="parcellation",
         code_version=qsiparc.code_version(config),
-        automation_condition=automation.qsiparc_condition(),
         description="Per-region statistics of the session's diffusion maps (QSIParc layout).",
     )
     def qsiparc_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
@@ -34,10 +32,21 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
         gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)  # an approval revoked since recon
         refuse_if_disk_low(context, cfg, STAGE)
-        spec = build_or_refuse(qsiparc.build_spec, cfg, ses.participant, ses.session,
-                               output_dir=staging_for(context, layout.qsiparc_dir(cfg)))
-        plan = derivative_plan(cfg.pipelines.qsiparc, qsiparc.TOOL, ses.participant, [ses.session],
-                               qsiparc.reads(cfg, ses.participant, ses.session), session=ses.session)
+        spec = build_or_refuse(
+            qsiparc.build_spec,
+            cfg,
+            ses.participant,
+            ses.session,
+            output_dir=staging_for(context, layout.qsiparc_dir(cfg)),
+        )
+        plan = derivative_plan(
+            cfg.pipelines.qsiparc,
+            qsiparc.TOOL,
+            ses.participant,
+            [ses.session],
+            qsiparc.reads(cfg, ses.participant, ses.session),
+            session=ses.session,
+        )
         record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
         out = layout.session_dir(spec.final_dir, ses.participant, ses.session)

@@ -8,7 +8,6 @@ arrivals and then reconstructs every session of the subject.
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, refuse
 from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
@@ -30,7 +29,6 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="preprocessing",
         code_version=qsiprep.code_version(config),
-        automation_condition=automation.qsiprep_condition(stage_cfg.trigger, stage_cfg.cron),
         description=f"{tool_name} over all of the subject's diffusion sessions (one anatomical template); "
         "re-runs whenever the subject gains a session.",
     )
@@ -49,10 +47,12 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 left_out=dg.MetadataValue.json(left_out),
             )
         refuse_if_disk_low(context, cfg, STAGE)
-        spec = build_or_refuse(qsiprep.build_spec, cfg, participant, sessions,
-                               output_dir=staging_for(context, layout.qsiprep_dir(cfg)))
-        plan = derivative_plan(cfg.pipelines.qsiprep, qsiprep.TOOL, participant, sessions,
-                               qsiprep.reads(cfg, participant, sessions))
+        spec = build_or_refuse(
+            qsiprep.build_spec, cfg, participant, sessions, output_dir=staging_for(context, layout.qsiprep_dir(cfg))
+        )
+        plan = derivative_plan(
+            cfg.pipelines.qsiprep, qsiprep.TOOL, participant, sessions, qsiprep.reads(cfg, participant, sessions)
+        )
         record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
         meta.update(

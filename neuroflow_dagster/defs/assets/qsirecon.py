@@ -3,7 +3,6 @@
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs import automation
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
 from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
 from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
@@ -41,7 +40,6 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         **stage_asset_args(stage(STAGE), stage_cfg),
         group_name="reconstruction",
         code_version=qsirecon.code_version(config),
-        automation_condition=automation.qsirecon_condition(),
         description=f"{tool_name} ({stage_cfg.recon_spec}) for one session, after each QSIPrep of its subject.",
     )
     def qsirecon_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
@@ -59,14 +57,31 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             )
         gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
         refuse_if_disk_low(context, cfg, STAGE)
-        spec = build_or_refuse(qsirecon.build_spec, cfg, ses.participant, ses.session,
-                               output_dir=staging_for(context, layout.qsirecon_dir(cfg)))
-        plan = derivative_plan(cfg.pipelines.qsirecon, qsirecon.TOOL, ses.participant, [ses.session],
-                               qsirecon.reads(cfg, ses.participant, ses.session), session=ses.session)
+        spec = build_or_refuse(
+            qsirecon.build_spec,
+            cfg,
+            ses.participant,
+            ses.session,
+            output_dir=staging_for(context, layout.qsirecon_dir(cfg)),
+        )
+        plan = derivative_plan(
+            cfg.pipelines.qsirecon,
+            qsirecon.TOOL,
+            ses.participant,
+            [ses.session],
+            qsirecon.reads(cfg, ses.participant, ses.session),
+            session=ses.session,
+        )
         record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
         meta = record_metadata(record, spec)
-        meta.update({STATUS_KEY: STATUS_DONE, "tool": tool_name, "recon_spec": stage_cfg.recon_spec,
-                     "provenance": dg.MetadataValue.path(record.extra["provenance"])})
+        meta.update(
+            {
+                STATUS_KEY: STATUS_DONE,
+                "tool": tool_name,
+                "recon_spec": stage_cfg.recon_spec,
+                "provenance": dg.MetadataValue.path(record.extra["provenance"]),
+            }
+        )
         out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         meta["image_qc"] = gate.describe()
         meta["n_outputs"] = sum(1 for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0

@@ -154,8 +154,9 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
-def write_dataset_description(out_dir: Path, name: str, stands_in_for: str, description: str,
-                              extra: dict[str, Any] | None = None) -> Path:
+def write_dataset_description(
+    out_dir: Path, name: str, stands_in_for: str, description: str, extra: dict[str, Any] | None = None
+) -> Path:
     """A BIDS derivative dataset_description.json whose GeneratedBy names the stand-in."""
     data: dict[str, Any] = {
         "Name": name,
@@ -240,8 +241,9 @@ def _volume_list(indices: Any, limit: int = 8) -> str:
     return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
 
 
-def check_gradients(bvals: Any, bvecs: Any, source: str,
-                    b0_threshold: float = B0_THRESHOLD) -> tuple[Any, Any, list[str]]:
+def check_gradients(
+    bvals: Any, bvecs: Any, source: str, b0_threshold: float = B0_THRESHOLD
+) -> tuple[Any, Any, list[str]]:
     """Refuse gradient tables no diffusion model can use; normalise non-unit directions.
 
     Refused (ValidationError naming ``source`` and the volumes, counted from 0): non-finite
@@ -274,12 +276,15 @@ def check_gradients(bvals: Any, bvecs: Any, source: str,
     if bad.size:
         raise ValidationError(
             f"{source}: volume(s) {_volume_list(bad)} have b > {b0_threshold:g} but a zero gradient direction "
-            "(an isotropic/trace image left in the series or a broken .bvec); remove them or fix the table")
+            "(an isotropic/trace image left in the series or a broken .bvec); remove them or fix the table"
+        )
     off = np.flatnonzero(dw & (np.abs(norms - 1.0) > 1e-2))
     if off.size:
-        notes.append(f"{source}: {off.size} b-vector(s) of diffusion-weighted volumes were not unit length "
-                     f"(norms {norms[off].min():.3g}-{norms[off].max():.3g}); scaled to unit length, "
-                     "b-values kept")
+        notes.append(
+            f"{source}: {off.size} b-vector(s) of diffusion-weighted volumes were not unit length "
+            f"(norms {norms[off].min():.3g}-{norms[off].max():.3g}); scaled to unit length, "
+            "b-values kept"
+        )
     bvecs[dw] = bvecs[dw] / norms[dw, None]
     return bvals, bvecs, notes
 

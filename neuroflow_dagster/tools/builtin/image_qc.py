@@ -113,8 +113,14 @@ def bad_slices(data: np.ndarray) -> int:
     return int(np.count_nonzero(lower + upper > 2.0 * across))
 
 
-def series_qc(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
-              zooms: Sequence[float], b0_threshold: float = B0_THRESHOLD) -> dict[str, float | None]:
+def series_qc(
+    data: np.ndarray,
+    bvals: np.ndarray,
+    bvecs: np.ndarray,
+    mask: np.ndarray,
+    zooms: Sequence[float],
+    b0_threshold: float = B0_THRESHOLD,
+) -> dict[str, float | None]:
     """DSI Studio's source-data QC measures of one 4D series (see the module docstring)."""
     dw = np.asarray(bvals) > b0_threshold
     q = _qvectors(np.asarray(bvals, dtype=float), np.asarray(bvecs, dtype=float))
@@ -156,8 +162,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def qc_row(raw: Mapping[str, float | None], processed: Mapping[str, float | None], file_name: str,
-           entities: Mapping[str, str | None]) -> dict[str, Any]:
+def qc_row(
+    raw: Mapping[str, float | None],
+    processed: Mapping[str, float | None],
+    file_name: str,
+    entities: Mapping[str, str | None],
+) -> dict[str, Any]:
     """One table row in QSIPrep 1.1.1's column order (raw_, t1_, motion, dice, bookkeeping)."""
     row: dict[str, Any] = {}
     for prefix, values in (("raw_", raw), ("t1_", processed)):
@@ -178,17 +188,20 @@ def write_image_qc(path: Path, row: Mapping[str, Any], description: str) -> Path
     line = "\t".join(_cell(v) for v in row.values())
     write_text_atomic(path, header + "\n" + line + "\n")
     measured = [k for k, v in row.items() if v is not None and k not in ("file_name",) and not k.endswith("_id")]
-    write_json_atomic(path.with_suffix(".json"), {
-        "GeneratedBy": [generated_by("QSIPrep", description)],
-        "StandIn": True,
-        "Measured": measured,
-        "NotMeasured": {
-            **{f"{p}{m}": "needs DSI Studio's GQI fit" for p in ("raw_", "t1_") for m in NOT_MEASURED},
-            **{m: "no head-motion estimation in the stand-in" for m in MOTION_COLUMNS},
-            "t1_dice_distance": "no anatomical (T1w) brain mask in the stand-in",
+    write_json_atomic(
+        path.with_suffix(".json"),
+        {
+            "GeneratedBy": [generated_by("QSIPrep", description)],
+            "StandIn": True,
+            "Measured": measured,
+            "NotMeasured": {
+                **{f"{p}{m}": "needs DSI Studio's GQI fit" for p in ("raw_", "t1_") for m in NOT_MEASURED},
+                **{m: "no head-motion estimation in the stand-in" for m in MOTION_COLUMNS},
+                "t1_dice_distance": "no anatomical (T1w) brain mask in the stand-in",
+            },
+            "Definitions": "docs/stand-ins.md, section 'Image QC table'",
+            "RawIs": "the session's DWI runs as loaded (merged, non-finite values set to 0), before denoising",
+            "T1Is": "the stand-in's preprocessed (denoised) series, on the input grid (its 'space-ACPC')",
         },
-        "Definitions": "docs/stand-ins.md, section 'Image QC table'",
-        "RawIs": "the session's DWI runs as loaded (merged, non-finite values set to 0), before denoising",
-        "T1Is": "the stand-in's preprocessed (denoised) series, on the input grid (its 'space-ACPC')",
-    })
+    )
     return path

@@ -96,8 +96,9 @@ def diffmap_stem(participant: str, session: str, atlas: str, software: str, enti
     return "_".join(parts)
 
 
-def discover(qsirecon_dir: Path, participant: str, session: str
-             ) -> tuple[list[tuple[str, Path, Path | None]], list[tuple[Path, str, dict[str, str]]]]:
+def discover(
+    qsirecon_dir: Path, participant: str, session: str
+) -> tuple[list[tuple[str, Path, Path | None]], list[tuple[Path, str, dict[str, str]]]]:
     """(atlas name, dseg, LUT or None) and (scalar map, software, entities) for one session."""
     ses_dir = qsirecon_dir / f"sub-{participant}" / f"ses-{session}" / "dwi"
     dsegs = []
@@ -108,11 +109,13 @@ def discover(qsirecon_dir: Path, participant: str, session: str
         luts = sorted((qsirecon_dir / "atlases" / f"atlas-{atlas}").glob("*_dseg.tsv"))
         dsegs.append((atlas, path, luts[0] if luts else None))
     if not dsegs:
-        raise ValidationError(f"missing required file {ses_dir}/*_seg-<atlas>_dseg.nii.gz (no atlas for "
-                              f"sub-{participant} ses-{session} in {qsirecon_dir})")
+        raise ValidationError(
+            f"missing required file {ses_dir}/*_seg-<atlas>_dseg.nii.gz (no atlas for "
+            f"sub-{participant} ses-{session} in {qsirecon_dir})"
+        )
     scalars = []
     for wf_dir in sorted((qsirecon_dir / "derivatives").glob("qsirecon-*")):
-        software = wf_dir.name[len("qsirecon-"):].replace("_", "").replace("-", "")
+        software = wf_dir.name[len("qsirecon-") :].replace("_", "").replace("-", "")
         for path in sorted((wf_dir / f"sub-{participant}" / f"ses-{session}" / "dwi").glob("*_dwimap.nii.gz")):
             entities = parse_entities(path.name)
             if entities.get("space") == "ACPC":
@@ -120,7 +123,8 @@ def discover(qsirecon_dir: Path, participant: str, session: str
     if not scalars:
         raise ValidationError(
             f"missing required file {qsirecon_dir}/derivatives/qsirecon-*/sub-{participant}/ses-{session}/dwi/"
-            "*_space-ACPC_*_dwimap.nii.gz (no scalar map)")
+            "*_space-ACPC_*_dwimap.nii.gz (no scalar map)"
+        )
     return dsegs, scalars
 
 
@@ -130,8 +134,10 @@ def load_lut(atlas: str, dseg_path: Path, lut_path: Path | None) -> tuple[pd.Dat
         df = pd.read_csv(lut_path, sep="\t")
         cols = {str(c).strip().lower(): c for c in df.columns}
         idx = next((cols[c] for c in ("index", "id", "region_id") if c in cols), df.columns[0])
-        name = next((cols[c] for c in ("label", "name", "region", "label_name", "region_name") if c in cols),
-                    df.columns[1] if len(df.columns) > 1 else df.columns[0])
+        name = next(
+            (cols[c] for c in ("label", "name", "region", "label_name", "region_name") if c in cols),
+            df.columns[1] if len(df.columns) > 1 else df.columns[0],
+        )
         lut = pd.DataFrame({"index": df[idx].astype(int), "label": df[name].astype(str)})
         source = str(lut_path)
     else:
@@ -144,8 +150,9 @@ def load_lut(atlas: str, dseg_path: Path, lut_path: Path | None) -> tuple[pd.Dat
     return lut, source
 
 
-def build_mask(mask_opt: str, scalars: list[tuple[Path, str, dict[str, str]]]
-               ) -> tuple[nib.Nifti1Image | None, dict[str, Any]]:
+def build_mask(
+    mask_opt: str, scalars: list[tuple[Path, str, dict[str, str]]]
+) -> tuple[nib.Nifti1Image | None, dict[str, Any]]:
     """Resolve --mask into a subject-space mask image (or None) and a description for the sidecars."""
     key = mask_opt.strip().lower()
     if key in ("none", "brain"):
@@ -154,8 +161,10 @@ def build_mask(mask_opt: str, scalars: list[tuple[Path, str, dict[str, str]]]
         by_param = {e.get("param", "").lower(): p for p, _, e in scalars}
         if "fa" not in by_param or (key == "gm" and "md" not in by_param):
             need = "FA and MD maps" if key == "gm" else "an FA map"
-            raise ValidationError(f"--mask {mask_opt} needs {need} (param-fa/param-md _dwimap) for the "
-                                  "subject-space tissue proxy; none found")
+            raise ValidationError(
+                f"--mask {mask_opt} needs {need} (param-fa/param-md _dwimap) for the "
+                "subject-space tissue proxy; none found"
+            )
         fa_img = nib.load(by_param["fa"])
         fa = np.asarray(fa_img.dataobj, dtype=np.float32)
         if key == "wm":
@@ -176,12 +185,16 @@ def build_mask(mask_opt: str, scalars: list[tuple[Path, str, dict[str, str]]]
     if not path.is_file():
         raise ConfigurationError(f"--mask {mask_opt!r} is neither gm, wm, brain, none nor an existing NIfTI file")
     img = nib.load(path)
-    return img, {"requested": mask_opt, "applied": f"mask file {path} (voxels > 0)",
-                 "n_voxels": int((np.asarray(img.dataobj) > 0).sum())}
+    return img, {
+        "requested": mask_opt,
+        "applied": f"mask file {path} (voxels > 0)",
+        "n_voxels": int((np.asarray(img.dataobj) > 0).sum()),
+    }
 
 
-def _fallback_if_empty(mask_img: nib.Nifti1Image, info: dict[str, Any],
-                       dsegs: list[tuple[str, Path, Path | None]]) -> tuple[nib.Nifti1Image | None, dict[str, Any]]:
+def _fallback_if_empty(
+    mask_img: nib.Nifti1Image, info: dict[str, Any], dsegs: list[tuple[str, Path, Path | None]]
+) -> tuple[nib.Nifti1Image | None, dict[str, Any]]:
     """A tissue proxy that keeps no atlas voxel would turn every table into n/a: use no mask, say so.
 
     Only for the gm/wm proxies (a heuristic that may not fit the data); an explicit mask
@@ -199,18 +212,22 @@ def _fallback_if_empty(mask_img: nib.Nifti1Image, info: dict[str, Any],
     return None, {**info, "applied": "none (fallback)", "fallback_reason": note}
 
 
-def parcellate_map(scalar_path: Path, dseg_path: Path, lut: pd.DataFrame, mask: nib.Nifti1Image | None,
-                   stat_tier: str) -> pd.DataFrame:
+def parcellate_map(
+    scalar_path: Path, dseg_path: Path, lut: pd.DataFrame, mask: nib.Nifti1Image | None, stat_tier: str
+) -> pd.DataFrame:
     """One scalar x one atlas -> one row per LUT region, via parcellate.VolumetricParcellator."""
     from parcellate import VolumetricParcellator
 
     scalar_img = nib.load(scalar_path)
     dseg_img = nib.load(dseg_path)
     if scalar_img.shape[:3] != dseg_img.shape[:3]:
-        raise ValidationError(f"{scalar_path.name} has shape {scalar_img.shape[:3]} but {dseg_path.name} "
-                              f"{dseg_img.shape[:3]}; both must be on the session's DWI grid")
-    parcellator = VolumetricParcellator(atlas_img=dseg_img, lut=lut, mask=mask, stat_tier=stat_tier,
-                                        resampling_target=None)
+        raise ValidationError(
+            f"{scalar_path.name} has shape {scalar_img.shape[:3]} but {dseg_path.name} "
+            f"{dseg_img.shape[:3]}; both must be on the session's DWI grid"
+        )
+    parcellator = VolumetricParcellator(
+        atlas_img=dseg_img, lut=lut, mask=mask, stat_tier=stat_tier, resampling_target=None
+    )
     with warnings.catch_warnings():
         # empty regions (e.g. all voxels outside the tissue proxy) give NaN statistics, by design
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -218,8 +235,9 @@ def parcellate_map(scalar_path: Path, dseg_path: Path, lut: pd.DataFrame, mask: 
         return parcellator.transform(scalar_img)
 
 
-def run_parcellate(qsirecon_dir: Path, output_dir: Path, participant: str, session: str, mask: str = "gm",
-                   stat_tier: str = "extended") -> ParcResult:
+def run_parcellate(
+    qsirecon_dir: Path, output_dir: Path, participant: str, session: str, mask: str = "gm", stat_tier: str = "extended"
+) -> ParcResult:
     participant = check_label(strip_prefix(participant, "sub-"), "participant label")
     session = check_label(strip_prefix(session, "ses-"), "session label")
     if stat_tier not in STAT_TIERS:
@@ -246,30 +264,41 @@ def run_parcellate(qsirecon_dir: Path, output_dir: Path, participant: str, sessi
                 table = parcellate_map(scalar_path, dseg_path, lut, mask_img, stat_tier)
                 table["scalar"] = scalar_name
                 stem = diffmap_stem(participant, session, atlas, software, entities)
-                table.to_csv(atlas_dir / f"{stem}.tsv", sep="\t", index=False, float_format="%.6g",
-                             na_rep="n/a")
-                write_json_atomic(atlas_dir / f"{stem}.json", {
-                    "subject": f"sub-{participant}",
-                    "session": f"ses-{session}",
-                    "atlas_name": atlas,
-                    "atlas_dseg": str(dseg_path.resolve()),
-                    "lut_file": str(lut_path.resolve()) if lut_path else None,
-                    "lut_source": lut_source,
-                    "scalar_name": scalar_name,
-                    "source_file": str(scalar_path.resolve()),
-                    "source_entities": entities,
-                    "software": software or None,
-                    "processing": {"zero_is_missing": False, "stat_tier": stat_tier,
-                                   "statistics": [c for c in table.columns
-                                                  if c not in ("index", "label", "hemisphere", "scalar")],
-                                   "mask": mask_info},
-                    "generated_by": {**generated_by(STANDS_IN_FOR, "per-region statistics with parcellate"),
-                                     "timestamp": datetime.now(timezone.utc).isoformat()},
-                })
+                table.to_csv(atlas_dir / f"{stem}.tsv", sep="\t", index=False, float_format="%.6g", na_rep="n/a")
+                write_json_atomic(
+                    atlas_dir / f"{stem}.json",
+                    {
+                        "subject": f"sub-{participant}",
+                        "session": f"ses-{session}",
+                        "atlas_name": atlas,
+                        "atlas_dseg": str(dseg_path.resolve()),
+                        "lut_file": str(lut_path.resolve()) if lut_path else None,
+                        "lut_source": lut_source,
+                        "scalar_name": scalar_name,
+                        "source_file": str(scalar_path.resolve()),
+                        "source_entities": entities,
+                        "software": software or None,
+                        "processing": {
+                            "zero_is_missing": False,
+                            "stat_tier": stat_tier,
+                            "statistics": [
+                                c for c in table.columns if c not in ("index", "label", "hemisphere", "scalar")
+                            ],
+                            "mask": mask_info,
+                        },
+                        "generated_by": {
+                            **generated_by(STANDS_IN_FOR, "per-region statistics with parcellate"),
+                            "timestamp": datetime.now(timezone.utc).isoformat(),
+                        },
+                    },
+                )
                 res.tables.append(final / "dwi" / f"atlas-{atlas}" / f"{stem}.tsv")
-    write_dataset_description(output_dir, "neuroflow-dagster stand-in for QSIParc", STANDS_IN_FOR,
-                              "Per-region diffusion statistics with the parcellate library in QSIParc's "
-                              "layout; not QSIParc.")
+    write_dataset_description(
+        output_dir,
+        "neuroflow-dagster stand-in for QSIParc",
+        STANDS_IN_FOR,
+        "Per-region diffusion statistics with the parcellate library in QSIParc's layout; not QSIParc.",
+    )
     res.timings_s["parcellate"] = time.perf_counter() - t0
     return res
 
@@ -283,11 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mask", default="gm")
     parser.add_argument("--stat-tier", default="extended", choices=STAT_TIERS)
     args = parser.parse_args(argv)
-    res = run_parcellate(args.qsirecon_dir, args.output_dir, args.participant_label, args.session_label,
-                         args.mask, args.stat_tier)
+    res = run_parcellate(
+        args.qsirecon_dir, args.output_dir, args.participant_label, args.session_label, args.mask, args.stat_tier
+    )
     times = " ".join(f"{k}={v:.2f}s" for k, v in res.timings_s.items())
-    print(f"sub-{res.participant} ses-{res.session}: {len(res.tables)} table(s), regions "
-          f"{res.n_regions}, mask: {res.mask.get('applied')}; {times}", flush=True)
+    print(
+        f"sub-{res.participant} ses-{res.session}: {len(res.tables)} table(s), regions "
+        f"{res.n_regions}, mask: {res.mask.get('applied')}; {times}",
+        flush=True,
+    )
     return 0
 
 

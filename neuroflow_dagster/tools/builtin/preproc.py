@@ -129,8 +129,9 @@ def _strip_nii(path: Path) -> str:
     return name
 
 
-def _load_session_dwi(dwi_dir: Path) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, list[Path], list[str],
-                                                list[str]]:
+def _load_session_dwi(
+    dwi_dir: Path,
+) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, list[Path], list[str], list[str]]:
     """Load and concatenate the session's DWI runs that share the first run's grid.
 
     A 3D image is a single-volume series (dcm2niix writes one volume that way). Every
@@ -200,13 +201,17 @@ def _mppca_problem(shape: Sequence[int], mask_voxels: int) -> str | None:
     radius = mppca_patch_radius(shape)
     n = int(shape[3])
     if radius is None:
-        return (f"no patch of at most 7x7x7 voxels fits the {tuple(int(d) for d in shape[:3])} grid with more "
-                f"voxels than the {n} volumes")
+        return (
+            f"no patch of at most 7x7x7 voxels fits the {tuple(int(d) for d in shape[:3])} grid with more "
+            f"voxels than the {n} volumes"
+        )
     samples = int(np.prod(2 * radius + 1))
     estimate = mask_voxels * (2e-9 * (samples * n * n + n**3) + 5e-5)
     if estimate > MPPCA_MAX_ESTIMATED_S:
-        return (f"dipy mppca over {mask_voxels} voxels x {n} volumes with {samples}-voxel patches would take "
-                f"~{estimate / 60:.0f} min (limit {MPPCA_MAX_ESTIMATED_S / 60:.0f} min)")
+        return (
+            f"dipy mppca over {mask_voxels} voxels x {n} volumes with {samples}-voxel patches would take "
+            f"~{estimate / 60:.0f} min (limit {MPPCA_MAX_ESTIMATED_S / 60:.0f} min)"
+        )
     return None
 
 
@@ -236,8 +241,13 @@ def denoise_candidates(requested: str, bvals: np.ndarray) -> list[tuple[str, str
         chain.append(("mppca", "auto: fallback after patch2self; dipy MP-PCA with the smallest patch that fits"))
         chain.append(("nlmeans", "auto: fallback after mppca; per-volume non-local means"))
     else:
-        chain.append(("nlmeans", f"auto: only {n_dw} DW volume(s), too few for patch2self (and dipy mppca is "
-                                 "too slow on a whole brain); per-volume non-local means"))
+        chain.append(
+            (
+                "nlmeans",
+                f"auto: only {n_dw} DW volume(s), too few for patch2self (and dipy mppca is "
+                "too slow on a whole brain); per-volume non-local means",
+            )
+        )
     chain.append(("none", "auto: every denoiser above failed or could not be used; not denoised"))
     return chain
 
@@ -263,8 +273,10 @@ def denoise_problem(method: str, bvals: np.ndarray, shape: Sequence[int], mask_v
 
 
 def _volume_digests(data: np.ndarray) -> list[bytes]:
-    return [hashlib.blake2b(np.ascontiguousarray(data[..., v]).tobytes(), digest_size=16).digest()
-            for v in range(data.shape[3])]
+    return [
+        hashlib.blake2b(np.ascontiguousarray(data[..., v]).tobytes(), digest_size=16).digest()
+        for v in range(data.shape[3])
+    ]
 
 
 def check_denoised(method: str, before: np.ndarray, after: np.ndarray) -> None:
@@ -289,8 +301,9 @@ def check_denoised(method: str, before: np.ndarray, after: np.ndarray) -> None:
     seen_out: dict[bytes, int] = {}
     for v, dig in enumerate(d_out):
         if dig in seen_out and d_in[seen_out[dig]] != d_in[v]:
-            raise ValueError(f"{method} returned volume {v} identical to volume {seen_out[dig]} although their "
-                             "inputs differ")
+            raise ValueError(
+                f"{method} returned volume {v} identical to volume {seen_out[dig]} although their inputs differ"
+            )
         seen_out.setdefault(dig, v)
         src = first_in.get(dig)
         if src is not None and d_in[src] != d_in[v]:
@@ -304,8 +317,9 @@ def check_denoised(method: str, before: np.ndarray, after: np.ndarray) -> None:
             raise ValueError(f"{method} moved the mean of volume {v} from {a:.4g} to {b:.4g}")
 
 
-def denoise(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, method: str, work: Path,
-            affine: np.ndarray, nprocs: int) -> np.ndarray:
+def denoise(
+    data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, method: str, work: Path, affine: np.ndarray, nprocs: int
+) -> np.ndarray:
     """Denoise a 4D series with one method; returns float32. Parameters chosen for speed (docs/stand-ins.md)."""
     if method == "none":
         return data
@@ -327,8 +341,15 @@ def denoise(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, method: str, 
         # dipy draws a progress bar even with verbose=False; it would fill the run's log tail.
         p2s.tqdm = partial(tqdm, disable=True)
 
-        out = patch2self(data, bvals, model="ols", b0_threshold=B0_THRESHOLD, shift_intensity=True,
-                         clip_negative_vals=False, verbose=False)
+        out = patch2self(
+            data,
+            bvals,
+            model="ols",
+            b0_threshold=B0_THRESHOLD,
+            shift_intensity=True,
+            clip_negative_vals=False,
+            verbose=False,
+        )
         return np.asarray(out, dtype=np.float32)
     if method == "nlmeans":
         from dipy.denoise.nlmeans import nlmeans
@@ -365,8 +386,9 @@ def brain_mask(b0_mean: np.ndarray) -> np.ndarray:
     return mask.astype(bool)
 
 
-def run_denoise_chain(data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, requested: str, work: Path,
-                      affine: np.ndarray, nprocs: int) -> tuple[np.ndarray, list[DenoiseAttempt]]:
+def run_denoise_chain(
+    data: np.ndarray, bvals: np.ndarray, mask: np.ndarray, requested: str, work: Path, affine: np.ndarray, nprocs: int
+) -> tuple[np.ndarray, list[DenoiseAttempt]]:
     """Try the chain's denoisers in order; the first that runs and passes :func:`check_denoised` is used.
 
     A library error is recorded ("failed" + exception) and the next is tried; the chain
@@ -413,8 +435,9 @@ def limited_threads(nprocs: int) -> Iterator[None]:
         yield
 
 
-def process_session(bids_dir: Path, out_dir: Path, participant: str, session: str, work_dir: Path,
-                    method: str, nprocs: int) -> tuple[SessionResult, nib.Nifti1Image | None, np.ndarray | None]:
+def process_session(
+    bids_dir: Path, out_dir: Path, participant: str, session: str, work_dir: Path, method: str, nprocs: int
+) -> tuple[SessionResult, nib.Nifti1Image | None, np.ndarray | None]:
     res = SessionResult(session=session, status="processed")
     ses_dir = bids_dir / f"sub-{participant}" / f"ses-{session}"
     if not ses_dir.is_dir():
@@ -425,8 +448,9 @@ def process_session(bids_dir: Path, out_dir: Path, participant: str, session: st
         return res, None, None
     # Reverse phase-encoded b=0 series (fmap/*_epi) would drive susceptibility distortion correction,
     # which the stand-in does not do: listed, never read.
-    res.fieldmaps_ignored = sorted(p.name for p in (ses_dir / "fmap").glob("*.nii*")) if (ses_dir / "fmap").is_dir() \
-        else []
+    res.fieldmaps_ignored = (
+        sorted(p.name for p in (ses_dir / "fmap").glob("*.nii*")) if (ses_dir / "fmap").is_dir() else []
+    )
     where = f"sub-{participant} ses-{session}"
 
     t0 = time.perf_counter()
@@ -446,8 +470,10 @@ def process_session(bids_dir: Path, out_dir: Path, participant: str, session: st
         )
     b0_mean = data[..., b0].mean(axis=3)
     if not np.any(b0_mean > 0):
-        raise ValidationError(f"{where}: the b=0 volume(s) of {', '.join(res.runs_used)} hold no signal "
-                              "(all zero after non-finite values were set to 0)")
+        raise ValidationError(
+            f"{where}: the b=0 volume(s) of {', '.join(res.runs_used)} hold no signal "
+            "(all zero after non-finite values were set to 0)"
+        )
     res.timings_s["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -486,23 +512,28 @@ def process_session(bids_dir: Path, out_dir: Path, participant: str, session: st
         nib.save(nib.Nifti1Image(den, img.affine, header), d / f"{stem}.nii.gz")
         np.savetxt(d / f"{stem}.bval", bvals[None, :], fmt="%g")
         np.savetxt(d / f"{stem}.bvec", bvecs.T, fmt="%.6f")
-        write_json_atomic(d / f"{stem}.json", {
-            "GeneratedBy": [generated_by(STANDS_IN_FOR, "denoise + brain mask + b0 reference")],
-            "StandIn": True,
-            "Sources": [str(p) for p in used],
-            "RunsSkipped": skipped,
-            "FieldMapsIgnored": res.fieldmaps_ignored,
-            "GradientNotes": res.gradient_notes,
-            "DenoiseMethod": res.denoise_method,
-            "DenoiseReason": res.denoise_reason,
-            "DenoiseAttempts": [asdict(a) for a in res.denoise_attempts],
-            "NonFiniteValuesZeroed": non_finite,
-            "B0Threshold": B0_THRESHOLD,
-            "NotDone": ["head motion / eddy current correction", "susceptibility distortion correction "
-                        "(field maps in fmap/ are not used)",
-                        "ACPC reorientation and resampling (files are on the input grid)",
-                        "b-vector rotation"],
-        })
+        write_json_atomic(
+            d / f"{stem}.json",
+            {
+                "GeneratedBy": [generated_by(STANDS_IN_FOR, "denoise + brain mask + b0 reference")],
+                "StandIn": True,
+                "Sources": [str(p) for p in used],
+                "RunsSkipped": skipped,
+                "FieldMapsIgnored": res.fieldmaps_ignored,
+                "GradientNotes": res.gradient_notes,
+                "DenoiseMethod": res.denoise_method,
+                "DenoiseReason": res.denoise_reason,
+                "DenoiseAttempts": [asdict(a) for a in res.denoise_attempts],
+                "NonFiniteValuesZeroed": non_finite,
+                "B0Threshold": B0_THRESHOLD,
+                "NotDone": [
+                    "head motion / eddy current correction",
+                    "susceptibility distortion correction (field maps in fmap/ are not used)",
+                    "ACPC reorientation and resampling (files are on the input grid)",
+                    "b-vector rotation",
+                ],
+            },
+        )
         mask_hdr = img.header.copy()
         mask_hdr.set_data_shape(mask.shape)
         mask_hdr.set_data_dtype(np.uint8)
@@ -513,18 +544,26 @@ def process_session(bids_dir: Path, out_dir: Path, participant: str, session: st
         ref_hdr.set_data_dtype(np.float32)
         ref_img = nib.Nifti1Image(ref, img.affine, ref_hdr)
         nib.save(ref_img, d / f"{prefix}_space-ACPC_dwiref.nii.gz")
-        row = qc_row(raw_qc, processed_qc, f"{stem}.nii.gz",
-                     {"subject_id": f"sub-{participant}", "session_id": f"ses-{session}", "space_id": "space-ACPC"})
-        write_image_qc(d / image_qc_name(participant, session), row,
-                       "image QC (DSI Studio's measures, re-implemented) of the raw and preprocessed series")
+        row = qc_row(
+            raw_qc,
+            processed_qc,
+            f"{stem}.nii.gz",
+            {"subject_id": f"sub-{participant}", "session_id": f"ses-{session}", "space_id": "space-ACPC"},
+        )
+        write_image_qc(
+            d / image_qc_name(participant, session),
+            row,
+            "image QC (DSI Studio's measures, re-implemented) of the raw and preprocessed series",
+        )
     res.image_qc = {k: v for k, v in row.items() if not isinstance(v, str)}
     res.timings_s["write"] = time.perf_counter() - t0
     res.outputs = list(preproc_outputs(participant, session))
     return res, ref_img, mask
 
 
-def write_b0_template(out_dir: Path, participant: str,
-                      refs: list[tuple[str, nib.Nifti1Image, np.ndarray]]) -> tuple[Path | None, str]:
+def write_b0_template(
+    out_dir: Path, participant: str, refs: list[tuple[str, nib.Nifti1Image, np.ndarray]]
+) -> tuple[Path | None, str]:
     """Subject-wide b0 template: mean of the sessions' references, each scaled by its in-mask median.
 
     Only when all sessions share a voxel grid (no registration here); otherwise nothing
@@ -556,23 +595,27 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
-def write_report(out_dir: Path, participant: str, results: list[SessionResult], template_note: str,
-                 elapsed_s: float) -> Path:
+def write_report(
+    out_dir: Path, participant: str, results: list[SessionResult], template_note: str, elapsed_s: float
+) -> Path:
     rows = []
     for r in results:
-        detail = r.reason if r.status == "skipped" else (
-            f"runs {', '.join(r.runs_used)}; shape {r.shape}; mask {r.mask_voxels} voxels; "
-            f"denoise {r.denoise_method} ({r.denoise_reason})"
-            + "".join(f"; {a.method} {a.outcome}: {a.reason}" for a in r.denoise_attempts if a.outcome != "used")
-            + (f"; skipped runs: {'; '.join(r.runs_skipped)}" if r.runs_skipped else "")
-            + (f"; field maps not used: {', '.join(r.fieldmaps_ignored)}" if r.fieldmaps_ignored else "")
-            + "".join(f"; {note}" for note in r.gradient_notes)
-            + f"; neighbouring-DWI correlation raw {_fmt(r.image_qc.get('raw_neighbor_corr'))} "
-              f"(in mask {_fmt(r.image_qc.get('raw_masked_neighbor_corr'))}), "
-              f"bad slices {_fmt(r.image_qc.get('raw_num_bad_slices'))}"
+        detail = (
+            r.reason
+            if r.status == "skipped"
+            else (
+                f"runs {', '.join(r.runs_used)}; shape {r.shape}; mask {r.mask_voxels} voxels; "
+                f"denoise {r.denoise_method} ({r.denoise_reason})"
+                + "".join(f"; {a.method} {a.outcome}: {a.reason}" for a in r.denoise_attempts if a.outcome != "used")
+                + (f"; skipped runs: {'; '.join(r.runs_skipped)}" if r.runs_skipped else "")
+                + (f"; field maps not used: {', '.join(r.fieldmaps_ignored)}" if r.fieldmaps_ignored else "")
+                + "".join(f"; {note}" for note in r.gradient_notes)
+                + f"; neighbouring-DWI correlation raw {_fmt(r.image_qc.get('raw_neighbor_corr'))} "
+                f"(in mask {_fmt(r.image_qc.get('raw_masked_neighbor_corr'))}), "
+                f"bad slices {_fmt(r.image_qc.get('raw_num_bad_slices'))}"
+            )
         )
-        rows.append(f"<tr><td>ses-{html.escape(r.session)}</td><td>{r.status}</td>"
-                    f"<td>{html.escape(detail)}</td></tr>")
+        rows.append(f"<tr><td>ses-{html.escape(r.session)}</td><td>{r.status}</td><td>{html.escape(detail)}</td></tr>")
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>sub-{participant} - stand-in for QSIPrep</title></head>
 <body>
@@ -581,7 +624,7 @@ def write_report(out_dir: Path, participant: str, results: list[SessionResult], 
 neuroflow-dagster builtin stand-in for QSIPrep: denoising, brain mask and b0 reference only;
 no motion, eddy or distortion correction, no ACPC alignment, no anatomical processing.</p>
 <table border="1"><tr><th>session</th><th>status</th><th>details</th></tr>
-{''.join(rows)}
+{"".join(rows)}
 </table>
 <p>Subject b0 template: {html.escape(template_note)}</p>
 <p>Run time: {elapsed_s:.1f} s</p>
@@ -590,15 +633,23 @@ no motion, eddy or distortion correction, no ACPC alignment, no anatomical proce
     return write_text_atomic(out_dir / f"sub-{participant}.html", body)
 
 
-def run_preproc(bids_dir: Path, output_dir: Path, participant: str, sessions: Sequence[str], work_dir: Path,
-                nprocs: int = 1, denoise_method: str = "auto") -> list[SessionResult]:
+def run_preproc(
+    bids_dir: Path,
+    output_dir: Path,
+    participant: str,
+    sessions: Sequence[str],
+    work_dir: Path,
+    nprocs: int = 1,
+    denoise_method: str = "auto",
+) -> list[SessionResult]:
     """Process every listed session of one subject; returns one result per session."""
     start = time.perf_counter()
     participant = check_label(strip_prefix(participant, "sub-"), "participant label")
     sessions = [check_label(strip_prefix(s, "ses-"), "session label") for s in sessions]
     if denoise_method not in DENOISE_METHODS:
-        raise ConfigurationError(f"unknown denoise method {denoise_method!r}; choose one of "
-                                 f"{', '.join(DENOISE_METHODS)}")
+        raise ConfigurationError(
+            f"unknown denoise method {denoise_method!r}; choose one of {', '.join(DENOISE_METHODS)}"
+        )
     if not (bids_dir / f"sub-{participant}").is_dir():
         raise ValidationError(f"missing required folder {bids_dir / f'sub-{participant}'}")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -607,18 +658,21 @@ def run_preproc(bids_dir: Path, output_dir: Path, participant: str, sessions: Se
     refs: list[tuple[str, nib.Nifti1Image, np.ndarray]] = []
     for ses in dict.fromkeys(sessions):  # de-duplicate, keep order
         with limited_threads(nprocs):
-            res, ref, mask = process_session(bids_dir, output_dir, participant, ses, work_dir, denoise_method,
-                                             nprocs)
+            res, ref, mask = process_session(bids_dir, output_dir, participant, ses, work_dir, denoise_method, nprocs)
         results.append(res)
         if ref is not None and mask is not None:
             refs.append((ses, ref, mask))
     if not refs:
         listed = ", ".join(f"ses-{s}" for s in sessions)
-        raise ValidationError(f"missing required file: no DWI series in any listed session of "
-                              f"sub-{participant} ({listed}) under {bids_dir}")
+        raise ValidationError(
+            f"missing required file: no DWI series in any listed session of "
+            f"sub-{participant} ({listed}) under {bids_dir}"
+        )
     _, template_note = write_b0_template(output_dir, participant, refs)
     write_dataset_description(
-        output_dir, "neuroflow-dagster stand-in for QSIPrep", STANDS_IN_FOR,
+        output_dir,
+        "neuroflow-dagster stand-in for QSIPrep",
+        STANDS_IN_FOR,
         "Denoising, brain mask and b0 reference in QSIPrep's output layout; not QSIPrep.",
     )
     write_report(output_dir, participant, results, template_note, time.perf_counter() - start)
@@ -637,15 +691,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.bids_dir.is_dir():
         raise ValidationError(f"missing required folder {args.bids_dir} (BIDS dataset)")
-    results = run_preproc(args.bids_dir, args.output_dir, args.participant_label, args.session_label,
-                          args.work_dir, max(1, args.nprocs), args.denoise_method)
+    results = run_preproc(
+        args.bids_dir,
+        args.output_dir,
+        args.participant_label,
+        args.session_label,
+        args.work_dir,
+        max(1, args.nprocs),
+        args.denoise_method,
+    )
     for r in results:
         if r.reason:
             print(f"ses-{r.session}: {r.status} ({r.reason})", flush=True)
             continue
         times = " ".join(f"{k}={v:.2f}s" for k, v in r.timings_s.items())
-        qc = " ".join(f"{k}={_fmt(r.image_qc.get(k))}" for k in
-                      ("raw_neighbor_corr", "raw_masked_neighbor_corr", "raw_num_bad_slices"))
+        qc = " ".join(
+            f"{k}={_fmt(r.image_qc.get(k))}"
+            for k in ("raw_neighbor_corr", "raw_masked_neighbor_corr", "raw_num_bad_slices")
+        )
         print(f"ses-{r.session}: {r.status} denoise={r.denoise_summary()} {qc} {times}", flush=True)
         for note in r.gradient_notes:
             print(f"ses-{r.session}: note: {note}", flush=True)

@@ -25,9 +25,17 @@ def _aspects(zooms: Sequence[float]) -> list[float]:
     return [zy / zx, zz / zx, zz / zy]
 
 
-def write_qc_png(out_path: Path, *, fa: np.ndarray, mask: np.ndarray, b0: np.ndarray,
-                 dseg: np.ndarray | None = None, zooms: Sequence[float] = (1.0, 1.0, 1.0),
-                 title: str = "", dpi: int = 80) -> Path:
+def write_qc_png(
+    out_path: Path,
+    *,
+    fa: np.ndarray,
+    mask: np.ndarray,
+    b0: np.ndarray,
+    dseg: np.ndarray | None = None,
+    zooms: Sequence[float] = (1.0, 1.0, 1.0),
+    title: str = "",
+    dpi: int = 80,
+) -> Path:
     """Write the QC PNG and return its path (parent folders are created).
 
     Top row: FA (0..1, grey) with the brain-mask contour in red. Bottom row: the b0
@@ -43,7 +51,7 @@ def write_qc_png(out_path: Path, *, fa: np.ndarray, mask: np.ndarray, b0: np.nda
     vox = np.argwhere(mask)
     center = [int(c) for c in (vox.mean(axis=0) if len(vox) else np.array(mask.shape) // 2)]
     inside = b0[mask] if mask.any() else b0.ravel()
-    lo, hi = (np.percentile(inside, [1, 99]) if inside.size else (0.0, 1.0))
+    lo, hi = np.percentile(inside, [1, 99]) if inside.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
 
@@ -52,8 +60,7 @@ def write_qc_png(out_path: Path, *, fa: np.ndarray, mask: np.ndarray, b0: np.nda
     axes = fig.subplots(2, 3)
     names = ("axial", "coronal", "sagittal")
     for col, (fa_s, m_s, b0_s, asp) in enumerate(
-        zip(_slices(fa, center), _slices(mask.astype(float), center), _slices(b0, center), _aspects(zooms),
-            strict=True)
+        zip(_slices(fa, center), _slices(mask.astype(float), center), _slices(b0, center), _aspects(zooms), strict=True)
     ):
         ax = axes[0, col]
         ax.imshow(fa_s, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=asp, interpolation="nearest")
@@ -64,8 +71,14 @@ def write_qc_png(out_path: Path, *, fa: np.ndarray, mask: np.ndarray, b0: np.nda
         ax.imshow(b0_s, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=asp, interpolation="nearest")
         if dseg is not None:
             d_s = _slices(dseg, center)[col]
-            ax.imshow(np.ma.masked_equal(d_s, 0), cmap="tab20", alpha=0.45, origin="lower", aspect=asp,
-                      interpolation="nearest")
+            ax.imshow(
+                np.ma.masked_equal(d_s, 0),
+                cmap="tab20",
+                alpha=0.45,
+                origin="lower",
+                aspect=asp,
+                interpolation="nearest",
+            )
         ax.set_title(f"b0 + atlas {names[col]}" if dseg is not None else f"b0 {names[col]}", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])

@@ -75,8 +75,9 @@ class ReconResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
-def recon_outputs(participant: str, session: str, atlas: str = DEMO_ATLAS,
-                  workflow: str = DEFAULT_WORKFLOW) -> tuple[str, ...]:
+def recon_outputs(
+    participant: str, session: str, atlas: str = DEMO_ATLAS, workflow: str = DEFAULT_WORKFLOW
+) -> tuple[str, ...]:
     """Golden output patterns of one session, relative to the output dir."""
     p = bids_prefix(participant, session)
     wf = f"derivatives/qsirecon-{workflow}/sub-{participant}/ses-{session}/dwi"
@@ -121,8 +122,7 @@ def read_label_table(path: Path) -> pd.DataFrame:
             if len(parts) >= 2 and not line.lstrip().startswith("#") and parts[0].isdigit():
                 rows.append((int(parts[0]), parts[1]))
         if not rows:
-            raise ConfigurationError(
-                f"atlas labels {path} has neither index/label columns nor 'index name' lines")
+            raise ConfigurationError(f"atlas labels {path} has neither index/label columns nor 'index name' lines")
         out = pd.DataFrame(rows, columns=["index", "label"])
     else:
         out = pd.DataFrame({"index": df[idx_col].astype(int), "label": df[name_col].astype(str)})
@@ -198,9 +198,16 @@ def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.
     return out
 
 
-def run_recon(qsiprep_dir: Path, output_dir: Path, participant: str, session: str, work_dir: Path,
-              atlas_file: Path | None = None, atlas_labels: Path | None = None,
-              workflow: str = DEFAULT_WORKFLOW) -> ReconResult:
+def run_recon(
+    qsiprep_dir: Path,
+    output_dir: Path,
+    participant: str,
+    session: str,
+    work_dir: Path,
+    atlas_file: Path | None = None,
+    atlas_labels: Path | None = None,
+    workflow: str = DEFAULT_WORKFLOW,
+) -> ReconResult:
     participant = check_label(strip_prefix(participant, "sub-"), "participant label")
     session = check_label(strip_prefix(session, "ses-"), "session label")
     workflow = check_label(workflow, "workflow name")
@@ -233,11 +240,13 @@ def run_recon(qsiprep_dir: Path, output_dir: Path, participant: str, session: st
     if n_dirs < MIN_DIRECTIONS:
         raise ValidationError(
             f"sub-{participant} ses-{session} has {n_dirs} diffusion direction(s); "
-            f"the tensor model needs at least {MIN_DIRECTIONS} ({dwi_path.name})")
+            f"the tensor model needs at least {MIN_DIRECTIONS} ({dwi_path.name})"
+        )
     if not np.any(bvals <= B0_THRESHOLD):
         raise ValidationError(
             f"sub-{participant} ses-{session} has no b=0 volume (b <= {B0_THRESHOLD:g}); "
-            f"the tensor model needs one ({dwi_path.name})")
+            f"the tensor model needs one ({dwi_path.name})"
+        )
     mask_img = nib.load(mask_path)
     mask = np.asarray(mask_img.dataobj) > 0
     if mask.shape != img.shape[:3]:
@@ -260,7 +269,8 @@ def run_recon(qsiprep_dir: Path, output_dir: Path, participant: str, session: st
         if not np.isin(dseg, lut["index"].to_numpy()).any():
             raise ConfigurationError(
                 f"atlas {atlas_file} shares no labelled voxel with the brain mask of sub-{participant} "
-                f"ses-{session} (is it in the subject's space?)")
+                f"ses-{session} (is it in the subject's space?)"
+            )
         atlas_source = str(atlas_file)
     else:
         atlas_name = DEMO_ATLAS
@@ -286,13 +296,16 @@ def run_recon(qsiprep_dir: Path, output_dir: Path, participant: str, session: st
         for key in TENSOR_PARAMS:
             name = f"{p}_space-ACPC_model-tensor_param-{key}_dwimap"
             nib.save(nib.Nifti1Image(maps[key], img.affine, hdr), wf_tmp / "dwi" / f"{name}.nii.gz")
-            write_json_atomic(wf_tmp / "dwi" / f"{name}.json", {
-                "GeneratedBy": [generated_by(STANDS_IN_FOR, desc)],
-                "Model": "tensor (dipy TensorModel, WLS)",
-                "Parameter": key.upper(),
-                "Units": "unitless" if key == "fa" else "mm^2/s (b-values in s/mm^2)",
-                "Sources": [str(dwi_path), str(mask_path)],
-            })
+            write_json_atomic(
+                wf_tmp / "dwi" / f"{name}.json",
+                {
+                    "GeneratedBy": [generated_by(STANDS_IN_FOR, desc)],
+                    "Model": "tensor (dipy TensorModel, WLS)",
+                    "Parameter": key.upper(),
+                    "Units": "unitless" if key == "fa" else "mm^2/s (b-values in s/mm^2)",
+                    "Sources": [str(dwi_path), str(mask_path)],
+                },
+            )
             result.maps[key] = wf_final / "dwi" / f"{name}.nii.gz"
         (seg_tmp / "dwi").mkdir()
         seg_hdr = img.header.copy()
@@ -304,20 +317,32 @@ def run_recon(qsiprep_dir: Path, output_dir: Path, participant: str, session: st
         from neuroflow_dagster.tools.builtin.qc import write_qc_png
 
         png_name = f"{p}_desc-qc_dwi.png"
-        write_qc_png(seg_tmp / "figures" / png_name, fa=maps["fa"], mask=mask, b0=b0, dseg=dseg,
-                     zooms=img.header.get_zooms()[:3],
-                     title=f"sub-{participant} ses-{session} | stand-in for QSIRecon | atlas {atlas_name}")
+        write_qc_png(
+            seg_tmp / "figures" / png_name,
+            fa=maps["fa"],
+            mask=mask,
+            b0=b0,
+            dseg=dseg,
+            zooms=img.header.get_zooms()[:3],
+            title=f"sub-{participant} ses-{session} | stand-in for QSIRecon | atlas {atlas_name}",
+        )
         result.qc_png = seg_final / "figures" / png_name
 
     lut_path = output_dir / "atlases" / f"atlas-{atlas_name}" / f"atlas-{atlas_name}_dseg.tsv"
     write_text_atomic(lut_path, lut[["index", "label"]].to_csv(sep="\t", index=False))
-    write_json_atomic(lut_path.with_suffix(".json"), {
-        "GeneratedBy": [generated_by(STANDS_IN_FOR, desc)], "Source": atlas_source,
-        "SpaceNote": "labels resampled (nearest neighbour) to each session's DWI grid and brain-masked",
-    })
+    write_json_atomic(
+        lut_path.with_suffix(".json"),
+        {
+            "GeneratedBy": [generated_by(STANDS_IN_FOR, desc)],
+            "Source": atlas_source,
+            "SpaceNote": "labels resampled (nearest neighbour) to each session's DWI grid and brain-masked",
+        },
+    )
     result.lut = lut_path
-    for root, name in ((output_dir, "neuroflow-dagster stand-in for QSIRecon"),
-                       (wf_root, f"neuroflow-dagster stand-in for QSIRecon ({workflow})")):
+    for root, name in (
+        (output_dir, "neuroflow-dagster stand-in for QSIRecon"),
+        (wf_root, f"neuroflow-dagster stand-in for QSIRecon ({workflow})"),
+    ):
         write_dataset_description(root, name, STANDS_IN_FOR, desc)
     timings["write"] = time.perf_counter() - t0
     result.timings_s = timings
@@ -337,12 +362,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workflow-name", default=DEFAULT_WORKFLOW)
     args = parser.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    res = run_recon(args.qsiprep_dir, args.output_dir, args.participant_label, args.session_label,
-                    args.work_dir, args.atlas_file, args.atlas_labels, args.workflow_name)
+    res = run_recon(
+        args.qsiprep_dir,
+        args.output_dir,
+        args.participant_label,
+        args.session_label,
+        args.work_dir,
+        args.atlas_file,
+        args.atlas_labels,
+        args.workflow_name,
+    )
     times = " ".join(f"{k}={v:.2f}s" for k, v in res.timings_s.items())
-    print(f"sub-{res.participant} ses-{res.session}: {res.n_directions} directions, mask {res.mask_voxels} "
-          f"voxels, mean FA {res.fa_mean:.3f}, atlas {res.atlas} ({res.n_regions} regions); {times}",
-          flush=True)
+    print(
+        f"sub-{res.participant} ses-{res.session}: {res.n_directions} directions, mask {res.mask_voxels} "
+        f"voxels, mean FA {res.fa_mean:.3f}, atlas {res.atlas} ({res.n_regions} regions); {times}",
+        flush=True,
+    )
     return 0
 
 
