@@ -154,6 +154,15 @@ def upstream_assets(of: Stage) -> list[tuple[str, Level]]:
     return out
 
 
+def with_qc(names: list[str]) -> list[str]:
+    """Stage names as status shows them: the QC gate's column ("qc") before the first stage it gates
+    (when more than one stage is shown)."""
+    if len(names) < 2 or QC_GATED_STAGES[0] not in names:
+        return names
+    at = names.index(QC_GATED_STAGES[0])
+    return [*names[:at], "qc", *names[at:]]
+
+
 def help_names(last: str = ", ") -> str:
     """The stages as help texts list them: ``bids_conversion (bids), qsiprep, qsirecon, qsiparc``."""
     shown = [f"{s.name} ({s.aliases[0]})" if s.aliases else s.name for s in _REGISTRY.values()]

@@ -289,7 +289,8 @@ def stand_in_run(
 
 
 def test_recon_and_parcellation_of_a_session_run_together(harness: Harness) -> None:
-    """One run per session for both (issue 12: fewer run start-ups); parcellation alone after a recon-only run."""
+    """One run per session for QC, recon and parcellation (issue 12: fewer run start-ups); parcellation
+    alone after a recon-only run."""
     h = harness
     h.arrive("A", "01")
     h.done(BIDS, "01|A")
@@ -297,7 +298,7 @@ def test_recon_and_parcellation_of_a_session_run_together(harness: Harness) -> N
     requests = h.tick_requests()
     assert [
         (r.partition_key, sorted(k.to_user_string() for k in r.asset_selection or [])) for r in requests["qsirecon"]
-    ] == [("01|A", ["qsiparc_session", "qsirecon_session"])]
+    ] == [("01|A", ["image_qc_session", "qsiparc_session", "qsirecon_session"])]  # QC first, same run
     assert requests["qsiparc"] == []
     stand_in_run(h.instance, "01|A")
     assert h.tick() == {}  # the run parcellated what it reconstructed

@@ -45,12 +45,7 @@ def _stage(value: str | None) -> str | None:
 # --------------------------------------------------------------------------- status
 
 
-def with_qc(names: list[str]) -> list[str]:
-    """The stage columns with the image QC gate's column before the first stage it gates."""
-    if len(names) < 2 or stages.QC_GATED_STAGES[0] not in names:
-        return names
-    at = names.index(stages.QC_GATED_STAGES[0])
-    return [*names[:at], "qc", *names[at:]]
+with_qc = stages.with_qc
 
 
 def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:

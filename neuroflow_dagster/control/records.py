@@ -232,10 +232,12 @@ def not_applicable_partitions(instance: dg.DagsterInstance, asset: str, latest: 
 
 @dataclass(frozen=True)
 class CheckState:
-    """The latest execution of a partitioned check: SUCCEEDED / FAILED / PLANNED / ..., and why it failed."""
+    """The latest execution of a partitioned check: SUCCEEDED / FAILED / PLANNED / ..., and why it failed
+    (for a failed one: its description and plain metadata values)."""
 
     status: str
     reason: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _latest_check_statuses(storage: Any, key: dg.AssetCheckKey) -> dict[str, CheckState]:
@@ -281,10 +283,11 @@ def latest_check_states(instance: dg.DagsterInstance, asset: str, check_name: st
         for rec in page:
             if rec.partition in failed:
                 evaluation = rec.evaluation
-                reason = ""
+                reason, meta = "", {}
                 if evaluation is not None:
-                    reason = str(evaluation.description or metadata_values(evaluation.metadata).get("reason") or "")
-                out[rec.partition] = CheckState("FAILED", reason)
+                    meta = metadata_values(evaluation.metadata)
+                    reason = str(evaluation.description or meta.get("reason") or "")
+                out[rec.partition] = CheckState("FAILED", reason, meta)
                 failed.discard(rec.partition)
         if len(page) < 1000:
             break

@@ -134,18 +134,40 @@ def _protocol(check: Any, checking: bool) -> tuple[str, str]:
     return "pending", ""
 
 
-def qc_state(check: Any, approved: bool) -> str:
+@dataclass(frozen=True)
+class QcView:
+    """The image QC gate for status: the latest `image_qc` check state per session partition (one grouped
+    query; only the executions that did not pass are read, for their `neuroflow/qc` state and summary)
+    and the partitions whose latest QC materialization had nothing to judge."""
+
+    checks: dict[str, Any]
+    not_applicable: set[str]
+
+
+def load_qc(instance: dg.DagsterInstance) -> QcView:
+    checks = records.latest_check_states(instance, QC_ASSET, QC_CHECK)
+    mats = records.latest_ids(instance, QC_ASSET)[0] if checks else {}
+    na = records.not_applicable_partitions(instance, QC_ASSET, mats) if mats else set()
+    return QcView(checks, na)
+
+
+def qc_state(check: Any, approved: bool, not_applicable: bool = False) -> str:
     """The QC column: passed / warn / FAILED / approved / - (not judged yet, or nothing to judge).
 
-    From the latest `image_qc` check execution (its `neuroflow/qc` metadata); a failure approved
-    since (its relaunch still to come) already reads `approved`.
+    From the latest `image_qc` check execution: passed when it succeeded, else its `neuroflow/qc`
+    metadata (warn / failed / approved); a failure approved since (its relaunch still to come)
+    already reads `approved`.
     """
-    if check is None or check.evaluation is None:
+    if check is None or not_applicable:
         return "-"
-    state = str(records.metadata_values(check.evaluation.metadata).get("neuroflow/qc", ""))
+    if check.status == "SUCCEEDED":
+        return "passed"
+    if check.status != "FAILED":
+        return "-"
+    state = str(check.metadata.get("neuroflow/qc", ""))
     if state == "failed":
         return "approved" if approved else "FAILED"
-    if state in ("passed", "warn", "approved"):
+    if state in ("warn", "approved"):
         return state
     return "-"
 
@@ -195,7 +217,7 @@ def collect_status(
     registry = Registry(config.paths.state)
     excluded = load_exclusions(config)
     views, checks, checking = load_views(instance)
-    qc_checks = records.latest_check_executions(instance, QC_ASSET, QC_CHECK)
+    qc = load_qc(instance)
     approved = load_approvals(config)
     entries = registry.all()
     sessions_of: dict[str, list[str]] = {}
@@ -230,10 +252,12 @@ def collect_status(
             row[column.name] = (
                 "excluded" if exclusion else stage_state(column.asset, key, participant, views, sessions_of)
             )
-        row["qc"] = "-" if exclusion else qc_state(qc_checks.get(partition), entry.scan_id in approved)
+        row["qc"] = "-" if exclusion else qc_state(
+            qc.checks.get(partition), entry.scan_id in approved, partition in qc.not_applicable
+        )
         row["note"] = f"excluded: {exclusion.get('reason')}" if exclusion else ""
         if row["qc"] == "FAILED" and not row["note"]:
-            summary = records.metadata_values(qc_checks[partition].evaluation.metadata).get("qc_summary", "")
+            summary = qc.checks[partition].metadata.get("qc_summary", "") or qc.checks[partition].reason
             row["note"] = f"{summary}; `neuroflow qc approve {entry.scan_id} --reason ...` lets it through"
         if participant in merged:
             row["note"] = "identity conflict: sessions of two SubjectCodes (see problems)"

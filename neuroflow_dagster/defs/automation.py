@@ -19,10 +19,14 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
   session of the subject is still waiting for its conversion (registered with a passed or pending
   protocol verdict, not converted since, its latest attempt not failed; or converting), and QSIPrep
   is not running. Optionally only once a cron tick passed since the last request.
-- qsirecon_session (+ qsiparc_session in the same run): the subject's QSIPrep was materialized
-  after the session's last recon request by a run created after the session's conversion (so it
-  includes the session), the session's BIDS passed the validator, and nothing it depends on is
-  running.
+- qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
+  the subject's QSIPrep was materialized after the session's last recon request by a run created
+  after the session's conversion (so it includes the session), the session's BIDS passed the
+  validator, and nothing it depends on is running. The run judges the session's image QC first; its
+  blocking `image_qc` check, when it fails, skips recon and parcellation in that run. The run's
+  planned events count as handled, so a session held by QC is not requested again until the
+  subject's QSIPrep changes (then QC is judged again for every session of the subject) or an
+  operator approves it (`neuroflow qc approve` relaunches QC + recon + parcellation itself).
 - qsiparc_session alone: its recon was materialized after the last parcellation request and not by
   the run that also planned the parcellation.
 """
@@ -50,6 +54,7 @@ QSIRECON = dg.AssetKey("qsirecon_session")
 QSIPARC = dg.AssetKey("qsiparc_session")
 PROTOCOL = dg.AssetCheckKey(DICOM, "protocol")
 VALIDATOR = dg.AssetCheckKey(BIDS, "bids_validator")
+QC = dg.AssetKey(stages.QC_ASSET)  # the image QC gate: not a stage of its own, run first in each recon run
 PROTOCOL_VALID_KEY = "protocol_valid"  # dicom_session metadata: the verdict made at registration
 
 TRIGGER_TAG = "neuroflow/trigger"
@@ -407,9 +412,12 @@ class QsiprepStage(Stage):
 
 
 class QsireconStage(Stage):
+    """Recon of a session, in one run with its image QC (first; its blocking check can skip the rest)
+    and its parcellation. Handled = recon's planned event, so a QC-held session is not re-requested."""
+
     name = "qsirecon"
     watch = (QSIPREP,)
-    target = (QSIRECON, QSIPARC)
+    target = (QC, QSIRECON, QSIPARC)
 
     def candidates(self, ledger: Ledger, changes: TickInput) -> set[str]:
         subjects = set(changes.materialized.get(QSIPREP, {}))
@@ -597,7 +605,9 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
     finished = ledger.runs_finished_since(after, upto) if after else []
     changes = TickInput(materialized, finished)
     keys = stage.candidates(ledger, changes) | set(cursor.pending)
-    for asset in stage.target:  # runs created for earlier requests: forget those requests
+    # Runs created for earlier requests: forget those requests. The QC gate's planned event does not
+    # count (a QC run alone, e.g. from the UI, is not the recon run that was requested).
+    for asset in (a for a in stage.target if a != QC):
         for key, planned in ledger.planned_since(asset, after).items():
             if planned >= cursor.requested_trigger(key) and key in cursor.requested:
                 del cursor.requested[key]
