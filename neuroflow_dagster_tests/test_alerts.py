@@ -562,7 +562,7 @@ def test_run_over_its_max_runtime_is_cancelled_by_the_daemon_and_alerted(
     attempts = [r.dagster_run for r in retries]
     assert [a.tags.get("dagster/retry_number", "0") for a in attempts] == ["0"]
     assert attempts[0].status == dg.DagsterRunStatus.FAILURE
-    assert len(successes) >= 1  # the automation's conversion (the protocol verdict needs no run): no alert for it
+    assert len(successes) >= 1  # the automation's conversion (the protocol verdict has no run): no alert for it
     # One alert, for the killed run; none for successes.
     assert len(webhook.posts) == 1, [json.loads(p["body"])["text"][:200] for p in webhook.posts]
     text = json.loads(webhook.posts[0]["body"])["text"]

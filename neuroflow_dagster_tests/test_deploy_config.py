@@ -31,8 +31,9 @@ import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
 from dagster._serdes import ConfigurableClassData
-from dagster_postgres import DagsterPostgresStorage
 from dagster_postgres.utils import pg_url_from_config
+
+from neuroflow_dagster.pooled_storage import PooledPostgresStorage
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -107,7 +108,7 @@ def test_no_secret_values_in_compose_or_dagster_yaml(compose: dict[str, Any]) ->
     assert compose["services"]["postgres"]["env_file"] == ".env"
     text = (DEPLOY / "docker-compose.yaml").read_text() + (DEPLOY / "dagster.yaml").read_text()
     assert not re.search(r"(password|secret)[ \t]*[:=][ \t]*[^\s{]", text, re.I), "literal credential in a deploy file"
-    db = load_yaml(DEPLOY / "dagster.yaml")["storage"]["postgres"]["postgres_db"]
+    db = load_yaml(DEPLOY / "dagster.yaml")["storage"]["custom"]["config"]["postgres_db"]
     assert {k: v for k, v in db.items() if k != "scheme"} == {
         "username": {"env": "DAGSTER_POSTGRES_USER"},
         "password": {"env": "DAGSTER_POSTGRES_PASSWORD"},
@@ -189,15 +190,17 @@ def test_production_instance_config_validates_and_resolves_postgres_from_env(
 ) -> None:
     folder = (DEPLOY / path).parent
     config, _ = dagster_instance_config(str(folder), config_filename=Path(path).name)  # Dagster's own schema
-    storage = config["storage"]["postgres"]
+    # The pooled dagster-postgres storage (neuroflow_dagster/pooled_storage.py): dagster-postgres' fields + pool.
+    assert config["storage"]["custom"]["class"] == "PooledPostgresStorage"
+    storage = config["storage"]["custom"]["config"]
     for key, value in PG_ENV.items():
         monkeypatch.setenv(key, value)
-    resolved = process_config(DagsterPostgresStorage.config_type(), storage)
+    resolved = process_config(PooledPostgresStorage.config_type(), storage)
     assert resolved.success, resolved.errors
     assert pg_url_from_config(resolved.value) == "postgresql+psycopg2://neuroflow:pw-from-env@postgres:5432/dagster"
     # Without the password in the environment the config does not resolve, and says which variable.
     monkeypatch.delenv("DAGSTER_POSTGRES_PASSWORD")
-    missing = process_config(DagsterPostgresStorage.config_type(), storage)
+    missing = process_config(PooledPostgresStorage.config_type(), storage)
     assert not missing.success
     assert "DAGSTER_POSTGRES_PASSWORD" in str(missing.errors)
 
