@@ -94,7 +94,11 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
         )
         held = qc_check(instance, POOR_KEY)
         assert not held.passed and held.severity == dg.AssetCheckSeverity.ERROR, held
-        assert held.metadata["neuroflow/qc"].value == "failed" and "QC failed" in (held.description or "")
+        assert held.metadata["neuroflow/qc"].value == "failed"
+        # DEMO_03's data fail the default thresholds on both measures (README's demo; the values depend
+        # on the run: 0.128 / 52 here; docs/stand-ins.md measured 0.17 / 39).
+        assert "raw_masked_neighbor_corr" in held.description and "< 0.5" in held.description, held.description
+        assert "raw_num_bad_slices" in held.description and "> 5" in held.description, held.description
         assert qc_check(instance, GOOD_KEY).passed
         wait_for("the held run's end", lambda: recon_runs(instance, POOR_KEY)[0].is_finished, timeout=120, log=log)
         (first,) = recon_runs(instance, POOR_KEY)
@@ -133,5 +137,8 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
         recon = materialized(instance, "qsirecon_session")
         assert recon == {GOOD_KEY: 1, POOR_KEY: 1} and materialized(instance, "qsiparc_session") == recon
         assert materialized(instance, "qsiprep_subject") == {"SUBJA": 1}
-        assert all(r.is_finished for r in recon_runs(instance, POOR_KEY))
+        runs = recon_runs(instance, POOR_KEY)
+        assert all(r.is_finished for r in runs) and runs[0].run_id == first.run_id
+        print("recon-tagged runs of the held session:", [(r.status.value, sorted(
+            k.to_user_string() for k in r.asset_selection or ())) for r in runs])
         assert len(recon_runs(instance, GOOD_KEY)) == 1
