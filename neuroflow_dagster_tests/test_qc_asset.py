@@ -17,7 +17,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from neuroflow_dagster import stages
 from neuroflow_dagster.control.status import collect_status
+from neuroflow_dagster.control.summary import summary_rows
 from neuroflow_dagster.definitions import build_definitions
 from neuroflow_dagster.defs import alerts
 from neuroflow_dagster.discovery.identity import Registry
@@ -102,6 +104,8 @@ def test_failing_qc_skips_recon_and_parcellation_in_its_run_until_approved(world
     assert row["qc"] == "FAILED" and "raw_num_bad_slices 39 > 5" in row["note"]
     assert "neuroflow qc approve SCAN_POOR" in row["note"] and status["totals"]["qc"] == {"FAILED": 1}
     assert [r["scan_id"] for r in collect_status(instance, config, failed_only=True)["sessions"]] == ["SCAN_POOR"]
+    summary = {r["stage"]: r for r in summary_rows(status["totals"], [s.name for s in stages.stages()])[0]}
+    assert (summary["qc"]["total"], summary["qc"]["failed"]) == (1, 1)  # status --summary counts the gate
 
     approvals.approve(config, "SCAN_POOR", "0075", "02", "dropouts confined to 3 volumes", by="dr.who")
     assert next(r for r in collect_status(instance, config)["sessions"] if r["scan_id"] == "SCAN_POOR")["qc"] == \
@@ -128,3 +132,5 @@ def test_passing_session_goes_on_and_a_session_without_qsiprep_is_not_applicable
     result = run(defs, instance, "03|0075", [QC])
     (evaluation,) = result.get_asset_check_evaluations()
     assert evaluation.passed and evaluation.metadata["neuroflow/qc"].value == "not_applicable"
+    rows = {r["scan_id"]: r["qc"] for r in collect_status(instance, config)["sessions"]}
+    assert rows["SCAN_NODWI"] == "-"  # nothing to judge: not shown as passed

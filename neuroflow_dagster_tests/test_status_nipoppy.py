@@ -360,7 +360,8 @@ def test_status_summary_counts_per_stage_and_state(world: World, capsys: pytest.
     assert code == 0, err
     data = json.loads(out)
     rows = {r["stage"]: r for r in data["stages"]}
-    assert list(rows) == ["protocol", "bids_conversion", "qsiprep", "qsirecon", "qsiparc"]
+    assert list(rows) == ["protocol", "bids_conversion", "qsiprep", "qc", "qsirecon", "qsiparc"]
+    assert (rows["qc"]["unit"], rows["qc"]["total"]) == ("sessions", 0)  # the image QC gate judged none yet
     assert (data["sessions"], data["held"], data["held_by_reason"]) == (8, 1, {"unmapped": 1})
     bids = rows["bids_conversion"]
     assert (bids["unit"], bids["total"]) == ("sessions", 8)
