@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from neuroflow_dagster.errors import ConfigError
 from neuroflow_dagster.naming.bids import is_label
@@ -406,6 +406,78 @@ class DiskConfig(_Section):
     interval_seconds: int = Field(60, ge=1)
 
 
+# The numeric columns of QSIPrep's image QC table (tools/qc_table.py documents them; a test keeps the
+# two in step): DSI Studio's measures of the raw (raw_) and ACPC-resampled (t1_) series, the motion
+# summary, t1_dice_distance, and the optional CNR / fieldmap / t1post / gradient-table columns.
+_DSI = ("dimension_[xyz]|voxel_size_[xyz]|max_b|neighbor_corr|masked_neighbor_corr|dwi_contrast|"
+        "num_bad_slices|num_directions|coherence_index")
+QC_METRIC_NAME = re.compile(
+    rf"^(?:(?:raw|t1)_(?:{_DSI})|mean_fd|max_fd|max_rotation|max_translation|max_rel_rotation|"
+    r"max_rel_translation|t1_dice_distance|CNR\w*|fieldmap_hz_\w+|t1post_\w+|\w*gradient_table_ratio)$"
+)
+
+
+class QcMetricConfig(_Section):
+    """Thresholds of one image QC measure: a value beyond ``fail_*`` blocks the session, beyond ``warn_*``
+    only warns. A value equal to a threshold is not beyond it."""
+
+    warn_below: float | None = None
+    fail_below: float | None = None
+    warn_above: float | None = None
+    fail_above: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QcMetricConfig:
+        if all(v is None for v in (self.warn_below, self.fail_below, self.warn_above, self.fail_above)):
+            raise ValueError("give at least one of warn_below, fail_below, warn_above, fail_above")
+        if self.warn_below is not None and self.fail_below is not None and self.fail_below > self.warn_below:
+            raise ValueError(f"fail_below ({self.fail_below:g}) is above warn_below ({self.warn_below:g}): "
+                             "a value must warn before it fails")
+        if self.warn_above is not None and self.fail_above is not None and self.fail_above < self.warn_above:
+            raise ValueError(f"fail_above ({self.fail_above:g}) is below warn_above ({self.warn_above:g}): "
+                             "a value must warn before it fails")
+        lows = [v for v in (self.warn_below, self.fail_below) if v is not None]
+        highs = [v for v in (self.warn_above, self.fail_above) if v is not None]
+        if lows and highs and max(lows) > min(highs):
+            raise ValueError("the *_below thresholds are above the *_above thresholds: no value could pass")
+        return self
+
+
+def _default_qc_metrics() -> dict[str, QcMetricConfig]:
+    # Measured on the demo: good sessions 0.90-0.99 and 0 bad slices, the poor one 0.17 and 39.
+    return {
+        "raw_masked_neighbor_corr": QcMetricConfig(warn_below=0.8, fail_below=0.5),
+        "raw_num_bad_slices": QcMetricConfig(warn_above=0, fail_above=5),
+    }
+
+
+class QcConfig(_Section):
+    """The image QC gate after preprocessing (docs/operations.md, "The QC gate")."""
+
+    # false: every session passes (the QC asset still records the measures).
+    enabled: bool = True
+    metrics: dict[str, QcMetricConfig] = Field(default_factory=_default_qc_metrics)
+    # A session QSIPrep preprocessed but without an image QC table, and a configured measure a table
+    # does not have (or has as n/a): what that counts as.
+    missing_table: Literal["pass", "warn", "fail"] = "fail"
+    missing_metric: Literal["pass", "warn", "fail"] = "warn"
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _known_measures(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of measure name: {warn_below, fail_below, warn_above, fail_above}")
+        unknown = [str(k) for k in value if not isinstance(k, str) or not QC_METRIC_NAME.match(k)]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(map(repr, unknown))}: not a measure of QSIPrep's image QC table (e.g. "
+                "raw_masked_neighbor_corr, raw_num_bad_slices, t1_neighbor_corr, mean_fd, max_fd, t1_dice_distance)"
+            )
+        return value
+
+
 class NeuroflowConfig(_Section):
     paths: PathsConfig
     mapping: MappingConfig = Field(default_factory=MappingConfig)
@@ -414,6 +486,7 @@ class NeuroflowConfig(_Section):
     pipelines: PipelinesConfig = Field(default_factory=PipelinesConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     disk: DiskConfig = Field(default_factory=DiskConfig)
+    qc: QcConfig = Field(default_factory=QcConfig)
     # The file this was loaded from (None when built in code); not a YAML key.
     source: Path | None = Field(default=None, exclude=True)
 

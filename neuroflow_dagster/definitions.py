@@ -16,6 +16,7 @@ from neuroflow_dagster import stages
 from neuroflow_dagster.config import ConfigError, NeuroflowConfig, check_paths, load_config
 from neuroflow_dagster.defs.alerts import build_alert_sensor, build_discovery_alert_sensor
 from neuroflow_dagster.defs.assets.dicom import dicom_protocol_check, dicom_session
+from neuroflow_dagster.defs.assets.image_qc import build_image_qc_asset
 from neuroflow_dagster.defs.automation import build_automation_sensors
 from neuroflow_dagster.defs.diskguard import build_disk_guard_sensor
 from neuroflow_dagster.defs.graph import build_stage_assets, partitions_def
@@ -49,7 +50,7 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
     if problems:
         raise ConfigError(f"configuration {config.source} cannot be used:\n  " + "\n  ".join(problems))
     return dg.Definitions(
-        assets=[dicom_session, *build_stage_assets(config)],
+        assets=[dicom_session, *build_stage_assets(config), build_image_qc_asset(config)],
         asset_checks=[dicom_protocol_check],
         sensors=[
             build_discovery_sensor(config),

@@ -103,11 +103,40 @@ def _pooled_engine(storage: Any, postgres_url: str, token_provider: Any, pool: M
     old.dispose()
 
 
-class PooledPostgresEventLogStorage(PostgresEventLogStorage):
+class _Pooled:
+    """What the three pooled storages share: the pooled engine after dagster-postgres' own set-up, a
+    dispose that closes the pool, and the config (dagster-postgres' fields + the pool's)."""
+
+    _engine: Any
+
     def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
                  token_provider: Any = None, pool: Mapping[str, int] | None = None) -> None:  # fmt: skip
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)  # type: ignore[call-arg]
         _pooled_engine(self, postgres_url, token_provider, pool or POOL_DEFAULTS)
+
+    def dispose(self) -> None:
+        """Close the pool's connections (a disposed instance must not keep them open)."""
+        super().dispose()  # type: ignore[misc]
+        self._engine.dispose()
+
+    @classmethod
+    def config_type(cls) -> Any:
+        return pooled_config()
+
+    @classmethod
+    def from_config_value(cls, inst_data: Any, config_value: Mapping[str, Any]) -> Any:
+        return cls(
+            pg_url_from_config(config_value),
+            config_value.get("should_autocreate_tables", True),
+            inst_data,
+            get_token_provider_from_config(config_value),
+            _pool_args(config_value),
+        )
+
+
+class PooledPostgresEventLogStorage(_Pooled, PostgresEventLogStorage):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._has_check_table = False
 
     @property
@@ -117,76 +146,13 @@ class PooledPostgresEventLogStorage(PostgresEventLogStorage):
             self._has_check_table = bool(super().supports_asset_checks)
         return self._has_check_table
 
-    def dispose(self) -> None:
-        """Close the pool's connections (a disposed instance must not keep them open)."""
-        super().dispose()
-        self._engine.dispose()
 
-    @classmethod
-    def config_type(cls) -> Any:
-        return pooled_config()
-
-    @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Mapping[str, Any]) -> PooledPostgresEventLogStorage:
-        return cls(
-            pg_url_from_config(config_value),
-            config_value.get("should_autocreate_tables", True),
-            inst_data,
-            get_token_provider_from_config(config_value),
-            _pool_args(config_value),
-        )
+class PooledPostgresRunStorage(_Pooled, PostgresRunStorage):
+    pass
 
 
-class PooledPostgresRunStorage(PostgresRunStorage):
-    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
-                 token_provider: Any = None, pool: Mapping[str, int] | None = None) -> None:  # fmt: skip
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
-        _pooled_engine(self, postgres_url, token_provider, pool or POOL_DEFAULTS)
-
-    def dispose(self) -> None:
-        """Close the pool's connections (a disposed instance must not keep them open)."""
-        super().dispose()
-        self._engine.dispose()
-
-    @classmethod
-    def config_type(cls) -> Any:
-        return pooled_config()
-
-    @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Mapping[str, Any]) -> PooledPostgresRunStorage:
-        return cls(
-            pg_url_from_config(config_value),
-            config_value.get("should_autocreate_tables", True),
-            inst_data,
-            get_token_provider_from_config(config_value),
-            _pool_args(config_value),
-        )
-
-
-class PooledPostgresScheduleStorage(PostgresScheduleStorage):
-    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data: Any = None,
-                 token_provider: Any = None, pool: Mapping[str, int] | None = None) -> None:  # fmt: skip
-        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
-        _pooled_engine(self, postgres_url, token_provider, pool or POOL_DEFAULTS)
-
-    def dispose(self) -> None:
-        """Close the pool's connections (a disposed instance must not keep them open)."""
-        super().dispose()
-        self._engine.dispose()
-
-    @classmethod
-    def config_type(cls) -> Any:
-        return pooled_config()
-
-    @classmethod
-    def from_config_value(cls, inst_data: Any, config_value: Mapping[str, Any]) -> PooledPostgresScheduleStorage:
-        return cls(
-            pg_url_from_config(config_value),
-            config_value.get("should_autocreate_tables", True),
-            inst_data,
-            get_token_provider_from_config(config_value),
-            _pool_args(config_value),
-        )
+class PooledPostgresScheduleStorage(_Pooled, PostgresScheduleStorage):
+    pass
 
 
 class PooledPostgresStorage(DagsterStorage, ConfigurableClass):

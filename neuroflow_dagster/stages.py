@@ -33,6 +33,12 @@ SUBJECT: Level = "subject"
 SOURCE = "discovery"
 SOURCE_ASSET = "dicom_session"
 PROTOCOL_CHECK = "protocol"
+# The image QC gate after preprocessing (qc/, docs/operations.md "The QC gate"): a session asset read
+# from QSIPrep's QC table, with a blocking check, run before (and in the same run as) the stages it
+# gates; a failed check holds those stages for that session until an operator approves it.
+QC_ASSET = "image_qc_session"
+QC_CHECK = "image_qc"
+QC_GATED_STAGES = ("qsirecon", "qsiparc")
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,15 @@ def upstream_assets(of: Stage) -> list[tuple[str, Level]]:
             up = _REGISTRY[name]
             out.append((up.asset, up.level))
     return out
+
+
+def with_qc(names: list[str]) -> list[str]:
+    """Stage names as status shows them: the QC gate's column ("qc") before the first stage it gates
+    (when more than one stage is shown)."""
+    if len(names) < 2 or QC_GATED_STAGES[0] not in names:
+        return names
+    at = names.index(QC_GATED_STAGES[0])
+    return [*names[:at], "qc", *names[at:]]
 
 
 def help_names(last: str = ", ") -> str:

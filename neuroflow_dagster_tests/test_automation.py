@@ -289,7 +289,8 @@ def stand_in_run(
 
 
 def test_recon_and_parcellation_of_a_session_run_together(harness: Harness) -> None:
-    """One run per session for both (issue 12: fewer run start-ups); parcellation alone after a recon-only run."""
+    """One run per session for QC, recon and parcellation (issue 12: fewer run start-ups); parcellation
+    alone after a recon-only run."""
     h = harness
     h.arrive("A", "01")
     h.done(BIDS, "01|A")
@@ -297,7 +298,7 @@ def test_recon_and_parcellation_of_a_session_run_together(harness: Harness) -> N
     requests = h.tick_requests()
     assert [
         (r.partition_key, sorted(k.to_user_string() for k in r.asset_selection or [])) for r in requests["qsirecon"]
-    ] == [("01|A", ["qsiparc_session", "qsirecon_session"])]
+    ] == [("01|A", ["image_qc_session", "qsiparc_session", "qsirecon_session"])]  # QC first, same run
     assert requests["qsiparc"] == []
     stand_in_run(h.instance, "01|A")
     assert h.tick() == {}  # the run parcellated what it reconstructed
@@ -350,3 +351,99 @@ def test_a_quiet_tick_reads_nothing_but_the_event_log_head(harness: Harness) -> 
     assert [d.action for d in overlap.decisions] == ["none"]
     quiet = run_stage_tick(stage, h.instance, overlap.cursor)
     assert quiet.candidates == 0 and quiet.decisions == []
+
+
+def qc_run(h: Harness, request: dg.RunRequest, *, parc: bool = True) -> dg.ExecuteInProcessResult:
+    """Execute a recon request as the daemon would: the real `image_qc_session` with its real blocking
+    check (reading the session's QSIPrep QC table), stand-ins for recon and parcellation downstream of it."""
+    from neuroflow_dagster.defs.assets.image_qc import build_image_qc_asset
+    from neuroflow_dagster.defs.resources import NeuroflowResource
+
+    qc = build_image_qc_asset(h.config)
+
+    @dg.asset(key=QSIRECON, partitions_def=session_partitions, deps=[qc.key])
+    def recon_stand_in() -> None:
+        return None
+
+    @dg.asset(key=QSIPARC, partitions_def=session_partitions, deps=[QSIRECON])
+    def parc_stand_in() -> None:
+        return None
+
+    selection = [k for k in request.asset_selection or [] if parc or k != QSIPARC]
+    return dg.materialize(
+        [qc, recon_stand_in, parc_stand_in],
+        selection=selection,
+        partition_key=str(request.partition_key),
+        instance=h.instance,
+        resources={"neuroflow": NeuroflowResource(config_file=str(h.config.source))},
+        tags=dict(request.tags),
+        raise_on_error=False,
+    )
+
+
+def test_a_session_failing_qc_is_held_not_re_requested_then_re_judged_and_approved(harness: Harness) -> None:
+    """The recon sensor's run judges QC first; a failed blocking check skips recon and parcellation,
+    the session is not requested again on later ticks, a later QSIPrep of the subject re-judges QC for
+    all its sessions, and an approval's relaunch lets it through without the sensors adding runs."""
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.qc import approvals
+    from neuroflow_dagster_tests.test_qc_gate import write_session
+
+    h = harness
+    registry = Registry(h.config.paths.state)
+    for scan in ("SCAN_GOOD", "SCAN_POOR"):
+        registry.assign(scan, "75")
+    write_session(h.config, "0075", "01", 0.95, 0)  # passes
+    write_session(h.config, "0075", "02", 0.17, 39)  # fails the default thresholds
+    h.tick()
+    h.arrive("0075", "01")
+    h.arrive("0075", "02")
+    assert h.tick() == {"bids_session": {"01|0075", "02|0075"}}
+    h.done(BIDS, "01|0075")
+    h.done(BIDS, "02|0075")
+    assert h.tick() == {"qsiprep_subject": {"0075"}}
+    h.done(QSIPREP, "0075")
+    requests = {str(r.partition_key): r for r in h.tick_requests()["qsirecon"]}
+    assert sorted(requests) == ["01|0075", "02|0075"]
+    assert all(r.asset_selection and r.asset_selection[0] == dg.AssetKey("image_qc_session")
+               for r in requests.values())
+
+    good, poor = qc_run(h, requests["01|0075"]), qc_run(h, requests["02|0075"])
+    assert good.success and not poor.success
+    (failed,) = poor.get_asset_check_evaluations()
+    assert not failed.passed and failed.severity == dg.AssetCheckSeverity.ERROR
+    for key in (QSIRECON, QSIPARC):
+        assert h.instance.get_latest_materialization_event(key) is not None
+        mats = h.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=["02|0075"]), limit=5
+        ).records
+        assert mats == []  # skipped by the blocking check in that run
+    # The run's planned events count as handled: the held session is not requested on later ticks.
+    for _ in range(3):
+        assert h.tick() == {}
+
+    # A third session and the subject's next QSIPrep: QC is judged again for every session of it.
+    registry.assign("SCAN_LATE", "75")
+    write_session(h.config, "0075", "03", 0.9, 0)
+    h.arrive("0075", "03")
+    assert h.tick() == {"bids_session": {"03|0075"}}
+    h.done(BIDS, "03|0075")
+    assert h.tick() == {"qsiprep_subject": {"0075"}}
+    h.done(QSIPREP, "0075")
+    requests = {str(r.partition_key): r for r in h.tick_requests()["qsirecon"]}
+    assert sorted(requests) == ["01|0075", "02|0075", "03|0075"]
+    for key, request in requests.items():
+        assert qc_run(h, request).success == (key != "02|0075")
+    assert h.tick() == {}
+
+    # The operator approves; `neuroflow qc approve` relaunches QC + recon + parcellation for the session
+    # (the same selection, tagged qsirecon); the sensors add nothing afterwards.
+    approvals.approve(h.config, "SCAN_POOR", "0075", "02", "dropouts confined to 3 volumes", by="dr.who")
+    relaunch = dg.RunRequest(partition_key="02|0075", asset_selection=list(request.asset_selection or []),
+                             tags={"neuroflow/stage": "qsirecon"})
+    approved = qc_run(h, relaunch)
+    assert approved.success
+    assert {e.asset_key for e in approved.get_asset_materialization_events()} == {
+        dg.AssetKey("image_qc_session"), QSIRECON, QSIPARC
+    }
+    assert h.tick() == {}

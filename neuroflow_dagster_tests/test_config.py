@@ -139,7 +139,9 @@ def _keys(model: type, prefix: str = "") -> list[str]:
             continue
         ann = field.annotation
         subs = [a for a in (*typing.get_args(ann), ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if subs and typing.get_origin(ann) is not list:
+        if subs and typing.get_origin(ann) is dict:  # a mapping of named entries: qc.metrics.<measure>.fail_below
+            out.extend(_keys(subs[0], f"{prefix}{name}.<measure>."))
+        elif subs and typing.get_origin(ann) is not list:
             out.extend(_keys(subs[0], f"{prefix}{name}."))
         else:
             out.append(f"{prefix}{name}")

@@ -30,10 +30,12 @@ from neuroflow_dagster import cli, stages
 from neuroflow_dagster.control import dagster_db
 from neuroflow_dagster.control.dagster_db import Db
 from neuroflow_dagster.control.instance import open_db
+from neuroflow_dagster.control.records import metadata_values
 from neuroflow_dagster.control.status import load_views
 from neuroflow_dagster.definitions import build_definitions
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.diskspace import held_pools
+from neuroflow_dagster.stages import QC_ASSET, QC_CHECK
 from neuroflow_dagster_tests.pg_server import PgServer, pg_database, postgres  # noqa: F401 (fixtures)
 from neuroflow_dagster_tests.test_operator_cli import (  # noqa: F401 (world is a fixture)
     BIDS,
@@ -48,7 +50,22 @@ from neuroflow_dagster_tests.test_operator_cli import (  # noqa: F401 (world is 
 )
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
-ASSETS = ["dicom_session", *(s.asset for s in stages.stages())]
+ASSETS = ["dicom_session", *(s.asset for s in stages.stages()), QC_ASSET]
+CHECKS = [("dicom_session", "protocol"), (QC_ASSET, QC_CHECK)]
+
+
+def report_qc(instance: dg.DagsterInstance, partition: str, passed: bool) -> None:
+    """An image QC verdict (as the QC gate reports it: its state, summary and a measure in metadata)."""
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(
+            asset_key=dg.AssetKey(QC_ASSET),
+            check_name=QC_CHECK,
+            passed=passed,
+            partition=partition,
+            metadata={"neuroflow/qc": "passed" if passed else "failed", "qc_summary": "low SNR", "snr": 3.5,
+                      "details": dg.MetadataValue.json({"b0": [1, 2]}), "none": None},
+        )
+    )
 
 
 def test_names_match_dagsters_enums() -> None:
@@ -112,17 +129,22 @@ def oracle(instance: dg.DagsterInstance, pools: list[str]) -> dict[str, Any]:
             )
             for r in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus(s) for s in in_progress]))
         )
-        check_key = dg.AssetCheckKey(dg.AssetKey("dicom_session"), "protocol")
-        checks = {
-            str(i.partition_key): [i.latest_execution_status.value, ""]
-            for i in storage.get_asset_check_partition_info([check_key])
-            if i.partition_key
-        }
-        for rec in storage.get_asset_check_execution_history(check_key, limit=1000):
-            state = checks.get(str(rec.partition))
-            if state and state[0] == "FAILED" and not state[1] and rec.evaluation is not None:
-                state[1] = rec.evaluation.description or ""
-    out["checks"] = checks
+        out["checks"] = {}
+        for asset, name in CHECKS:
+            check_key = dg.AssetCheckKey(dg.AssetKey(asset), name)
+            checks = {
+                str(i.partition_key): [i.latest_execution_status.value, "", {}]
+                for i in storage.get_asset_check_partition_info([check_key])
+                if i.partition_key
+            }
+            seen: set[str] = set()
+            for rec in storage.get_asset_check_execution_history(check_key, limit=1000):  # newest first
+                state = checks.get(str(rec.partition))
+                if state and rec.partition not in seen and state[0] == "FAILED" and rec.evaluation is not None:
+                    meta = metadata_values(rec.evaluation.metadata)
+                    state[1:] = [rec.evaluation.description or meta.get("reason") or "", meta]
+                seen.add(str(rec.partition))
+            out["checks"][name] = checks
     out["held"] = held_pools(storage, pools)
     return out
 
@@ -151,7 +173,10 @@ def direct(db: Db, pools: list[str]) -> dict[str, Any]:
         )
         for r in db.in_progress_runs()
     )
-    out["checks"] = {p: [s.status, s.reason] for p, s in db.latest_check_states("dicom_session", "protocol").items()}
+    out["checks"] = {
+        name: {p: [s.status, s.reason, s.metadata] for p, s in db.latest_check_states(asset, name).items()}
+        for asset, name in CHECKS
+    }
     out["held"] = db.held_pools(pools)
     return out
 
@@ -163,7 +188,8 @@ def assert_reader_agrees(instance: dg.DagsterInstance, home: Path) -> dict[str, 
     assert any(a["attempts"] for a in expected["assets"].values()), "no open attempt"
     assert "FAILURE" in expected["statuses"].values(), "no failed run"
     assert {r[1] for r in expected["in_progress"]} >= {"NOT_STARTED", "STARTED"}
-    assert {s for s, _ in expected["checks"].values()} == {"SUCCEEDED", "FAILED"}
+    assert {s for s, _, _ in expected["checks"]["protocol"].values()} == {"SUCCEEDED", "FAILED"}
+    assert [s for s, _, meta in expected["checks"][QC_CHECK].values() if meta.get("snr") == 3.5] == ["FAILED"]
     assert any(a["na"] for a in expected["assets"].values()) and expected["held"]
     with open_db(home) as db:
         assert direct(db, pools) == expected
@@ -178,6 +204,9 @@ def assert_reader_agrees(instance: dg.DagsterInstance, home: Path) -> dict[str, 
 def test_direct_reader_agrees_with_dagster_on_sqlite(world: World) -> None:  # noqa: F811
     pools = sorted({s.pool for s in stages.stages()})
     world.instance.event_log_storage.set_concurrency_slots(pools[0], 0)  # the disk guard's hold
+    report_qc(world.instance, "01|SUBJA", True)
+    report_qc(world.instance, "02|SUBJA", True)
+    report_qc(world.instance, "02|SUBJA", False)
     try:
         assert_reader_agrees(world.instance, world.home)
     finally:
@@ -235,6 +264,9 @@ def populate(instance: dg.DagsterInstance, defs: dg.Definitions, registry: Regis
                             tags={"dagster/partition": partition, "neuroflow/stage": stage})  # fmt: skip
     assert not run_bids(defs, instance, "01|SUBJC").success  # refused: not registered yet -> a real failed run
     registry.assign("SCAN_C1", "SUBJC")
+    report_qc(instance, "01|SUBJA", True)
+    report_qc(instance, "02|SUBJA", True)
+    report_qc(instance, "02|SUBJA", False)
     instance.event_log_storage.set_concurrency_slots(sorted({s.pool for s in stages.stages()})[0], 0)
 
 
@@ -264,3 +296,5 @@ def test_direct_reader_agrees_with_dagster_on_postgres(
         assert rows["01|SUBJC"]["bids_conversion"] == "failed"
         assert rows["01|SUBJF"]["bids_conversion"] == "queued" and rows["02|SUBJA"]["qsirecon"] == "running"
         assert rows["01|SUBJA"]["qsiparc"] == "not_applicable" and rows["01|SUBJB"]["protocol"] == "failed"
+        assert rows["01|SUBJA"]["qc"] == "passed" and rows["02|SUBJA"]["qc"] == "FAILED"
+        assert rows["02|SUBJA"]["note"].startswith("low SNR;")

@@ -83,7 +83,9 @@ def test_subject_mappings_survive_serialization(defs: dg.Definitions) -> None:
     assets = serialized_graph(defs)["assets"]
     assert assets["qsiprep_subject"]["parents"] == {"bids_session": "MultiToSingleDimensionPartitionMapping"}
     assert assets["qsirecon_session"]["parents"]["qsiprep_subject"] == "MultiToSingleDimensionPartitionMapping"
-    assert set(assets) == {"dicom_session", "bids_session", "qsiprep_subject", "qsirecon_session", "qsiparc_session"}
+    assert assets["image_qc_session"]["parents"] == {"qsiprep_subject": "MultiToSingleDimensionPartitionMapping"}
+    assert set(assets) == {"dicom_session", "bids_session", "qsiprep_subject", "image_qc_session", "qsirecon_session",
+                           "qsiparc_session"}
 
 
 def test_definitions_validate_and_sensors_run_by_default(defs: dg.Definitions) -> None:

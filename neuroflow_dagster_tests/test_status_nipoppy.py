@@ -325,6 +325,13 @@ def test_export_covers_every_state_and_refuses_what_it_cannot_map(world: World) 
     tables = nipoppy.build_tables(report, world.config)
     assert {r["participant_id"] for r in tables["processing"]} == {"SUBJA"}
     assert [r["participant_id"] for r in tables["curation"]] == ["SUBJA"]
+    # A session held by the image QC gate: its recon and parcellation cannot run until approved.
+    held = {**report["sessions"][0], "session": "02", "scan_id": "SCAN_A2", "qc": "FAILED", "qsirecon": "missing",
+            "qsiparc": "missing"}  # fmt: skip
+    status = {(r["session_id"], r["pipeline_name"]): r["status"]
+              for r in nipoppy.build_tables({"sessions": [*report["sessions"], held]}, world.config)["processing"]}
+    assert (status[("02", "qsiprep")], status[("02", "qsirecon")], status[("02", "qsiparc")]) == (
+        "SUCCESS", "UNAVAILABLE", "UNAVAILABLE")  # fmt: skip
     report["sessions"][0]["qsiparc"] = "sleeping"
     with pytest.raises(ValueError, match="qsiparc state 'sleeping' of sub-SUBJA ses-01 has no Nipoppy status"):
         nipoppy.build_tables(report, world.config)
@@ -360,7 +367,8 @@ def test_status_summary_counts_per_stage_and_state(world: World, capsys: pytest.
     assert code == 0, err
     data = json.loads(out)
     rows = {r["stage"]: r for r in data["stages"]}
-    assert list(rows) == ["protocol", "bids_conversion", "qsiprep", "qsirecon", "qsiparc"]
+    assert list(rows) == ["protocol", "bids_conversion", "qsiprep", "qc", "qsirecon", "qsiparc"]
+    assert (rows["qc"]["unit"], rows["qc"]["total"]) == ("sessions", 0)  # the image QC gate judged none yet
     assert (data["sessions"], data["held"], data["held_by_reason"]) == (8, 1, {"unmapped": 1})
     bids = rows["bids_conversion"]
     assert (bids["unit"], bids["total"]) == ("sessions", 8)

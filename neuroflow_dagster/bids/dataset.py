@@ -39,7 +39,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from neuroflow_dagster.fsutil import atomic_write_text
+from neuroflow_dagster.fsutil import atomic_write_text, swap_dir
 from neuroflow_dagster.naming.bids import (
     BIDS_VERSION,
     PROVENANCE_SUFFIX,
@@ -448,21 +448,13 @@ def publish_session(
     try:
         with bids_root_lock(root, locks):
             recovered = recover_session(root, participant, session, keep=incoming)
-            old: Path | None = None
             tables = [root / "participants.tsv", sessions_table(root, participant)]
             saved = {t: (t.read_text(encoding="utf-8") if t.exists() else None) for t in tables}
-            if final.exists():
-                old = subject_folder / (_OLD.format(session=final.name) + uuid.uuid4().hex[:8])
-                try:
-                    os.rename(final, old)
-                except OSError as exc:
-                    raise PublishError(f"cannot move the previous {final} aside: {exc}") from exc
+            aside = subject_folder / (_OLD.format(session=final.name) + uuid.uuid4().hex[:8])
             try:
-                os.rename(candidate, final)
-            except BaseException as exc:
-                if old is not None:
-                    os.rename(old, final)
-                raise PublishError(f"moving {candidate} to {final} failed: {exc}") from exc
+                old = swap_dir(candidate, final, aside)
+            except OSError as exc:
+                raise PublishError(exc.strerror or str(exc)) from exc
             try:
                 ensure_dataset(root, name=dataset_name)
                 p_row = upsert_participant(root, participant, p_values)

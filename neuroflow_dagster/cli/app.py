@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from neuroflow_dagster.cli import operator_commands, setup_commands
+from neuroflow_dagster.cli import operator_commands, qc_commands, setup_commands
 from neuroflow_dagster.cli.exits import Parser, run
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     setup_commands.add_commands(sub)
     operator_commands.add_commands(sub)
+    qc_commands.add_commands(sub)
     return parser
 
 

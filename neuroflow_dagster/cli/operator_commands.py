@@ -45,11 +45,14 @@ def _stage(value: str | None) -> str | None:
 # --------------------------------------------------------------------------- status
 
 
+with_qc = stages.with_qc
+
+
 def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     if fmt == "json":
         print_json(report)
         return
-    columns = [*STATUS_COLUMNS, *names, "note"]
+    columns = [*STATUS_COLUMNS, *with_qc(names), "note"]
     if fmt == "csv":
         rows = list(report["sessions"])
         rows += [
@@ -84,6 +87,8 @@ def _render_totals(report: dict[str, Any], names: list[str]) -> None:
         + (f" {totals['held_by_reason']}" if totals["held_by_reason"] else "")
     )
     print("  protocol: " + _counts(totals["protocol"]))
+    if "qc" in with_qc(names):
+        print("  qc: " + _counts(totals.get("qc", {})))
     for name in names:
         unit = " (per subject)" if stages.stage(name).per_subject else ""
         print(f"  {name}{unit}: " + _counts(totals[name]))

@@ -103,10 +103,12 @@ def graphql_url(url: str | None) -> str:
     return base if base.endswith("/graphql") else base + "/graphql"
 
 
-def backfill_variables(asset: str, partitions: list[str], stage: str, title: str) -> dict[str, Any]:
+def backfill_variables(asset: str | list[str], partitions: list[str], stage: str, title: str) -> dict[str, Any]:
+    """One asset, or several run together per partition (the QC gate + recon + parcellation)."""
+    assets = [asset] if isinstance(asset, str) else list(asset)
     return {
         "backfillParams": {
-            "assetSelection": [{"path": [asset]}],
+            "assetSelection": [{"path": [name]} for name in assets],
             "partitionNames": list(partitions),
             "tags": [{"key": STAGE_TAG, "value": stages.stage(stage).tag}],
             "title": title,
@@ -119,7 +121,7 @@ def default_title(command: str, stage: str, partitions: list[str]) -> str:
 
 
 def launch_backfill(
-    url: str | None, asset: str, partitions: list[str], stage: str, title: str, timeout_s: float = 60.0
+    url: str | None, asset: str | list[str], partitions: list[str], stage: str, title: str, timeout_s: float = 60.0
 ) -> dict[str, Any]:
     """POST the mutation; returns {"backfill_id", "launched_run_ids"} or raises BackfillError."""
     endpoint = graphql_url(url)

@@ -26,7 +26,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ class CheckState:
 
     status: str
     reason: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)  # a failed one's plain metadata values
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,8 @@ class Db:
 
     def latest_check_states(self, asset: str, check_name: str) -> dict[str, CheckState]:
         """partition -> CheckState of any partitioned asset check's latest execution (one grouped query);
-        only failed ones are read for their reason (the evaluation's description, else metadata "reason")."""
+        only failed ones are read, for their reason (the evaluation's description, else metadata
+        "reason") and their plain metadata values."""
         key = asset_key_string(asset)
         rows = self.events_rows(
             'SELECT "partition", execution_status, id FROM asset_check_executions WHERE id IN ('
@@ -288,7 +290,7 @@ class Db:
         for chunk in chunks(failed):
             sql = 'SELECT "partition", evaluation_event FROM asset_check_executions WHERE id IN ({})'
             for partition, body in self.events_rows(sql.format(self._marks(len(chunk))), chunk):
-                out[partition] = CheckState(CHECK_FAILED, _check_reason(body))
+                out[partition] = CheckState(CHECK_FAILED, *_check_failure(body))
         return out
 
     def held_pools(self, pools: Sequence[str]) -> list[str]:
@@ -340,25 +342,31 @@ def _run_info(run_id: str, status: str, body: str) -> RunInfo:
     )
 
 
+PLAIN_FIELDS = ("text", "value", "data", "md_str", "path", "url")
+
+
 def _plain(value: Any) -> Any:
-    """A serialized metadata value's plain value (TextMetadataValue -> its text, ...)."""
-    if isinstance(value, Mapping):
-        for field in ("text", "value", "md_str", "path", "url", "raw_value"):
-            if field in value:
-                return value[field]
+    """A serialized metadata value's plain value, as `.value` of Dagster's (TextMetadataEntryData -> its
+    text, Int/Float/Bool -> value, Json -> data, Path -> path, Null -> None); anything else as stored."""
+    if isinstance(value, Mapping) and "__class__" in value:
+        if str(value["__class__"]).startswith("Null"):
+            return None
+        for name in PLAIN_FIELDS:
+            if name in value:
+                return value[name]
     return value
 
 
-def _check_reason(body: str | None) -> str:
-    """Why a check failed: its evaluation's description, else its metadata "reason"."""
+def _check_failure(body: str | None) -> tuple[str, dict[str, Any]]:
+    """Why a check failed (its evaluation's description, else its metadata "reason") and its metadata."""
     try:
         event = json.loads(body or "{}")
         data = (event.get("dagster_event") or {}).get("event_specific_data") or {}
-        metadata = data.get("metadata") or data.get("metadata_entries") or {}
-        reason = data.get("description") or (_plain(metadata.get("reason")) if isinstance(metadata, Mapping) else "")
-        return str(reason or "")
+        stored = data.get("metadata") or {}
+        metadata = {str(k): _plain(v) for k, v in stored.items()} if isinstance(stored, Mapping) else {}
+        return str(data.get("description") or metadata.get("reason") or ""), metadata
     except (ValueError, AttributeError):
-        return ""
+        return "", {}
 
 
 __all__ = ["CheckState", "Db", "RunInfo", "StorageConfigError", "asset_key_string", "storage_location"]

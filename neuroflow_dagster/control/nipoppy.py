@@ -314,6 +314,9 @@ def build_tables(
         # UNAVAILABLE propagates down the graph; the curation stage is UNAVAILABLE when it cannot run either.
         unavailable: set[str] = set()
         protocol_failed = row.get("protocol") == "failed"
+        # Held by the image QC gate (not a Nipoppy pipeline; it decides whether the stages it gates run):
+        # those stages cannot run for the session until an operator approves it.
+        qc_held = row.get("qc") == "FAILED"
         for stage in curation:
             state = row.get(stage.name)
             if state in ("excluded", "not_applicable") or (state == NOT_RUN and protocol_failed):
@@ -324,7 +327,11 @@ def build_tables(
             cfg = config.stage(stage.config_section)
             key = participant if stage.per_subject else session_key(participant, session)
             rec = recorded.get(stage.name, {}).get(key)
-            blocked = protocol_failed or any(u in unavailable for u in stage.upstream)
+            blocked = (
+                protocol_failed
+                or (qc_held and stage.name in stages.QC_GATED_STAGES)
+                or any(u in unavailable for u in stage.upstream)
+            )
             required = set(cfg.requires_bids_suffixes)
             missing_data = disk.in_bids and bool(required - disk.suffixes)
             status = processing_status(stage, row, rec, blocked, missing_data)

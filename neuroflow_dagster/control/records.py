@@ -168,4 +168,3 @@ def not_applicable_partitions(instance: dg.DagsterInstance, asset: str, latest: 
     control/dagster_db.py; no event is deserialized)."""
     with dagster_db.Db.from_instance(instance) as db:
         return db.not_applicable_partitions(asset, latest)
-

@@ -26,7 +26,8 @@ from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import read_status_report
 from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import PARTITION_TAG, STAGE_TAG
-from neuroflow_dagster.stages import PROTOCOL_CHECK, SOURCE_ASSET, SUBJECT
+from neuroflow_dagster.qc.approvals import load_approvals
+from neuroflow_dagster.stages import PROTOCOL_CHECK, QC_ASSET, QC_CHECK, SOURCE_ASSET, SUBJECT
 
 STATES = ("missing", "queued", "running", "done", "failed", "stale", "not_applicable", "excluded", "retired")
 
@@ -128,6 +129,45 @@ def _protocol(check: Any, checking: bool) -> tuple[str, str]:
     return "pending", ""
 
 
+@dataclass(frozen=True)
+class QcView:
+    """The image QC gate for status: the latest `image_qc` check state per session partition (one grouped
+    query; only the executions that did not pass are read, for their `neuroflow/qc` state and summary)
+    and the partitions whose latest QC materialization had nothing to judge."""
+
+    checks: dict[str, Any]
+    not_applicable: set[str]
+
+
+def load_qc(db: Db) -> QcView:
+    checks = db.latest_check_states(QC_ASSET, QC_CHECK)
+    mats = db.latest_ids(QC_ASSET, planned=False)[0] if checks else {}
+    na = db.not_applicable_partitions(QC_ASSET, mats) if mats else set()
+    return QcView(checks, na)
+
+
+def qc_state(check: Any, approved: bool, not_applicable: bool = False) -> str:
+    """The QC column: passed / warn / FAILED / approved / - (not judged yet, or nothing to judge).
+
+    From the latest `image_qc` check execution: passed when it succeeded, else its `neuroflow/qc`
+    metadata (warn / failed / approved); a failure approved since (its relaunch still to come)
+    already reads `approved`.
+    """
+    if check is None or not_applicable:
+        return "-"
+    if check.status == "SUCCEEDED":
+        return "passed"
+    if check.status != "FAILED":
+        return "-"
+    state = str(check.metadata.get("neuroflow/qc", ""))
+    if state == "failed":
+        return "approved" if approved else "FAILED"
+    if state in ("warn", "approved"):
+        return state
+    return "-"
+
+
+
 class Upstream:
     """The newest upstream storage id of a partition, for staleness: the stage's upstream plan is looked
     up once per asset and a subject's newest session-level materialization once per subject, not once
@@ -205,9 +245,12 @@ def collect_status(
     excluded = load_exclusions(config)
     if isinstance(source, Db):
         views, checks, checking = load_views(source)
+        qc = load_qc(source)
     else:
         with Db.from_instance(source) as db:
             views, checks, checking = load_views(db)
+            qc = load_qc(db)
+    approved = load_approvals(config)
     entries = registry.all()
     sessions_of: dict[str, list[str]] = {}
     for entry in entries:
@@ -242,12 +285,18 @@ def collect_status(
             row[column.name] = (
                 "excluded" if exclusion else stage_state(column.asset, key, participant, views, sessions_of, upstream)
             )
+        row["qc"] = "-" if exclusion else qc_state(
+            qc.checks.get(partition), entry.scan_id in approved, partition in qc.not_applicable
+        )
         row["note"] = f"excluded: {exclusion.get('reason')}" if exclusion else ""
+        if row["qc"] == "FAILED" and not row["note"]:
+            summary = qc.checks[partition].metadata.get("qc_summary", "") or qc.checks[partition].reason
+            row["note"] = f"{summary}; `neuroflow qc approve {entry.scan_id} --reason ...` lets it through"
         if participant in merged:
             row["note"] = "identity conflict: sessions of two SubjectCodes (see problems)"
         elif entry.scan_id in held_now:
             row["note"] = f"held: {held_now[entry.scan_id].get('reason')} (see held folders)"
-        if failed_only and not any(row[column.name] == "failed" for column in columns):
+        if failed_only and row["qc"] != "FAILED" and not any(row[column.name] == "failed" for column in columns):
             continue
         rows.append(row)
     if not failed_only:
@@ -292,6 +341,7 @@ def _retired_row(entry: Any, names: list[str]) -> dict[str, Any]:
         "protocol_reason": "",
     }
     row.update({name: "retired" for name in names})
+    row["qc"] = "-"
     row["note"] = f"re-keyed: {entry.note}"
     return row
 
@@ -301,6 +351,7 @@ def totals(rows: list[dict[str, Any]], held: list[dict[str, Any]], names: list[s
     out: dict[str, Any] = {"sessions": len(rows), "held": len(held)}
     out["held_by_reason"] = dict(Counter(h["state"] for h in held))
     out["protocol"] = dict(Counter(r["protocol"] for r in rows if r["protocol"] != "-"))
+    out["qc"] = dict(Counter(r.get("qc", "-") for r in rows if r.get("qc", "-") != "-"))
     for name in names:
         if stages.stage(name).per_subject:
             per_subject = {r["subject"]: r[name] for r in rows}

@@ -1,7 +1,8 @@
 """`neuroflow status --summary`: the big picture first - how many sessions are in which state, per stage.
 
 Built from the totals of the status report (control/status.py ``totals``): one row
-per stage (the protocol check first), one column per state. A subject-level stage
+per stage (the protocol check first, the image QC gate before the stage it gates),
+one column per state. A subject-level stage
 (QSIPrep) is counted per subject, as the report counts it (one run each).
 """
 
@@ -15,6 +16,8 @@ from neuroflow_dagster import stages
 # Column order: good news first, then in progress, then what needs a person, then what will not run.
 ORDER = (
     "passed",
+    "warn",
+    "approved",
     "done",
     "stale",
     "running",
@@ -31,9 +34,17 @@ ORDER = (
 
 
 def summary_rows(totals: Mapping[str, Any], names: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(rows, state columns): ``{"stage", "unit", "total", <state>: count, ...}`` for protocol and each stage."""
+    """(rows, state columns): ``{"stage", "unit", "total", <state>: count, ...}`` for protocol, each stage
+    and the image QC gate ("qc", before the first stage it gates; sessions judged so far, its FAILED
+    counted as failed)."""
     counted: list[tuple[str, str, Mapping[str, int]]] = [("protocol", "sessions", totals.get("protocol", {}))]
-    for name in names:
+    for name in stages.with_qc(names):
+        if name == "qc":
+            qc: dict[str, int] = {}
+            for state, n in totals.get("qc", {}).items():
+                qc[state.lower()] = qc.get(state.lower(), 0) + n
+            counted.append(("qc", "sessions", qc))
+            continue
         unit = "subjects" if stages.stage(name).per_subject else "sessions"
         counted.append((name, unit, totals.get(name, {})))
     seen = {state for _, _, counts in counted for state in counts}

@@ -136,6 +136,9 @@ class DiscoveryAlert:
         return "\n".join(lines)
 
 
+QC_STAGE = "image QC"  # how alerts name the image QC gate (not a registered stage)
+
+
 def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
     """The stage whose step failed; else the stage tag; else the stage asset it ran (UI launches carry no tag).
 
@@ -144,6 +147,8 @@ def _stage_of_run(run: dg.DagsterRun, step_keys: list[str]) -> str | None:
     failed parcellation step is a qsiparc failure although the run is tagged qsirecon.
     """
     for step in step_keys:
+        if step == stages.QC_ASSET:  # the gate's step, in a recon run: not a reconstruction failure
+            return QC_STAGE
         by_step = stages.by_asset(step)
         if by_step is not None:
             return by_step.name
@@ -187,13 +192,29 @@ def _strip_fence(text: str) -> str:
 
 
 def alert_from_failure(
-    run: dg.DagsterRun, step_failures: list[dg.DagsterEvent], run_failure_message: str | None
+    run: dg.DagsterRun, step_failures: list[dg.DagsterEvent], run_failure_message: str | None,
+    qc_reason: str | None = None,
 ) -> FailureAlert | None:
-    """What the alert says, from the failed run and its step failures; None if not a stage run."""
+    """What the alert says, from the failed run and its step failures; None if not a stage run.
+
+    A run stopped by the image QC gate (its `image_qc_session` step failed on the blocking check,
+    whose failed evaluation's description is ``qc_reason``) is a QC alert: class `qc`, the failing
+    measures and how to let the session through. The gate's step failing otherwise (an error, no
+    failed evaluation) is an ordinary failure of stage "image QC", with the step's error.
+    """
+    subject, session = _partition_of_run(run)
+    if qc_reason is not None and any(e.step_key == stages.QC_ASSET for e in step_failures):
+        scan = f"{session}|{subject}" if session else str(subject)
+        return FailureAlert(
+            stage=QC_STAGE, subject=subject, session=session, failure_class="qc",
+            reason=(f"{qc_reason or 'image QC failed'}; reconstruction and parcellation are held. Look at "
+                    f"{stages.QC_ASSET} {scan} in the UI; `neuroflow qc approve '{scan}' --reason ...` lets "
+                    "it through")[:2000],
+            run_id=run.run_id, job_name=run.job_name,
+        )
     stage = _stage_of_run(run, [e.step_key for e in step_failures if e.step_key])
     if stage is None:
         return None
-    subject, session = _partition_of_run(run)
     failure_class = "run"
     reason = (run_failure_message or "the run failed").strip()
     log_path = log_tail = None
@@ -321,9 +342,16 @@ def build_alert_sensor(config: NeuroflowConfig) -> dg.SensorDefinition | None:
         if will_be_retried(context.dagster_run):
             context.log.info(f"run {context.dagster_run.run_id} failed and will be retried: no alert yet")
             return
-        alert = alert_from_failure(
-            context.dagster_run, list(context.get_step_failure_events()), context.failure_event.message
-        )
+        failures = list(context.get_step_failure_events())
+        qc_reason = None
+        if any(e.step_key == stages.QC_ASSET for e in failures):
+            checks = context.instance.all_logs(
+                context.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            )
+            qc_reason = next((str(e.dagster_event.event_specific_data.description or "") for e in checks
+                              if e.dagster_event and e.dagster_event.step_key == stages.QC_ASSET
+                              and not e.dagster_event.event_specific_data.passed), None)
+        alert = alert_from_failure(context.dagster_run, failures, context.failure_event.message, qc_reason)
         if alert is None:
             context.log.info(f"run {context.dagster_run.run_id} is not a stage run: no alert")
             return

@@ -19,10 +19,14 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
   session of the subject is still waiting for its conversion (registered with a passed or pending
   protocol verdict, not converted since, its latest attempt not failed; or converting), and QSIPrep
   is not running. Optionally only once a cron tick passed since the last request.
-- qsirecon_session (+ qsiparc_session in the same run): the subject's QSIPrep was materialized
-  after the session's last recon request by a run created after the session's conversion (so it
-  includes the session), the session's BIDS passed the validator, and nothing it depends on is
-  running.
+- qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
+  the subject's QSIPrep was materialized after the session's last recon request by a run created
+  after the session's conversion (so it includes the session), the session's BIDS passed the
+  validator, and nothing it depends on is running. The run judges the session's image QC first; its
+  blocking `image_qc` check, when it fails, skips recon and parcellation in that run. The run's
+  planned events count as handled, so a session held by QC is not requested again until the
+  subject's QSIPrep changes (then QC is judged again for every session of the subject) or an
+  operator approves it (`neuroflow qc approve` relaunches QC + recon + parcellation itself).
 - qsiparc_session alone: its recon was materialized after the last parcellation request and not by
   the run that also planned the parcellation.
 """
@@ -40,16 +44,21 @@ import dagster as dg
 
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.defs.assets.bids import VALIDATOR_CHECK
+from neuroflow_dagster.defs.graph import DICOM_KEY, asset_key
 from neuroflow_dagster.defs.ledger import CheckRecord, FinishedRun, Ledger, PartitionRecord
+from neuroflow_dagster.naming.partitions import SESSION_LABELS, SUBJECTS, session_key, split_session_key
 from neuroflow_dagster.naming.tags import STAGE_TAG
 
-DICOM = dg.AssetKey("dicom_session")
-BIDS = dg.AssetKey("bids_session")
-QSIPREP = dg.AssetKey("qsiprep_subject")
-QSIRECON = dg.AssetKey("qsirecon_session")
-QSIPARC = dg.AssetKey("qsiparc_session")
-PROTOCOL = dg.AssetCheckKey(DICOM, "protocol")
-VALIDATOR = dg.AssetCheckKey(BIDS, "bids_validator")
+# The stages these rules are about (names from the registry, stages.py).
+DICOM = DICOM_KEY
+BIDS = asset_key("bids_conversion")
+QSIPREP = asset_key("qsiprep")
+QSIRECON = asset_key("qsirecon")
+QSIPARC = asset_key("qsiparc")
+PROTOCOL = dg.AssetCheckKey(DICOM, stages.PROTOCOL_CHECK)
+VALIDATOR = dg.AssetCheckKey(BIDS, VALIDATOR_CHECK)
+QC = dg.AssetKey(stages.QC_ASSET)  # the image QC gate: not a stage of its own, run first in each recon run
 PROTOCOL_VALID_KEY = "protocol_valid"  # dicom_session metadata: the verdict made at registration
 
 TRIGGER_TAG = "neuroflow/trigger"
@@ -58,22 +67,6 @@ OVERLAP = 1000  # storage ids re-read once at the next tick
 MAX_CANDIDATES = 2000  # materializations taken per tick from a long backlog
 REQUEST_MEMORY_S = 6 * 3600  # a request whose run never appeared is forgotten (and retried) after this
 PENDING_MAX_S = 7 * 86400  # a wait (cron, a partition not added) is given up after this
-SESSION_LABELS = "session_labels"
-SUBJECTS = "subjects"
-
-
-# --------------------------------------------------------------------------------------------------
-# Keys
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """(subject, session) of "01|SUBJ" (dimension names sorted: session|subject)."""
-    session, _, subject = key.partition("|")
-    return subject, session
-
-
-def session_key(subject: str, session: str) -> str:
-    return f"{session}|{subject}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +298,7 @@ def _sessions_of(ledger: Ledger, subjects: Iterable[str]) -> list[str]:
     return [session_key(s, label) for s in sorted(set(subjects)) for label in labels]
 
 
-PROTOCOL_CHECK_NAME = "dicom_session:protocol"
+PROTOCOL_CHECK_NAME = f"{stages.SOURCE_ASSET}:{stages.PROTOCOL_CHECK}"
 
 
 def _stage_job_assets() -> dict[str, str]:
@@ -359,10 +352,9 @@ class QsiprepStage(Stage):
     target = (QSIPREP,)
 
     def candidates(self, ledger: Ledger, changes: TickInput) -> set[str]:
-        keys = {split_key(k)[0] for k in changes.materialized.get(BIDS, {})}
-        keys |= {
-            split_key(k)[0] for k in _run_partitions(changes, {BIDS.to_user_string()}, frozenset({PROTOCOL_CHECK_NAME}))
-        }
+        keys = {split_session_key(k)[0] for k in changes.materialized.get(BIDS, {})}
+        ended = _run_partitions(changes, {BIDS.to_user_string()}, frozenset({PROTOCOL_CHECK_NAME}))
+        keys |= {split_session_key(k)[0] for k in ended}
         keys |= {p for p in _run_partitions(changes, {QSIPREP.to_user_string()}) if "|" not in p}
         return keys
 
@@ -407,9 +399,12 @@ class QsiprepStage(Stage):
 
 
 class QsireconStage(Stage):
+    """Recon of a session, in one run with its image QC (first; its blocking check can skip the rest)
+    and its parcellation. Handled = recon's planned event, so a QC-held session is not re-requested."""
+
     name = "qsirecon"
     watch = (QSIPREP,)
-    target = (QSIRECON, QSIPARC)
+    target = (QC, QSIRECON, QSIPARC)
 
     def candidates(self, ledger: Ledger, changes: TickInput) -> set[str]:
         subjects = set(changes.materialized.get(QSIPREP, {}))
@@ -421,13 +416,13 @@ class QsireconStage(Stage):
     def decide(self, ledger: Ledger, keys: set[str], cursor: Cursor, now: float) -> list[Decision]:
         bids = ledger.records(BIDS, keys)
         keys = {k for k in keys if bids[k].materialized}  # phantoms and unconverted sessions drop out here
-        prep = ledger.records(QSIPREP, {split_key(k)[0] for k in keys}, mat_runs=True)
+        prep = ledger.records(QSIPREP, {split_session_key(k)[0] for k in keys}, mat_runs=True)
         started = ledger.planned_ids_of_runs(QSIPREP, {s: r.mat_run_id for s, r in prep.items()})
         recon = ledger.records(QSIRECON, keys)
         checks = ledger.checks(VALIDATOR, keys)
         out = []
         for k in sorted(keys):
-            subject = split_key(k)[0]
+            subject = split_session_key(k)[0]
             check = checks.get(k)
             validator = check.verdict_on(bids[k].mat_id) if check is not None else None
             out.append(
@@ -483,7 +478,7 @@ class FollowStage(Stage):
         if level == self.record.level:
             return {key}
         if per_subject:  # a session of the subject changed
-            return {split_key(key)[0]} if "|" in key else set()
+            return {split_session_key(key)[0]} if "|" in key else set()
         return set(_sessions_of(ledger, [key]))  # the subject changed: all its sessions
 
     def candidates(self, ledger: Ledger, changes: TickInput) -> set[str]:
@@ -502,7 +497,7 @@ class FollowStage(Stage):
             return [key]
         if self.record.per_subject:
             return _sessions_of(ledger, [key])
-        return [split_key(key)[0]]
+        return [split_session_key(key)[0]]
 
     def decide(self, ledger: Ledger, keys: set[str], cursor: Cursor, now: float) -> list[Decision]:
         own = ledger.records(self.target[0], keys)
@@ -550,7 +545,7 @@ def _only_known_partitions(ledger: Ledger, decisions: list[Decision]) -> list[De
     labels = set(ledger.dynamic_partitions(SESSION_LABELS))
     out = []
     for d in decisions:
-        subject, session = split_key(d.key) if "|" in d.key else (d.key, "")
+        subject, session = split_session_key(d.key) if "|" in d.key else (d.key, "")
         if d.action == "request" and (subject not in subjects or (session and session not in labels)):
             out.append(Decision.wait(d.key, "partition not added yet"))
         else:
@@ -597,7 +592,9 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
     finished = ledger.runs_finished_since(after, upto) if after else []
     changes = TickInput(materialized, finished)
     keys = stage.candidates(ledger, changes) | set(cursor.pending)
-    for asset in stage.target:  # runs created for earlier requests: forget those requests
+    # Runs created for earlier requests: forget those requests. The QC gate's planned event does not
+    # count (a QC run alone, e.g. from the UI, is not the recon run that was requested).
+    for asset in (a for a in stage.target if a != QC):
         for key, planned in ledger.planned_since(asset, after).items():
             if planned >= cursor.requested_trigger(key) and key in cursor.requested:
                 del cursor.requested[key]

@@ -30,10 +30,13 @@ def partitions_def(level: stages.Level) -> dg.PartitionsDefinition:
 
 def deps(stage: stages.Stage) -> list[dg.AssetDep]:
     """The stage's inputs; a subject-level asset reads (or is read by) all of a subject's sessions."""
-    return [
+    out = [
         dg.AssetDep(asset, partition_mapping=subject_of_session if level != stage.level else None)
         for asset, level in stages.upstream_assets(stage)
     ]
+    if stage.name == stages.QC_GATED_STAGES[0]:  # the first gated stage waits for the session's image QC
+        out.append(dg.AssetDep(stages.QC_ASSET))
+    return out
 
 
 def stage_asset_args(stage: stages.Stage, settings: StageConfig | None = None) -> dict[str, Any]:

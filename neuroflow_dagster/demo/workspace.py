@@ -9,9 +9,10 @@ first and renamed into place, as a careful scanner export would do):
   reconstruction refuses it with the reason (one diffusion direction cannot fit a tensor).
 - 20240305_0800 (DEMO_02): only corrupt files: the protocol check fails, nothing is converted.
 - 20240320_1000 (DEMO_03): synthetic T1w + 12-direction DWI of poor quality (heavy noise, slice signal
-  dropouts in three volumes): every stage completes, and its image QC table
-  (``*_desc-image_qc.tsv``) has a low neighbouring-DWI correlation and many bad slices - the
-  session an image QC check must stop (docs/stand-ins.md, "Image QC table").
+  dropouts in three volumes): converted and preprocessed; its image QC table
+  (``*_desc-image_qc.tsv``) has a low neighbouring-DWI correlation and many bad slices, so the image
+  QC gate holds its reconstruction and parcellation until `neuroflow qc approve 20240320_1000`
+  (docs/stand-ins.md, "Image QC table"; docs/operations.md, "The QC gate").
 - 20240410_1200: not in the mapping: held as unmapped.
 
 Subject codes follow docs/domain-rules.md#identity: `DEMO_01` -> `DEMO01`, `75` -> `0075`.

@@ -36,6 +36,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from neuroflow_dagster.fsutil import swap_dir
+
 STAGING = ".neuroflow-staging"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 LOCK_TIMEOUT_S = 300.0
@@ -80,19 +82,10 @@ def swap_into_place(candidate: Path, final: Path) -> None:
     Any failure before the new version is in place puts the old one back.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    old: Path | None = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(final, old)
-        except OSError as exc:
-            raise PublishError(f"cannot move the previous {final} aside: {exc.strerror}") from exc
     try:
-        os.rename(candidate, final)
-    except BaseException as exc:
-        if old is not None:
-            os.rename(old, final)
-        raise PublishError(f"moving {candidate} to {final} failed: {exc}") from exc
+        old = swap_dir(candidate, final, final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}"))
+    except OSError as exc:
+        raise PublishError(exc.strerror or str(exc)) from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -4,6 +4,7 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
 from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args
@@ -29,6 +30,7 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         ses = session_context(cfg, context.partition_key)
         if not layout.qsirecon_maps(layout.qsirecon_dir(cfg), ses.participant, ses.session):
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
+        gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)  # an approval revoked since recon
         refuse_if_disk_low(context, cfg, STAGE)
         spec = build_or_refuse(
             qsiparc.build_spec,

@@ -4,6 +4,7 @@ import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
 from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
 from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
@@ -54,6 +55,7 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
+        gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
         refuse_if_disk_low(context, cfg, STAGE)
         spec = build_or_refuse(
             qsirecon.build_spec,
@@ -81,6 +83,7 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             }
         )
         out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
+        meta["image_qc"] = gate.describe()
         meta["n_outputs"] = sum(1 for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
         pngs = sorted(out.rglob("*desc-qc*.png")) if out.is_dir() else []
         if pngs:

@@ -1,0 +1,156 @@
+"""`neuroflow qc approve | revoke | list`: the operator's side of the image QC gate (qc/).
+
+A session whose image QC failed is not reconstructed or parcellated. `approve` records who let it
+through, when and why (append-only, state/qc_approvals.jsonl) and relaunches the session's QC,
+reconstruction and parcellation as one backfill through the webserver, as `neuroflow reprocess`
+does. `list` judges every registered session's QC tables now, with the configured thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+from typing import Any
+
+from neuroflow_dagster import stages
+from neuroflow_dagster.cli.exits import EXIT_OK, records_errors_exit_1
+from neuroflow_dagster.cli.output import add_format_option, print_json, print_rows
+from neuroflow_dagster.config import NeuroflowConfig, load_config
+from neuroflow_dagster.errors import UsageError
+from neuroflow_dagster.naming.partitions import session_key
+
+LIST_COLUMNS = ["subject", "session", "scan_id", "qc", "detail", "approved_by", "approved_at", "reason"]
+
+
+def _config(args: argparse.Namespace) -> NeuroflowConfig:
+    return load_config(getattr(args, "config", None))
+
+
+def relaunch_assets() -> list[str]:
+    """What an approval re-runs for the session: the QC asset, then the stages it gates."""
+    return [stages.QC_ASSET, *(stages.stage(name).asset for name in stages.QC_GATED_STAGES)]
+
+
+def cmd_qc_approve(args: argparse.Namespace) -> int:
+    """Let a session that failed image QC through: record who/when/why, relaunch its QC, recon, parcellation."""
+    from neuroflow_dagster.control.backfill import BackfillError, graphql_url, launch_backfill
+    from neuroflow_dagster.control.targets import resolve_session
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.qc import approvals
+    from neuroflow_dagster.qc.gate import FAILED, session_gate
+
+    config = _config(args)
+    if not (args.reason or "").strip():
+        raise UsageError("--reason must say what was looked at and why the session may go on")
+    entry = resolve_session(Registry(config.paths.state), args.session)
+    what = f"sub-{entry.participant_id} ses-{entry.session_id} (ScanID {entry.scan_id!r})"
+    gate = session_gate(config, entry.scan_id, entry.participant_id, entry.session_id)
+    if gate.state == "approved":
+        print(f"{what} is already approved: {gate.approval.describe() if gate.approval else ''}")
+    elif gate.state != FAILED:
+        raise UsageError(f"{what} did not fail image QC ({gate.state}: {gate.describe()}); nothing to approve")
+    else:
+        approval = approvals.approve(config, entry.scan_id, entry.participant_id, entry.session_id, args.reason,
+                                     by=args.by, qc=gate.describe())
+        print(f"{what}: {gate.describe()}")
+        print(f"{approval.describe()}")
+        print(f"recorded in {approvals.path(config)}")
+    key = session_key(entry.participant_id, entry.session_id)
+    result: dict[str, Any] = {"scan_id": entry.scan_id, "partition": key, "assets": relaunch_assets()}
+    if args.no_launch:
+        print(f"not relaunched (--no-launch): neuroflow qc approve {entry.scan_id} ... again, or backfill "
+              f"{', '.join(result['assets'])} for {key} in the UI")
+        return EXIT_OK
+    stage = stages.QC_GATED_STAGES[0]
+    title = f"neuroflow qc approve {key} by {args.by or getpass.getuser()}"
+    try:
+        launched = launch_backfill(args.url, result["assets"], [key], stage, title)
+    except BackfillError as exc:
+        raise BackfillError(f"{exc}. The approval is recorded; relaunch with `neuroflow qc approve "
+                            f"{entry.scan_id} --reason ...` once the webserver is up") from exc
+    print(f"relaunched {', '.join(result['assets'])} for {key}: backfill {launched['backfill_id']} via "
+          f"{graphql_url(args.url)} (watch it under Overview > Backfills)")
+    return EXIT_OK
+
+
+def cmd_qc_revoke(args: argparse.Namespace) -> int:
+    """Withdraw an approval: the gate holds the session again at its next QC run (outputs are kept)."""
+    from neuroflow_dagster.control.targets import resolve_session
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.qc import approvals
+
+    config = _config(args)
+    if not (args.reason or "").strip():
+        raise UsageError("--reason must say why the approval is withdrawn")
+    entry = resolve_session(Registry(config.paths.state), args.session)
+    if approvals.revoke(config, entry.scan_id, args.reason, by=args.by):
+        print(f"approval of ScanID {entry.scan_id!r} withdrawn; recorded in {approvals.path(config)}")
+    else:
+        print(f"ScanID {entry.scan_id!r} has no standing approval; nothing to do")
+    return EXIT_OK
+
+
+def qc_rows(config: NeuroflowConfig, everything: bool = False) -> list[dict[str, Any]]:
+    """Every registered session's gate state now (failed and approved ones unless ``everything``)."""
+    from neuroflow_dagster.discovery.exclusions import load_exclusions
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.qc.gate import FAILED, session_gate
+
+    excluded = load_exclusions(config)
+    rows = []
+    for entry in Registry(config.paths.state).all():
+        if entry.status or entry.scan_id in excluded:
+            continue
+        gate = session_gate(config, entry.scan_id, entry.participant_id, entry.session_id)
+        if not everything and gate.state not in (FAILED, "approved"):
+            continue
+        approval = gate.approval if gate.state == "approved" else None
+        rows.append({
+            "subject": entry.participant_id, "session": entry.session_id, "scan_id": entry.scan_id,
+            "partition": session_key(entry.participant_id, entry.session_id),
+            "qc": "FAILED" if gate.state == FAILED else gate.state, "detail": gate.verdict.summary(),
+            "approved_by": approval.by if approval else "", "approved_at": approval.at if approval else "",
+            "reason": approval.reason if approval else "",
+            "metrics": [m.as_dict() for m in gate.verdict.metrics],
+        })
+    return rows
+
+
+def cmd_qc_list(args: argparse.Namespace) -> int:
+    """Sessions that fail image QC and sessions let through by an approval (--all: every session)."""
+    config = _config(args)
+    rows = qc_rows(config, everything=args.all)
+    if args.format == "json":
+        print_json(rows)
+        return EXIT_OK
+    print_rows(rows, args.format, LIST_COLUMNS, max_width=None if args.format == "csv" else 90)
+    if args.format == "table":
+        failed = sum(1 for r in rows if r["qc"] == "FAILED")
+        approved = sum(1 for r in rows if r["qc"] == "approved")
+        print(f"\n{failed} session(s) held by image QC, {approved} approved"
+              + ("; `neuroflow qc approve SESSION --reason ...` lets one through" if failed else ""))
+    return EXIT_OK
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    qc = sub.add_parser("qc", help="the image QC gate: approve a session that failed, list failed/approved ones")
+    qc_sub = qc.add_subparsers(dest="qc_command", required=True, parser_class=type(qc))
+
+    p = qc_sub.add_parser("approve", help="let a session that failed image QC through (reason required)")
+    p.add_argument("session", metavar="SESSION", help="a ScanID, sub-X/ses-Y, X/Y or the partition key Y|X")
+    p.add_argument("--reason", required=True, help="what was looked at and why the data are usable")
+    p.add_argument("--by", default=None, help="who approves (default: the logged-in user)")
+    p.add_argument("--no-launch", action="store_true", help="record the approval only; relaunch nothing")
+    p.add_argument("--url", default=None, help="the webserver (default http://127.0.0.1:3000/graphql)")
+    p.set_defaults(func=records_errors_exit_1(cmd_qc_approve))
+
+    p = qc_sub.add_parser("revoke", help="withdraw an approval (reason required)")
+    p.add_argument("session", metavar="SESSION")
+    p.add_argument("--reason", required=True)
+    p.add_argument("--by", default=None)
+    p.set_defaults(func=records_errors_exit_1(cmd_qc_revoke))
+
+    p = qc_sub.add_parser("list", help="sessions held by image QC and approved ones, judged now")
+    p.add_argument("--all", action="store_true", help="every registered session, whatever its QC")
+    add_format_option(p)
+    p.set_defaults(func=records_errors_exit_1(cmd_qc_list))
