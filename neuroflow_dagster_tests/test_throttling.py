@@ -15,7 +15,7 @@ DICOM, and a real Slurm cluster (engines/slurm_cluster.py): QSIPrep runs with `r
 so each run is a Slurm job (the embedded stand-in inside it), and the same measurement shows that
 the stage's limits cap its jobs in flight - on a cluster with room for two at once. The recon and
 parc automation sensors are stopped (as an operator would, via GraphQL) so that only QSIPrep
-competes.
+competes, and the QSIPrep sensor is paused until both sessions are converted (so its two runs compete).
 
 Overlap = the largest number of QSIPrep runs between their start and end at the same moment (run
 records), and of QSIPrep Slurm jobs between their submission and end (sacct). Every path must also
@@ -101,6 +101,16 @@ def stop_sensor(port: int, name: str, location: str = LOCATION) -> None:
         {"id": data["id"]},
     )["stopSensor"]
     assert result.get("instigationState", {}).get("status") == "STOPPED", result
+
+
+def start_sensor(port: int, name: str, location: str = LOCATION) -> None:
+    result = gql(
+        port,
+        """mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename
+             ... on Sensor { sensorState { status } } ... on Error { message } } }""",
+        {"s": {"repositoryLocationName": location, "repositoryName": REPOSITORY, "sensorName": name}},
+    )["startSensor"]
+    assert result.get("sensorState", {}).get("status") == "RUNNING", result
 
 
 def launch_ui_backfill(port: int, asset: str, partitions: list[str]) -> str:
@@ -271,11 +281,21 @@ def test_qsiprep_runs_one_at_a_time_on_every_launch_path(tmp_path: Path, slurm: 
         # schema version table ("more than one head"), seen on this machine.
         instance = dg.DagsterInstance.from_config(str(dev["home"]))
         wait_for("the automation sensors' first ticks", lambda: automation_ticked(log), timeout=180, log=log)
-        for sensor in ("automation_qsirecon", "automation_qsiparc"):
+        for sensor in ("automation_qsirecon", "automation_qsiparc", "automation_qsiprep"):
             stop_sensor(port, sensor)
         for scan_id in MAPPING:  # both sessions arrive together (a rename each, as a careful export does)
             (exports / scan_id).rename(config.paths.dicom_incoming / scan_id)
-        # The automation requests QSIPrep for each subject as soon as its session is converted.
+        # The QSIPrep sensor is paused until both sessions are converted, so that its two requests come
+        # in one tick and its runs compete (otherwise the first subject's QSIPrep may end before the
+        # second subject's conversion does, and a limit of 1 on the automation path proves nothing).
+        wait_for(
+            "both sessions converted",
+            lambda: len(instance.fetch_materializations(dg.AssetKey("bids_session"), limit=10).records) >= 2,
+            timeout=300,
+            log=log,
+        )
+        start_sensor(port, "automation_qsiprep")
+        # The automation requests QSIPrep for each subject, both converted.
         wait_for(
             "the automation to request QSIPrep for both subjects",
             lambda: len([r for r in qsiprep_runs(instance) if is_automation(r)]) == 2,
