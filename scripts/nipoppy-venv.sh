@@ -14,7 +14,8 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-project_venv="${PROJECT_VENV:-$here/.venv}"
+# shellcheck source=scripts/layered-venv.sh
+source "$here/scripts/layered-venv.sh"
 target="${1:-$here/.venv-nipoppy}"
 # nipoppy 0.4.8 and what it imports that the project venv lacks (with their own small dependencies).
 pins="nipoppy==0.4.8 boutiques==0.5.33 pybids==0.22.0 formulaic==1.2.2 interface-meta==2.0.1 wrapt==2.5.2
@@ -22,35 +23,10 @@ bids-validator==1.14.7.post0 bidsschematools==2.0.1 num2words==0.5.14 docopt==0.
 pysqa==1.1.1 defusedxml==0.7.1 rich-click==1.9.9 httpx==0.28.1 httpcore==1.0.9 json5==0.17.3
 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
 attrs==26.1.0 termcolor==3.3.0"
-stamp="$target/.ready"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$pins" ]; then
-  echo "$target"
-  exit 0
-fi
-
-project_python="$project_venv/bin/python"
-if [ ! -x "$project_python" ]; then
-  echo "error: project venv not found at $project_venv (run make install first)" >&2
-  exit 3
-fi
-site_of() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
-
-# One builder at a time (two test processes may ask at once).
-exec 9>"${TMPDIR:-/tmp}/neuroflow-nipoppy-venv.lock"
-if command -v flock >/dev/null 2>&1; then flock 9; fi
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$pins" ]; then echo "$target"; exit 0; fi
-
-start=$(date +%s)
-rm -rf "$target"
-"$project_python" -m venv --without-pip "$target"
-echo "$(site_of "$project_python")" > "$(site_of "$target/bin/python")/neuroflow-project-venv.pth"
-# The project's pip installs into the new venv (--python): no second copy of pip.
-pip=("$project_python" -m pip --python "$target/bin/python" --disable-pip-version-check --no-input)
+layered_venv_start "$target" "$pins" neuroflow-nipoppy-venv
 # shellcheck disable=SC2086
 "${pip[@]}" install --quiet --no-deps $pins
 # Prove it imports (a missing dependency fails here, not in the middle of a test).
 "$target/bin/python" -c 'import nipoppy.cli.cli, nipoppy.tabular.curation_status, nipoppy.tabular.processing_status'
-echo "$pins" > "$stamp"
-echo "built $target in $(( $(date +%s) - start )) s, $(du -sh "$target" | cut -f1)" >&2
-echo "$target"
+layered_venv_done "$target" "$pins"

@@ -14,11 +14,12 @@
 #     folders of their own (the test's PYTHONPATH picks one);
 #   - TEMPLATEFLOW_HOME points at an empty stub dataset: QSIPrep's config module indexes
 #     TemplateFlow at import time (13 s on the full skeleton, ~0 on the stub).
-# Idempotent: a stamp holding the pins makes a second call return at once.
+# Idempotent (scripts/layered-venv.sh): a stamp holding the pins makes a second call return at once.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-project_venv="${PROJECT_VENV:-$here/.venv}"
+# shellcheck source=scripts/layered-venv.sh
+source "$here/scripts/layered-venv.sh"
 tools="${1:-$here/.venv-tools}"
 # What the parsers import that the project venv lacks, with their own small dependencies.
 # (qsiplan's bids2table is imported lazily, never by the parser.)
@@ -27,32 +28,8 @@ bids-validator==1.14.7.post0 bidsschematools==2.0.1 num2words==0.5.14 frozendict
 qsiplan==0.5.0 qsiparc==0.1.2"
 qsiprep_versions="1.1.1 26.1.1"
 pins="$deps qsiprep $qsiprep_versions"
-stamp="$tools/.ready"
 
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$pins" ]; then
-  echo "$tools"
-  exit 0
-fi
-
-project_python="$project_venv/bin/python"
-if [ ! -x "$project_python" ]; then
-  echo "error: project venv not found at $project_venv (run make install first)" >&2
-  exit 3
-fi
-site_of() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
-
-# One builder at a time (two test processes may ask at once).
-exec 9>"${TMPDIR:-/tmp}/neuroflow-tool-parsers.lock"
-if command -v flock >/dev/null 2>&1; then flock 9; fi
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$pins" ]; then echo "$tools"; exit 0; fi
-
-start=$(date +%s)
-rm -rf "$tools"
-"$project_python" -m venv --without-pip "$tools"
-echo "$(site_of "$project_python")" > "$(site_of "$tools/bin/python")/neuroflow-project-venv.pth"
-# The project's pip installs into the new venv (--python): no second copy of pip.
-pip=("$project_python" -m pip --python "$tools/bin/python" --disable-pip-version-check --no-input)
-# --no-deps with every pin given: no resolver run (the slow part), no clash with the project's pins.
+layered_venv_start "$tools" "$pins" neuroflow-tool-parsers
 # shellcheck disable=SC2086
 "${pip[@]}" install --quiet --no-deps $deps
 # Two QSIPrep versions side by side: a wheel is a zip of the package, so it is unpacked, not installed.
@@ -64,6 +41,4 @@ rm -rf "$tools/wheels"
 mkdir -p "$tools/templateflow"
 printf '{"Name": "TemplateFlow stub (parser tests only)", "BIDSVersion": "1.4.0"}\n' \
   > "$tools/templateflow/dataset_description.json"
-echo "$pins" > "$stamp"
-echo "built $tools in $(( $(date +%s) - start )) s, $(du -sh "$tools" | cut -f1)" >&2
-echo "$tools"
+layered_venv_done "$tools" "$pins"
