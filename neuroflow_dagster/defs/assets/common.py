@@ -11,11 +11,14 @@ import dagster as dg
 
 from neuroflow_dagster import provenance as prov
 from neuroflow_dagster.config import NeuroflowConfig, StageConfig
+from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
+from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.discovery.identity import RegistryEntry
 from neuroflow_dagster.eligibility import NotEligible, registered_session
 from neuroflow_dagster.naming.bids import provenance_path
 from neuroflow_dagster.naming.partitions import split_session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, STATUS_KEY, STATUS_NOT_APPLICABLE
+from neuroflow_dagster.runtimes.base import RunRecord
 from neuroflow_dagster.tools.spec import ToolSpec
 
 
@@ -82,3 +85,28 @@ def derivative_plan(
         inputs=tuple(prov.input_tree(label, root, patterns) for label, root, patterns in reads),
         tool_versions=tool_versions(stage_cfg, tool),
     )
+
+
+def run_derivative_tool(
+    context: dg.AssetExecutionContext,
+    config: NeuroflowConfig,
+    stage: str,
+    tool: Any,
+    participant: str,
+    sessions: Sequence[str],
+    output_root: Path,
+    session: str | None = None,
+) -> tuple[RunRecord, ToolSpec, dict[str, Any]]:
+    """The course every derivative stage takes once it knows it applies: refuse on a low disk, build
+    the tool's spec into this run's staging folder under ``output_root``, hash what it reads for the
+    provenance file, run it (published on success) and return the record, the spec and the base
+    metadata. ``tool`` is the stage's tool module (``build_spec``, ``reads``, ``TOOL``); a session
+    stage passes ``session``, a subject stage all its ``sessions``."""
+    refuse_if_disk_low(context, config, stage)
+    target: Any = session if session is not None else list(sessions)
+    spec = build_or_refuse(tool.build_spec, config, participant, target, output_dir=staging_for(context, output_root))
+    plan = derivative_plan(
+        config.stage(stage), tool.TOOL, participant, sessions, tool.reads(config, participant, target), session=session
+    )
+    record = execute_spec(context, config, stage, spec, provenance=plan)
+    return record, spec, record_metadata(record, spec)

@@ -3,10 +3,8 @@
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.assets.common import not_applicable, run_derivative_tool, session_context
 from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
-from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY
@@ -31,24 +29,9 @@ def build_qsiparc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         if not layout.qsirecon_maps(layout.qsirecon_dir(cfg), ses.participant, ses.session):
             return not_applicable(f"no QSIRecon output for sub-{ses.participant} ses-{ses.session}")
         gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)  # an approval revoked since recon
-        refuse_if_disk_low(context, cfg, STAGE)
-        spec = build_or_refuse(
-            qsiparc.build_spec,
-            cfg,
-            ses.participant,
-            ses.session,
-            output_dir=staging_for(context, layout.qsiparc_dir(cfg)),
+        record, spec, meta = run_derivative_tool(
+            context, cfg, STAGE, qsiparc, ses.participant, [ses.session], layout.qsiparc_dir(cfg), ses.session
         )
-        plan = derivative_plan(
-            cfg.pipelines.qsiparc,
-            qsiparc.TOOL,
-            ses.participant,
-            [ses.session],
-            qsiparc.reads(cfg, ses.participant, ses.session),
-            session=ses.session,
-        )
-        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
-        meta = record_metadata(record, spec)
         out = layout.session_dir(spec.final_dir, ses.participant, ses.session)
         tables = sorted(out.rglob("*.tsv")) if out.is_dir() else []
         meta.update(

@@ -8,9 +8,7 @@ arrivals and then reconstructs every session of the subject.
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, refuse
-from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
+from neuroflow_dagster.defs.assets.common import not_applicable, refuse, run_derivative_tool
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import NotEligible, qsiprep_sessions
@@ -46,15 +44,9 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 f"sub-{participant} has no session QSIPrep can take",
                 left_out=dg.MetadataValue.json(left_out),
             )
-        refuse_if_disk_low(context, cfg, STAGE)
-        spec = build_or_refuse(
-            qsiprep.build_spec, cfg, participant, sessions, output_dir=staging_for(context, layout.qsiprep_dir(cfg))
+        record, _spec, meta = run_derivative_tool(
+            context, cfg, STAGE, qsiprep, participant, sessions, layout.qsiprep_dir(cfg)
         )
-        plan = derivative_plan(
-            cfg.pipelines.qsiprep, qsiprep.TOOL, participant, sessions, qsiprep.reads(cfg, participant, sessions)
-        )
-        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
-        meta = record_metadata(record, spec)
         meta.update(
             {
                 STATUS_KEY: STATUS_DONE,

@@ -3,10 +3,8 @@
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
-from neuroflow_dagster.defs.assets.common import build_or_refuse, derivative_plan, not_applicable, session_context
+from neuroflow_dagster.defs.assets.common import not_applicable, run_derivative_tool, session_context
 from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
-from neuroflow_dagster.defs.diskguard import refuse_if_disk_low
-from neuroflow_dagster.defs.execution import execute_spec, record_metadata, staging_for
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import missing_suffixes
@@ -56,24 +54,9 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
         gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
-        refuse_if_disk_low(context, cfg, STAGE)
-        spec = build_or_refuse(
-            qsirecon.build_spec,
-            cfg,
-            ses.participant,
-            ses.session,
-            output_dir=staging_for(context, layout.qsirecon_dir(cfg)),
+        record, spec, meta = run_derivative_tool(
+            context, cfg, STAGE, qsirecon, ses.participant, [ses.session], layout.qsirecon_dir(cfg), ses.session
         )
-        plan = derivative_plan(
-            cfg.pipelines.qsirecon,
-            qsirecon.TOOL,
-            ses.participant,
-            [ses.session],
-            qsirecon.reads(cfg, ses.participant, ses.session),
-            session=ses.session,
-        )
-        record = execute_spec(context, cfg, STAGE, spec, provenance=plan)
-        meta = record_metadata(record, spec)
         meta.update(
             {
                 STATUS_KEY: STATUS_DONE,
