@@ -254,7 +254,9 @@ def test_without_the_lock_the_same_workload_loses_updates(tmp_path: Path, monkey
 
     monkeypatch.setattr(dataset, "bids_root_lock", lambda *a, **k: contextlib.nullcontext())
     work, bids = tmp_path / "work", tmp_path / "bids"
-    _run_processes(work, bids, slow_s=0.01)
+    # A wider read -> write window than above: each process then spends most of its time inside it,
+    # so unlocked updates collide on a quiet machine too (at 0.01 s a quiet machine once lost none).
+    _run_processes(work, bids, slow_s=0.2)
     found = 0
     for participant in PARTICIPANTS:
         _, rows = dataset.read_tsv(bids / f"sub-{participant}" / f"sub-{participant}_sessions.tsv")
