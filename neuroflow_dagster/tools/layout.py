@@ -22,7 +22,7 @@ from typing import Any
 
 from neuroflow_dagster.naming import bids
 from neuroflow_dagster.naming.bids import is_label
-from neuroflow_dagster.tools.spec import Mount
+from neuroflow_dagster.tools.spec import Mount, ToolSpec
 
 # A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
 # Where a containerized tool sees its output, work folder and FreeSurfer licence (fixed paths, so argv
@@ -212,3 +212,41 @@ def check_not_inside(inner: Path, outer: Path, what: str) -> None:
     inner_r, outer_r = Path(inner).resolve(), Path(outer).resolve()
     if inner_r == outer_r or outer_r in inner_r.parents:
         raise SpecError(f"{what} {inner} must not be inside the input folder {outer}")
+
+
+def prepare_dirs(work: Path, out: Path) -> None:
+    """The run's work and output folders exist before the tool (or its container) starts."""
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def nipreps_container_spec(
+    tool: str,
+    argv: list[str],
+    cfg: Any,
+    pm: PathMap,
+    work: Path,
+    out: Path,
+    *,
+    fs_license: bool = True,
+    **fields: Any,
+) -> ToolSpec:
+    """The tail every NiPreps container command shares (QSIPrep, QSIRecon): the work folder (``-w``),
+    the FreeSurfer licence when configured and ``fs_license`` says the tool takes it, ``--notrack``
+    (no crash reports leave a clinical site), the operator's extra arguments; then the spec."""
+    container_work = pm(work, C_WORK, read_only=False)
+    argv = [*argv, "-w", container_work]
+    if fs_license and cfg.fs_license is not None:
+        argv += ["--fs-license-file", pm(Path(cfg.fs_license), C_LICENSE)]
+    argv.append("--notrack")
+    argv += list(cfg.extra_args)
+    prepare_dirs(work, out)
+    return ToolSpec(
+        tool=tool,
+        argv=tuple(argv),
+        image=cfg.image,
+        mounts=tuple(pm.mounts),
+        env=dict(NO_PING_ENV),
+        workdir=Path(container_work),
+        **fields,
+    )

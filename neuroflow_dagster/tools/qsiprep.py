@@ -29,7 +29,7 @@ from typing import Any
 from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import C_LICENSE, C_OUT, C_WORK, NO_PING_ENV, PathMap, SpecError, stand_in_command
+from neuroflow_dagster.tools.layout import C_OUT, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsiprep"
@@ -146,7 +146,7 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
     if cfg.tool_runtime == "builtin":
         argv, pm = stand_in_command(STAND_IN, ("--bids-dir", bids), out, participant, sessions, work)
         argv += ["--nprocs", str(cfg.nprocs)]
-        _prepare(work, out)
+        layout.prepare_dirs(work, out)
         return ToolSpec(
             tool=TOOL, argv=tuple(argv), image=None, mounts=tuple(pm.mounts), workdir=work, stand_in=True, **common
         )
@@ -188,23 +188,8 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
     if cfg.omp_nthreads:
         argv += ["--omp-nthreads", str(cfg.omp_nthreads)]
     argv += ["--mem-mb", str(cfg.mem_mb)]
-    container_work = pm(work, C_WORK, read_only=False)
-    argv += ["-w", container_work]
-    if version < NEW_DIALECT and cfg.fs_license is not None:
-        argv += ["--fs-license-file", pm(Path(cfg.fs_license), C_LICENSE)]
-    # No crash reports leave a clinical site.
-    argv.append("--notrack")
-    argv += list(cfg.extra_args)
-    _prepare(work, out)
-    return ToolSpec(
-        tool=TOOL,
-        argv=tuple(argv),
-        image=cfg.image,
-        mounts=tuple(pm.mounts),
-        env=dict(NO_PING_ENV),
-        workdir=Path(container_work),
-        **common,
-    )
+    # QSIPrep >= NEW_DIALECT no longer takes a FreeSurfer licence.
+    return layout.nipreps_container_spec(TOOL, argv, cfg, pm, work, out, fs_license=version < NEW_DIALECT, **common)
 
 
 def reads(config: Any, participant: str, sessions: Sequence[str]) -> list[tuple[str, Path, list[str]]]:
@@ -217,11 +202,6 @@ def reads(config: Any, participant: str, sessions: Sequence[str]) -> list[tuple[
         filter_file = bids_filter_path(config, participant)
         reads.append(("bids_filter", filter_file.parent, [filter_file.name]))
     return reads
-
-
-def _prepare(work: Path, out: Path) -> None:
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def code_version(config: Any) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
-from neuroflow_dagster.tools.layout import C_LICENSE, C_OUT, C_WORK, NO_PING_ENV, PathMap, SpecError, stand_in_command
+from neuroflow_dagster.tools.layout import C_OUT, PathMap, SpecError, stand_in_command
 from neuroflow_dagster.tools.spec import ToolSpec
 
 TOOL = "qsirecon"
@@ -86,7 +86,7 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
                 argv += ["--atlas-labels", pm(Path(cfg.atlas_labels), "")]
         elif cfg.atlas_labels is not None:
             raise SpecError("pipelines.qsirecon.atlas_labels is set without atlas_file")
-        _prepare(work, out)
+        layout.prepare_dirs(work, out)
         return ToolSpec(
             tool=TOOL,
             argv=tuple(argv),
@@ -125,22 +125,8 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     if cfg.atlases:
         argv += ["--atlases", *cfg.atlases]
     argv += ["--nprocs", str(cfg.nprocs), "--mem-mb", str(cfg.mem_mb)]
-    container_work = pm(work, C_WORK, read_only=False)
-    argv += ["-w", container_work]
-    if cfg.fs_license is not None:
-        argv += ["--fs-license-file", pm(Path(cfg.fs_license), C_LICENSE)]
-    argv.append("--notrack")
-    argv += list(cfg.extra_args)
-    _prepare(work, out)
-    return ToolSpec(
-        tool=TOOL,
-        argv=tuple(argv),
-        image=cfg.image,
-        mounts=tuple(pm.mounts),
-        env=dict(NO_PING_ENV),
-        workdir=Path(container_work),
-        outputs=golden_outputs(participant, session, cfg.atlases),
-        **common,
+    return layout.nipreps_container_spec(
+        TOOL, argv, cfg, pm, work, out, outputs=golden_outputs(participant, session, cfg.atlases), **common
     )
 
 
@@ -168,11 +154,6 @@ def reads(config: Any, participant: str, session: str) -> list[tuple[str, Path, 
         files += [Path(f) for f in (cfg.atlas_file, cfg.atlas_labels) if f is not None]
     reads += [(f"config:{path.name}", path.parent, [path.name]) for path in files]
     return reads
-
-
-def _prepare(work: Path, out: Path) -> None:
-    work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def code_version(config: Any) -> str:
