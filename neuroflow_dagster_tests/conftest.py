@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 
+from neuroflow_dagster.bids import curate
+from neuroflow_dagster.bids.curate import CurationReport
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.demo import sources, synth
+from neuroflow_dagster.tools import heudiconv
 from neuroflow_dagster.tools.spec import ToolSpec
 from neuroflow_dagster_tests.engines.docker_engine import DockerEngine
 from neuroflow_dagster_tests.engines.docker_engine import docker_engine as start_docker_engine
@@ -93,6 +96,23 @@ def _run_spec_locally(spec: ToolSpec, timeout_s: float = 300.0) -> subprocess.Co
 def run_spec() -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run a ToolSpec locally (real tool, no Dagster): the boundary the local runtime uses."""
     return _run_spec_locally
+
+
+def convert_locally(
+    config: NeuroflowConfig, dicom: Path, staging: Path, participant: str, session: str
+) -> tuple[ToolSpec, CurationReport]:
+    """What the conversion asset does before validating, without Dagster: the real HeudiConv + dcm2niix run
+    locally into ``staging``, then the curation of the staged session (bids/curate.py)."""
+    spec = heudiconv.build_spec(config, dicom_dir=dicom, participant=participant, session=session, staging_dir=staging)
+    _run_spec_locally(spec)
+    heuristic = heudiconv.resolve_heuristic(config.pipelines.bids_conversion.heuristic)
+    return spec, curate.curate_conversion(staging, participant, session, heuristic)
+
+
+@pytest.fixture(scope="session")
+def convert() -> Callable[..., tuple[ToolSpec, CurationReport]]:
+    """``convert(config, dicom, staging, participant, session)``: real HeudiConv + dcm2niix, then curation."""
+    return convert_locally
 
 
 # --------------------------------------------------------------------------- real engines (started here)

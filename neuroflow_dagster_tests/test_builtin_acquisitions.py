@@ -3,7 +3,7 @@
 Issue 10: a session with two b=0 volumes and twelve directions crashed the QSIPrep
 stand-in (dipy patch2self) and the subject never progressed. This matrix runs the
 acquisition shapes a scanner produces through the real conversion with the shipped
-heuristic, then preproc -> recon -> parcellate: 1-4 b=0 volumes leading and
+heuristic and curation, then preproc -> recon -> parcellate: 1-4 b=0 volumes leading and
 interleaved (at b=0 and at Siemens' b=5), 6/12/30/64 directions, two shells, two DWI
 runs in one session, odd and small matrices, a single-slice series, a reverse
 phase-encoded b=0 in fmap/, and a poor-quality session (heavy noise, slice dropouts)
@@ -17,7 +17,6 @@ gradient tables, 3D/5D images...) are NIfTI-level cases in test_builtin_robustne
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +29,6 @@ import pytest
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.demo import synth
-from neuroflow_dagster.tools import heudiconv
 from neuroflow_dagster.tools.builtin import parcellate, preproc, recon
 from neuroflow_dagster.tools.builtin.common import run_cli
 from neuroflow_dagster.tools.qc_table import find_image_qc, read_image_qc
@@ -62,8 +60,8 @@ def n_dw_volumes(kw: dict[str, Any]) -> int:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Converts each case on first use (real HeudiConv + dcm2niix), one session label per case."""
+def converted(tmp_path_factory, convert):
+    """Converts each case on first use (real HeudiConv + dcm2niix + curation), one session label per case."""
     root = tmp_path_factory.mktemp("acq")
     config = NeuroflowConfig.model_validate(
         {"paths": {k: str(root / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}})
@@ -74,12 +72,7 @@ def converted(tmp_path_factory):
             kw = {"series": ("t1w", "dwi"), **CASES[name]}
             session = synth.write_session(root / "dicom" / name, seed=10 + len(done), **kw)
             staging = root / "stage" / name
-            spec = heudiconv.build_spec(config, dicom_dir=session.folder, participant=SUBJECT,
-                                        session=LABELS[name], staging_dir=staging)
-            staging.mkdir(parents=True)
-            proc = subprocess.run(list(spec.argv), env={**os.environ, **spec.env}, cwd=staging,
-                                  capture_output=True, text=True, timeout=300, check=False)
-            assert proc.returncode == 0, f"heudiconv failed on {name}: {(proc.stdout + proc.stderr)[-3000:]}"
+            convert(config, session.folder, staging, SUBJECT, LABELS[name])
             done[name] = (staging, session)
         return done[name]
 

@@ -1,4 +1,9 @@
-"""The shipped heuristic's naming table and the HeudiConv ToolSpec (no tools run here)."""
+"""The shipped heuristic's first cut (HeudiConv SeqInfo -> BIDS name) and the HeudiConv ToolSpec (no tools run).
+
+The series names come from the protocol corpus (protocol_corpus.py): ABCD, HCP/Lifespan, HCP-YA, ADNI3,
+UK Biobank and the Siemens, Philips and GE defaults, as HeudiConv's own ``SeqInfo`` rows. What curation
+does after dcm2niix (b=0 series to fmap/, dir- from the headers) is test_conversion_curate.py.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from neuroflow_dagster.bids.dataset import present_suffixes
 from neuroflow_dagster.config import ConfigError
 from neuroflow_dagster.heuristics import neuroflow_default as heur
 from neuroflow_dagster.tools import heudiconv
+from neuroflow_dagster_tests import protocol_corpus
 
 
 @dataclass
@@ -29,43 +35,33 @@ class Seq:
 
 
 DIFF = ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE", "ND")
-# (SeriesDescription, ImageType, volumes) -> expected path under sub-X/ses-Y, or None = skipped
-TABLE: list[tuple[str, tuple[str, ...], int, str | None]] = [
-    ("T1_MPRAGE_SAG", ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), 1, "anat/sub-01_ses-A_T1w"),
-    ("t1_mprage_sag_p2_iso", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, "anat/sub-01_ses-A_T1w"),
-    ("MPRAGE_S2 SENSE", ("ORIGINAL", "PRIMARY", "T1", "NONE"), 1, "anat/sub-01_ses-A_T1w"),
-    ("Sag 3D FSPGR BRAVO", ("ORIGINAL", "PRIMARY", "OTHER"), 1, "anat/sub-01_ses-A_T1w"),
-    ("T2_FLAIR_3D", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, "anat/sub-01_ses-A_FLAIR"),
-    ("t2_FLAIR_ax", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, "anat/sub-01_ses-A_FLAIR"),
-    ("t2_spc_sag_p2_iso", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, "anat/sub-01_ses-A_T2w"),
-    ("T2W_TSE_ax", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, "anat/sub-01_ses-A_T2w"),
-    ("t2_tse_tra", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, "anat/sub-01_ses-A_T2w"),
-    ("T2star_gre_tra", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, None),
-    ("t2_swi_tra", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, None),
-    ("ep2d_diff_mddw_30", DIFF, 31, "dwi/sub-01_ses-A_dwi"),
-    ("dMRI_mb3_AP_1.5", (*DIFF, "MB", "MOSAIC"), 3, "dwi/sub-01_ses-A_dir-AP_dwi"),
-    ("DTI_64dir_b0_1000", DIFF, 65, "dwi/sub-01_ses-A_dwi"),  # b0 in the name but long: a DWI
-    ("CBU_DTI_64D_1A", DIFF, 2, "dwi/sub-01_ses-A_dwi"),
-    ("Axial DTI", ("ORIGINAL", "PRIMARY", "OTHER"), 33, "dwi/sub-01_ses-A_dwi"),  # name only (GE)
-    ("dMRI_AP_SBRef", (*DIFF, "SBREF"), 1, "dwi/sub-01_ses-A_dir-AP_sbref"),
-    ("ep2d_diff_b0_PA", DIFF, 1, "fmap/sub-01_ses-A_acq-dwi_dir-PA_epi"),
-    ("SpinEchoFieldMap_AP", ("ORIGINAL", "PRIMARY", "M", "ND"), 3, "fmap/sub-01_ses-A_acq-dwi_dir-AP_epi"),
-    ("topup_b0", DIFF, 2, "fmap/sub-01_ses-A_acq-dwi_dir-unknown_epi"),
-    ("gre_field_mapping", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, "fmap/sub-01_ses-A_acq-dwi_magnitude"),
-    ("gre_field_mapping", ("ORIGINAL", "PRIMARY", "P", "ND"), 1, "fmap/sub-01_ses-A_acq-dwi_phasediff"),
-    # skipped: localizers, derived maps, motion corrected, unknown, anatomy phase
-    ("AAHead_Scout_32ch-head-coil", ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), 1, None),
-    ("localizer", ("ORIGINAL", "PRIMARY", "M", "ND"), 1, None),
-    ("3Plane Loc SSFSE", ("ORIGINAL", "PRIMARY", "OTHER"), 1, None),
-    ("ep2d_diff_mddw_30_ADC", ("DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"), 1, None),
-    ("ep2d_diff_mddw_30_FA", ("DERIVED", "PRIMARY", "DIFFUSION", "FA", "ND"), 1, None),
-    ("ep2d_diff_mddw_30_TRACEW", ("DERIVED", "PRIMARY", "DIFFUSION", "TRACEW", "ND"), 1, None),
-    ("dMRI ColFA", ("DERIVED", "PRIMARY", "DIFFUSION", "NONE"), 1, None),
-    ("T1_MPRAGE_SAG_MPR_cor", ("DERIVED", "SECONDARY", "MPR"), 1, None),
-    ("MoCoSeries", ("ORIGINAL", "PRIMARY", "M", "ND", "MOCO"), 100, None),
-    ("t2_swi_tra_Pha", ("ORIGINAL", "PRIMARY", "P", "ND"), 1, None),
-    ("resting_state_bold", ("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"), 200, None),
-    ("PhoenixZIPReport", ("ORIGINAL", "PRIMARY", "OTHER", "CSA REPORT"), 1, None),
+# (SeriesDescription, ImageType) -> expected path under sub-X/ses-Y, or None = skipped
+TABLE: list[tuple[str, tuple[str, ...], str | None]] = [
+    ("T1_MPRAGE_SAG", ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), "anat/sub-01_ses-A_T1w"),
+    ("MPRAGE_S2 SENSE", ("ORIGINAL", "PRIMARY", "T1", "NONE"), "anat/sub-01_ses-A_T1w"),
+    ("Sag 3D FSPGR BRAVO", ("ORIGINAL", "PRIMARY", "OTHER"), "anat/sub-01_ses-A_T1w"),
+    ("T2_FLAIR_3D", ("ORIGINAL", "PRIMARY", "M", "ND"), "anat/sub-01_ses-A_FLAIR"),
+    ("t2_FLAIR_ax", ("ORIGINAL", "PRIMARY", "M", "ND"), "anat/sub-01_ses-A_FLAIR"),
+    ("T2star_gre_tra", ("ORIGINAL", "PRIMARY", "M", "ND"), None),
+    ("ep2d_diff_mddw_30", DIFF, "dwi/sub-01_ses-A_dwi"),
+    ("dMRI_mb3_AP_1.5", (*DIFF, "MB", "MOSAIC"), "dwi/sub-01_ses-A_dir-AP_dwi"),
+    ("DTI_64dir_b0_1000", DIFF, "dwi/sub-01_ses-A_dwi"),
+    ("Axial DTI", ("ORIGINAL", "PRIMARY", "OTHER"), "dwi/sub-01_ses-A_dwi"),  # name only (GE)
+    ("dMRI_AP_SBRef", (*DIFF, "SBREF"), "dwi/sub-01_ses-A_dir-AP_sbref"),
+    # A b=0 series of the diffusion sequence goes to dwi/ first: curation moves it by its b-values.
+    ("ep2d_diff_b0_PA", DIFF, "dwi/sub-01_ses-A_dir-PA_dwi"),
+    ("topup_b0", DIFF, "dwi/sub-01_ses-A_dwi"),
+    ("SpinEchoFieldMap_AP", ("ORIGINAL", "PRIMARY", "M", "ND"), "fmap/sub-01_ses-A_dir-AP_epi"),
+    ("dMRI_DistortionMap_PA", ("ORIGINAL", "PRIMARY", "M", "ND"), "fmap/sub-01_ses-A_acq-dwi_dir-PA_epi"),
+    ("gre_field_mapping", ("ORIGINAL", "PRIMARY", "M", "ND"), "fmap/sub-01_ses-A_magnitude"),
+    ("gre_field_mapping", ("ORIGINAL", "PRIMARY", "P", "ND"), "fmap/sub-01_ses-A_phasediff"),
+    ("fmap_dwi", ("ORIGINAL", "PRIMARY", "P", "ND"), "fmap/sub-01_ses-A_acq-dwi_phasediff"),
+    ("gre_field_mapping_fMRI", ("ORIGINAL", "PRIMARY", "P", "ND"), None),
+    ("AAHead_Scout_32ch-head-coil", ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), None),
+    ("3Plane Loc SSFSE", ("ORIGINAL", "PRIMARY", "OTHER"), None),
+    ("T1_MPRAGE_SAG_MPR_cor", ("DERIVED", "SECONDARY", "MPR"), None),
+    ("resting_state_bold", ("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"), None),
+    ("", (), None),
 ]
 BIDS_NAME = re.compile(
     r"^(anat|dwi|fmap)/sub-[A-Za-z0-9]+_ses-[A-Za-z0-9]+(_acq-[A-Za-z0-9]+)?(_dir-[A-Za-z0-9]+)?"
@@ -73,17 +69,56 @@ BIDS_NAME = re.compile(
 )
 
 
-@pytest.mark.parametrize(("description", "image_type", "volumes", "expected"), TABLE)
-def test_heuristic_names_each_series(
-    description: str, image_type: tuple[str, ...], volumes: int, expected: str | None
-) -> None:
-    seq = Seq(description, image_type, series_id="5-x", protocol_name=description, dim4=volumes)
+@pytest.mark.parametrize(("description", "image_type", "expected"), TABLE)
+def test_heuristic_names_each_series(description: str, image_type: tuple[str, ...], expected: str | None) -> None:
+    seq = Seq(description, image_type, series_id="5-x", protocol_name=description)
     names = heur.names_for([seq], subject="01", session="A")
     if expected is None:
         assert names == {}, f"{description} should be skipped"
     else:
         assert names == {"5-x": f"sub-01/ses-A/{expected}"}
         assert BIDS_NAME.match(expected), expected
+
+
+@pytest.mark.parametrize("protocol", list(protocol_corpus.PROTOCOLS))
+def test_public_protocols_get_their_first_cut_with_a_reason(protocol: str) -> None:
+    """Every series of a real protocol, as HeudiConv's SeqInfo: named or skipped as the corpus says."""
+    rows = protocol_corpus.seqinfo(protocol)
+    decided = {d.series_id: d for d in heur.decide(rows)}
+    got = [(s.series_description, decided[s.series_id].target) for s in rows]
+    assert got == [(s.description, s.first_cut) for s in protocol_corpus.PROTOCOLS[protocol]]
+    assert all(d.reason for d in decided.values())
+    for name in heur.names_for(rows, subject="01", session="A").values():
+        assert BIDS_NAME.match(name.split("/", 2)[2]), name
+
+
+def test_ge_protocol_name_is_not_read_when_a_description_is_there() -> None:
+    """GE writes the exam's protocol in ProtocolName ('... DTI ...' on every series): the description decides."""
+    seq = Seq("Sag CUBE T2", ("ORIGINAL", "PRIMARY", "OTHER"), series_id="3-x", protocol_name="BRAIN DTI STUDY")
+    assert heur.decide([seq])[0].target == "anat/T2w"
+    nameless = Seq("", ("ORIGINAL", "PRIMARY", "OTHER"), series_id="4-x", protocol_name="Ax DTI")
+    assert heur.decide([nameless])[0].target == "dwi/dwi"
+
+
+def test_copies_and_echoes_of_one_acquisition_give_one_image_repeats_give_runs() -> None:
+    norm, nd = ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), ("ORIGINAL", "PRIMARY", "M", "ND")
+    dis2d = ("ORIGINAL", "PRIMARY", "M", "DIS2D")
+    seqs = [
+        Seq("t1_mprage_sag_p2_iso", nd, series_id="2-a", time="100000"),
+        Seq("t1_mprage_sag_p2_iso", norm, series_id="3-a", time="100000"),
+        Seq("t1_mprage_sag_p2_iso", nd, series_id="9-b", time="103000"),  # a repeat, with its own NORM copy
+        Seq("t1_mprage_sag_p2_iso", norm, series_id="10-b", time="103000"),
+        Seq("t2_spc_sag_p2_iso", nd, series_id="4-c", time="101000"),
+        Seq("t2_spc_sag_p2_iso_ND", dis2d, series_id="5-c", time="101000"),  # XA names the ND copy *_ND
+    ]
+    names = heur.names_for(seqs, subject="1", session="1")
+    assert names == {
+        "3-a": "sub-1/ses-1/anat/sub-1_ses-1_run-01_T1w",
+        "10-b": "sub-1/ses-1/anat/sub-1_ses-1_run-02_T1w",
+        "5-c": "sub-1/ses-1/anat/sub-1_ses-1_T2w",
+    }
+    reasons = {d.series_id: d.reason for d in heur.decide(seqs)}
+    assert reasons["2-a"].startswith("less corrected copy (ND) of one acquisition: kept 3-a (ND/NORM)")
 
 
 def test_repeated_series_get_runs_in_acquisition_order_single_ones_do_not() -> None:
@@ -110,7 +145,8 @@ def test_heuristic_keys_use_heudiconv_session_fields_and_are_self_contained() ->
     source = Path(heur.__file__).read_text()
     imports = set(re.findall(r"^(?:from|import) ([a-zA-Z_.]+)", source, re.MULTILINE))
     assert imports <= {"__future__", "re", "collections.abc", "typing"}, imports
-    assert heur.POPULATE_INTENDED_FOR_OPTS["matching_parameters"] == ["ModalityAcquisitionLabel"]
+    # Curation writes IntendedFor after dcm2niix (it moves files first): HeudiConv must not.
+    assert not hasattr(heur, "POPULATE_INTENDED_FOR_OPTS")
 
 
 def test_resolve_heuristic_by_name_or_path(tmp_path: Path) -> None:

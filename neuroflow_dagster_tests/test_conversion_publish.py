@@ -17,7 +17,6 @@ import pytest
 
 from neuroflow_dagster.bids import dataset, validator
 from neuroflow_dagster.demo import synth
-from neuroflow_dagster.tools import heudiconv
 
 
 def stage_session(work: Path, participant: str, session: str, content: str = "v1") -> Path:
@@ -268,7 +267,7 @@ def test_without_the_lock_the_same_workload_loses_updates(tmp_path: Path, monkey
 
 
 @pytest.mark.slow
-def test_published_real_conversions_form_a_valid_bids_dataset(make_config, tmp_path: Path, run_spec) -> None:
+def test_published_real_conversions_form_a_valid_bids_dataset(make_config, tmp_path: Path, convert) -> None:
     config = make_config()
     bids, work = config.paths.bids_root, config.paths.work_dir
     for seed, participant, session, scan_id in [
@@ -277,10 +276,7 @@ def test_published_real_conversions_form_a_valid_bids_dataset(make_config, tmp_p
     ]:
         dicom = synth.write_session(tmp_path / "dicom" / scan_id, seed=seed).folder
         staging = dataset.new_staging_dir(work, participant, session)
-        spec = heudiconv.build_spec(
-            config, dicom_dir=dicom, participant=participant, session=session, staging_dir=staging
-        )
-        run_spec(spec)
+        convert(config, dicom, staging, participant, session)
         assert validator.validate_session(staging, participant, session).passed
         result = dataset.publish_session(
             staging, bids, participant, session, lock_dir=work, recruitment_id="DEMO_01", scan_id=scan_id

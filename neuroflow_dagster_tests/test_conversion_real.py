@@ -21,7 +21,6 @@ import pytest
 from neuroflow_dagster.bids import validator
 from neuroflow_dagster.bids.dataset import present_suffixes
 from neuroflow_dagster.demo import sources, synth
-from neuroflow_dagster.tools import heudiconv
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +28,8 @@ ALL_SERIES = ("localizer", "t1w", "dwi", "dwi_b0_pa", "adc", "flair", "t2w")
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
-def _convert(config, dicom: Path, staging: Path, participant: str, session: str, run_spec):
-    spec = heudiconv.build_spec(config, dicom_dir=dicom, participant=participant, session=session, staging_dir=staging)
-    run_spec(spec)
+def _convert(config, dicom: Path, staging: Path, participant: str, session: str, convert):
+    spec, _report = convert(config, dicom, staging, participant, session)
     assert spec.missing_outputs() == []
     return spec
 
@@ -46,7 +44,7 @@ def bvecs_to_lps(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def synth_converted(tmp_path_factory, run_spec):
+def synth_converted(tmp_path_factory, convert):
     """One synthetic session with every series kind, converted once for this module."""
     from neuroflow_dagster.config import NeuroflowConfig
 
@@ -56,7 +54,7 @@ def synth_converted(tmp_path_factory, run_spec):
         {"paths": {k: str(root / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}}
     )
     staging = root / "work" / "stage"
-    spec = _convert(config, session.folder, staging, "0075", "01", run_spec)
+    spec = _convert(config, session.folder, staging, "0075", "01", convert)
     return session, staging, spec
 
 
@@ -75,8 +73,9 @@ def test_synthetic_session_gets_bids_names_and_skips_scouts_and_derived(synth_co
     fmap = json.loads((ses / "fmap" / "sub-0075_ses-01_acq-dwi_dir-PA_epi.json").read_text())
     dwi = json.loads((ses / "dwi" / "sub-0075_ses-01_dir-AP_dwi.json").read_text())
     assert fmap["IntendedFor"] == ["ses-01/dwi/sub-0075_ses-01_dir-AP_dwi.nii.gz"]
-    # Opposite polarity on the same axis: what a pepolar (TOPUP) correction needs.
-    assert {fmap["PhaseEncodingDirection"], dwi["PhaseEncodingDirection"]} == {"j", "j-"}
+    assert dwi["B0FieldSource"] == dwi["B0FieldIdentifier"] == fmap["B0FieldIdentifier"]
+    # Opposite polarity on the same axis: what a pepolar (TOPUP) correction needs; dir- follows it.
+    assert (fmap["PhaseEncodingDirection"], dwi["PhaseEncodingDirection"]) == ("j", "j-")
     assert (staging / ".heudiconv").is_dir()  # the cache stays in staging; publish never moves it
 
 
@@ -131,9 +130,9 @@ def test_validator_passes_the_converted_synthetic_session(synth_converted) -> No
     assert report.summary_counts["subjects"] == ["0075"] and report.summary_counts["sessions"] == ["01"]
 
 
-def test_real_siemens_prisma_dwi_converts_and_validates(make_config, real_dicom_dir, tmp_path, run_spec) -> None:
+def test_real_siemens_prisma_dwi_converts_and_validates(make_config, real_dicom_dir, tmp_path, convert) -> None:
     staging = tmp_path / "work" / "stage"
-    _convert(make_config(), real_dicom_dir, staging, "0075", "02", run_spec)
+    _convert(make_config(), real_dicom_dir, staging, "0075", "02", convert)
     prefix = staging / "sub-0075" / "ses-02" / "dwi" / "sub-0075_ses-02_dir-AP_dwi"
     assert nib.load(f"{prefix}.nii.gz").shape == (150, 152, 81, 3)
     np.testing.assert_allclose(np.loadtxt(f"{prefix}.bval"), [5, 5, 1500])
@@ -147,15 +146,15 @@ def test_real_siemens_prisma_dwi_converts_and_validates(make_config, real_dicom_
     ]
 
 
-def test_real_nibabel_siemens_dwi_and_philips_mprage_convert_as_one_session(make_config, tmp_path, run_spec) -> None:
+def test_real_nibabel_siemens_dwi_and_philips_mprage_convert_as_one_session(make_config, tmp_path, convert) -> None:
     """Two StudyInstanceUIDs in one folder: works because of `-g all`."""
     dicom = tmp_path / "dicom" / "nib"
     sources.copy_real_session(dicom, "nibabel")
     staging = tmp_path / "work" / "stage"
-    _convert(make_config(), dicom, staging, "0001", "01", run_spec)
+    _convert(make_config(), dicom, staging, "0001", "01", convert)
     ses = staging / "sub-0001" / "ses-01"
     assert present_suffixes(ses) == {"T1w", "dwi"}
-    np.testing.assert_allclose(np.loadtxt(ses / "dwi" / "sub-0001_ses-01_dwi.bval"), [0, 1000])
+    np.testing.assert_allclose(np.loadtxt(ses / "dwi" / "sub-0001_ses-01_dir-AP_dwi.bval"), [0, 1000])
     assert nib.load(ses / "anat" / "sub-0001_ses-01_T1w.nii.gz").ndim == 3
     report = validator.validate_session(staging, "0001", "01")
     assert report.passed, report.summary()

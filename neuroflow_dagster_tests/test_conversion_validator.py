@@ -13,14 +13,13 @@ import pytest
 
 from neuroflow_dagster.bids import validator
 from neuroflow_dagster.demo import synth
-from neuroflow_dagster.tools import heudiconv
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, run_spec) -> Path:
-    """A synthetic T1w + DWI session converted once by the real HeudiConv; tests work on copies."""
+def converted(tmp_path_factory, convert) -> Path:
+    """A synthetic T1w + DWI session converted once by the real HeudiConv (and curated); tests work on copies."""
     from neuroflow_dagster.config import NeuroflowConfig
 
     root = tmp_path_factory.mktemp("val")
@@ -29,7 +28,7 @@ def converted(tmp_path_factory, run_spec) -> Path:
         {"paths": {k: str(root / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}}
     )
     staging = root / "stage"
-    run_spec(heudiconv.build_spec(config, dicom_dir=session.folder, participant="01", session="1", staging_dir=staging))
+    convert(config, session.folder, staging, "01", "1")
     return staging
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "sessions_table",
     "upsert_participant",
     "upsert_session",
+    "write_tsv",
 ]
 
 DEFAULT_NAME = "Neuroflow brain bank MRI"
@@ -172,6 +173,11 @@ def _format_tsv(columns: list[str], rows: list[dict[str, str]]) -> str:
     lines = ["\t".join(columns)]
     lines += ["\t".join(_clean(row.get(c)) for c in columns) for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def write_tsv(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
+    """Write a BIDS TSV atomically (cells cleaned as every table here is: n/a for empty)."""
+    atomic_write_text(path, _format_tsv(columns, rows))
 
 
 def upsert_tsv_row(path: Path, key: str, row: Mapping[str, object], first_columns: list[str]) -> dict[str, str]:

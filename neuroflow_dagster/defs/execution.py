@@ -25,7 +25,7 @@ import dataclasses
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,14 @@ def execute_spec(
     stage: str,
     spec: ToolSpec,
     provenance: prov.Plan | None = None,
+    after_run: Callable[[Path], Mapping[str, Any]] | None = None,
 ) -> RunRecord:
     """Run `spec` with the stage's runtime (its limits come from the stage's settings); check the
     golden outputs; write the provenance file; publish them; raise a classified Failure or RetryRequested.
+
+    ``after_run(output_dir)`` post-processes the tool's staged outputs before they are checked (the
+    conversion's curation, bids/curate.py); what it returns joins the provenance document's tool section.
+    An error it raises (OSError, RuntimeError) fails the run as a tool failure with its message.
 
     A spec writing into a staging folder (``publish_to`` set) reaches the derivatives only here, after
     success; a failed run leaves its partial outputs in the staging folder, named in the failure, unless
@@ -162,6 +167,14 @@ def execute_spec(
         with contextlib.suppress(OSError):
             spec.output_dir.rmdir()
         spec = dataclasses.replace(spec, output_dir=Path(record.output_dir))
+    if after_run is not None:
+        try:
+            extra = after_run(spec.output_dir)
+        except (OSError, RuntimeError) as exc:
+            failure_class = FailureClass.RESOURCE if is_disk_full(exc) else FailureClass.TOOL
+            raise failed(f"{stage}: {exc}", failure_class, record) from exc
+        if provenance is not None and extra:
+            provenance = dataclasses.replace(provenance, tool_extra={**provenance.tool_extra, **extra})
     try:
         verify_outputs(spec, record, what=stage)
     except ToolRunError as exc:

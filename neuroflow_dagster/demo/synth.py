@@ -75,7 +75,7 @@ class SeriesPlan:
 
     description: str
     image_type: tuple[str, ...]
-    kind: str  # "dwi" | "anat"
+    kind: str  # "anat" | "dwi" (diffusion EPI, b-values in the headers) | "epi" (spin-echo EPI, no diffusion tags)
     orientation: tuple[float, ...]  # ImageOrientationPatient
     rows: int = 16
     columns: int = 16
@@ -85,11 +85,19 @@ class SeriesPlan:
     echo_time_ms: float = 90.0
     scanning_sequence: str = "EP"
     acquisition_type: str = "2D"
-    phase_positive: bool = False  # phase encoding polarity along the column axis (AP: False, PA: True)
+    # Phase-encoding polarity along the column axis, as Siemens XA records it (private tag (0021,111C)):
+    # True for these axial slices' A>>P, which dcm2niix writes as PhaseEncodingDirection "j-" (the real
+    # Prisma series dMRI_mb3_AP_1.5 reads "j-" too); False for P>>A ("j").
+    phase_positive: bool = True
+    # Whether the EPI series carries those vendor tags at all: without them dcm2niix writes no
+    # PhaseEncodingDirection (as for much Philips data) and no TotalReadoutTime.
+    polarity_tags: bool = True
+    protocol_name: str | None = None  # ProtocolName when it differs from the description (GE: the exam's)
 
 
-_AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-_SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+AXIAL = _AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # ImageOrientationPatient of axial slices
+SAGITTAL = _SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+EPI_KINDS = ("dwi", "epi")
 
 # Series kinds write_session knows; the names are what HeudiConv's heuristic sees.
 SERIES: dict[str, SeriesPlan] = {
@@ -151,7 +159,7 @@ SERIES: dict[str, SeriesPlan] = {
         ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE", "ND"),
         "dwi",
         _AXIAL,
-        phase_positive=True,
+        phase_positive=False,
     ),
     "adc": SeriesPlan("ep2d_diff_DTI_AP_ADC", ("DERIVED", "PRIMARY", "DIFFUSION", "ADC", "ND"), "anat", _AXIAL),
 }
@@ -355,20 +363,21 @@ def _base_dataset(seed: int, session: SynthSession, plan: SeriesPlan, series_uid
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = number
     ds.SeriesDescription = plan.description
-    ds.ProtocolName = plan.description
+    ds.ProtocolName = plan.protocol_name or plan.description
     ds.FrameOfReferenceUID = _uid(seed, "frame")
     ds.ImageType = list(plan.image_type)
     ds.ScanningSequence = plan.scanning_sequence
     ds.SequenceVariant = "SK\\SP"
-    ds.ScanOptions = "PFP\\FS" if plan.kind == "dwi" else ""
+    epi = plan.kind in EPI_KINDS
+    ds.ScanOptions = "PFP\\FS" if epi else ""
     ds.MRAcquisitionType = plan.acquisition_type
-    ds.SequenceName = "ep_b" if plan.kind == "dwi" else "tfl3d1_16ns"
+    ds.SequenceName = {"dwi": "ep_b", "epi": "epse2d1_90"}.get(plan.kind, "tfl3d1_16ns")
     ds.RepetitionTime = plan.repetition_time_ms
     ds.EchoTime = plan.echo_time_ms
-    ds.FlipAngle = 90 if plan.kind == "dwi" else 9
+    ds.FlipAngle = 90 if epi else 9
     ds.ImagingFrequency = 123.25
     ds.ImagedNucleus = "1H"
-    ds.EchoTrainLength = plan.rows if plan.kind == "dwi" else 1
+    ds.EchoTrainLength = plan.rows if epi else 1
     ds.InPlanePhaseEncodingDirection = "COL"
     ds.AcquisitionMatrix = [0, plan.columns, plan.rows, 0]
     ds.PixelBandwidth = 1500
@@ -384,7 +393,7 @@ def _base_dataset(seed: int, session: SynthSession, plan: SeriesPlan, series_uid
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    if plan.kind == "dwi":
+    if plan.kind in EPI_KINDS and plan.polarity_tags:
         # Siemens XA private tags dcm2niix reads for PhaseEncodingDirection polarity and
         # TotalReadoutTime (the validator requires both on an _epi field map).
         ds.private_block(0x0021, "SIEMENS MR SDS 01", create=True)
@@ -565,6 +574,73 @@ def write_session(
             written[kind] = _write_series(folder, seed, session, kind, plan, number, start, volumes)
         start += timedelta(minutes=5)
     return SynthSession(session.folder, session.study_uid, session.patient_id, acquired, written, truth)
+
+
+@dataclass(frozen=True)
+class ProtocolSeries:
+    """One series of a site's protocol for ``write_protocol``: its plan (name, ImageType, geometry, polarity)
+    and what it holds.
+
+    ``kind`` "dwi": ``n_b0`` b=0 volumes then ``n_directions`` per shell of ``shells`` (``n_directions`` 0:
+    a b=0-only series); "epi": ``volumes`` spin-echo b=0 volumes without diffusion tags; "anat": one volume.
+    ``copy``: another reconstruction of the previous series (Siemens ND/NORM): same acquisition time and
+    pixels, its own SeriesInstanceUID and number.
+    """
+
+    key: str  # unique in the session: UIDs and file names derive from it
+    plan: SeriesPlan
+    n_b0: int = 1
+    n_directions: int = 0
+    shells: tuple[float, ...] = (1000.0,)
+    volumes: int = 1
+    copy: bool = False
+
+
+def write_protocol(
+    folder: str | Path,
+    series: Sequence[ProtocolSeries],
+    *,
+    seed: int = 0,
+    patient_id: str | None = None,
+    acquired: datetime | None = None,
+) -> SynthSession:
+    """Write one session of arbitrary series (names, ImageTypes, geometry and polarity as a site's scanner
+    writes them), two minutes apart; same arguments -> byte-identical files. The tensor phantom fills the
+    diffusion series, the ellipsoid head the anatomy (``write_session`` is the demo's fixed menu)."""
+    keys = [s.key for s in series]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"series keys must be unique, got {keys}")
+    if series and series[0].copy:
+        raise ValueError("the first series cannot be a copy of a previous one")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    acquired = acquired or datetime(2024, 1, 15, 14, 30) + timedelta(days=seed)
+    session = SynthSession(folder, _uid(seed, "study"), patient_id or f"SYNTH{seed:04d}", acquired)
+    written: dict[str, WrittenSeries] = {}
+    start = acquired
+    previous: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None
+    for number, item in enumerate(series, start=1):
+        plan = item.plan
+        if item.copy and previous is not None:
+            volumes, bvals, bvecs = previous
+            start -= timedelta(minutes=2)
+        elif plan.kind == "dwi":
+            if item.n_directions:
+                bvals, bvecs = dwi_scheme(item.n_b0, item.n_directions, item.shells)
+            else:
+                bvals, bvecs = np.zeros(item.n_b0), np.zeros((item.n_b0, 3))
+            volumes = _dwi_volumes(plan, bvals, bvecs, rng)
+        elif plan.kind == "epi":
+            bvals, bvecs = None, None
+            volumes = _dwi_volumes(plan, np.zeros(item.volumes), np.zeros((item.volumes, 3)), rng)
+        else:
+            bvals, bvecs = None, None
+            volumes = _anat_volume(plan, rng)
+        previous = (volumes, bvals, bvecs)
+        written[item.key] = _write_series(folder, seed, session, item.key, plan, number, start, volumes, bvals, bvecs)
+        start += timedelta(minutes=2)
+    return SynthSession(folder, session.study_uid, session.patient_id, acquired, written, None)
 
 
 def write_corrupt_files(folder: str | Path, n: int, *, seed: int = 0) -> list[Path]:

@@ -9,11 +9,12 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from neuroflow_dagster import provenance as prov
-from neuroflow_dagster.bids import dataset, validator
+from neuroflow_dagster.bids import curate, dataset, validator
 from neuroflow_dagster.bids.verdicts import save_verdict
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.common import SessionContext, build_or_refuse, session_context
@@ -67,7 +68,21 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 session=ses.session,
                 staging_dir=staging,
             )
-            record = execute_spec(context, cfg, STAGE, spec, provenance=conversion_plan(cfg, ses, versions))
+            heuristic = heudiconv.resolve_heuristic(stage_cfg.heuristic)
+            curation: list[curate.CurationReport] = []
+
+            def curate_staged(output_dir: Path) -> dict[str, Any]:
+                # Routing by content and field map links (docs/domain-rules.md#conversion), before validation.
+                report = curate.curate_conversion(output_dir, ses.participant, ses.session, heuristic)
+                curation.append(report)
+                return {"curation": report.as_dict()}
+
+            record = execute_spec(
+                context, cfg, STAGE, spec, provenance=conversion_plan(cfg, ses, versions), after_run=curate_staged
+            )
+            curated = curation[-1]
+            for warning in curated.warnings:
+                context.log.warning(f"{STAGE}: {warning}")
             # A Slurm job of an earlier attempt that this run adopted converted into that attempt's
             # staging folder (runtimes/slurm.py): validate and publish that one.
             staging = Path(record.output_dir)
@@ -114,8 +129,12 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
                 ),
                 "validator_errors": len(report.errors) if report else 0,
                 "validator_warnings": len(report.warnings) if report else 0,
+                "conversion_warnings": len(curated.warnings),
+                "conversion_decisions": dg.MetadataValue.md(curated.as_markdown()),
             }
         )
+        if curated.warnings:
+            meta["conversion_warning_text"] = dg.MetadataValue.md("\n".join(f"- {w}" for w in curated.warnings))
         yield dg.MaterializeResult(
             metadata=meta,
             check_results=[
