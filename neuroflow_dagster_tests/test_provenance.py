@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,11 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         mapping={SCAN_ID: "SUBJ_A"},
         overrides={"pipelines": {s: NO_RETRY for s in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc")}},
     )
-    synth.write_session(config.paths.dicom_incoming / SCAN_ID, seed=1, n_directions=12)
+    folder = config.paths.dicom_incoming / SCAN_ID
+    synth.write_session(folder, seed=1, n_directions=12, series=("t1w", "dwi", "dwi_b0_pa"))
+    # A b=0 series whose export lacks the phase-encoding polarity: curation leaves it out with a warning.
+    no_polarity = replace(synth.SERIES["dwi_b0_pa"], description="ep2d_diff_b0_LR", polarity_tags=False)
+    synth.write_protocol(folder, [synth.ProtocolSeries("b0_lr", no_polarity)], seed=1, start_number=4)
     dicom_before = digest(config.paths.dicom_incoming)
     defs = build_definitions(config)
     (root / "home").mkdir()
@@ -148,6 +153,35 @@ def test_conversion_names_the_dicom_series_it_converted(pipeline: Pipeline) -> N
     assert doc["tool"]["scan_id"] == SCAN_ID
     assert doc["upstream"][0]["asset"] == "dicom_session" and doc["upstream"][0]["scan_id"] == SCAN_ID
     assert digest(pipeline.config.paths.dicom_incoming) == pipeline.dicom_before  # DICOM never written
+
+
+def test_conversion_records_where_each_series_went_and_why(pipeline: Pipeline) -> None:
+    """The curation after dcm2niix (bids/curate.py), through Dagster: provenance, metadata and the run's log."""
+    _path, doc = pipeline.document("bids_conversion_job")
+    curation = doc["tool"]["curation"]
+    assert {(s["series"], s["target"]) for s in curation["series"]} == {
+        ("1-T1_MPRAGE_SAG", "anat/T1w"),
+        ("2-ep2d_diff_DTI_AP", "dwi/dir-AP_dwi"),
+        ("3-ep2d_diff_b0_PA", "dwi/dir-PA_dwi"),
+        ("4-ep2d_diff_b0_LR", "dwi/dir-LR_dwi"),
+    }
+    by_series = {f["series"]: f for f in curation["files"]}
+    assert by_series["3 ep2d_diff_b0_PA"]["file"] == "fmap/sub-SUBJA_ses-01_acq-dwi_dir-PA_epi.nii.gz"
+    assert by_series["3 ep2d_diff_b0_PA"]["action"] == "moved"
+    assert by_series["4 ep2d_diff_b0_LR"]["action"] == "left out" and by_series["4 ep2d_diff_b0_LR"]["file"] is None
+    assert curation["field_maps"][0]["serves"] == ["dwi/sub-SUBJA_ses-01_dir-AP_dwi.nii.gz"]
+    (warning,) = curation["warnings"]
+    assert "4 ep2d_diff_b0_LR" in warning and "PhaseEncodingDirection" in warning
+    mat = pipeline.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("bids_session"), asset_partitions=[SESSION]), limit=1
+    ).records[0].asset_materialization
+    assert mat is not None and mat.metadata["conversion_warnings"].value == 1
+    assert warning in mat.metadata["conversion_warning_text"].value
+    assert "ep2d_diff_b0_PA" in mat.metadata["conversion_decisions"].value
+    logs = pipeline.instance.all_logs(pipeline.run_ids["bids_conversion_job"])
+    assert any(e.level == logging.WARNING and "ep2d_diff_b0_LR" in e.message for e in logs)
+    session = pipeline.config.paths.bids_root / "sub-SUBJA" / "ses-01"
+    assert sorted(p.name for p in (session / "fmap").glob("*.nii.gz")) == ["sub-SUBJA_ses-01_acq-dwi_dir-PA_epi.nii.gz"]
 
 
 def test_later_stages_name_the_checksums_and_runs_they_read(pipeline: Pipeline) -> None:

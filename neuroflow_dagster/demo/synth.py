@@ -603,10 +603,12 @@ def write_protocol(
     seed: int = 0,
     patient_id: str | None = None,
     acquired: datetime | None = None,
+    start_number: int = 1,
 ) -> SynthSession:
     """Write one session of arbitrary series (names, ImageTypes, geometry and polarity as a site's scanner
     writes them), two minutes apart; same arguments -> byte-identical files. The tensor phantom fills the
-    diffusion series, the ellipsoid head the anatomy (``write_session`` is the demo's fixed menu)."""
+    diffusion series, the ellipsoid head the anatomy (``write_session`` is the demo's fixed menu).
+    ``start_number``: SeriesNumber of the first series (to add series to a session already written)."""
     keys = [s.key for s in series]
     if len(set(keys)) != len(keys):
         raise ValueError(f"series keys must be unique, got {keys}")
@@ -620,7 +622,7 @@ def write_protocol(
     written: dict[str, WrittenSeries] = {}
     start = acquired
     previous: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None = None
-    for number, item in enumerate(series, start=1):
+    for number, item in enumerate(series, start=start_number):
         plan = item.plan
         if item.copy and previous is not None:
             volumes, bvals, bvecs = previous
