@@ -20,7 +20,10 @@ import importlib.util
 import os
 import shutil
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+
+import pydicom
 
 
 class SourceNotAvailable(FileNotFoundError):
@@ -115,3 +118,20 @@ def copy_real_session(dest: str | os.PathLike[str], which: str = "b0dwiForFmap")
                 shutil.copyfile(path, target)
             written.append(target)
     return written
+
+
+@dataclass(frozen=True)
+class Study:
+    """Who and when a real series belongs to, so that synthetic series can join its session."""
+
+    patient_id: str
+    study_uid: str
+    acquired: datetime
+
+
+def study_of(path: str | os.PathLike[str]) -> Study:
+    """PatientID, StudyInstanceUID and acquisition time of a DICOM file (header only)."""
+    head = pydicom.dcmread(path, stop_before_pixels=True,
+                           specific_tags=["PatientID", "StudyInstanceUID", "AcquisitionDate", "AcquisitionTime"])
+    when = datetime.strptime(f"{head.AcquisitionDate}{str(head.AcquisitionTime)[:6]}", "%Y%m%d%H%M%S")
+    return Study(str(head.PatientID), str(head.StudyInstanceUID), when)

@@ -502,6 +502,7 @@ def write_session(
     matrix: tuple[int, int, int] | None = None,
     noise_sd: float = 1.0,
     dropout_volumes: Sequence[int] = (),
+    study_uid: str | None = None,
 ) -> SynthSession:
     """Write one synthetic session folder (created if needed) and return what it contains.
 
@@ -513,7 +514,8 @@ def write_session(
     "dwi_b0_pa" is a short reverse-phase-encoding b=0 series (a field map);
     "adc" a derived map that the heuristic must skip. ``matrix`` = (columns,
     rows, slices) of the diffusion series and field map. ``noise_sd`` and
-    ``dropout_volumes`` (see ``_dwi_volumes``) make a poor-quality session.
+    ``dropout_volumes`` (see ``_dwi_volumes``) make a poor-quality session. ``patient_id``/``study_uid``
+    put the series in an existing study (a synthetic T1w beside a real scanner series).
     Same arguments -> byte-identical files and UIDs.
     """
     unknown = [s for s in series if s not in SERIES]
@@ -531,7 +533,7 @@ def write_session(
     acquired = acquired or datetime(2024, 1, 15, 14, 30) + timedelta(days=seed)
     session = SynthSession(
         folder=folder,
-        study_uid=_uid(seed, "study"),
+        study_uid=study_uid or _uid(seed, "study"),
         patient_id=patient_id or f"SYNTH{seed:04d}",
         acquired=acquired,
     )

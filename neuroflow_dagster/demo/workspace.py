@@ -3,16 +3,22 @@
 What lands in `incoming/` (each folder is copied in a hidden staging folder
 first and renamed into place, as a careful scanner export would do):
 
+Every session that should be preprocessed carries a T1w, as real sessions do: QSIPrep refuses a subject
+without one ("No T1w images found for participant").
+
 - 20240115_1430, 20240301_0900 (DEMO_01): synthetic T1w + 12-direction DWI (tensor phantom): all 4 stages.
 - 20240212_1015 (75): synthetic T1w + 20-direction DWI: all 4 stages.
-- 20240220_1100 (75): REAL Siemens Prisma DWI from heudiconv's test data (+ a synthetic T1w): BIDS and QSIPrep; the
-  reconstruction refuses it with the reason (one diffusion direction cannot fit a tensor).
+- 20240220_1100 (75): REAL Siemens Prisma DWI from heudiconv's test data, with a synthetic T1w of the same
+  patient and study (acquired just before it): BIDS and QSIPrep; the reconstruction refuses it with the
+  reason (one diffusion direction cannot fit a tensor).
 - 20240305_0800 (DEMO_02): only corrupt files: the protocol check fails, nothing is converted.
 - 20240320_1000 (DEMO_03): synthetic T1w + 12-direction DWI of poor quality (heavy noise, slice signal
   dropouts in three volumes): converted and preprocessed; its image QC table
   (``*_desc-image_qc.tsv``) has a low neighbouring-DWI correlation and many bad slices, so the image
   QC gate holds its reconstruction and parcellation until `neuroflow qc approve 20240320_1000`
   (docs/stand-ins.md, "Image QC table"; docs/operations.md, "The QC gate").
+- 20240325_1500 (DEMO_04): a synthetic 12-direction DWI and no T1w: converted, then its subject's QSIPrep is
+  held (no T1w in any session), not failed.
 - 20240410_1200: not in the mapping: held as unmapped.
 
 Subject codes follow docs/domain-rules.md#identity: `DEMO_01` -> `DEMO01`, `75` -> `0075`.
@@ -24,7 +30,7 @@ import os
 import shutil
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from neuroflow_dagster.demo import sources, synth
@@ -37,6 +43,7 @@ MAPPING = {
     "20240220_1100": "75",
     "20240305_0800": "DEMO_02",
     "20240320_1000": "DEMO_03",  # poor image quality (see synth.POOR_QUALITY)
+    "20240325_1500": "DEMO_04",  # DWI only: QSIPrep is held, no T1w
     "20240601_0930": "DEMO_01",  # the late session (see schedule_late_session)
 }
 LATE_SCAN_ID = "20240601_0930"
@@ -64,9 +71,11 @@ def write_demo_sessions(incoming: Path) -> None:
     _stage_then_move(incoming, "20240212_1015", synthetic(3, 20, datetime(2024, 2, 12, 10, 15), "0075"))
 
     def real_prisma(d: Path) -> None:
-        # The real diffusion series has 3 files; a synthetic T1w completes the session (and the protocol).
-        sources.copy_real_session(d, "b0dwiForFmap")
-        synth.write_session(d, seed=4, series=("t1w",), acquired=datetime(2024, 2, 20, 11, 0), patient_id="0075")
+        # The real diffusion series has 3 files; a synthetic T1w of the same patient and study, acquired
+        # just before it, completes the session (and the protocol).
+        study = sources.study_of(sources.copy_real_session(d, "b0dwiForFmap")[0])
+        synth.write_session(d, seed=4, series=("t1w",), acquired=study.acquired - timedelta(minutes=15),
+                            patient_id=study.patient_id, study_uid=study.study_uid)
 
     _stage_then_move(incoming, "20240220_1100", real_prisma)
     _stage_then_move(incoming, "20240305_0800", lambda d: synth.write_corrupt_files(d, 12))
@@ -81,6 +90,13 @@ def write_demo_sessions(incoming: Path) -> None:
             acquired=datetime(2024, 3, 20, 10, 0),
             patient_id="DEMO03",
             **synth.POOR_QUALITY,
+        ),
+    )
+    _stage_then_move(
+        incoming,
+        "20240325_1500",
+        lambda d: synth.write_session(
+            d, seed=8, n_directions=12, series=("dwi",), acquired=datetime(2024, 3, 25, 15, 0), patient_id="DEMO04"
         ),
     )
     _stage_then_move(incoming, "20240410_1200", synthetic(5, 12, datetime(2024, 4, 10, 12, 0), "UNKNOWN"))
