@@ -237,6 +237,18 @@ def test_epi_field_maps_that_add_no_reverse_phase_encoding_or_were_shimmed_apart
     assert "no reverse-PE information" in reasons and "shimmed differently" in reasons
 
 
+def test_reverse_pe_dwis_pair_themselves_when_a_field_map_serves_only_some_of_them(ses: Session) -> None:
+    """AP and PA full DWIs and a PA b=0 field map: the PA one serves only the AP DWI; linking it would leave
+    the PA DWI without correction (QSIPrep 26 infers no pairs in a curated session). So nothing is linked."""
+    ses.add("dwi/dir-AP_dwi", volumes=7, bvals=FULL, time="10:00", **dwi_sidecar("j-"))
+    ses.add("dwi/dir-PA_dwi", volumes=7, bvals=FULL, time="10:10", **dwi_sidecar("j"))
+    ses.add("fmap/acq-dwi_dir-PA_epi", time="10:20", **dwi_sidecar("j", SeriesDescription="dwi_b0_PA"))
+    report = ses.curate()
+    for name in ("dwi/dir-AP_dwi", "dwi/dir-PA_dwi", "fmap/acq-dwi_dir-PA_epi"):
+        assert not {"IntendedFor", "B0FieldIdentifier", "B0FieldSource"} & set(ses.sidecar(name)), name
+    assert "pair by reverse phase encoding themselves" in report.field_maps[0]["reason"]
+
+
 def test_a_neutral_epi_field_map_serves_the_dwi_in_its_imaging_volume_only(ses: Session) -> None:
     ses.add("dwi/dir-AP_dwi", volumes=7, bvals=FULL, **dwi_sidecar())
     ses.add("fmap/dir-PA_epi", time="10:01", **dwi_sidecar("j", SeriesDescription="SpinEchoFieldMap_PA"))

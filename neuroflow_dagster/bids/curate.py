@@ -30,7 +30,9 @@ wrote, before the BIDS validator sees it. The rules (docs/domain-rules.md#conver
   each DWI it serves gets ``B0FieldSource``, and when the group's EPI images have a single polarity the
   DWIs join its ``B0FieldIdentifier`` too (QSIPrep 26 refuses a PEPOLAR field whose images share one
   phase encoding). Field maps that serve no DWI keep no DWI in their IntendedFor.
-  Full DWIs in opposite directions with no field map get nothing: QSIPrep pairs them itself.
+  Full DWIs in opposite directions with no field map get nothing: QSIPrep pairs them itself; nor does a
+  session where a field map would serve only some DWIs while another has an opposite-PE DWI partner
+  (QSIPrep 26 infers no pairs in a session where anything is linked).
 
 Every decision is recorded with its reason (``CurationReport``): the materialization metadata and the
 session's provenance file carry it. Plain Python (no Dagster import).
@@ -508,6 +510,14 @@ def serves(group: FieldMapGroup, dwi: Image) -> tuple[bool, str]:
     return True, why
 
 
+def _reverse_partner(dwi: Image, dwis: Sequence[Image]) -> bool:
+    """Whether another DWI of the session is phase-encoded along the same axis in the opposite direction."""
+    axis = _pe_axis(dwi)
+    return axis is not None and any(
+        _pe_axis(o) == axis and o.phase_encoding != dwi.phase_encoding for o in dwis if o is not dwi
+    )
+
+
 def _other_targets(image: Image, final: set[str]) -> set[str]:
     """IntendedFor entries a site's heuristic wrote for images other than DWIs (e.g. fMRI) that still exist."""
     value = image.sidecar.get("IntendedFor")
@@ -538,6 +548,14 @@ def _link(images: list[Image], session: str, report: CurationReport) -> dict[int
                 candidates.append((0 if group.kind == "epi" else 1, _distance(group, dwi), group.name, group))
         if candidates:
             assigned[id(min(candidates, key=lambda c: c[:3])[3])].append(dwi)
+    linked = {id(d) for members in assigned.values() for d in members}
+    if any(id(d) not in linked and _reverse_partner(d, dwis) for d in dwis):
+        # A DWI no field map serves pairs with an opposite-PE DWI; a link on the others would stop QSIPrep 26
+        # inferring that pair (it stops guessing in a curated session), so the DWIs pair among themselves.
+        for group in groups:
+            if assigned[id(group)]:
+                reasons[id(group)].append("not linked: the session's DWIs pair by reverse phase encoding themselves")
+            assigned[id(group)] = []
     final = {f"ses-{session}/{i.target}" for i in images if i.target}
     used = [g for g in groups if assigned[id(g)]]
     for number, group in enumerate(sorted(used, key=lambda g: g.name), start=1):
