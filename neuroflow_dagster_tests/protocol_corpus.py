@@ -336,6 +336,7 @@ PROTOCOLS: dict[str, tuple[Series, ...]] = {
         row("ep2d_diff_mddw_30_p2_TENSOR", derived("TENSOR"), None),
         row("pd_t2_tse_tra", SIEMENS_NORM, None),
         row("se_epi_dwi_topup_PA", SIEMENS_EPI, "fmap/acq-dwi_dir-PA_epi"),
+        row("t2_spc_da-fl_sag_p2_iso", SIEMENS_NORM, "anat/FLAIR"),
     ),
     "philips_extra": (
         row("WIP sT1W_3D_TFE SENSE", PHILIPS_T1, "anat/T1w"),
@@ -350,6 +351,9 @@ PROTOCOLS: dict[str, tuple[Series, ...]] = {
         row("Sag 3D IR-FSPGR", GE, "anat/T1w", GE_PROTOCOL),
         row("Ax DTI 30 dir", GE, "dwi/dwi", GE_PROTOCOL),
         row("Ax rsfMRI", GE, None, GE_PROTOCOL),
+        row("NODDI_multishell", GE, "dwi/dwi", GE_PROTOCOL),
+        row("b0_PA", GE, "dwi/dir-PA_dwi", GE_PROTOCOL),
+        row("Ax DWI 1000b", GE, "dwi/dwi", GE_PROTOCOL),  # a 3-scan trace: curation leaves it out (no directions)
     ),
 }
 

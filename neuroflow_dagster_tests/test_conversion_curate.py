@@ -34,7 +34,7 @@ class Session:
         self.rows: list[dict[str, str]] = []
 
     def add(self, name: str, *, volumes: int = 1, bvals: list[float] | None = None, shape=(4, 4, 3),
-            affine: np.ndarray = LAS, time: str = "10:00", **sidecar: Any) -> str:
+            affine: np.ndarray = LAS, time: str = "10:00", trace: bool = False, **sidecar: Any) -> str:
         rel = f"{name.split('/')[0]}/{PREFIX}_{name.split('/')[1]}.nii.gz"
         path = self.folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,8 @@ class Session:
         Path(f"{stem}.json").write_text(json.dumps(sidecar))
         if bvals is not None:
             Path(f"{stem}.bval").write_text(" ".join(f"{b:g}" for b in bvals) + "\n")
-            Path(f"{stem}.bvec").write_text("\n".join(" ".join(["0"] * len(bvals)) for _ in range(3)) + "\n")
+            vectors = np.array([[1.0, 0.0, 0.0] if b > 100 and not trace else [0.0, 0.0, 0.0] for b in bvals]).T
+            Path(f"{stem}.bvec").write_text("\n".join(" ".join(f"{v:g}" for v in row) for row in vectors) + "\n")
         self.rows.append({"filename": rel, "acq_time": f"2024-01-01T{time}:00", "operator": "n/a", "randstr": "x"})
         dataset.write_tsv(self.folder / f"{PREFIX}_scans.tsv", ["filename", "acq_time", "operator", "randstr"],
                           self.rows)
@@ -139,6 +140,13 @@ def test_one_diffusion_weighted_volume_is_left_out_with_a_warning(ses: Session) 
     report = ses.curate()
     assert ses.files() == [f"{PREFIX}_scans.tsv"] and ses.scans() == []
     assert "DWI file not 4D" in report.warnings[0] and report.files[0].action == "left out"
+
+
+def test_trace_weighted_series_without_gradient_directions_is_left_out(ses: Session) -> None:
+    """A clinical 3-scan trace (GE 'Ax DWI'): b=0 and b=1000 volumes, no direction: not a DWI for QSIPrep."""
+    ses.add("dwi/dwi", volumes=2, bvals=[0.0, 1000.0], trace=True, **dwi_sidecar(SeriesDescription="Ax DWI 1000b"))
+    report = ses.curate()
+    assert ses.scans() == [] and "no gradient direction" in report.warnings[0]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ wrote, before the BIDS validator sees it. The rules (docs/domain-rules.md#conver
 
 * A diffusion image with diffusion-weighted volumes (b > ``B0_THRESHOLD``, QSIPrep's own default) and
   more than one volume is a DWI, in ``dwi/``, whatever it was named (a full reverse-PE DWI named
-  blip/revPE included). One with a single volume is left out: QSIPrep refuses it ("DWI file not 4D").
+  blip/revPE included). One with a single volume is left out: QSIPrep refuses it ("DWI file not 4D");
+  so is one without b-values, or whose diffusion-weighted volumes have no gradient direction (trace images).
 * A b=0-only diffusion image (any number of volumes) is a field map: ``fmap/..._acq-dwi_dir-XX_epi``,
   its bval/bvec removed.
 * ``dir-`` of every DWI, SBRef and EPI field map comes from ``PhaseEncodingDirection`` and the image's
@@ -100,6 +101,7 @@ class Image:
     affine: np.ndarray
     bvals: list[float] | None
     acq_time: datetime | None
+    bvecs: np.ndarray | None = None  # (3, volumes), FSL style
     from_diffusion: bool = False  # a b=0 image moved out of dwi/ (the diffusion sequence's own)
     target: str = ""  # final path relative to the session folder ("" = left out)
     notes: list[str] = field(default_factory=list)  # why its name changed
@@ -230,6 +232,25 @@ def _read_bvals(path: Path) -> list[float] | None:
         raise CurationError(f"cannot read the b-values {path}: {exc}") from exc
 
 
+def _read_bvecs(path: Path) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = [[float(v) for v in line.split()] for line in lines if line.strip()]
+        return np.array(rows, dtype=float) if len(rows) == 3 and len({len(r) for r in rows}) == 1 else None
+    except (OSError, ValueError) as exc:
+        raise CurationError(f"cannot read the b-vectors {path}: {exc}") from exc
+
+
+def _undirected(image: Image) -> int | None:
+    """How many diffusion-weighted volumes have no gradient direction (trace/isotropic images), if known."""
+    if image.bvals is None or image.bvecs is None or image.bvecs.shape[1] != len(image.bvals):
+        return None
+    weighted = np.asarray(image.bvals) > B0_THRESHOLD
+    return int(np.sum(weighted & (np.linalg.norm(image.bvecs, axis=0) < 1e-6)))
+
+
 def _parse_time(value: object) -> datetime | None:
     if not isinstance(value, str) or value in ("", "n/a"):
         return None
@@ -270,6 +291,7 @@ def inventory(folder: Path, participant: str, session: str) -> list[Image]:
                 affine=affine,
                 bvals=_read_bvals(Path(f"{stem}.bval")),
                 acq_time=times.get(rel),
+                bvecs=_read_bvecs(Path(f"{stem}.bvec")),
                 target=rel,
             )
         )
@@ -303,24 +325,33 @@ def missing_fmap_metadata(image: Image) -> list[str]:
 
 
 def _route_by_content(images: list[Image], decisions: dict[int, tuple[str, str]], warnings: list[str]) -> None:
-    """dwi/ <-> fmap/ by b-values and volume count; 3D or b-value-less DWIs are left out."""
+    """dwi/ <-> fmap/ by b-values and volume count; 3D, trace-only or b-value-less DWIs are left out."""
+
+    def leave_out(image: Image, why: str, detail: str) -> None:
+        image.target = ""
+        warnings.append(f"{image.source} (series {image.series}): {detail}: left out of the session")
+        decisions[id(image)] = ("left out", why)
+
     for image in images:
         if image.is_dwi:
+            weighted = sum(b > B0_THRESHOLD for b in image.bvals or [])
+            undirected = _undirected(image)
             if image.bvals is None and image.volumes > 1:
-                image.target = ""
-                warnings.append(f"{image.source} (series {image.series}): a diffusion series without b-values "
-                                "(dcm2niix could not read them): left out of the session")
-                decisions[id(image)] = ("left out", "no b-values")
-            elif image.diffusion_weighted and image.volumes == 1:
-                image.target = ""
-                warnings.append(f"{image.source} (series {image.series}): a single diffusion-weighted volume is "
-                                "not a DWI series QSIPrep can use ('DWI file not 4D'): left out of the session")
-                decisions[id(image)] = ("left out", "one diffusion-weighted volume (3D)")
-            elif not image.diffusion_weighted:
+                leave_out(image, "no b-values", "a diffusion series without b-values (dcm2niix could not read them)")
+            elif weighted and undirected == weighted:
+                leave_out(image, "trace-weighted volumes without gradient directions",
+                          "its diffusion-weighted volumes have no gradient direction (trace/isotropic images)")
+            elif weighted and image.volumes == 1:
+                leave_out(image, "one diffusion-weighted volume (3D)", "a single diffusion-weighted volume is not a "
+                          "DWI series QSIPrep can use ('DWI file not 4D')")
+            elif not weighted:
                 image.datatype, image.suffix, image.from_diffusion = "fmap", "epi", True
                 image.entities = {"acq": "dwi", **{k: v for k, v in image.entities.items() if k != "acq"}}
                 b = f"b <= {B0_THRESHOLD:g}" if image.bvals else "no diffusion weighting"
                 decisions[id(image)] = ("moved", f"b=0 only ({image.volumes} volume(s), {b}): a field map, not a DWI")
+            elif undirected:
+                warnings.append(f"{image.source} (series {image.series}): {undirected} diffusion-weighted volume(s) "
+                                "without a gradient direction (trace images left in the series?)")
         elif image.datatype == "fmap" and image.suffix == "epi" and image.diffusion_weighted and image.volumes > 1:
             image.datatype, image.suffix = "dwi", "dwi"
             image.entities = {k: v for k, v in image.entities.items() if k != "acq"}

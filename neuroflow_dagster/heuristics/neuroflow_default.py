@@ -37,8 +37,9 @@ fmap ``_epi``                      spin-echo field map by name (SpinEcho,      f
                                    DistortionMap, TOPUP, blip, revPE, ...)
 fmap ``_phasediff``/``_magnitude`` gradient-echo field map by name (phase:     fmap/ ``[acq-dwi]``
                                    ImageType P)
-dwi ``_dwi``                       diffusion by name (dwi, dti, diff, dMRI)    dwi/ ``dir-XX``
-anat ``_FLAIR``                    flair, dark-fluid, T2 tirm                  anat/
+dwi ``_dwi``                       diffusion by name (dwi, dti, diff, dMRI,    dwi/ ``dir-XX``
+                                   NODDI, DKI, DSI; a b0 EPI series)
+anat ``_FLAIR``                    flair, dark-fluid (da-fl), T2 tirm          anat/
 anat ``_T2w``                      t2, t2w, sT2W (not T2*, SWI, PD)            anat/
 anat ``_T1w``                      t1, t1w, sT1W, mprage, mpr, spgr, fspgr,    anat/
                                    bravo, tfl3d (not MP2RAGE)
@@ -82,7 +83,8 @@ _DERIVED_TYPES = {
 }  # fmt: skip
 _COMBINED_TYPES = {"RMS", "MEAN"}
 _FMRI = {"bold", "fmri", "rfmri", "tfmri", "rsfmri", "fcmri", "rest", "resting", "func", "task"}
-_DIFFUSION_PREFIXES = ("dwi", "dti", "diff", "dmri", "hardi", "mddw")
+_DIFFUSION_PREFIXES = ("dwi", "dti", "diff", "dmri", "hardi", "mddw", "noddi", "dki", "dsi")
+_B0_WORD = re.compile(r"^b0(rev|ap|pa|lr|rl|si|is)?$")  # a b=0 EPI series: its content decides (dwi/ or fmap/)
 _DIFFUSION_SUFFIXES = ("dwi", "dti")
 _SE_FMAP = (
     "spinecho", "distortionmap", "topup", "sefmap", "fmapse", "seepi", "epise", "pepolar", "revpe", "reversepe",
@@ -157,7 +159,7 @@ def phase_encoding_label(text: str) -> str | None:
 
 def _is_diffusion_name(words: Sequence[str]) -> str | None:
     for word in words:
-        if word.startswith(_DIFFUSION_PREFIXES) or word.endswith(_DIFFUSION_SUFFIXES):
+        if word.startswith(_DIFFUSION_PREFIXES) or word.endswith(_DIFFUSION_SUFFIXES) or _B0_WORD.match(word):
             return word
     return None
 
@@ -250,7 +252,7 @@ def _classify_anatomy(
         return _skip(seq, "EPI mosaic (a navigator or fMRI-like series), not an anatomical image")
     if "mp2rage" in compact:
         return _skip(seq, "MP2RAGE image (INV1/INV2/UNI/T1 map): not a BIDS T1w")
-    if "flair" in compact or "darkfluid" in compact or ("tirm" in word_set and _has_t2(words)):
+    if "flair" in compact or "darkfluid" in compact or "dafl" in compact or ("tirm" in word_set and _has_t2(words)):
         return _named(seq, "anat", "FLAIR", {}, "FLAIR (flair / dark-fluid in the name)")
     if "t2star" in compact or "t2*" in text.lower() or word_set & _T2STAR or (
         _has_t2(words) and word_set & _T2STAR_WITH_T2
