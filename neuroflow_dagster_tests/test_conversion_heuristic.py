@@ -227,6 +227,8 @@ def test_code_version_follows_the_heuristic_content(make_config, tmp_path: Path)
     b = heudiconv.code_version(make_config(pipelines={"bids_conversion": {"heuristic": str(custom)}}))
     assert a != b
     assert heudiconv.code_version(make_config()) not in (a, b)
+    # A change of the curation rules (bids/curate.py CURATION_VERSION) marks conversions stale too.
+    assert heudiconv.code_version(make_config(), curation="1") != heudiconv.code_version(make_config(), curation="2")
 
 
 def test_present_suffixes(tmp_path: Path) -> None:

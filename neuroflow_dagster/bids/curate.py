@@ -65,6 +65,9 @@ from neuroflow_dagster.heuristics.neuroflow_default import tokens
 from neuroflow_dagster.naming.bids import entities as name_prefix
 from neuroflow_dagster.naming.bids import session_dir
 
+# Part of the conversion's code version (tools/heudiconv.py): bump it when a rule here changes what a
+# conversion writes, so Dagster marks converted sessions stale (and only then).
+CURATION_VERSION = "1"
 # QSIPrep's default --b0-threshold: volumes at or below it are b=0 images.
 B0_THRESHOLD = 100.0
 # What the BIDS validator requires of each field map suffix (any one key of each tuple).

@@ -156,9 +156,10 @@ def build_spec(
     )
 
 
-def code_version(config: NeuroflowConfig) -> str:
+def code_version(config: NeuroflowConfig, *, curation: str = "") -> str:
     """Changes whenever a re-conversion could give different files: heuristic content, tool
-    versions (local) or image (containers), converter flags. Cheap: no subprocess (read at load)."""
+    versions (local) or image (containers), converter flags, and ``curation``, the version of the
+    rules applied after the tool (``bids.curate.CURATION_VERSION``). Cheap: no subprocess (read at load)."""
     cfg = config.pipelines.bids_conversion
     digest = hashlib.sha256()
     try:
@@ -169,7 +170,7 @@ def code_version(config: NeuroflowConfig) -> str:
         tools = f"image={cfg.image}"
     else:
         tools = ";".join(f"{name}={_package_version(name)}" for name in ("heudiconv", "dcm2niix"))
-    digest.update(f"{tools};converter={cfg.converter};-g all;--minmeta".encode())
+    digest.update(f"{tools};converter={cfg.converter};-g all;--minmeta;curation={curation}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -37,7 +37,7 @@ def build_bids_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         **args,
         group_name="conversion",
         kinds={"bids"},
-        code_version=heudiconv.code_version(config),
+        code_version=heudiconv.code_version(config, curation=curate.CURATION_VERSION),
         check_specs=[
             dg.AssetCheckSpec(
                 VALIDATOR_CHECK,
