@@ -10,7 +10,8 @@ Three uses, one source of truth:
 
 * ``seqinfo(protocol)``: HeudiConv's own ``SeqInfo`` rows of every series of a protocol, for fast
   unit tests of the heuristic (``PROTOCOLS``: also series that are never synthesized, e.g. GRE
-  field maps, SWI, fMRI, MP2RAGE);
+  field maps, SWI, fMRI, MP2RAGE); a synthesized diffusion series carries in ``custom`` what the
+  heuristic's ``custom_seqinfo`` reads from its headers (volumes, largest b-value), a row only its name;
 * ``build_session(shape, folder)``: a small DICOM session of a site (``SHAPES``), written with
   pydicom (``synth.write_protocol``), that goes through the real HeudiConv, dcm2niix, curation and
   the BIDS validator; ``expected_files(shape, participant, session)`` is what it must give;
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from heudiconv.utils import SeqInfo
 
@@ -175,8 +177,7 @@ SHAPES: dict[str, Shape] = {
                 anat("3D_FLAIR_Sag", SIEMENS_NORM, "anat/FLAIR"),
                 dwi("dMRI_dir98_AP_SBRef", (*SIEMENS_DWI, "SBREF"), "dwi/dir-AP_sbref", pe="AP", n_directions=0),
                 dwi("dMRI_dir98_AP", SIEMENS_DWI, "dwi/dir-AP_dwi", pe="AP", n_directions=8, shells=(1500.0, 3000.0)),
-                dwi("dMRI_dir98_PA", SIEMENS_DWI, "dwi/dir-PA_dwi", pe="PA", n_directions=0,
-                    final="fmap/acq-dwi_dir-PA_epi"),
+                dwi("dMRI_dir98_PA", SIEMENS_DWI, "fmap/acq-dwi_dir-PA_epi", pe="PA", n_directions=0),
                 epi("SpinEchoFieldMap_AP", SIEMENS_EPI, "fmap/dir-AP_epi", pe="AP", geometry=FMRI,
                     final="fmap/acq-SpinEchoFieldMap_dir-AP_epi"),
                 epi("SpinEchoFieldMap_PA", SIEMENS_EPI, "fmap/dir-PA_epi", pe="PA", geometry=FMRI,
@@ -210,8 +211,8 @@ SHAPES: dict[str, Shape] = {
                 anat("T2_FLAIR_sag_p2_1mm_fs_ellip_pf78", SIEMENS_NORM, "anat/FLAIR", copy=True),
                 dwi("MB3_diff_b1000_b2000_AP", (*SIEMENS_DWI, "MB"), "dwi/dir-AP_dwi", pe="AP", n_b0=3,
                     n_directions=8, shells=(1000.0, 2000.0)),
-                dwi("MB3_diff_b0_PA", (*SIEMENS_DWI, "MB"), "dwi/dir-PA_dwi", pe="PA", n_b0=3, n_directions=0,
-                    final="fmap/acq-dwi_dir-PA_epi"),
+                dwi("MB3_diff_b0_PA", (*SIEMENS_DWI, "MB"), "fmap/acq-dwi_dir-PA_epi", pe="PA", n_b0=3,
+                    n_directions=0),
             ),
             "two shells, a 3-volume reverse-PE b=0 series, ND + NORM copies of T1 and FLAIR",
             intended_for={"acq-dwi_dir-PA_epi": ("dir-AP_dwi",)},
@@ -229,8 +230,7 @@ SHAPES: dict[str, Shape] = {
                 anat("ep2d_diff_mddw_6_p2_TRACEW", derived("TRACEW"), None),
                 anat("ep2d_diff_mddw_6_p2_FA", derived("FA"), None),
                 anat("ep2d_diff_mddw_6_p2_ColFA", derived("NONE"), None),
-                dwi("ep2d_diff_b0_PA", SIEMENS_DWI, "dwi/dir-PA_dwi", pe="PA", n_directions=0,
-                    final="fmap/acq-dwi_dir-PA_epi"),
+                dwi("ep2d_diff_b0_PA", SIEMENS_DWI, "fmap/acq-dwi_dir-PA_epi", pe="PA", n_directions=0),
             ),
             "vendor defaults: dark-fluid TSE is a FLAIR, derived ADC/TRACEW/FA/ColFA maps skipped, 1-volume b=0",
             intended_for={"acq-dwi_dir-PA_epi": ("dir-AP_dwi",)},
@@ -244,8 +244,7 @@ SHAPES: dict[str, Shape] = {
                 anat("T2W_TSE", PHILIPS_SE, "anat/T2w"),
                 anat("3D_Brain_VIEW_FLAIR", PHILIPS_IR, "anat/FLAIR"),
                 dwi("DTI_high_iso", PHILIPS_SE, "dwi/dwi", pe="AP", final="dwi/dir-AP_dwi"),
-                dwi("DTI_b0_PA", PHILIPS_SE, "dwi/dir-PA_dwi", pe="PA", n_directions=0,
-                    final="fmap/acq-dwi_dir-PA_epi"),
+                dwi("DTI_b0_PA", PHILIPS_SE, "fmap/acq-dwi_dir-PA_epi", pe="PA", n_directions=0),
             ),
             "Philips names; no DIFFUSION in ImageType (routed by name, then by content)",
             intended_for={"acq-dwi_dir-PA_epi": ("dir-AP_dwi",)},
@@ -259,7 +258,7 @@ SHAPES: dict[str, Shape] = {
                 anat("Sag CUBE T2", GE, "anat/T2w", protocol=GE_PROTOCOL),
                 anat("Sag CUBE FLAIR", GE, "anat/FLAIR", protocol=GE_PROTOCOL),
                 dwi("Ax DTI", GE, "dwi/dwi", pe="AP", protocol=GE_PROTOCOL, final="dwi/dir-AP_dwi"),
-                dwi("Ax DTI RPG", GE, "dwi/dwi", pe="PA", n_directions=0, protocol=GE_PROTOCOL,
+                dwi("Ax DTI RPG", GE, "fmap/acq-dwi_epi", pe="PA", n_directions=0, protocol=GE_PROTOCOL,
                     final="fmap/acq-dwi_dir-PA_epi"),
             ),
             "GE names; the ProtocolName (the exam's, 'DTI' in it) is the same on every series and ignored",
@@ -272,8 +271,8 @@ SHAPES: dict[str, Shape] = {
                 anat("t1_mprage_sag_p2_iso", SIEMENS_NORM, "anat/T1w"),
                 anat("t2_tse_dark-fluid_tra", SIEMENS_NORM, "anat/FLAIR"),
                 dwi("ep2d_diff_mddw_6_AP", SIEMENS_DWI, "dwi/dir-AP_dwi", pe="AP", tags=False),
-                dwi("ep2d_diff_b0_PA", SIEMENS_DWI, "dwi/dir-PA_dwi", pe="PA", n_directions=0, tags=False,
-                    final=None),
+                dwi("ep2d_diff_b0_PA", SIEMENS_DWI, "fmap/acq-dwi_dir-PA_epi", pe="PA", n_directions=0,
+                    tags=False, final=None),
             ),
             "dcm2niix cannot read the polarity: the b=0 field map is left out with a warning, the DWI keeps"
             " its name-given dir- and a warning",
@@ -427,5 +426,14 @@ def _seqinfo(series: tuple[Series, ...]) -> Iterator[SeqInfo]:
             date="20240506",
             series_uid=f"1.2.3.{number}",
             time=f"09{(number - 1 if copy else number):02d}00.000000",
-            custom=None,
+            custom=_content(s),
         )
+
+
+def _content(series: Series) -> tuple[tuple[str, Any], ...] | None:
+    """What the heuristic's custom_seqinfo reads from a synthesized diffusion series' headers."""
+    item = series.synth
+    if item is None or item.plan.kind != "dwi":
+        return None
+    volumes = item.n_b0 + item.n_directions * len(item.shells)
+    return (("volumes", volumes), ("max_b", max(item.shells) if item.n_directions else 0.0))

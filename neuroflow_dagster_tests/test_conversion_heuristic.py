@@ -144,7 +144,7 @@ def test_heuristic_keys_use_heudiconv_session_fields_and_are_self_contained() ->
     # Runs inside a heudiconv container without neuroflow installed: stdlib imports only.
     source = Path(heur.__file__).read_text()
     imports = set(re.findall(r"^(?:from|import) ([a-zA-Z_.]+)", source, re.MULTILINE))
-    assert imports <= {"__future__", "re", "collections.abc", "typing"}, imports
+    assert imports <= {"__future__", "re", "struct", "collections.abc", "typing"}, imports
     # Curation writes IntendedFor after dcm2niix (it moves files first): HeudiConv must not.
     assert not hasattr(heur, "POPULATE_INTENDED_FOR_OPTS")
 

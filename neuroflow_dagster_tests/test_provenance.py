@@ -162,12 +162,12 @@ def test_conversion_records_where_each_series_went_and_why(pipeline: Pipeline) -
     assert {(s["series"], s["target"]) for s in curation["series"]} == {
         ("1-T1_MPRAGE_SAG", "anat/T1w"),
         ("2-ep2d_diff_DTI_AP", "dwi/dir-AP_dwi"),
-        ("3-ep2d_diff_b0_PA", "dwi/dir-PA_dwi"),
-        ("4-ep2d_diff_b0_LR", "dwi/dir-LR_dwi"),
+        ("3-ep2d_diff_b0_PA", "fmap/acq-dwi_dir-PA_epi"),  # b=0 only in its headers (custom_seqinfo)
+        ("4-ep2d_diff_b0_LR", "fmap/acq-dwi_dir-LR_epi"),
     }
     by_series = {f["series"]: f for f in curation["files"]}
     assert by_series["3 ep2d_diff_b0_PA"]["file"] == "fmap/sub-SUBJA_ses-01_acq-dwi_dir-PA_epi.nii.gz"
-    assert by_series["3 ep2d_diff_b0_PA"]["action"] == "moved"
+    assert by_series["3 ep2d_diff_b0_PA"]["action"] == "kept"
     assert by_series["4 ep2d_diff_b0_LR"]["action"] == "left out" and by_series["4 ep2d_diff_b0_LR"]["file"] is None
     assert curation["field_maps"][0]["serves"] == ["dwi/sub-SUBJA_ses-01_dir-AP_dwi.nii.gz"]
     (warning,) = curation["warnings"]

@@ -753,6 +753,10 @@ def _typed(row: Mapping[str, str]) -> SimpleNamespace:
         values["image_type"] = tuple(ast.literal_eval(values.get("image_type") or "()"))
     except (ValueError, SyntaxError):
         values["image_type"] = tuple(str(values.get("image_type") or "").split("\\"))
+    try:  # what the heuristic's custom_seqinfo returned, e.g. "(('volumes', 7), ('max_b', 1000.0))"
+        values["custom"] = ast.literal_eval(values.get("custom") or "None")
+    except (ValueError, SyntaxError):
+        values["custom"] = None
     return SimpleNamespace(**values)
 
 

@@ -9,17 +9,19 @@ that are not BIDS, and the validator (and QSIPrep after it) rejects them.
 Every output name here is a BIDS name with sessions
 (``sub-<label>/ses-<label>/<datatype>/sub-<label>_ses-<label>_..``).
 
-This is the FIRST cut, from what HeudiConv knows before conversion (its
-``SeqInfo``: SeriesDescription, ImageType, dimensions, times). What the
-converted files contain decides the rest after dcm2niix has run
-(``neuroflow_dagster.bids.curate``, docs/domain-rules.md#conversion): a
+This is the FIRST cut, from what HeudiConv knows before conversion. A
 ``SeqInfo`` has no b-values and no phase-encoding polarity, and for classic
-one-file-per-slice DICOM its ``dim4`` is 1 whatever the number of volumes. So
-every diffusion-like series goes to ``dwi/`` here, and curation moves a
-b=0-only one to ``fmap/`` (and a full DWI named as a field map back), takes
-``dir-`` from ``PhaseEncodingDirection`` and writes IntendedFor and
-B0FieldIdentifier/B0FieldSource. This heuristic therefore sets no
-``POPULATE_INTENDED_FOR_OPTS``.
+one-file-per-slice DICOM its ``dim4`` is 1 whatever the number of volumes, so
+``custom_seqinfo`` (HeudiConv calls it for every series) reads the headers of a
+diffusion-like series for its number of volumes and largest b-value (pydicom,
+which HeudiConv itself depends on, imported there only): a b=0-only series goes
+to ``fmap/`` as an ``epi`` field map, a single diffusion-weighted volume is
+skipped, a full DWI named as a field map goes to ``dwi/``. What the converted
+files contain decides the rest after dcm2niix has run
+(``neuroflow_dagster.bids.curate``, docs/domain-rules.md#conversion): the same
+routing by the ``.bval`` for vendors whose b-values are not read here, ``dir-``
+from ``PhaseEncodingDirection``, IntendedFor and B0FieldIdentifier/B0FieldSource.
+This heuristic therefore sets no ``POPULATE_INTENDED_FOR_OPTS``.
 
 Series are classified by their SeriesDescription (ProtocolName when it is
 empty: GE writes the exam's protocol there, the same for every series), as
@@ -32,7 +34,8 @@ skipped                            localizer/scout/survey/calibration/bias,    (
                                    other DERIVED images (except an RMS
                                    combination), fMRI and its field maps
 dwi ``_sbref``                     SBRef of a diffusion series                 dwi/ ``dir-XX``
-dwi ``_dwi``                       ImageType DIFFUSION                         dwi/ ``dir-XX``
+dwi ``_dwi``                       ImageType DIFFUSION (b=0 only in its        dwi/ ``dir-XX``
+                                   headers: fmap ``acq-dwi`` ``_epi``)
 fmap ``_epi``                      spin-echo field map by name (SpinEcho,      fmap/ ``[acq-dwi_]dir-XX``
                                    DistortionMap, TOPUP, blip, revPE, ...)
 fmap ``_phasediff``/``_magnitude`` gradient-echo field map by name (phase:     fmap/ ``[acq-dwi]``
@@ -65,10 +68,13 @@ went where (the provenance of the session).
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 # Entities in BIDS order (run is HeudiConv's {item}).
+# QSIPrep's default --b0-threshold: volumes at or below it are b=0 images (as in bids/curate.py).
+B0_THRESHOLD = 100.0
 _ENTITY_ORDER = ("acq", "dir", "run")
 
 _LOCALIZER = {
@@ -223,7 +229,7 @@ def classify(seq: Any) -> Decision:
             return _named(seq, "dwi", "sbref", {"dir": direction}, "single-band reference of a diffusion series")
         return _skip(seq, "single-band reference of a non-diffusion series (fMRI is not converted)")
     if diffusion_type:
-        return _named(seq, "dwi", "dwi", {"dir": direction}, "diffusion series (ImageType DIFFUSION)")
+        return _diffusion(seq, direction, "diffusion series (ImageType DIFFUSION)")
     se_fmap = _contains(compact, _SE_FMAP)
     gre_fmap = (word_set & _GRE_FMAP_TOKENS) or _contains(compact, _GRE_FMAP)
     if (se_fmap or gre_fmap) and fmri_word:
@@ -231,16 +237,106 @@ def classify(seq: Any) -> Decision:
     purpose = {"acq": "dwi"} if diffusion_word else {}
     why = f" for diffusion ({diffusion_word} in the name)" if diffusion_word else ""
     if se_fmap:
+        content = _content(seq)
+        if content.get("max_b", -1) > B0_THRESHOLD and content.get("volumes", 0) > 1:
+            return _diffusion(seq, direction, f"a full diffusion series named as a field map ({se_fmap})")
         return _named(seq, "fmap", "epi", {**purpose, "dir": direction}, f"spin-echo EPI field map ({se_fmap}){why}")
     if gre_fmap:
         if image_type & {"P", "PHASE"}:
             return _named(seq, "fmap", "phasediff", purpose, f"gradient-echo field map, phase (ImageType P){why}")
         return _named(seq, "fmap", "magnitude", purpose, f"gradient-echo field map, magnitude{why}")
     if diffusion_word:
-        return _named(seq, "dwi", "dwi", {"dir": direction}, f"diffusion series ({diffusion_word} in the name)")
+        return _diffusion(seq, direction, f"diffusion series ({diffusion_word} in the name)")
     if fmri_word:
         return _skip(seq, f"functional MRI ({fmri_word} in the name): not converted, the pipelines are diffusion only")
     return _classify_anatomy(seq, text, words, word_set, compact, image_type)
+
+
+def _diffusion(seq: Any, direction: str | None, why: str) -> Decision:
+    """A diffusion-like series: a DWI, unless its headers show b=0 only (a field map) or one weighted volume."""
+    content = _content(seq)
+    max_b, volumes = content.get("max_b", -1), content.get("volumes", 0)
+    if 0 <= max_b <= B0_THRESHOLD:
+        return _named(seq, "fmap", "epi", {"acq": "dwi", "dir": direction},
+                      f"{why}, b=0 only in its headers ({volumes or '?'} volume(s)): a field map for diffusion")
+    if max_b > B0_THRESHOLD and volumes == 1:
+        return _skip(seq, f"{why}, but a single diffusion-weighted volume: not a DWI QSIPrep can use (3D)")
+    return _named(seq, "dwi", "dwi", {"dir": direction}, why)
+
+
+def _content(seq: Any) -> dict[str, Any]:
+    """What custom_seqinfo read from the series' headers ({} when nothing: not diffusion-like, unknown vendor)."""
+    custom = getattr(seq, "custom", None)
+    try:
+        return {str(k): v for k, v in custom} if custom else {}
+    except (TypeError, ValueError):
+        return {}
+
+
+def custom_seqinfo(wrapper: Any, series_files: list[str]) -> tuple[tuple[str, Any], ...] | None:
+    """HeudiConv hook, called per series: (("volumes", n), ("max_b", b)) of a diffusion-like series.
+
+    Reads the headers only (no pixels) and only of series that look like diffusion or an EPI field map.
+    b-values: standard (0018,9087), Siemens (0019,100C), GE (0043,1039), Philips (2001,1003). Volumes:
+    one per file for mosaics, files / distinct slice positions for classic DICOM. None when unknown
+    (enhanced multi-frame, no b-value tag): curation decides from dcm2niix's .bval then.
+    """
+    ds = getattr(wrapper, "dcm_data", None)
+    if ds is None:
+        return None
+    text = str(ds.get("SeriesDescription", "") or ds.get("ProtocolName", "") or "")
+    words = tokens(text)
+    image_type = {str(t).upper() for t in (ds.get("ImageType") or ())}
+    if "DERIVED" in image_type or not (
+        "DIFFUSION" in image_type or _is_diffusion_name(words) or _contains("".join(words), _SE_FMAP)
+    ):
+        return None
+    try:
+        import pydicom  # HeudiConv depends on it: present wherever this heuristic runs
+    except ImportError:
+        return None
+    positions: set[tuple[float, ...]] = set()
+    b_values: list[float] = []
+    for path in series_files:
+        try:
+            head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_CONTENT_TAGS))
+        except Exception:  # an unreadable file: HeudiConv reports it; nothing to learn here
+            continue
+        if int(head.get("NumberOfFrames", 1) or 1) > 1:
+            return None  # enhanced multi-frame: b-values per frame, left to curation
+        position = head.get("ImagePositionPatient")
+        if position is not None:
+            positions.add(tuple(round(float(v), 2) for v in position))
+        b = _b_value(head)
+        if b is not None:
+            b_values.append(b)
+    if not b_values:
+        return None  # no b-value this reader knows (or a spin-echo field map): left to curation
+    n = len(series_files)
+    volumes = n if "MOSAIC" in image_type else n // max(len(positions), 1)
+    return (("volumes", volumes), ("max_b", max(b_values)))
+
+
+_CONTENT_TAGS = (0x00189087, 0x0019100C, 0x00431039, 0x20011003, 0x00200032, 0x00280008)
+
+
+def _b_value(head: Any) -> float | None:
+    for tag in (0x00189087, 0x0019100C, 0x00431039, 0x20011003):
+        if tag not in head:
+            continue
+        value = head[tag].value
+        if isinstance(value, bytes) and tag == 0x20011003 and len(value) == 4:
+            value = struct.unpack("<f", value)[0]  # Philips: a binary float (implicit VR files)
+        elif isinstance(value, bytes):
+            value = value.decode("latin-1", "replace").strip("\x00 ").split("\\")[0]
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0] if len(value) else None
+        try:
+            b = float(value)
+        except (TypeError, ValueError):
+            continue
+        return b % 1e9 if tag == 0x00431039 else b  # GE adds 1e9 to flag the b-value
+    return None
 
 
 def _classify_anatomy(
