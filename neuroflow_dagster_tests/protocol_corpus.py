@@ -40,8 +40,9 @@ from neuroflow_dagster.demo import synth
 # ImageTypes as the vendors write them.
 SIEMENS_ND = ("ORIGINAL", "PRIMARY", "M", "ND")
 SIEMENS_NORM = ("ORIGINAL", "PRIMARY", "M", "ND", "NORM")
-SIEMENS_DWI = ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE", "ND", "MOSAIC")
-SIEMENS_EPI = ("ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC")
+# Classic (one file per slice) exports, as synthesized here; a Siemens mosaic adds MOSAIC.
+SIEMENS_DWI = ("ORIGINAL", "PRIMARY", "DIFFUSION", "NONE", "ND")
+SIEMENS_EPI = ("ORIGINAL", "PRIMARY", "M", "ND")
 SIEMENS_PHASE = ("ORIGINAL", "PRIMARY", "P", "ND")
 PHILIPS_T1 = ("ORIGINAL", "PRIMARY", "M_FFE", "M", "FFE")
 PHILIPS_SE = ("ORIGINAL", "PRIMARY", "M_SE", "M", "SE")
@@ -330,7 +331,7 @@ PROTOCOLS: dict[str, tuple[Series, ...]] = {
         row("gre_field_mapping", SIEMENS_PHASE, "fmap/phasediff"),
         row("gre_field_mapping_dwi", SIEMENS_PHASE, "fmap/acq-dwi_phasediff"),
         row("ep2d_bold_rest", SIEMENS_EPI, None),
-        row("MoCoSeries", (*SIEMENS_EPI, "MOCO"), None),
+        row("MoCoSeries", (*SIEMENS_EPI, "MOSAIC", "MOCO"), None),
         row("PhoenixZIPReport", ("ORIGINAL", "PRIMARY", "OTHER", "CSA REPORT"), None),
         row("ep2d_diff_mddw_30_p2_TENSOR", derived("TENSOR"), None),
         row("pd_t2_tse_tra", SIEMENS_NORM, None),

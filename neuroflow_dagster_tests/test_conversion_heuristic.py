@@ -250,3 +250,31 @@ def test_tool_versions_are_the_installed_tools() -> None:
     versions = heudiconv.tool_versions()
     assert versions["heudiconv"] == "1.5.1"
     assert versions["dcm2niix"] and re.match(r"1\.0\.\d{8}", versions["dcm2niix"])
+
+
+def test_custom_seqinfo_reads_volumes_and_b_values_from_the_headers(tmp_path: Path) -> None:
+    """What HeudiConv's SeqInfo lacks, read by the heuristic's custom_seqinfo hook (pydicom, headers only)."""
+    from types import SimpleNamespace
+
+    import pydicom
+
+    from neuroflow_dagster.demo import sources
+
+    def custom(files: list[Path]) -> object:
+        wrapper = SimpleNamespace(dcm_data=pydicom.dcmread(files[0], stop_before_pixels=True))
+        return heur.custom_seqinfo(wrapper=wrapper, series_files=[str(f) for f in files])
+
+    session = protocol_corpus.build_session("siemens", tmp_path / "siemens")
+    series = session.series
+    assert custom(list(series["ep2d_diff_mddw_6_p2"].files)) == (("volumes", 16), ("max_b", 1000.0))
+    assert custom(list(series["ep2d_diff_b0_PA"].files)) == (("volumes", 1), ("max_b", 0.0))
+    assert custom(list(series["t1_mprage_sag_p2_iso_a"].files)) is None  # not diffusion-like: no file read
+    assert custom(list(series["ep2d_diff_mddw_6_p2_ADC_a"].files)) is None  # derived
+    prisma = sources.copy_real_session(tmp_path / "prisma", "b0dwiForFmap")  # mosaics, Siemens (0019,100C)
+    assert custom(prisma) == (("volumes", 3), ("max_b", 1500.0))
+    # ... and what the first cut makes of it.
+    seq = Seq("ep2d_diff_b0_PA", DIFF, series_id="4-b0")
+    seq.custom = (("volumes", 1), ("max_b", 5.0))  # type: ignore[attr-defined]
+    assert heur.decide([seq])[0].target == "fmap/acq-dwi_dir-PA_epi"
+    seq.custom = (("volumes", 1), ("max_b", 1000.0))  # type: ignore[attr-defined]
+    assert heur.decide([seq])[0].target is None

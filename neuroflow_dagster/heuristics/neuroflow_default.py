@@ -278,7 +278,7 @@ def custom_seqinfo(wrapper: Any, series_files: list[str]) -> tuple[tuple[str, An
 
     Reads the headers only (no pixels) and only of series that look like diffusion or an EPI field map.
     b-values: standard (0018,9087), Siemens (0019,100C), GE (0043,1039), Philips (2001,1003). Volumes:
-    one per file for mosaics, files / distinct slice positions for classic DICOM. None when unknown
+    files / distinct slice positions (a mosaic file is a whole volume at one position). None when unknown
     (enhanced multi-frame, no b-value tag): curation decides from dcm2niix's .bval then.
     """
     ds = getattr(wrapper, "dcm_data", None)
@@ -312,8 +312,8 @@ def custom_seqinfo(wrapper: Any, series_files: list[str]) -> tuple[tuple[str, An
             b_values.append(b)
     if not b_values:
         return None  # no b-value this reader knows (or a spin-echo field map): left to curation
-    n = len(series_files)
-    volumes = n if "MOSAIC" in image_type else n // max(len(positions), 1)
+    # Mosaics (one volume per file) share one position; classic files have one position per slice.
+    volumes = len(series_files) // max(len(positions), 1)
     return (("volumes", volumes), ("max_b", max(b_values)))
 
 
