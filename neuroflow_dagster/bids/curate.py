@@ -1,10 +1,11 @@
 """Curation of a converted session: route each image by what it contains, then link field maps to DWIs.
 
-Why after conversion: the heuristic only sees HeudiConv's ``SeqInfo`` (names, ImageType, a ``dim4``
-that is 1 for classic one-file-per-slice DICOM), which has no b-values and no phase-encoding
-polarity. dcm2niix's output has both (``.bval``, ``PhaseEncodingDirection`` in the sidecar when the
-vendor records it), so the routing that depends on them happens here, on the staged session HeudiConv
-wrote, before the BIDS validator sees it. The rules (docs/domain-rules.md#conversion):
+Why after conversion: the heuristic sees HeudiConv's ``SeqInfo`` (names, ImageType, a ``dim4`` that
+is 1 for classic one-file-per-slice DICOM) plus the b-values its ``custom_seqinfo`` can read from the
+headers of the vendors it knows, and no phase-encoding polarity. dcm2niix's output has both
+(``.bval``, ``PhaseEncodingDirection`` in the sidecar when the vendor records it), so the routing that
+depends on them is decided here, on the staged session HeudiConv wrote, before the BIDS validator sees
+it (for series the heuristic already routed right, it confirms). The rules (docs/domain-rules.md#conversion):
 
 * A diffusion image with diffusion-weighted volumes (b > ``B0_THRESHOLD``, QSIPrep's own default) and
   more than one volume is a DWI, in ``dwi/``, whatever it was named (a full reverse-PE DWI named
@@ -27,7 +28,8 @@ wrote, before the BIDS validator sees it. The rules (docs/domain-rules.md#conver
   phase encoding along the DWI's axis. Each DWI takes one field map group: EPI before gradient echo,
   then the closest in time.
 * A group that serves DWIs gets ``IntendedFor`` (paths relative to the subject folder, as QSIPrep 1.1.1
-  reads them; it ignores ``bids::`` URIs and B0Field*) and ``B0FieldIdentifier`` (unique per session);
+  reads them; it ignores ``bids::`` URIs and B0Field*) and ``B0FieldIdentifier`` (naming the session:
+  unique per subject);
   each DWI it serves gets ``B0FieldSource``, and when the group's EPI images have a single polarity the
   DWIs join its ``B0FieldIdentifier`` too (QSIPrep 26 refuses a PEPOLAR field whose images share one
   phase encoding). Field maps that serve no DWI keep no DWI in their IntendedFor.
@@ -61,15 +63,13 @@ import numpy as np
 
 from neuroflow_dagster.bids.dataset import read_tsv, write_tsv
 from neuroflow_dagster.fsutil import atomic_write_text
-from neuroflow_dagster.heuristics.neuroflow_default import tokens
+from neuroflow_dagster.heuristics.neuroflow_default import B0_THRESHOLD, tokens
 from neuroflow_dagster.naming.bids import entities as name_prefix
 from neuroflow_dagster.naming.bids import session_dir
 
 # Part of the conversion's code version (tools/heudiconv.py): bump it when a rule here changes what a
 # conversion writes, so Dagster marks converted sessions stale (and only then).
 CURATION_VERSION = "1"
-# QSIPrep's default --b0-threshold: volumes at or below it are b=0 images.
-B0_THRESHOLD = 100.0
 # What the BIDS validator requires of each field map suffix (any one key of each tuple).
 REQUIRED_FMAP_METADATA: dict[str, tuple[tuple[str, ...], ...]] = {
     "epi": (("PhaseEncodingDirection",), ("TotalReadoutTime", "EffectiveEchoSpacing")),
@@ -464,7 +464,7 @@ class FieldMapGroup:
 
     def purpose(self) -> tuple[bool | None, str]:
         """(True: acquired for diffusion / False: for something else / None: cannot tell by name), why."""
-        if any(i.from_diffusion for i in self.images):
+        if any(i.from_diffusion or "DIFFUSION" in (i.sidecar.get("ImageType") or ()) for i in self.images):
             return True, "b=0 images of the diffusion sequence itself"
         acq = " ".join(i.entities.get("acq", "") for i in self.images).lower()
         words = {w for i in self.images for w in tokens(str(i.sidecar.get("SeriesDescription", "")))}

@@ -72,9 +72,9 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-# Entities in BIDS order (run is HeudiConv's {item}).
 # QSIPrep's default --b0-threshold: volumes at or below it are b=0 images (as in bids/curate.py).
 B0_THRESHOLD = 100.0
+# Entities in BIDS order (run is HeudiConv's {item}).
 _ENTITY_ORDER = ("acq", "dir", "run")
 
 _LOCALIZER = {
