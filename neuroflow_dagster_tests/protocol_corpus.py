@@ -436,5 +436,6 @@ def _content(series: Series) -> tuple[tuple[str, Any], ...] | None:
     item = series.synth
     if item is None or item.plan.kind != "dwi":
         return None
-    volumes = item.n_b0 + item.n_directions * len(item.shells)
-    return (("volumes", volumes), ("max_b", max(item.shells) if item.n_directions else 0.0))
+    if item.n_directions:  # it stops reading at the first weighted volume: "several"
+        return (("volumes", -1), ("max_b", max(item.shells)))
+    return (("volumes", item.n_b0), ("max_b", 0.0))

@@ -276,7 +276,9 @@ def _content(seq: Any) -> dict[str, Any]:
 def custom_seqinfo(wrapper: Any, series_files: list[str]) -> tuple[tuple[str, Any], ...] | None:
     """HeudiConv hook, called per series: (("volumes", n), ("max_b", b)) of a diffusion-like series.
 
-    Reads the headers only (no pixels) and only of series that look like diffusion or an EPI field map.
+    Reads the headers only (no pixels) and only of series that look like diffusion or an EPI field map,
+    and stops at the first diffusion-weighted file once a slice position repeats (volumes -1: several,
+    not counted): a b=0-only series, the one whose routing depends on it, is always read whole.
     b-values: standard (0018,9087), Siemens (0019,100C), GE (0043,1039), Philips (2001,1003). Volumes:
     files / distinct slice positions (a mosaic file is a whole volume at one position). None when unknown
     (enhanced multi-frame, no b-value tag): curation decides from dcm2niix's .bval then.
@@ -296,7 +298,8 @@ def custom_seqinfo(wrapper: Any, series_files: list[str]) -> tuple[tuple[str, An
     except ImportError:
         return None
     positions: set[tuple[float, ...]] = set()
-    b_values: list[float] = []
+    max_b: float | None = None
+    several = False  # a slice position seen twice: more than one volume
     for path in series_files:
         try:
             head = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_CONTENT_TAGS))
@@ -306,15 +309,18 @@ def custom_seqinfo(wrapper: Any, series_files: list[str]) -> tuple[tuple[str, An
             return None  # enhanced multi-frame: b-values per frame, left to curation
         position = head.get("ImagePositionPatient")
         if position is not None:
-            positions.add(tuple(round(float(v), 2) for v in position))
+            key = tuple(round(float(v), 2) for v in position)
+            several = several or key in positions
+            positions.add(key)
         b = _b_value(head)
         if b is not None:
-            b_values.append(b)
-    if not b_values:
+            max_b = b if max_b is None else max(max_b, b)
+        if several and max_b is not None and max_b > B0_THRESHOLD:
+            return (("volumes", -1), ("max_b", max_b))  # a multi-volume DWI: no need to read on
+    if max_b is None:
         return None  # no b-value this reader knows (or a spin-echo field map): left to curation
     # Mosaics (one volume per file) share one position; classic files have one position per slice.
-    volumes = len(series_files) // max(len(positions), 1)
-    return (("volumes", volumes), ("max_b", max(b_values)))
+    return (("volumes", len(series_files) // max(len(positions), 1)), ("max_b", max_b))
 
 
 _CONTENT_TAGS = (0x00189087, 0x0019100C, 0x00431039, 0x20011003, 0x00200032, 0x00280008)
