@@ -400,3 +400,35 @@ def test_the_disk_guard_prunes_after_the_run_ends_and_status_shows_what_is_kept(
         assert not folder.exists() and not work.exists()
         assert cli.main(argv) == 0
         assert capsys.readouterr().out.splitlines()[-2].startswith("failed-run folders kept: none")
+
+
+def test_the_real_qc_and_recon_steps_wait_for_a_qsiprep_publish(tmp_path: Path, holder: Any) -> None:
+    """The project's own `image_qc_session` and `qsirecon_session` take the shared lock before they read
+    QSIPrep's output: while a publish (another process) holds it they do not start, and fail transient."""
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster_tests.test_qc_gate import write_session
+
+    config = make_workspace(tmp_path / "ws", overrides={"pipelines": {
+        "qsiprep": {"publish_wait_minutes": 0.01}, "qsirecon": {"retry": {"max_retries": 0}}}})  # fmt: skip
+    Registry(config.paths.state).assign("SCAN_A", "75")
+    write_session(config, "0075", "01", 0.95, 0)
+    dwi = config.paths.bids_root / "sub-0075" / "ses-01" / "dwi"
+    dwi.mkdir(parents=True)
+    (dwi / "sub-0075_ses-01_dwi.nii.gz").write_bytes(b"")
+    writer = holder(readers_lock(config.paths.state, "qsiprep", "0075"), "abcdef12-prep", mode="exclusive")
+    defs = make_defs(config)
+    job = defs.resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("subjects", ["0075"])
+        instance.add_dynamic_partitions("session_labels", ["01"])
+        for asset in (QC, QSIRECON):
+            result = job.execute_in_process(instance=instance, asset_selection=[asset], partition_key="01|0075",
+                                            raise_on_error=False)  # fmt: skip
+            user = failure_of(result)
+            assert user.metadata["neuroflow/failure_class"].value == "transient", user.description
+            assert "not started: the qsiprep output of sub-0075 is being replaced" in user.description
+            assert "run abcdef12" in user.description
+        writer.kill()
+        writer.wait()
+        done = job.execute_in_process(instance=instance, asset_selection=[QC], partition_key="01|0075")
+        assert done.success
