@@ -40,7 +40,6 @@ from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.naming.bids import LABEL
 from neuroflow_dagster.naming.locks import work_lock
 from neuroflow_dagster.naming.partitions import session_key
-from neuroflow_dagster.runtimes.jobs import JobRecordError, JobStore
 from neuroflow_dagster.tools import layout
 from neuroflow_dagster.tools.publish import STAGING, parse_staging_name
 
@@ -264,6 +263,8 @@ def plan(
 def _adopted_staging(config: NeuroflowConfig, candidates: Sequence[Leftover]) -> set[Path]:
     """Staging folders a Slurm job still writes into: a run that re-attaches to the job publishes from
     there (runtimes/jobs.py), whatever happened to the run that submitted it."""
+    from neuroflow_dagster.runtimes.jobs import JobRecordError, JobStore  # only when something is to go
+
     jobs = JobStore(config.paths.state / "jobs")
     out: set[Path] = set()
     for item in candidates:
