@@ -57,10 +57,10 @@ class Acquired:
     waited_for: list[Holder] = field(default_factory=list)
 
     def waited(self) -> bool:
-        return bool(self.waited_for)
+        return self.waited_s > 0
 
     def describe(self) -> str:
-        return "; ".join(h.describe() for h in self.waited_for)
+        return "; ".join(h.describe() for h in self.waited_for) or "a holder that did not describe itself"
 
 
 class LockBusy(Exception):
