@@ -337,6 +337,8 @@ PROTOCOLS: dict[str, tuple[Series, ...]] = {
         row("pd_t2_tse_tra", SIEMENS_NORM, None),
         row("se_epi_dwi_topup_PA", SIEMENS_EPI, "fmap/acq-dwi_dir-PA_epi"),
         row("t2_spc_da-fl_sag_p2_iso", SIEMENS_NORM, "anat/FLAIR"),
+        row("FieldMap_AP", SIEMENS_EPI, "fmap/dir-AP_epi"),  # a field map named with its direction is EPI
+        row("DistortionCorrection_dwi_PA", SIEMENS_EPI, "fmap/acq-dwi_dir-PA_epi"),
     ),
     "philips_extra": (
         row("WIP sT1W_3D_TFE SENSE", PHILIPS_T1, "anat/T1w"),
@@ -349,6 +351,7 @@ PROTOCOLS: dict[str, tuple[Series, ...]] = {
         row("Ax T2 FLAIR", GE, "anat/FLAIR", GE_PROTOCOL),
         row("Ax SWAN", GE, None, GE_PROTOCOL),
         row("Sag 3D IR-FSPGR", GE, "anat/T1w", GE_PROTOCOL),
+        row("Sag T1 FLAIR", GE, "anat/T1w", GE_PROTOCOL),
         row("Ax DTI 30 dir", GE, "dwi/dwi", GE_PROTOCOL),
         row("Ax rsfMRI", GE, None, GE_PROTOCOL),
         row("NODDI_multishell", GE, "dwi/dwi", GE_PROTOCOL),

@@ -142,6 +142,19 @@ def test_one_diffusion_weighted_volume_is_left_out_with_a_warning(ses: Session) 
     assert "DWI file not 4D" in report.warnings[0] and report.files[0].action == "left out"
 
 
+def test_a_series_without_b_values_is_a_field_map_unless_it_is_a_diffusion_series(ses: Session) -> None:
+    """dcm2niix writes no .bval for a spin-echo b=0 without diffusion tags (named like a DWI): a field map;
+    a DIFFUSION series whose b-values it could not read is left out."""
+    ses.add("dwi/dir-AP_dwi", volumes=7, bvals=FULL, **dwi_sidecar())
+    ses.add("dwi/acq-b0_dir-PA_dwi", volumes=3, time="10:05", **dwi_sidecar("j", SeriesDescription="B0_PA"))
+    ses.add("dwi/acq-x_dir-AP_dwi", volumes=9, time="10:10",
+            **dwi_sidecar(SeriesDescription="DTI_x", ImageType=["ORIGINAL", "PRIMARY", "DIFFUSION"]))
+    report = ses.curate()
+    assert [f for f in ses.scans() if "fmap" in f] == [f"fmap/{PREFIX}_acq-dwi_dir-PA_epi.nii.gz"]
+    assert not any("acq-x" in f for f in ses.scans())
+    assert len(report.warnings) == 1 and "without b-values" in report.warnings[0]
+
+
 def test_trace_weighted_series_without_gradient_directions_is_left_out(ses: Session) -> None:
     """A clinical 3-scan trace (GE 'Ax DWI'): b=0 and b=1000 volumes, no direction: not a DWI for QSIPrep."""
     ses.add("dwi/dwi", volumes=2, bvals=[0.0, 1000.0], trace=True, **dwi_sidecar(SeriesDescription="Ax DWI 1000b"))

@@ -10,8 +10,10 @@ it (for series the heuristic already routed right, it confirms). The rules (docs
 * A diffusion image with diffusion-weighted volumes (b > ``B0_THRESHOLD``, QSIPrep's own default) and
   more than one volume is a DWI, in ``dwi/``, whatever it was named (a full reverse-PE DWI named
   blip/revPE included). One with a single volume is left out: QSIPrep refuses it ("DWI file not 4D");
-  so is one without b-values, or whose diffusion-weighted volumes have no gradient direction (trace images).
-* A b=0-only diffusion image (any number of volumes) is a field map: ``fmap/..._acq-dwi_dir-XX_epi``,
+  so is one whose diffusion-weighted volumes have no gradient direction (trace images), and a
+  multi-volume series with ImageType DIFFUSION but no b-values (dcm2niix could not read them).
+* A b=0-only image in ``dwi/`` (any number of volumes; also one without b-values that is not a
+  DIFFUSION series: a spin-echo b=0 named like a DWI) is a field map: ``fmap/..._acq-dwi_dir-XX_epi``,
   its bval/bvec removed.
 * ``dir-`` of every DWI, SBRef and EPI field map comes from ``PhaseEncodingDirection`` and the image's
   orientation (``j-`` on an axial image whose j axis points anterior is A>>P: ``AP``); names that then
@@ -339,7 +341,8 @@ def _route_by_content(images: list[Image], decisions: dict[int, tuple[str, str]]
         if image.is_dwi:
             weighted = sum(b > B0_THRESHOLD for b in image.bvals or [])
             undirected = _undirected(image)
-            if image.bvals is None and image.volumes > 1:
+            diffusion_type = "DIFFUSION" in (image.sidecar.get("ImageType") or ())
+            if image.bvals is None and image.volumes > 1 and diffusion_type:
                 leave_out(image, "no b-values", "a diffusion series without b-values (dcm2niix could not read them)")
             elif weighted and undirected == weighted:
                 leave_out(image, "trace-weighted volumes without gradient directions",

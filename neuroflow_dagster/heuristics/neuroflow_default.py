@@ -39,10 +39,12 @@ dwi ``_dwi``                       ImageType DIFFUSION (b=0 only in its        d
 fmap ``_epi``                      spin-echo field map by name (SpinEcho,      fmap/ ``[acq-dwi_]dir-XX``
                                    DistortionMap, TOPUP, blip, revPE, ...)
 fmap ``_phasediff``/``_magnitude`` gradient-echo field map by name (phase:     fmap/ ``[acq-dwi]``
-                                   ImageType P)
+                                   ImageType P; with AP/PA/.. in the name:
+                                   an EPI field map, ``_epi``)
 dwi ``_dwi``                       diffusion by name (dwi, dti, diff, dMRI,    dwi/ ``dir-XX``
                                    NODDI, DKI, DSI; a b0 EPI series)
-anat ``_FLAIR``                    flair, dark-fluid (da-fl), T2 tirm          anat/
+anat ``_FLAIR``                    flair, dark-fluid (da-fl), T2 tirm (a T1    anat/
+                                   FLAIR without t2 is a T1w)
 anat ``_T2w``                      t2, t2w, sT2W (not T2*, SWI, PD)            anat/
 anat ``_T1w``                      t1, t1w, sT1W, mprage, mpr, spgr, fspgr,    anat/
                                    bravo, tfl3d (not MP2RAGE)
@@ -93,7 +95,7 @@ _DIFFUSION_PREFIXES = ("dwi", "dti", "diff", "dmri", "hardi", "mddw", "noddi", "
 _B0_WORD = re.compile(r"^b0(rev|ap|pa|lr|rl|si|is)?$")  # a b=0 EPI series: its content decides (dwi/ or fmap/)
 _DIFFUSION_SUFFIXES = ("dwi", "dti")
 _SE_FMAP = (
-    "spinecho", "distortionmap", "topup", "sefmap", "fmapse", "seepi", "epise", "pepolar", "revpe", "reversepe",
+    "spinecho", "distortion", "topup", "sefmap", "fmapse", "seepi", "epise", "pepolar", "revpe", "reversepe",
     "reversephase", "blip", "b0rev", "revb0", "oppositepe",
 )  # fmt: skip
 _GRE_FMAP = ("fieldmap", "b0map", "grefield")
@@ -241,6 +243,9 @@ def classify(seq: Any) -> Decision:
         if content.get("max_b", -1) > B0_THRESHOLD and content.get("volumes", 0) > 1:
             return _diffusion(seq, direction, f"a full diffusion series named as a field map ({se_fmap})")
         return _named(seq, "fmap", "epi", {**purpose, "dir": direction}, f"spin-echo EPI field map ({se_fmap}){why}")
+    if gre_fmap and direction and not image_type & {"P", "PHASE"}:
+        # A gradient-echo field map has no phase-encoding direction in its name; one that does is EPI.
+        return _named(seq, "fmap", "epi", {**purpose, "dir": direction}, f"EPI field map (field map, {direction}){why}")
     if gre_fmap:
         if image_type & {"P", "PHASE"}:
             return _named(seq, "fmap", "phasediff", purpose, f"gradient-echo field map, phase (ImageType P){why}")
@@ -354,7 +359,10 @@ def _classify_anatomy(
         return _skip(seq, "EPI mosaic (a navigator or fMRI-like series), not an anatomical image")
     if "mp2rage" in compact:
         return _skip(seq, "MP2RAGE image (INV1/INV2/UNI/T1 map): not a BIDS T1w")
+    t1_word = next((w for w in words if _T1.match(w) or w in _T1_WORDS), None)
     if "flair" in compact or "darkfluid" in compact or "dafl" in compact or ("tirm" in word_set and _has_t2(words)):
+        if t1_word and not _has_t2(words):  # GE's T1 FLAIR: an inversion-prepared T1-weighted image
+            return _named(seq, "anat", "T1w", {}, f"T1-weighted FLAIR ({t1_word} in the name)")
         return _named(seq, "anat", "FLAIR", {}, "FLAIR (flair / dark-fluid in the name)")
     if "t2star" in compact or "t2*" in text.lower() or word_set & _T2STAR or (
         _has_t2(words) and word_set & _T2STAR_WITH_T2
@@ -364,9 +372,8 @@ def _classify_anatomy(
         return _skip(seq, "proton-density (or PD/T2 dual-echo) image: no suffix this bank uses")
     if _has_t2(words):
         return _named(seq, "anat", "T2w", {}, "T2-weighted (t2 in the name)")
-    t1 = next((w for w in words if _T1.match(w) or w in _T1_WORDS), None)
-    if t1:
-        return _named(seq, "anat", "T1w", {}, f"T1-weighted ({t1} in the name)")
+    if t1_word:
+        return _named(seq, "anat", "T1w", {}, f"T1-weighted ({t1_word} in the name)")
     return _skip(seq, "no rule names it")
 
 
