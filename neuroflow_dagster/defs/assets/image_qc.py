@@ -1,8 +1,10 @@
 """`image_qc_session`: a session's image QC after QSIPrep, with the blocking `image_qc` check.
 
 The asset reads the session's QC table(s) from the QSIPrep derivatives (qc/gate.py judges them
-against the `qc` section of neuroflow.yaml) and records every measure, its level and its
-thresholds, the figures QSIPrep drew for the session, and any operator approval. Its check
+against the cohort of the session's acquisition group and the `qc` section of neuroflow.yaml, and
+records the verdict; the same tables judged again keep it) and records every measure, its level and
+the rule that gave it, the cohort plot of each measure with the session ringed (qc/report.py), the
+figures QSIPrep drew for the session, and any operator approval. Its check
 fails with ERROR severity when a measure is beyond a fail threshold and no approval stands:
 the check is blocking, so in the run that also reconstructs and parcellates the session those
 steps are skipped. Warnings and approved failures are WARN (not blocking), so the UI shows
@@ -22,7 +24,15 @@ from neuroflow_dagster.defs.assets.common import refuse, session_context
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY, STATUS_NOT_APPLICABLE
-from neuroflow_dagster.qc.gate import FAILED, NOT_APPLICABLE, WARN, GateState, session_gate
+from neuroflow_dagster.qc.gate import (
+    FAILED,
+    NOT_APPLICABLE,
+    WARN,
+    Evaluation,
+    GateState,
+    evaluate_session,
+    session_gate,
+)
 
 QC_KEY = dg.AssetKey(stages.QC_ASSET)
 QC_CHECK_KEY = dg.AssetCheckKey(QC_KEY, stages.QC_CHECK)
@@ -66,6 +76,11 @@ def check_metadata(gate: GateState) -> dict[str, dg.MetadataValue | str | float 
         meta[name] = dg.MetadataValue.float(m.value) if m.value is not None else "n/a"
         meta[f"{name} level"] = m.level
         meta[f"{name} thresholds"] = m.rule
+        meta[f"{name} rule"] = m.basis  # absolute / cohort / floor
+        if m.score is not None:
+            meta[f"{name} MADs from median"] = dg.MetadataValue.float(round(m.score, 2))
+    if gate.verdict.notes:
+        meta["qc_rule"] = "; ".join(gate.verdict.notes)
     if gate.verdict.metrics:
         meta["measures"] = dg.MetadataValue.md(metrics_markdown(gate))
     if gate.approval is not None:
@@ -86,6 +101,17 @@ def check_result(gate: GateState) -> dg.AssetCheckResult:
         check_name=stages.QC_CHECK, passed=passed, severity=severity, description=gate.describe()[:2000],
         metadata=check_metadata(gate),
     )
+
+
+def cohort_markdown(cfg: NeuroflowConfig, scan_id: str, evaluation: Evaluation) -> str:
+    """The cohort plot of each measure over the session's acquisition group(s), the session ringed, as an
+    inline PNG (Dagster's markdown renderer allows `data:` image sources; a local path would not load)."""
+    from neuroflow_dagster.qc.report import session_figure
+
+    png, _ = session_figure(cfg, scan_id, evaluation.groups)
+    data = base64.b64encode(png).decode()
+    text = "; ".join(evaluation.gate.verdict.notes) or "every session a point; the ringed one is this session"
+    return f"![cohort of {html.escape(scan_id)}](data:image/png;base64,{data})\n\n{text}"
 
 
 def gate_or_refuse(config: NeuroflowConfig, scan_id: str, participant: str, session: str) -> GateState:
@@ -124,12 +150,26 @@ def build_image_qc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def image_qc_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        gate = session_gate(cfg, ses.entry.scan_id, ses.participant, ses.session)
+        evaluation = evaluate_session(cfg, ses.entry.scan_id, ses.participant, ses.session,
+                                      by=f"{stages.QC_ASSET} run {context.run_id[:8]}")
+        gate = evaluation.gate
         meta = dict(check_metadata(gate))
         meta[STATUS_KEY] = STATUS_NOT_APPLICABLE if gate.state == NOT_APPLICABLE else STATUS_DONE
         meta["scan_id"] = ses.entry.scan_id
+        if evaluation.stored is not None:
+            meta["verdict"] = evaluation.describe_origin()
+            if evaluation.kept:
+                context.log.info(f"QC verdict kept: {evaluation.describe_origin()}")
+        if evaluation.today is not None:
+            meta["under today's cohort"] = evaluation.today.summary()
         if gate.verdict.tables:
             meta["qc_table"] = dg.MetadataValue.path(str(gate.verdict.tables[0]))
+        if gate.verdict.metrics:
+            try:
+                meta["cohort"] = dg.MetadataValue.md(cohort_markdown(cfg, ses.entry.scan_id, evaluation))
+            except Exception as exc:  # a picture never decides a verdict
+                context.log.warning(f"cohort figure not drawn: {type(exc).__name__}: {exc}")
+                meta["cohort"] = f"not drawn: {type(exc).__name__}: {exc}"
         figures = list(gate.verdict.figures)
         if figures:
             meta["figures"] = dg.MetadataValue.md(figures_markdown(figures))
