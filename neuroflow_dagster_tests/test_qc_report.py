@@ -191,3 +191,25 @@ def test_the_qc_asset_shows_the_cohort_plot_and_keeps_its_verdict(tmp_path: Path
             mat.metadata["verdict"].value
         assert mat.metadata["under today's cohort"].value.startswith("QC passed")
     assert store_of(config).standing("SCAN001").level == "failed"  # type: ignore[union-attr]
+
+
+def test_seed_adds_sessions_judged_before_the_store_to_the_cohort_without_verdicts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_workspace(tmp_path / "ws")
+    for i, value in enumerate(spread_values(24)):  # judged by an earlier version: QC tables, nothing in the store
+        Registry(config.paths.state).assign(f"SCAN{100 + i:03d}", f"S{100 + i:03d}")
+        add_session(config, 100 + i, value, judge=False)
+    Registry(config.paths.state).assign("SCAN099", "S099")  # registered, no QSIPrep output
+    code, out, err = run_cli(capsys, config, "qc", "seed")
+    assert code == 0, err
+    assert "24 session(s) added to the cohort" in out and "(1 without a QC table, 0 already there)" in out
+    assert store_of(config).standings() == {}  # no verdict was made
+    held = registered(config, 1, 0.78)
+    assert store_of(config).standing(held).summary.startswith(  # type: ignore[union-attr]
+        "QC failed: raw_masked_neighbor_corr 0.78 is 4.2 MADs below the median 0.93 of 24 sessions")
+    assert rejudge.plan(config) == []
+    assert "0 session(s) added" in run_cli(capsys, config, "qc", "seed")[1]
+    result = write_report(config, tmp_path / "report")
+    page = result.index.read_text()
+    assert result.held == ["sub-S001 ses-01 (ScanID SCAN001)"] and "1 session(s) judged: <b>1 held</b>" in page

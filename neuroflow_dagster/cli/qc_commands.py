@@ -167,7 +167,7 @@ def cmd_qc_rejudge(args: argparse.Namespace) -> int:
         "subject": c.standing.participant, "session": c.standing.session, "scan_id": c.standing.scan_id,
         "partition": session_key(c.standing.participant, c.standing.session),
         "recorded": c.standing.level, "recorded_at": c.standing.at, "today": c.today.level,
-        "approved_by": c.approval.by if c.approval else "", "detail": c.today.summary(),
+        "approved_by": c.approval.by if c.approval else "", "detail": c.detail(), "today_qc": c.today.summary(),
         "recorded_detail": c.standing.summary, "applied": apply,
     } for c in changes]
     if args.format == "json":
@@ -204,6 +204,22 @@ def cmd_qc_rejudge(args: argparse.Namespace) -> int:
                                 f"{', '.join(keys)} once the webserver is up") from exc
         print(f"relaunched {', '.join(assets)} for {', '.join(keys)}: backfill {launched['backfill_id']} via "
               f"{graphql_url(args.url)}")
+    return EXIT_OK
+
+
+def cmd_qc_seed(args: argparse.Namespace) -> int:
+    """Add the measures of sessions judged before the QC store existed to the cohort (verdicts unchanged)."""
+    from neuroflow_dagster.discovery.exclusions import load_exclusions
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.qc.gate import seed_cohort, store_of
+
+    config = _config(args)
+    excluded = load_exclusions(config)
+    sessions = [(e.scan_id, e.participant_id, e.session_id) for e in Registry(config.paths.state).all()
+                if not e.status and e.scan_id not in excluded]
+    added, empty = seed_cohort(config, sessions)
+    print(f"{added} session(s) added to the cohort in {store_of(config).path} ({empty} without a QC table, "
+          f"{len(sessions) - added - empty} already there); their verdicts stay as judged")
     return EXIT_OK
 
 
@@ -257,6 +273,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                         "and warned sessions named, outliers with links to QSIPrep's report")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="the folder to write (created)")
     p.set_defaults(func=records_errors_exit_1(cmd_qc_report))
+
+    p = qc_sub.add_parser("seed", help="add the QC measures of sessions judged before the QC store existed to "
+                                      "the cohort (reads their QC tables once; verdicts unchanged)")
+    p.set_defaults(func=records_errors_exit_1(cmd_qc_seed))
 
     p = qc_sub.add_parser("list", help="sessions held by image QC and approved ones (their recorded verdicts)")
     p.add_argument("--all", action="store_true", help="every registered session, whatever its QC")

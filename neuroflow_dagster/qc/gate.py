@@ -346,14 +346,44 @@ def judge_session(config: NeuroflowConfig, store: Store, scan_id: str, participa
         verdict = judge_tables([], qc)
         return Judgement(Verdict(verdict.level, problems=verdict.problems, figures=figures, notes=verdict.notes,
                                  problem_level=verdict.problem_level), (), tables_signature([]))
-    values, problems = read_tables(tables)
-    groups = {name: acquisition_group(config.paths.bids_root, participant, session, name, qc.cohort.group_by)
-              for name, _ in values}
+    series, problems = measure_tables(config, participant, session, tables)
+    groups = {s.qc_table: s.group for s in series}
     lookup = cohort_lookup(store, scan_id, groups, qc, load_exclusions(config))
+    values = [(s.qc_table, s.values) for s in series]
     verdict = judge_values(values, qc, lookup, problems, FAILED if problems else PASSED)
-    series = tuple(SeriesMeasures(name, groups[name], measured) for name, measured in values)
     return Judgement(Verdict(verdict.level, verdict.metrics, tuple(tables), verdict.problems, figures, verdict.notes,
                              verdict.problem_level), series, tables_signature(tables))
+
+
+def measure_tables(config: NeuroflowConfig, participant: str, session: str,
+                   tables: Sequence[Path]) -> tuple[tuple[SeriesMeasures, ...], list[str]]:
+    """Each readable QC table's values and acquisition group; a problem per unreadable table."""
+    values, problems = read_tables(tables)
+    keys = config.qc.cohort.group_by
+    series = tuple(SeriesMeasures(name, acquisition_group(config.paths.bids_root, participant, session, name, keys),
+                                  measured) for name, measured in values)
+    return series, problems
+
+
+def seed_cohort(config: NeuroflowConfig, sessions: Sequence[tuple[str, str, str]]) -> tuple[int, int]:
+    """Put the measures of sessions the store does not know yet into the cohort, without a verdict
+    (sessions judged before the store existed keep the verdict Dagster recorded). ``sessions``:
+    (ScanID, participant, session). Returns (sessions added, sessions without QC tables)."""
+    store = store_of(config)
+    known = set(store.series()) | set(store.standings())
+    root = layout.qsiprep_dir(config)
+    added = empty = 0
+    for scan_id, participant, session in sessions:
+        if scan_id in known:
+            continue
+        tables = find_image_qc(root, participant, session) if preprocessed(root, participant, session) else []
+        series, _ = measure_tables(config, participant, session, tables)
+        if not series:
+            empty += 1
+            continue
+        store.save_measures(scan_id, participant, session, series)
+        added += 1
+    return added, empty
 
 
 def session_verdict(config: NeuroflowConfig, participant: str, session: str, scan_id: str = "") -> Verdict:

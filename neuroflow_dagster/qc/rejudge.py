@@ -50,6 +50,12 @@ class Change:
         """Through until now, and today's cohort holds it."""
         return self.today.level == FAILED and self.standing.level != FAILED
 
+    def detail(self) -> str:
+        """Today's reasons for the measures whose level changed (where each stands in today's cohort)."""
+        before = {(m.get("table"), m.get("metric")): m.get("level") for m in self.standing.record.get("metrics", [])}
+        moved = [m.reason for m in self.today.metrics if before.get((m.table, m.metric)) != m.level]
+        return "; ".join(moved) or self.today.summary()
+
 
 def rejudge_one(standing: StoredVerdict, rows: list[SeriesRow], values: dict[tuple[str, str], dict[str, float]],
                 groups: dict[tuple[str, str], GroupValues], qc: QcConfig) -> Verdict:

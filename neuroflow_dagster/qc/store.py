@@ -162,17 +162,27 @@ class Store:
                        verdict: StoredVerdict) -> StoredVerdict:
         """The session's measures replace its earlier ones and the verdict is appended, in one transaction."""
         with self._write() as conn:
-            conn.execute("DELETE FROM series WHERE scan_id = ?", (verdict.scan_id,))
-            conn.execute("DELETE FROM measures WHERE scan_id = ?", (verdict.scan_id,))
-            for s in series:
-                conn.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)",
-                             (verdict.scan_id, s.qc_table, participant, session, s.group.key))
-                conn.executemany(
-                    "INSERT OR REPLACE INTO measures VALUES (?, ?, ?, ?, ?)",
-                    [(verdict.scan_id, s.qc_table, s.group.key, metric, float(value))
-                     for metric, value in s.values.items() if value is not None],
-                )
+            self._replace_measures(conn, verdict.scan_id, participant, session, series)
             return self._append(conn, verdict)
+
+    def save_measures(self, scan_id: str, participant: str, session: str, series: Iterable[SeriesMeasures]) -> None:
+        """A session's measures into the cohort without a verdict (`neuroflow qc seed`: judged before the store)."""
+        with self._write() as conn:
+            self._replace_measures(conn, scan_id, participant, session, series)
+
+    @staticmethod
+    def _replace_measures(conn: sqlite3.Connection, scan_id: str, participant: str, session: str,
+                          series: Iterable[SeriesMeasures]) -> None:
+        conn.execute("DELETE FROM series WHERE scan_id = ?", (scan_id,))
+        conn.execute("DELETE FROM measures WHERE scan_id = ?", (scan_id,))
+        for s in series:
+            conn.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)",
+                         (scan_id, s.qc_table, participant, session, s.group.key))
+            conn.executemany(
+                "INSERT OR REPLACE INTO measures VALUES (?, ?, ?, ?, ?)",
+                [(scan_id, s.qc_table, s.group.key, metric, float(value))
+                 for metric, value in s.values.items() if value is not None],
+            )
 
     def record_verdict(self, verdict: StoredVerdict) -> StoredVerdict:
         """Append a verdict (an operator's re-judgement); the measures stay."""
