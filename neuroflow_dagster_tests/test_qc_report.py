@@ -213,3 +213,31 @@ def test_seed_adds_sessions_judged_before_the_store_to_the_cohort_without_verdic
     result = write_report(config, tmp_path / "report")
     page = result.index.read_text()
     assert result.held == ["sub-S001 ses-01 (ScanID SCAN001)"] and "1 session(s) judged: <b>1 held</b>" in page
+
+
+def test_the_asset_plot_draws_a_stable_sample_of_a_large_group_with_every_flagged_session() -> None:
+    from matplotlib.figure import Figure
+
+    from neuroflow_dagster.config import QcConfig
+    from neuroflow_dagster.qc.cohort import Group, GroupValues
+    from neuroflow_dagster.qc.report import APPROVED, PASSED, Point, Row, draw_metric
+
+    values = GroupValues("protocol X")
+    points = []
+    for n in range(300):
+        values.add(f"S{n}", 0.9 + (n % 7) / 100)
+        points.append(Point(f"S{n}", f"sub-S{n} ses-01", 0.9 + (n % 7) / 100, APPROVED if n == 5 else PASSED))
+    qc = QcConfig()
+    row = Row(Group((("SeriesDescription", "X"),)), values.stats(), points, True)
+
+    def drawn(**kw: object) -> tuple[int, list[str]]:
+        ax = Figure().subplots()
+        names = draw_metric(ax, "raw_masked_neighbor_corr", [row], qc.metrics["raw_masked_neighbor_corr"], qc,
+                            **kw)  # type: ignore[arg-type]
+        return sum(len(c.get_offsets()) for c in ax.collections), names
+
+    assert drawn() == (300, ["sub-S5 ses-01"])
+    count, names = drawn(max_points=50, highlight="S299")
+    assert count == 50 + 1 + 1 + 1  # 50 sampled, the highlighted one (not among them) and its ring, the approved one
+    assert names == ["sub-S299 ses-01", "sub-S5 ses-01"]
+    assert drawn(max_points=50, highlight="S299") == (count, names)  # the same sample every time

@@ -189,8 +189,9 @@ class GroupValues:
 
     def add(self, scan_id: str, value: float) -> None:
         self.by_scan.setdefault(scan_id, []).append(float(value))
-        self._sorted = None
-        self._deviations.clear()
+        if self._sorted is not None:
+            self._sorted = None
+            self._deviations.clear()
 
     @property
     def values(self) -> list[float]:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
+
 from neuroflow_dagster.config import NeuroflowConfig, QcConfig, QcMetricConfig
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.fsutil import atomic_write_text
@@ -46,6 +48,7 @@ STYLE = {
 }
 NAMED = (HELD, APPROVED, WARNED)  # states whose sessions are named on the plots (most urgent first)
 MAX_NAMES = 25  # names per plot; the rest are in the report's table
+ASSET_POINTS = 2000  # passed sessions drawn per group on the QC asset's plot (the report draws all)
 
 
 def session_state(level: str | None, approved: bool) -> str:
@@ -90,7 +93,7 @@ class Cohort:
 
 def _states(store: Store, config: NeuroflowConfig) -> dict[str, str]:
     approved = load_approvals(config)
-    return {scan_id: session_state(v.level, scan_id in approved) for scan_id, v in store.standings().items()}
+    return {scan_id: session_state(level, scan_id in approved) for scan_id, level in store.levels().items()}
 
 
 def load_cohort(config: NeuroflowConfig, only_groups: Collection[Group] | None = None) -> Cohort:
@@ -98,8 +101,7 @@ def load_cohort(config: NeuroflowConfig, only_groups: Collection[Group] | None =
     qc = config.qc
     store = store_of(config)
     excluded = load_exclusions(config)
-    series = store.series()
-    names = {scan_id: session_name(rows[0].participant, rows[0].session) for scan_id, rows in series.items()}
+    names = {scan_id: session_name(*labels) for scan_id, labels in store.labels().items()}
     states = _states(store, config)
     metrics = list(qc.metrics)
     if only_groups is None:
@@ -153,10 +155,23 @@ def _cohort_lines(row: Row, limits: QcMetricConfig, qc: QcConfig) -> list[tuple[
     return lines
 
 
+def _drawn(points: list[Point], most: int | None, highlight: str | None) -> list[Point]:
+    """At most ``most`` passed points (a stable sample: the same sessions every time); every flagged one
+    and the highlighted one."""
+    passed = [p for p in points if p.state in (PASSED, UNJUDGED)]
+    if most is None or len(passed) <= most:
+        return points
+    keep = {p.scan_id for p in sorted(passed, key=lambda p: zlib.crc32(p.scan_id.encode()))[:most]}
+    keep.add(highlight or "")
+    return [p for p in points if p.state not in (PASSED, UNJUDGED) or p.scan_id in keep]
+
+
 def draw_metric(ax: Any, metric: str, rows: Sequence[Row], limits: QcMetricConfig, qc: QcConfig,
-                highlight: str | None = None, max_names: int = MAX_NAMES) -> list[str]:
+                highlight: str | None = None, max_names: int = MAX_NAMES, max_points: int | None = None) -> list[str]:
     """One measure on ``ax``: a strip of points per group with its median and cohort thresholds, the
-    absolute thresholds across; returns the session names written on the plot."""
+    absolute thresholds across; returns the session names written on the plot. ``max_points``: draw at
+    most that many passed sessions per group (the statistics are always the whole group's)."""
+    rows = [Row(r.group, r.stats, _drawn(r.points, max_points, highlight), r.cohort_rule) for r in rows]
     xs = [p.value for row in rows for p in row.points]
     for row in rows:
         xs += [x for x, _ in _cohort_lines(row, limits, qc)]
@@ -181,7 +196,8 @@ def draw_metric(ax: Any, metric: str, rows: Sequence[Row], limits: QcMetricConfi
             pts = [(p, i + _jitter(p.scan_id, k)) for k, p in enumerate(row.points) if p.state == state]
             if pts:
                 marker, colour, size, z = STYLE[state]
-                ax.scatter([p.value for p, _ in pts], [y for _, y in pts], marker=marker, c=colour, s=size,
+                ax.scatter(np.fromiter((p.value for p, _ in pts), float, len(pts)),
+                           np.fromiter((y for _, y in pts), float, len(pts)), marker=marker, c=colour, s=size,
                            zorder=z, linewidths=0.5, alpha=0.6 if state in (PASSED, UNJUDGED) else 0.95)
         if row.stats is not None:
             ax.plot([row.stats.median] * 2, [i - 0.42, i + 0.42], color="black", linewidth=1.5, zorder=6)
@@ -206,6 +222,7 @@ def draw_metric(ax: Any, metric: str, rows: Sequence[Row], limits: QcMetricConfi
     ax.set_yticklabels([
         textwrap.fill(row.group.label or "all sessions", 32) + "\n"
         + (f"n={row.stats.sessions}" if row.stats else "n=0")
+        + (f", {len(row.points)} drawn" if row.stats and len(row.points) < row.stats.n else "")
         + ("" if row.cohort_rule else (" (absolute)" if qc.mode == "cohort" else ""))
         for row in rows
     ], fontsize=8)
@@ -241,8 +258,8 @@ def _legend(fig: Any, qc: QcConfig, highlight: bool) -> None:
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
 
 
-def figure_png(cohort: Cohort, metrics: Sequence[str], highlight: str | None = None,
-               width: float = 10.0) -> tuple[bytes, list[str]]:
+def figure_png(cohort: Cohort, metrics: Sequence[str], highlight: str | None = None, width: float = 10.0,
+               max_points: int | None = None) -> tuple[bytes, list[str]]:
     """One PNG with a panel per measure (rows: the groups); returns it and the names written on it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -253,7 +270,8 @@ def figure_png(cohort: Cohort, metrics: Sequence[str], highlight: str | None = N
     axes = fig.subplots(len(metrics), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
     names: list[str] = []
     for ax, metric in zip(axes, metrics, strict=True):
-        names += draw_metric(ax, metric, cohort.rows.get(metric, []), cohort.qc.metrics[metric], cohort.qc, highlight)
+        names += draw_metric(ax, metric, cohort.rows.get(metric, []), cohort.qc.metrics[metric], cohort.qc, highlight,
+                             max_points=max_points)
     _legend(fig, cohort.qc, highlight is not None)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -261,9 +279,10 @@ def figure_png(cohort: Cohort, metrics: Sequence[str], highlight: str | None = N
 
 
 def session_figure(config: NeuroflowConfig, scan_id: str, groups: Collection[Group]) -> tuple[bytes, list[str]]:
-    """The QC asset's figure: each measure's plot over the session's own groups, the session ringed."""
+    """The QC asset's figure: each measure's plot over the session's own groups, the session ringed; at most
+    ``ASSET_POINTS`` passed sessions per group drawn (a QC run must not cost more as the archive grows)."""
     cohort = load_cohort(config, only_groups=list(groups))
-    return figure_png(cohort, list(config.qc.metrics), highlight=scan_id, width=9.0)
+    return figure_png(cohort, list(config.qc.metrics), highlight=scan_id, width=9.0, max_points=ASSET_POINTS)
 
 
 # --------------------------------------------------------------------------- the report page

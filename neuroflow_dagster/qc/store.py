@@ -1,12 +1,13 @@
 """The image QC gate's memory: every session's measures (the cohort) and every verdict ever made.
 
 One SQLite file, ``state/qc_cohort.sqlite3`` (the state folder must persist; a local file system, as
-for the rest of the state). Three tables:
+for the rest of the state). Tables:
 
 - ``series``: one row per QC table of a session (ScanID, labels, its acquisition group);
 - ``measures``: every numeric value of those tables, indexed by (group, measure), so that judging a
   session reads one group's values of one measure (milliseconds at 20,000 sessions, measured in
-  benchmarks/qc_cohort.py) instead of every QC table on disk;
+  benchmarks/qc_cohort.py) instead of every QC table on disk; groups and measure names are interned
+  (``groups``, ``metrics``) so that a session's ~35 values cost about a kilobyte;
 - ``verdicts``: append-only, one row per judgement (the QC asset's, or an operator's re-judgement),
   never updated: the latest row of a ScanID is its standing verdict.
 
@@ -30,13 +31,15 @@ from neuroflow_dagster.qc.cohort import Group, GroupValues
 FILE = "qc_cohort.sqlite3"
 SCHEMA_VERSION = 1
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS groups (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS metrics (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS series (
-    scan_id TEXT NOT NULL, qc_table TEXT NOT NULL, participant TEXT NOT NULL, session TEXT NOT NULL,
-    group_key TEXT NOT NULL, PRIMARY KEY (scan_id, qc_table));
+    id INTEGER PRIMARY KEY, scan_id TEXT NOT NULL, qc_table TEXT NOT NULL, participant TEXT NOT NULL,
+    session TEXT NOT NULL, group_id INTEGER NOT NULL, UNIQUE (scan_id, qc_table));
 CREATE TABLE IF NOT EXISTS measures (
-    scan_id TEXT NOT NULL, qc_table TEXT NOT NULL, group_key TEXT NOT NULL, metric TEXT NOT NULL,
-    value REAL NOT NULL, PRIMARY KEY (scan_id, qc_table, metric));
-CREATE INDEX IF NOT EXISTS measures_by_group ON measures (group_key, metric, scan_id, value);
+    series_id INTEGER NOT NULL, metric_id INTEGER NOT NULL, group_id INTEGER NOT NULL, value REAL NOT NULL,
+    PRIMARY KEY (series_id, metric_id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS measures_by_group ON measures (group_id, metric_id, value);
 CREATE TABLE IF NOT EXISTS verdicts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, scan_id TEXT NOT NULL, participant TEXT NOT NULL,
     session TEXT NOT NULL, at TEXT NOT NULL, action TEXT NOT NULL, by TEXT NOT NULL, reason TEXT NOT NULL,
@@ -171,18 +174,31 @@ class Store:
             self._replace_measures(conn, scan_id, participant, session, series)
 
     @staticmethod
-    def _replace_measures(conn: sqlite3.Connection, scan_id: str, participant: str, session: str,
+    def _interned(conn: sqlite3.Connection, table: str, column: str, value: str) -> int:
+        row = conn.execute(f"SELECT id FROM {table} WHERE {column} = ?", (value,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return int(conn.execute(f"INSERT INTO {table} ({column}) VALUES (?)", (value,)).lastrowid or 0)
+
+    def _replace_measures(self, conn: sqlite3.Connection, scan_id: str, participant: str, session: str,
                           series: Iterable[SeriesMeasures]) -> None:
+        conn.execute("DELETE FROM measures WHERE series_id IN (SELECT id FROM series WHERE scan_id = ?)", (scan_id,))
         conn.execute("DELETE FROM series WHERE scan_id = ?", (scan_id,))
-        conn.execute("DELETE FROM measures WHERE scan_id = ?", (scan_id,))
+        metric_ids = dict(conn.execute("SELECT name, id FROM metrics").fetchall())
         for s in series:
-            conn.execute("INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?)",
-                         (scan_id, s.qc_table, participant, session, s.group.key))
-            conn.executemany(
-                "INSERT OR REPLACE INTO measures VALUES (?, ?, ?, ?, ?)",
-                [(scan_id, s.qc_table, s.group.key, metric, float(value))
-                 for metric, value in s.values.items() if value is not None],
-            )
+            group_id = self._interned(conn, "groups", "key", s.group.key)
+            series_id = conn.execute(
+                "INSERT INTO series (scan_id, qc_table, participant, session, group_id) VALUES (?, ?, ?, ?, ?)",
+                (scan_id, s.qc_table, participant, session, group_id),
+            ).lastrowid
+            rows = []
+            for metric, value in s.values.items():
+                if value is None:
+                    continue
+                if metric not in metric_ids:
+                    metric_ids[metric] = self._interned(conn, "metrics", "name", metric)
+                rows.append((series_id, metric_ids[metric], group_id, float(value)))
+            conn.executemany("INSERT OR REPLACE INTO measures VALUES (?, ?, ?, ?)", rows)
 
     def record_verdict(self, verdict: StoredVerdict) -> StoredVerdict:
         """Append a verdict (an operator's re-judgement); the measures stay."""
@@ -224,6 +240,19 @@ class Store:
             rows = conn.execute(sql, params).fetchall() if conn is not None else []
         return {row[1]: _verdict(row, row[12] if records else None) for row in rows}
 
+    def levels(self) -> dict[str, str]:
+        """Every ScanID's standing level (a light read for plots: no record, no objects)."""
+        with self._read() as conn:
+            rows = (conn.execute("SELECT scan_id, level FROM verdicts WHERE id IN "
+                                 "(SELECT MAX(id) FROM verdicts GROUP BY scan_id)").fetchall() if conn else [])
+        return dict(rows)
+
+    def labels(self) -> dict[str, tuple[str, str]]:
+        """ScanID -> (participant, session) of every measured session."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT scan_id, participant, session FROM series").fetchall() if conn else []
+        return {scan_id: (participant, session) for scan_id, participant, session in rows}
+
     def history(self, scan_id: str) -> list[StoredVerdict]:
         """Every verdict of a ScanID, oldest first."""
         with self._read() as conn:
@@ -237,9 +266,11 @@ class Store:
         out = GroupValues(group.label)
         with self._read() as conn:
             if conn is not None:
-                for scan_id, value in conn.execute(
-                    "SELECT scan_id, value FROM measures WHERE group_key = ? AND metric = ?", (group.key, metric)
-                ):
+                rows = conn.execute(
+                    "SELECT s.scan_id, m.value FROM measures m JOIN series s ON s.id = m.series_id "
+                    "WHERE m.group_id = (SELECT id FROM groups WHERE key = ?) "
+                    "AND m.metric_id = (SELECT id FROM metrics WHERE name = ?)", (group.key, metric))
+                for scan_id, value in rows:
                     if scan_id not in skip:
                         out.add(scan_id, value)
         return out
@@ -255,8 +286,9 @@ class Store:
             if conn is None:
                 return out
             rows = conn.execute(
-                f"SELECT group_key, metric, scan_id, value FROM measures WHERE metric IN "
-                f"({', '.join('?' for _ in wanted)})", wanted,
+                "SELECT g.key, x.name, s.scan_id, m.value FROM measures m JOIN metrics x ON x.id = m.metric_id "
+                "JOIN series s ON s.id = m.series_id JOIN groups g ON g.id = m.group_id "
+                f"WHERE x.name IN ({', '.join('?' for _ in wanted)})", wanted,
             )
             for key, metric, scan_id, value in rows:
                 if scan_id in skip:
@@ -272,8 +304,9 @@ class Store:
         out: dict[str, list[SeriesRow]] = {}
         groups: dict[str, Group] = {}
         with self._read() as conn:
-            rows = (conn.execute("SELECT scan_id, participant, session, qc_table, group_key FROM series "
-                                 "ORDER BY scan_id, qc_table").fetchall() if conn is not None else [])
+            rows = (conn.execute("SELECT s.scan_id, s.participant, s.session, s.qc_table, g.key FROM series s "
+                                 "JOIN groups g ON g.id = s.group_id ORDER BY s.scan_id, s.qc_table").fetchall()
+                    if conn is not None else [])
         for scan_id, participant, session, table, key in rows:
             group = groups.get(key) or groups.setdefault(key, Group.from_key(key))
             out.setdefault(scan_id, []).append(SeriesRow(scan_id, participant, session, table, group))
@@ -286,8 +319,8 @@ class Store:
         out: dict[tuple[str, str], dict[str, float]] = {}
         if not wanted:
             return out
-        sql = ("SELECT scan_id, qc_table, metric, value FROM measures WHERE metric IN "
-               f"({', '.join('?' for _ in wanted)})")
+        sql = ("SELECT s.scan_id, s.qc_table, x.name, m.value FROM measures m JOIN metrics x ON x.id = m.metric_id "
+               f"JOIN series s ON s.id = m.series_id WHERE x.name IN ({', '.join('?' for _ in wanted)})")
         scans = sorted(set(scan_ids)) if scan_ids is not None else None
         # SQLite caps the variables of one statement: a long list of ScanIDs is asked in slices
         batches = [None] if scans is None else [scans[i:i + 500] for i in range(0, len(scans), 500)]
@@ -296,7 +329,7 @@ class Store:
                 return out
             for batch in batches:
                 where, params = ("", wanted) if batch is None else (
-                    f" AND scan_id IN ({', '.join('?' for _ in batch)})", wanted + tuple(batch))
+                    f" AND s.scan_id IN ({', '.join('?' for _ in batch)})", wanted + tuple(batch))
                 for scan_id, table, metric, value in conn.execute(sql + where, params):
                     out.setdefault((scan_id, table), {})[metric] = value
         return out
