@@ -17,7 +17,6 @@ import pytest
 
 from neuroflow_dagster.config import NeuroflowConfig, load_config
 from neuroflow_dagster.discovery.exclusions import exclude
-from neuroflow_dagster.errors import ConfigError
 from neuroflow_dagster.qc import approvals, rejudge
 from neuroflow_dagster.qc.cohort import MAD_TO_SIGMA, Group, GroupValues, acquisition_group, median_without
 from neuroflow_dagster.qc.gate import (
@@ -30,7 +29,7 @@ from neuroflow_dagster.qc.gate import (
     store_of,
 )
 from neuroflow_dagster.qc.store import Store
-from neuroflow_dagster_tests.test_qc_gate import write_session
+from neuroflow_dagster_tests.test_qc_gate import config_file, write_session
 
 PROTOCOL, MODEL = "ep2d_diff_mddw_12dir", "Prisma_fit"
 
@@ -135,36 +134,9 @@ def test_the_group_comes_from_the_raw_sidecars_of_the_series_the_table_was_made_
 # --------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize(
-    ("qc", "message"),
-    [
-        ({"cohort": {"min_sessions": 3}}, "qc.cohort.min_sessions: Input should be greater than or equal to 5"),
-        ({"cohort": {"warn_mads": 4, "fail_mads": 3}}, "qc.cohort: Value error, fail_mads (3) is below warn_mads (4)"),
-        ({"cohort": {"group_by": ["Series Description"]}},
-         "qc.cohort.group_by: Value error, 'Series Description': not a BIDS sidecar key"),
-        ({"cohort": {"min_session": 20}}, "qc.cohort.min_session: unknown key"),
-        ({"mode": "relative"}, "qc.mode: Input should be 'cohort' or 'absolute'"),
-        ({"metrics": {"raw_num_bad_slices": {"fail_above": 5, "min_spread": -1}}},
-         "qc.metrics.raw_num_bad_slices.min_spread: Input should be greater than or equal to 0"),
-    ],
-)
-def test_bad_cohort_settings_name_the_key(tmp_path: Path, qc: dict, message: str) -> None:
-    import yaml
-
-    file = tmp_path / "neuroflow.yaml"
-    paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
-    file.write_text(yaml.safe_dump({"paths": paths, "qc": qc}))
-    with pytest.raises(ConfigError) as err:
-        load_config(file, environ={})
-    assert str(file) in str(err.value) and message in str(err.value)
-
-
 def test_cohort_defaults_and_environment(tmp_path: Path) -> None:
-    import yaml
-
-    file = tmp_path / "neuroflow.yaml"
-    paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
-    file.write_text(yaml.safe_dump({"paths": paths}))
+    """Bad cohort settings are refused with their key: test_qc_gate.test_bad_qc_section_names_the_key."""
+    file = config_file(tmp_path)
     qc = load_config(file, environ={}).qc
     assert qc.mode == "cohort" and qc.cohort.min_sessions == 20
     assert (qc.cohort.warn_mads, qc.cohort.fail_mads) == (3, 4)

@@ -99,6 +99,10 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
         # on the run: 0.128 / 52 here; docs/stand-ins.md measured 0.17 / 39).
         assert "raw_masked_neighbor_corr" in held.description and "< 0.5" in held.description, held.description
         assert "raw_num_bad_slices" in held.description and "> 5" in held.description, held.description
+        # two sessions are no cohort: the fixed thresholds judged, and the reason says so
+        assert "(absolute thresholds: " in held.description and held.description.endswith(
+            "fewer than qc.cohort.min_sessions (20))"), held.description
+        assert " of protocol " in held.description and "protocol unknown" not in held.description  # from the sidecar
         assert qc_check(instance, GOOD_KEY).passed
         wait_for("the held run's end", lambda: recon_runs(instance, POOR_KEY)[0].is_finished, timeout=120, log=log)
         (first,) = recon_runs(instance, POOR_KEY)
@@ -121,6 +125,18 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
         qc = {r["partition"]: r["qc"] for r in status["sessions"]}
         assert qc == {GOOD_KEY: "passed", POOR_KEY: "FAILED"}
         assert status["totals"]["qc"] == {"passed": 1, "FAILED": 1}
+
+        # the QC asset shows the cohort plot; the report names the held session
+        (record,) = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("image_qc_session"), asset_partitions=[POOR_KEY]), limit=1
+        ).records
+        cohort_md = record.asset_materialization.metadata["cohort"].value  # type: ignore[union-attr]
+        assert cohort_md.startswith(f"![cohort of {POOR}](data:image/png;base64,"), cohort_md[:120]
+        out = neuroflow(capsys, *home, "qc", "report", "--output", str(tmp_path / "report"))
+        assert f"held by image QC: sub-SUBJA ses-02 (ScanID {POOR})" in out, out
+        page = (tmp_path / "report" / "index.html").read_text()
+        assert f"sub-SUBJA ses-02 (ScanID {POOR})" in page and "raw_masked_neighbor_corr.png" in page
+        assert (tmp_path / "report" / "raw_masked_neighbor_corr.png").read_bytes()[:4] == b"\x89PNG"
 
         out = neuroflow(capsys, *home, "qc", "approve", POOR, "--reason", "dropouts in 3 volumes; fit plausible",
                         "--by", "e2e", "--url", f"http://127.0.0.1:{dev['port']}/graphql")

@@ -36,7 +36,6 @@ def relaunch_assets() -> list[str]:
 
 def cmd_qc_approve(args: argparse.Namespace) -> int:
     """Let a session that failed image QC through: record who/when/why, relaunch its QC, recon, parcellation."""
-    from neuroflow_dagster.control.backfill import BackfillError, graphql_url, launch_backfill
     from neuroflow_dagster.control.targets import resolve_session
     from neuroflow_dagster.discovery.identity import Registry
     from neuroflow_dagster.qc import approvals
@@ -64,16 +63,24 @@ def cmd_qc_approve(args: argparse.Namespace) -> int:
         print(f"not relaunched (--no-launch): neuroflow qc approve {entry.scan_id} ... again, or backfill "
               f"{', '.join(result['assets'])} for {key} in the UI")
         return EXIT_OK
-    stage = stages.QC_GATED_STAGES[0]
     title = f"neuroflow qc approve {key} by {args.by or getpass.getuser()}"
-    try:
-        launched = launch_backfill(args.url, result["assets"], [key], stage, title)
-    except BackfillError as exc:
-        raise BackfillError(f"{exc}. The approval is recorded; relaunch with `neuroflow qc approve "
-                            f"{entry.scan_id} --reason ...` once the webserver is up") from exc
-    print(f"relaunched {', '.join(result['assets'])} for {key}: backfill {launched['backfill_id']} via "
-          f"{graphql_url(args.url)} (watch it under Overview > Backfills)")
+    print(relaunch(args.url, result["assets"], [key], title, "The approval is recorded; relaunch with `neuroflow qc "
+                   f"approve {entry.scan_id} --reason ...` once the webserver is up")
+          + " (watch it under Overview > Backfills)")
     return EXIT_OK
+
+
+def relaunch(url: str | None, assets: list[str], keys: list[str], title: str, recorded: str) -> str:
+    """One backfill through the webserver, as the UI launches it (tag of the recon lane, where QC runs);
+    when it cannot be reached, the error says what is already recorded."""
+    from neuroflow_dagster.control.backfill import BackfillError, graphql_url, launch_backfill
+
+    try:
+        launched = launch_backfill(url, assets, keys, stages.QC_GATED_STAGES[0], title)
+    except BackfillError as exc:
+        raise BackfillError(f"{exc}. {recorded}") from exc
+    return (f"relaunched {', '.join(assets)} for {', '.join(keys)}: backfill {launched['backfill_id']} via "
+            f"{graphql_url(url)}")
 
 
 def cmd_qc_revoke(args: argparse.Namespace) -> int:
@@ -147,7 +154,6 @@ def cmd_qc_list(args: argparse.Namespace) -> int:
 
 def cmd_qc_rejudge(args: argparse.Namespace) -> int:
     """Sessions whose recorded verdict today's cohort would change; with --reason, record and relaunch them."""
-    from neuroflow_dagster.control.backfill import BackfillError, graphql_url, launch_backfill
     from neuroflow_dagster.control.targets import resolve_session
     from neuroflow_dagster.discovery.identity import Registry
     from neuroflow_dagster.qc import rejudge
@@ -194,16 +200,9 @@ def cmd_qc_rejudge(args: argparse.Namespace) -> int:
         return EXIT_OK
     who = args.by or getpass.getuser()
     for assets, keys in batches:
-        if not keys:
-            continue
-        try:
-            launched = launch_backfill(args.url, assets, keys, stages.QC_GATED_STAGES[0],
-                                       f"neuroflow qc rejudge by {who}")
-        except BackfillError as exc:
-            raise BackfillError(f"{exc}. The re-judgements are recorded; backfill {', '.join(assets)} for "
-                                f"{', '.join(keys)} once the webserver is up") from exc
-        print(f"relaunched {', '.join(assets)} for {', '.join(keys)}: backfill {launched['backfill_id']} via "
-              f"{graphql_url(args.url)}")
+        if keys:
+            print(relaunch(args.url, assets, keys, f"neuroflow qc rejudge by {who}", "The re-judgements are "
+                           f"recorded; backfill {', '.join(assets)} for {', '.join(keys)} once the webserver is up"))
     return EXIT_OK
 
 

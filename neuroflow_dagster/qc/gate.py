@@ -188,7 +188,7 @@ def judge_metric(table: str, metric: str, value: float | None, limits: QcMetricC
     return MetricResult(table, metric, value, PASSED, rule, f"{metric} {fmt(value)} ({where})", COHORT, **extra)
 
 
-def _cohort_for(metric: str, label: str, stats: CohortStats | None, limits: QcMetricConfig,
+def _cohort_for(metric: str, label: str, stats: CohortStats | None,
                 qc: QcConfig) -> tuple[CohortStats | None, str | None]:
     """The statistics when the cohort rule judges this measure, else None and the note that says why not."""
     if qc.mode != "cohort":
@@ -222,7 +222,7 @@ def judge_values(values: Sequence[tuple[str, dict[str, float | None]]], qc: QcCo
             stats = None
             if cohort is not None and qc.mode == "cohort" and measured.get(metric) is not None:
                 label, raw = cohort(table, metric)
-                stats, note = _cohort_for(metric, label, raw, limits, qc)
+                stats, note = _cohort_for(metric, label, raw, qc)
                 if note and note not in notes:
                     notes.append(note)
             results.append(judge_metric(table, metric, measured.get(metric), limits, qc, stats))

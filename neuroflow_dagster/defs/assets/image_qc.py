@@ -138,14 +138,16 @@ def build_image_qc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         check_specs=[
             dg.AssetCheckSpec(
                 stages.QC_CHECK, asset=stages.QC_ASSET, blocking=True, partitions_def=session_partitions,
-                description="QSIPrep's image QC measures against the qc thresholds of neuroflow.yaml; a failure "
+                description="QSIPrep's image QC measures against the cohort of the session's acquisition group "
+                            "(the fixed qc thresholds for a small group; the fail thresholds are floors); a failure "
                             "holds reconstruction and parcellation of the session until `neuroflow qc approve`",
             )
         ],
         group_name="preprocessing",
         kinds={"python"},
-        description="The session's image QC from QSIPrep's *_desc-image_qc.tsv and figures; its blocking check "
-                    "gates reconstruction and parcellation (docs/operations.md, 'The QC gate').",
+        description="The session's image QC from QSIPrep's *_desc-image_qc.tsv judged against its cohort, with the "
+                    "cohort plot and QSIPrep's figures; its blocking check gates reconstruction and parcellation "
+                    "(docs/operations.md, 'The QC gate').",
     )
     def image_qc_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
