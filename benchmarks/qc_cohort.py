@@ -6,7 +6,9 @@ of QSIPrep 1.1.1's QC table per session (as the QC asset stores them), spread ov
 acquisition groups (1: the worst case, every session in one group), in one transaction. Then, each
 ``--repeat`` times: the QC asset's evaluation of one new session (its QC table and raw sidecar on disk:
 read the table and sidecar, two indexed cohort queries, the statistics, the recorded verdict), the
-cohort figure the asset attaches, and, once, `rejudge.plan` and `write_report` over the whole store.
+cohort figure the asset attaches, and, once, `rejudge.plan` and `write_report` over the whole store;
+for comparison, reading ``--scan-sample`` QC tables from disk (a judgement that scanned the archive's
+tables would read all of them).
 
 Usage::
 
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=20000)
     parser.add_argument("--groups", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--scan-sample", type=int, default=2000, help="QC tables read from disk for comparison")
     parser.add_argument("--json", default="", help="append the result to this JSON-lines file")
     args = parser.parse_args(argv)
 
@@ -103,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
         out["reason"] = evaluation.gate.verdict.summary()
         out["judge_one_session"] = summary(judge)
         out["asset_figure"] = summary(figure)
+        # what the alternative costs: reading every session's QC table from disk, per judgement
+        sample = root / "scan"
+        for n in range(args.scan_sample):
+            folder = sample / f"sub-S{n:06d}" / "ses-01" / "dwi"
+            folder.mkdir(parents=True)
+            (folder / f"sub-S{n:06d}_ses-01_space-ACPC_desc-image_qc.tsv").write_text(REAL_TABLE_1_1_1)
+        wall, cpu, _ = clock(lambda: [read_image_qc(t) for t in sample.glob("sub-*/ses-01/dwi/*_desc-image_qc.tsv")])
+        out["table_scan"] = {"tables": args.scan_sample, "wall_s": wall, "cpu_s": cpu,
+                             "extrapolated_wall_s": wall * args.sessions / max(args.scan_sample, 1)}
         wall, cpu, changes = clock(lambda: rejudge.plan(config))
         out["rejudge_plan"] = {"wall_s": wall, "cpu_s": cpu, "changes": len(changes)}
         wall, cpu, result = clock(lambda: write_report(config, root / "report"))
