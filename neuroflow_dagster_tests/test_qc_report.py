@@ -241,3 +241,9 @@ def test_the_asset_plot_draws_a_stable_sample_of_a_large_group_with_every_flagge
     assert count == 50 + 1 + 1 + 1  # 50 sampled, the highlighted one (not among them) and its ring, the approved one
     assert names == ["sub-S299 ses-01", "sub-S5 ses-01"]
     assert drawn(max_points=50, highlight="S299") == (count, names)  # the same sample every time
+    # a group judged by the fixed thresholds shows them, however far from its values
+    alone = Row(row.group, values.stats(), [Point("P", "sub-P ses-01", 0.128, "held")], False)
+    ax = Figure().subplots()
+    draw_metric(ax, "raw_masked_neighbor_corr", [alone], qc.metrics["raw_masked_neighbor_corr"], qc)
+    low, high = ax.get_xlim()
+    assert low < 0.128 and high > 0.8

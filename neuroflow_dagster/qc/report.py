@@ -175,11 +175,13 @@ def draw_metric(ax: Any, metric: str, rows: Sequence[Row], limits: QcMetricConfi
     xs = [p.value for row in rows for p in row.points]
     for row in rows:
         xs += [x for x, _ in _cohort_lines(row, limits, qc)]
+    absolute_warn = not rows or any(not row.cohort_rule for row in rows)  # else the cohort replaces them
+    if absolute_warn:  # the fixed thresholds judged some group: they belong on the plot
+        xs += [v for v in (limits.fail_below, limits.fail_above, limits.warn_below, limits.warn_above) if v is not None]
     lo, hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
     pad = (hi - lo) * 0.06 or abs(hi) * 0.05 or 0.5
     lo, hi = lo - pad, hi + pad
     off_plot: list[str] = []
-    absolute_warn = not rows or any(not row.cohort_rule for row in rows)  # else the cohort replaces them
     for value, colour, style, what in (
         (limits.fail_below, STYLE[HELD][1], "-", "fail <"), (limits.fail_above, STYLE[HELD][1], "-", "fail >"),
         (limits.warn_below, STYLE[WARNED][1], ":", "warn <"), (limits.warn_above, STYLE[WARNED][1], ":", "warn >"),
@@ -321,6 +323,7 @@ def _outlier_rows(config: NeuroflowConfig, store: Store, cohort: Cohort, out_dir
             lines = [("", "", "", verdict.summary)]
         approval = approvals.get(scan_id)
         note = f"<br><small>{html.escape(approval.describe())}</small>" if state == APPROVED and approval else ""
+        note += "".join(f"<br><small>{html.escape(n)}</small>" for n in verdict.record.get("notes", []))
         for k, (table, metric, value, reason) in enumerate(lines):
             first = k == 0
             out.append(
