@@ -127,7 +127,7 @@ def rule_text(limits: QcMetricConfig) -> str:
     return ", ".join(parts)
 
 
-def _sides(limits: QcMetricConfig) -> tuple[bool, bool]:
+def bad_sides(limits: QcMetricConfig) -> tuple[bool, bool]:
     """The bad side(s) of a measure: the side(s) its thresholds guard."""
     below = limits.fail_below is not None or limits.warn_below is not None
     above = limits.fail_above is not None or limits.warn_above is not None
@@ -143,7 +143,7 @@ def _beyond(metric: str, value: float, below: float | None, above: float | None)
 
 
 def cohort_rule_text(limits: QcMetricConfig, qc: QcConfig, stats: CohortStats) -> str:
-    below, above = _sides(limits)
+    below, above = bad_sides(limits)
     side = "below or above" if below and above else "below" if below else "above"
     floors = [p for p in rule_text(limits).split(", ") if p.startswith("fail")]
     parts = [f"floor {p}" for p in floors]
@@ -174,7 +174,7 @@ def judge_metric(table: str, metric: str, value: float | None, limits: QcMetricC
         return MetricResult(table, metric, value, PASSED, rule, f"{metric} {fmt(value)}")
     rule = cohort_rule_text(limits, qc, cohort)
     score = cohort.score(value)
-    bad = badness(score, *_sides(limits))
+    bad = badness(score, *bad_sides(limits))
     where = (f"{abs(score):.1f} MADs {'below' if score < 0 else 'above'} the median {fmt(cohort.median)} of "
              f"{cohort.describe()}")
     extra = {"score": score, "cohort": cohort.describe(), "median": cohort.median, "spread": cohort.spread}

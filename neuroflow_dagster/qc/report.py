@@ -32,7 +32,16 @@ from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.qc.approvals import load_approvals
 from neuroflow_dagster.qc.cohort import MAD_TO_SIGMA, CohortStats, Group, GroupValues, fmt
-from neuroflow_dagster.qc.gate import FAILED, WARN, MetricResult, rule_text, session_figures, session_reports, store_of
+from neuroflow_dagster.qc.gate import (
+    FAILED,
+    WARN,
+    MetricResult,
+    bad_sides,
+    rule_text,
+    session_figures,
+    session_reports,
+    store_of,
+)
 from neuroflow_dagster.qc.rejudge import Change, plan
 from neuroflow_dagster.qc.store import SeriesRow, Store
 from neuroflow_dagster.tools import layout
@@ -119,7 +128,8 @@ def load_cohort(config: NeuroflowConfig, only_groups: Collection[Group] | None =
 def _row(group: Group, values: GroupValues, qc: QcConfig, limits: QcMetricConfig, states: dict[str, str],
          names: dict[str, str]) -> Row:
     stats = values.stats(min_spread=limits.min_spread)
-    applies = (qc.mode == "cohort" and stats is not None and stats.n >= qc.cohort.min_sessions
+    # as a session of the group is judged: against the others, so the group needs min_sessions + 1
+    applies = (qc.mode == "cohort" and stats is not None and stats.sessions > qc.cohort.min_sessions
                and stats.spread > 0)
     points = [Point(scan_id, names.get(scan_id, scan_id), v, states.get(scan_id, UNJUDGED))
               for scan_id, vs in values.by_scan.items() for v in vs]
@@ -134,16 +144,11 @@ def _jitter(scan_id: str, n: int) -> float:
     return ((zlib.crc32(f"{scan_id}#{n}".encode()) % 1000) / 1000.0 - 0.5) * 0.6
 
 
-def _sides(limits: QcMetricConfig) -> tuple[bool, bool]:
-    return (limits.fail_below is not None or limits.warn_below is not None,
-            limits.fail_above is not None or limits.warn_above is not None)
-
-
 def _cohort_lines(row: Row, limits: QcMetricConfig, qc: QcConfig) -> list[tuple[float, str]]:
     """The row's cohort thresholds (value, colour) on its bad side(s)."""
     if not row.cohort_rule or row.stats is None:
         return []
-    below, above = _sides(limits)
+    below, above = bad_sides(limits)
     lines = []
     for mads, colour in ((qc.cohort.warn_mads, STYLE[WARNED][1]), (qc.cohort.fail_mads, STYLE[HELD][1])):
         if mads is None:
@@ -361,7 +366,7 @@ def _group_table(metric: str, rows: list[Row], qc: QcConfig) -> str:
         elif qc.mode != "cohort":
             rule = "absolute (qc.mode)"
         else:
-            rule = f"absolute (fewer than {qc.cohort.min_sessions} sessions, or no spread)"
+            rule = f"absolute (a session has fewer than {qc.cohort.min_sessions} others, or no spread)"
         lines.append(f"<tr><td>{html.escape(row.group.label or 'all sessions')}</td>"
                      f"<td>{stats.sessions if stats else 0}</td><td>{fmt(stats.median) if stats else '-'}</td>"
                      f"<td>{fmt(stats.spread) if stats else '-'}</td><td>{html.escape(rule)}</td></tr>")
