@@ -21,6 +21,7 @@ from matplotlib.image import imread
 from neuroflow_dagster import cli
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.definitions import build_definitions
+from neuroflow_dagster.discovery.exclusions import exclude
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.qc import approvals, rejudge
 from neuroflow_dagster.qc.gate import store_of
@@ -92,6 +93,10 @@ def test_report_plots_the_cohort_and_names_held_approved_and_warned_sessions(
     assert {"sub-S001 ses-01", "sub-S002 ses-01", "sub-S003 ses-01"} <= set(result.named)
     assert result.held == ["sub-S001 ses-01 (ScanID SCAN001)"]
     assert "Every recorded verdict stands under today's cohort." in page
+    exclude(config, "SCAN001", "unusable: motion")  # an excluded session leaves the page and the cohort
+    result = write_report(config, tmp_path / "excluded")
+    page = result.index.read_text()
+    assert result.held == [] and "26 session(s) judged: <b>0 held</b>" in page and "SCAN001" not in page
 
 
 def test_rejudge_lists_without_recording_and_applies_only_with_a_reason(

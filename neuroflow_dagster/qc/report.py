@@ -111,7 +111,7 @@ def load_cohort(config: NeuroflowConfig, only_groups: Collection[Group] | None =
     store = store_of(config)
     excluded = load_exclusions(config)
     names = {scan_id: session_name(*labels) for scan_id, labels in store.labels().items()}
-    states = _states(store, config)
+    states = {scan_id: state for scan_id, state in _states(store, config).items() if scan_id not in excluded}
     metrics = list(qc.metrics)
     if only_groups is None:
         values = store.all_group_values(metrics, skip=excluded)
@@ -417,9 +417,7 @@ def write_report(config: NeuroflowConfig, out_dir: Path) -> ReportResult:
                         f"<img src='{quote(image.name)}' alt='{html.escape(metric)} per acquisition group'>\n"
                         + _group_table(metric, cohort.rows.get(metric, []), qc))
     counts = {state: sum(1 for s in cohort.states.values() if s == state) for state in (HELD, APPROVED, WARNED, PASSED)}
-    excluded = load_exclusions(config)
-    held = sorted(cohort.names.get(s, s) + f" (ScanID {s})" for s, state in cohort.states.items()
-                  if state == HELD and s not in excluded)
+    held = sorted(cohort.names.get(s, s) + f" (ScanID {s})" for s, state in cohort.states.items() if state == HELD)
     changes = plan(config)
     outliers = _outlier_rows(config, store, cohort, out_dir, series)
     if qc.mode == "cohort":
