@@ -30,6 +30,7 @@ from neuroflow_dagster.tools.spec import Mount, ToolSpec
 C_OUT = "/out"
 C_WORK = "/work"
 C_LICENSE = "/opt/freesurfer/license.txt"
+C_TEMPLATEFLOW = "/templateflow"
 # Switch off nipype's and the BIDS apps' start-up network pings: workers on a clinical network have no internet.
 NO_PING_ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
 _VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
@@ -229,24 +230,33 @@ def nipreps_container_spec(
     out: Path,
     *,
     fs_license: bool = True,
+    templateflow_home: Path | None = None,
     **fields: Any,
 ) -> ToolSpec:
     """The tail every NiPreps container command shares (QSIPrep, QSIRecon): the work folder (``-w``),
     the FreeSurfer licence when configured and ``fs_license`` says the tool takes it, ``--notrack``
-    (no crash reports leave a clinical site), the operator's extra arguments; then the spec."""
+    (no crash reports leave a clinical site), the operator's extra arguments; then the spec.
+
+    ``templateflow_home`` (``paths.templateflow_home``): bound read-only and named by
+    ``TEMPLATEFLOW_HOME``, so both tools read the site's templates instead of downloading them (QSIPrep's
+    docs, "Running QSIPrep with Apptainer on Non-Internet Nodes"); the env reaches docker, apptainer
+    (``--env``) and a Slurm job's environment alike."""
     container_work = pm(work, C_WORK, read_only=False)
     argv = [*argv, "-w", container_work]
     if fs_license and cfg.fs_license is not None:
         argv += ["--fs-license-file", pm(Path(cfg.fs_license), C_LICENSE)]
     argv.append("--notrack")
     argv += list(cfg.extra_args)
+    env = dict(NO_PING_ENV)
+    if templateflow_home is not None:
+        env["TEMPLATEFLOW_HOME"] = pm(Path(templateflow_home), C_TEMPLATEFLOW)
     prepare_dirs(work, out)
     return ToolSpec(
         tool=tool,
         argv=tuple(argv),
         image=cfg.image,
         mounts=tuple(pm.mounts),
-        env=dict(NO_PING_ENV),
+        env=env,
         workdir=Path(container_work),
         **fields,
     )

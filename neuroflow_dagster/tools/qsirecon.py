@@ -126,7 +126,15 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
         argv += ["--atlases", *cfg.atlases]
     argv += ["--nprocs", str(cfg.nprocs), "--mem-mb", str(cfg.mem_mb)]
     return layout.nipreps_container_spec(
-        TOOL, argv, cfg, pm, work, out, outputs=golden_outputs(participant, session, cfg.atlases), **common
+        TOOL,
+        argv,
+        cfg,
+        pm,
+        work,
+        out,
+        templateflow_home=config.paths.templateflow_home,
+        outputs=golden_outputs(participant, session, cfg.atlases),
+        **common,
     )
 
 
