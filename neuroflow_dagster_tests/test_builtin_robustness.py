@@ -4,7 +4,8 @@ Direct NIfTI-level cases (what a converter other than dcm2niix, a hand-edited ta
 or a broken export can hand over): NaN/inf/zero voxels, all-zero series, single-slice
 and single-volume (3D) series, b=0-only and 5-direction series, b0 by threshold
 (b = 5 / 50), non-unit / zero / NaN b-vectors, bval/bvec length mismatches, text in
-a .bval, 5D images (3D and 5D are refused with QSIPrep's own "DWI file not 4D"), a corrupt NIfTI, a tiny grid, 130 volumes on a 6x6x4 grid,
+a .bval, 5D images (3D and 5D are refused with QSIPrep's own "DWI file not 4D"),
+a corrupt NIfTI, a tiny grid, 130 volumes on a 6x6x4 grid,
 separately acquired b0 and DW runs. Acquisition shapes from a scanner go through the
 real conversion in test_builtin_acquisitions.py.
 

@@ -18,7 +18,10 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
 - qsiprep_subject: a session of the subject was converted after the last QSIPrep request, no
   session of the subject is still waiting for its conversion (registered with a passed or pending
   protocol verdict, not converted since, its latest attempt not failed; or converting), and QSIPrep
-  is not running. Optionally only once a cron tick passed since the last request.
+  is not running. Optionally only once a cron tick passed since the last request. A subject whose
+  sessions lack the anatomical image QSIPrep is configured for (`anat_modality`) is held with the
+  reason instead (eligibility.plan_qsiprep): never requested, never failed; its next conversion
+  decides again.
 - qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
   the subject's QSIPrep was materialized after the session's last recon request by a run created
   after the session's conversion (so it includes the session), the session's BIDS passed the
@@ -47,6 +50,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.bids import VALIDATOR_CHECK
 from neuroflow_dagster.defs.graph import DICOM_KEY, asset_key
 from neuroflow_dagster.defs.ledger import CheckRecord, FinishedRun, Ledger, PartitionRecord
+from neuroflow_dagster.eligibility import qsiprep_plan_from_metadata
 from neuroflow_dagster.naming.partitions import SESSION_LABELS, SUBJECTS, session_key, split_session_key
 from neuroflow_dagster.naming.tags import STAGE_TAG
 
@@ -129,7 +133,7 @@ class Decision:
     """request: launch a run (trigger = the storage id that caused it); wait: re-examine later."""
 
     key: str
-    action: str  # request | wait | none
+    action: str  # request | wait | hold | none
     reason: str
     trigger: int = 0
 
@@ -140,6 +144,12 @@ class Decision:
     @staticmethod
     def wait(key: str, reason: str) -> Decision:
         return Decision(key, "wait", reason)
+
+    @staticmethod
+    def hold(key: str, reason: str) -> Decision:
+        """Would be requested, but the run could only fail (e.g. QSIPrep without an anatomical image):
+        not requested, logged with the reason; a later change of its inputs decides again."""
+        return Decision(key, "hold", reason)
 
     @staticmethod
     def none(key: str, reason: str = "") -> Decision:
@@ -376,6 +386,28 @@ class QsiprepStage(Stage):
             if cfg.trigger == "cron":
                 cron_ok = self._cron_check(ledger, prep[subject], cursor, subject, now)
             out.append(decide_qsiprep(subject, sessions, prep[subject], cursor.requested_trigger(subject), cron_ok))
+        return self._hold_without_anatomy(ledger, out, bids)
+
+    def _hold_without_anatomy(
+        self, ledger: Ledger, decisions: list[Decision], bids: dict[str, PartitionRecord]
+    ) -> list[Decision]:
+        """A request for a subject whose sessions lack the anatomical image QSIPrep is configured for
+        becomes a hold (eligibility.qsiprep_plan_from_metadata, from the conversions' metadata)."""
+        subjects = {d.key for d in decisions if d.action == "request"}
+        if not subjects:
+            return decisions
+        converted = {k: r.mat_id for k, r in bids.items() if r.materialized and split_session_key(k)[0] in subjects}
+        meta = ledger.metadata(BIDS, converted.values())
+        by_subject: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, mat_id in converted.items():
+            subject, session = split_session_key(key)
+            by_subject.setdefault(subject, {})[session] = meta.get(mat_id, {})
+        out = []
+        for d in decisions:
+            hold = None
+            if d.action == "request":
+                hold = qsiprep_plan_from_metadata(self.config, d.key, by_subject.get(d.key, {})).hold
+            out.append(Decision.hold(d.key, hold) if hold else d)
         return out
 
     def _cron_check(
@@ -671,6 +703,8 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
             elif d.action == "wait":
                 waits += 1
                 context.log.debug(f"wait {d.key}: {d.reason}")
+            elif d.action == "hold":
+                context.log.info(f"hold {', '.join(targets)} {d.key}: {d.reason}")
         if result.candidates:
             context.log.info(
                 f"{result.candidates} candidate(s), {len(requests)} request(s), {waits} waiting, {result.seconds:.2f}s"
