@@ -258,17 +258,8 @@ def build_spec(
         argv += ["--omp-nthreads", str(cfg.omp_nthreads)]
     argv += ["--mem-mb", str(cfg.mem_mb)]
     # QSIPrep 26.1 and later no longer take a FreeSurfer licence.
-    return layout.nipreps_container_spec(
-        TOOL,
-        argv,
-        cfg,
-        pm,
-        work,
-        out,
-        fs_license=not new_dialect,
-        templateflow_home=config.paths.templateflow_home,
-        **common,
-    )
+    tail = {"fs_license": not new_dialect, "templateflow_home": config.paths.templateflow_home}
+    return layout.nipreps_container_spec(TOOL, argv, cfg, pm, work, out, **tail, **common)
 
 
 def reads(
