@@ -46,6 +46,25 @@ CONFIG_ENV = "NEUROFLOW_CONFIG"
 CONFIG_FILENAME = "neuroflow.yaml"
 
 
+# A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
+_VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
+
+
+def image_version(image: str | None) -> tuple[int, ...] | None:
+    """The tool version an image reference names (``pennlinc/qsiprep:1.1.1`` -> (1, 1, 1)), if any.
+
+    The registry path is ignored (a host such as ``registry:5000`` is not a version),
+    so only the last path component - the name, tag or .sif file name - is read.
+    """
+    if not image:
+        return None
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    match = _VERSION.search(last.split(":", 1)[1] if ":" in last else last)
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -307,6 +326,9 @@ class BidsConversionConfig(StageConfig):
 
 
 OUTPUT_RESOLUTION_AUTO = "auto"
+# QSIPrep from this version on names --session-label and --hmc-method and takes no --fs-license-file;
+# 26.0.0's parser is still 1.1.1's (both read in their wheels).
+QSIPREP_NEW_DIALECT = (26, 1)
 
 
 class QsiprepConfig(StageConfig):
@@ -364,6 +386,12 @@ class QsiprepConfig(StageConfig):
         if value != ["MNI152NLin2009cAsym"]:
             raise ValueError(f"{value}: QSIPrep accepts exactly one template, MNI152NLin2009cAsym")
         return value
+
+    @property
+    def new_dialect(self) -> bool:
+        """The image names QSIPrep 26.1 or later; an image without a readable version is taken as 1.x."""
+        version = image_version(self.image)
+        return version is not None and version[:2] >= QSIPREP_NEW_DIALECT
 
     @property
     def sessionwise(self) -> bool:
@@ -711,8 +739,10 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
     problems += templateflow_problems(config)
     for section, cfg in config.pipelines:
-        # The FreeSurfer licence: every section that has the setting needs it inside a container.
-        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:
+        # The FreeSurfer licence: every section that has the setting needs it inside a container (QSIPrep
+        # only before 26.1, which has no --fs-license-file).
+        takes_license = not (isinstance(cfg, QsiprepConfig) and cfg.new_dialect)
+        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None and takes_license:
             how = cfg.runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
             problems.append(f"pipelines.{section}.fs_license: required when runtime is {how}")
         if cfg.runtime == "slurm" and shutil.which("sbatch") is None:

@@ -149,6 +149,19 @@ def test_qsiprep_defaults_and_accepted_values(tmp_path: Path) -> None:
     assert qsiprep.anat_modality == "none" and qsiprep.sessionwise
 
 
+def test_the_freesurfer_licence_is_required_only_by_qsiprep_before_26_1(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+
+    def licence_problems(image: str) -> list[str]:
+        env = {"NEUROFLOW_PIPELINES__QSIPREP__RUNTIME": "docker", "NEUROFLOW_PIPELINES__QSIPREP__IMAGE": image}
+        return [p for p in check_paths(load_config(path, environ=env)) if "fs_license" in p]
+
+    required = "pipelines.qsiprep.fs_license: required when runtime is docker"
+    assert licence_problems("pennlinc/qsiprep:1.1.1") == [required]
+    assert licence_problems("pennlinc/qsiprep:26.0.0") != []  # 26.0.0 still has --fs-license-file
+    assert licence_problems("pennlinc/qsiprep:26.1.1") == []
+
+
 def test_templateflow_home_is_checked_at_start(tmp_path: Path) -> None:
     path = init_workspace(tmp_path)
 

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from neuroflow_dagster.config import OUTPUT_RESOLUTION_AUTO
+from neuroflow_dagster.config import OUTPUT_RESOLUTION_AUTO, QSIPREP_NEW_DIALECT
 from neuroflow_dagster.fsutil import atomic_write_text
 from neuroflow_dagster.naming.bids import session_path
 from neuroflow_dagster.tools import layout
@@ -47,7 +47,7 @@ STAND_IN = "neuroflow_dagster.tools.builtin.preproc"
 FILTER_QUERIES = ("dwi", "t1w", "t2w", "fmap", "roi")
 # QSIPrep from this version on speaks the new dialect (26.0.0 still takes --session-id, --hmc-model and
 # --fs-license-file: its parser is 1.1.1's; 26.1.0's is the first with the new names).
-NEW_DIALECT = (26, 1)
+NEW_DIALECT = QSIPREP_NEW_DIALECT
 
 C_BIDS = "/data/bids"
 C_FILTER = "/neuroflow/bids_filter.json"
@@ -67,7 +67,7 @@ def dialect(config: Any) -> tuple[int, int]:
             f"pipelines.qsiprep.image {config.pipelines.qsiprep.image!r}: QSIPrep {version[0]}.x is "
             "not supported (1.x or 26.x and later)"
         )
-    return NEW_DIALECT if version[:2] >= NEW_DIALECT else (1, 0)
+    return NEW_DIALECT if config.pipelines.qsiprep.new_dialect else (1, 0)
 
 
 def native_resolution(bids_root: Path, participant: str, sessions: Sequence[str]) -> float:
