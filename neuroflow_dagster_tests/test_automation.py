@@ -70,12 +70,8 @@ class Harness:
         self.instance.add_dynamic_partitions("session_labels", [session])
         self.done(DICOM, f"{session}|{subject}", check_passed=protocol_ok)
 
-    def done(
-        self, key: dg.AssetKey, partition: str, *, check_passed: bool = True, metadata: dict[str, Any] | None = None
-    ) -> None:
-        self.instance.report_runless_asset_event(
-            dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata)
-        )
+    def done(self, key: dg.AssetKey, partition: str, *, check_passed: bool = True) -> None:
+        self.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition))
         check = CHECK_OF.get(key)
         if check is not None:
             run_check(self.instance, key, check, partition, check_passed)
@@ -455,13 +451,24 @@ def test_a_session_failing_qc_is_held_not_re_requested_then_re_judged_and_approv
 
 def converted(h: Harness, partition: str, suffixes: str, *, valid: bool = True) -> None:
     """A conversion as the real `bids_session` records it: `bids_suffixes` and `scan_id` in its metadata,
-    the validator's verdict in state (what QSIPrep's eligibility reads) and as the blocking check."""
+    the validator's verdict in state (what QSIPrep's eligibility reads; its check run, which only the
+    recon rule reads, is left out: these tests stop at QSIPrep)."""
     from neuroflow_dagster.bids.verdicts import save_verdict
 
     session, subject = partition.split("|")
     save_verdict(h.config.paths.state, subject, session, valid, "test verdict")
     metadata = {"bids_suffixes": suffixes, "scan_id": f"SCAN_{subject}{session}"}
-    h.done(BIDS, partition, check_passed=valid, metadata=metadata)
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=BIDS, partition=partition,
+                                                                  metadata=metadata))
+
+
+def registered(h: Harness, subject: str, session: str) -> None:
+    """A registration with its protocol verdict in the metadata, as the discovery sensor reports it (no run)."""
+    h.instance.add_dynamic_partitions("subjects", [subject])
+    h.instance.add_dynamic_partitions("session_labels", [session])
+    h.instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key=DICOM, partition=f"{session}|{subject}", metadata={"protocol_valid": True})
+    )
 
 
 def qsiprep_decisions(h: Harness) -> dict[str, tuple[str, str]]:
@@ -499,8 +506,7 @@ def test_anatomy_rules_follow_the_sessions_qsiprep_would_be_given(harness: Harne
     h = harness
     for subject, sessions in {"A": ("01", "02"), "B": ("01", "02"), "C": ("01",)}.items():
         for session in sessions:
-            h.arrive(subject, session)
-    h.tick()
+            registered(h, subject, session)
     converted(h, "01|A", "dwi")
     converted(h, "02|A", "T1w")  # an anatomical-only visit: its T1w serves A's reference
     converted(h, "01|B", "dwi")
@@ -522,9 +528,9 @@ def test_anatomy_rules_follow_the_sessions_qsiprep_would_be_given(harness: Harne
 def test_the_hold_follows_anat_modality_and_the_reference(tmp_path: Path, settings: dict, expected: tuple) -> None:
     config = make_workspace(tmp_path, {"pipelines": {"qsiprep": settings}})
     with dg.instance_for_test() as instance:
-        h = Harness(instance, build_definitions(config), config)
-        h.arrive("A", "01")
-        h.arrive("A", "02")
+        h = Harness(instance, dg.Definitions(), config)  # the QSIPrep rules alone (qsiprep_decisions)
+        registered(h, "A", "01")
+        registered(h, "A", "02")
         converted(h, "01|A", "dwi")
         converted(h, "02|A", "T1w")
         assert qsiprep_decisions(h) == {"A": expected}
