@@ -201,6 +201,7 @@ def build_spec(
     outputs = golden_outputs(participant, sessions, sessionwise=cfg.sessionwise)
     common = {
         "output_dir": out,
+        "scratch_dir": work,
         "outputs": outputs,
         "nprocs": cfg.nprocs,
         "mem_mb": cfg.mem_mb,
