@@ -254,3 +254,11 @@ def test_the_test_hold_is_a_no_op_outside_a_run_worker(tmp_path: Path, monkeypat
     started = time.monotonic()
     hold_run_worker_for_test()  # this process was not spawned by a code server
     assert time.monotonic() - started < 1 and (tmp_path / "armed").exists()
+
+
+def test_a_launch_that_cannot_take_its_lock_is_refused(tmp_path: Path) -> None:
+    """Without its lock a slow launch would look cut to the watchdog: the launch fails, saying why."""
+    (tmp_path / "launches").write_text("a file where the folder should be")
+    locks = launcher_module.LaunchLocks(tmp_path / "launches")
+    with pytest.raises(RuntimeError, match="cannot create the launch lock"), locks.hold("run-1"):
+        pass

@@ -175,10 +175,17 @@ class LaunchLocks:
 
     @contextmanager
     def hold(self, run_id: str) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._prune()
         path = self.path(run_id)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            # Launching without it would let the watchdog take a slow launch for a cut one: refuse.
+            raise RuntimeError(
+                f"run launcher: cannot create the launch lock {path}: {exc} "
+                "(DAGSTER_HOME must be writable by the process that launches runs)"
+            ) from exc
+        self._prune()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
