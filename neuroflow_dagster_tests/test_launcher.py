@@ -262,3 +262,18 @@ def test_a_launch_that_cannot_take_its_lock_is_refused(tmp_path: Path) -> None:
     locks = launcher_module.LaunchLocks(tmp_path / "launches")
     with pytest.raises(RuntimeError, match="cannot create the launch lock"), locks.hold("run-1"):
         pass
+
+
+def test_a_worker_whose_run_was_already_failed_runs_nothing(instance: dg.DagsterInstance) -> None:
+    """Pins the Dagster behaviour that makes a verdict on a slow worker safe: a worker that reaches its
+    run after the watchdog failed it runs no step (dagster/_core/execution/api.py::execute_run_iterator)."""
+    from dagster._core.execution.api import execute_run_iterator
+
+    run = new_run(instance, dg.DagsterRunStatus.STARTING)
+    instance.report_run_failed(run, "failed by the watchdog")
+    failed = instance.get_run_by_id(run.run_id)
+    assert failed is not None
+    events = list(execute_run_iterator(dg.reconstructable(tiny), failed, instance))
+    assert [e.event_type for e in events] == [DagsterEventType.ENGINE_EVENT]
+    assert "already finished" in (events[0].message or "")
+    assert not instance.all_logs(run.run_id, of_type=DagsterEventType.STEP_START)

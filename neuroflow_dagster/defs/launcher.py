@@ -23,6 +23,9 @@ run's worker from what the worker and the launch leave behind (`worker_verdict`)
   launch let go of it; past that, nobody is starting it: the launch was cut
   (the launching process died with the process tree) or ended without a worker
   (the storage was unreachable, so the launch's own failure could not be recorded).
+  Should that ever judge a worker that is merely slow to write its pid, nothing runs
+  twice: Dagster's worker checks its run's status before running anything and leaves
+  a run that is already finished alone (pinned by test_launcher.py).
 
 Who asks: Dagster's run monitoring calls `check_run_worker_health` for STARTED runs
 only (dagster/_daemon/monitoring/run_monitoring.py; pinned by test_launcher.py), so the
