@@ -109,6 +109,9 @@ def test_power_cut_while_a_run_is_starting_and_another_started(
                 "qsiparc_session": dict.fromkeys(PARTITIONS, 1),
             }
             assert len(conversion_runs(instance)) == 4  # the two cut runs and their two retries
+            # No healthy run was taken for a dead one: every other run (QSIPrep, recon) succeeded.
+            others = [r for r in instance.get_runs() if r.run_id not in (cut.starting.run_id, cut.started.run_id)]
+            assert {r.status for r in others} == {dg.DagsterRunStatus.SUCCESS}, [(r.job_name, r.status) for r in others]
     finally:
         sampler.stop.set()
         sampler.join(timeout=5)
