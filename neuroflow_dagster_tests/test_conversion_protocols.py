@@ -27,6 +27,8 @@ pytestmark = pytest.mark.slow
 
 P, S = "01", "01"
 PREFIX = f"sub-{P}_ses-{S}"
+# Each shape converts as its own session of one subject, so the sessions can also form one dataset.
+LABELS = {name: f"{i:02d}" for i, name in enumerate(protocol_corpus.SHAPES, start=1)}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def converted(tmp_path_factory, convert) -> Callable[[str], tuple[Path, Curation
         if shape not in done:
             session = protocol_corpus.build_session(shape, root / "dicom" / shape)
             staging = root / "stage" / shape
-            _spec, report = convert(config, session.folder, staging, P, S)
+            _spec, report = convert(config, session.folder, staging, P, LABELS[shape])
             done[shape] = (staging, report)
         return done[shape]
 
@@ -57,11 +59,13 @@ def sidecar(folder: Path, rel: str) -> dict[str, Any]:
 def test_site_session_converts_to_valid_bids_routed_by_content(converted, shape: str) -> None:
     staging, report = converted(shape)
     spec = protocol_corpus.SHAPES[shape]
-    folder = staging / f"sub-{P}" / f"ses-{S}"
+    label = LABELS[shape]
+    prefix = f"sub-{P}_ses-{label}"
+    folder = staging / f"sub-{P}" / f"ses-{label}"
     files = {str(p.relative_to(folder)) for p in folder.rglob("*.nii.gz")}
-    assert files == protocol_corpus.expected_files(shape, P, S)
+    assert files == protocol_corpus.expected_files(shape, P, label)
 
-    result = validator.validate_session(staging, P, S)
+    result = validator.validate_session(staging, P, label)
     assert result.passed and result.errors == [], result.summary()
 
     for rel in files:
@@ -76,12 +80,13 @@ def test_site_session_converts_to_valid_bids_routed_by_content(converted, shape:
 
     # Field maps serve exactly the DWIs they were acquired for; B0Field* on both sides agree.
     for fmap, dwis in spec.intended_for.items():
-        meta = sidecar(folder, f"fmap/{PREFIX}_{fmap}.nii.gz")
-        expected = [f"ses-{S}/dwi/{PREFIX}_{d}.nii.gz" for d in dwis]
+        meta = sidecar(folder, f"fmap/{prefix}_{fmap}.nii.gz")
+        expected = [f"ses-{label}/dwi/{prefix}_{d}.nii.gz" for d in dwis]
         assert meta.get("IntendedFor", []) == expected, fmap
         for dwi in dwis:
-            dwi_meta = sidecar(folder, f"dwi/{PREFIX}_{dwi}.nii.gz")
+            dwi_meta = sidecar(folder, f"dwi/{prefix}_{dwi}.nii.gz")
             assert dwi_meta["B0FieldSource"] == meta["B0FieldIdentifier"]
+            assert meta["B0FieldIdentifier"].startswith(f"ses{label}_")  # unique per subject (QSIPrep 26)
         if not dwis:
             assert "B0FieldIdentifier" not in meta
     if not spec.intended_for:
