@@ -23,11 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.tools.shells import B0_THRESHOLD  # b <= 50 is b=0 (Siemens "b0" volumes are often b=5)
+
 EXIT_VALIDATION = 2
 EXIT_CONFIGURATION = 3
-
-# b-values at or below this count as b=0 (Siemens "b0" volumes are often b=5).
-B0_THRESHOLD = 50.0
 
 
 def _umask() -> int:
@@ -287,22 +286,6 @@ def check_gradients(
         )
     bvecs[dw] = bvecs[dw] / norms[dw, None]
     return bvals, bvecs, notes
-
-
-def count_directions(bvals: Any, bvecs: Any, b0_threshold: float = B0_THRESHOLD, tol_deg: float = 1.0) -> int:
-    """Distinct diffusion directions among b>0 volumes (±g counts once; within tol_deg is the same)."""
-    import numpy as np
-
-    dw = np.asarray(bvals) > b0_threshold
-    vecs = np.asarray(bvecs, dtype=float)[dw]
-    norms = np.linalg.norm(vecs, axis=1)
-    vecs = vecs[norms > 1e-6] / norms[norms > 1e-6, None]
-    distinct: list[Any] = []
-    cos_tol = np.cos(np.deg2rad(tol_deg))
-    for v in vecs:
-        if not any(abs(float(v @ d)) >= cos_tol for d in distinct):
-            distinct.append(v)
-    return len(distinct)
 
 
 def main_entry(main: Callable[[Sequence[str] | None], int]) -> None:
