@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from neuroflow_dagster.naming import qsirecon as names
+from neuroflow_dagster.tools import shells
 from neuroflow_dagster.tools.builtin import recon
 from neuroflow_dagster.tools.builtin.common import run_cli
 
@@ -93,6 +94,12 @@ def two_shell_scheme(n_dirs: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """b=0 plus the same ``n_dirs`` directions at b~1000 and b~2000 (dipy's 64-direction scheme)."""
     bvals, bvecs = gradient_scheme(n_dirs)
     return np.r_[bvals, bvals[1:] * 2], np.r_[bvecs, bvecs[1:]]
+
+
+def default_spec(qsiprep: Path, sub: str, ses: str) -> str:
+    """The spec neuroflow chooses by default for the session's preprocessed series (its shell scheme)."""
+    series = shells.session_series(qsiprep / f"sub-{sub}" / f"ses-{ses}" / "dwi")
+    return names.DEFAULT_SPECS[shells.session_scheme(series)] if series else SINGLE
 
 
 def run_recon_cli(qsiprep: Path, out: Path, sub: str, ses: str, *extra: str,
@@ -348,7 +355,8 @@ def test_recon_spec_is_required_and_limited_to_what_the_stand_in_implements(tmp_
     assert run_cli(recon.main, base) == 3
     assert "--recon-spec" in capsys.readouterr().err
     assert run_cli(recon.main, [*base, "--recon-spec", "mrtrix_singleshell_ss3t_noACT"]) == 3
-    assert "the stand-in writes the maps of dipy_dki, dsi_studio_gqi, ss3t_fod_autotrack only" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the stand-in writes the maps of dipy_dki, dsi_studio_gqi, ss3t_fod_autotrack only" in err
     # dsi_studio_gqi (the default for Cartesian schemes): the same maps under QSIRecon's DSIStudio folder.
     assert run_cli(recon.main, [*base, "--recon-spec", "dsi_studio_gqi"]) == 0
     assert len(list((tmp_path / "o/derivatives/qsirecon-DSIStudio").rglob("*_dwimap.nii.gz"))) == 7

@@ -332,7 +332,7 @@ def test_qsirecon_builtin_and_errors(tmp_path: Path, license_file: Path) -> None
     with pytest.raises(SpecError, match="atlas_labels is set without atlas_file"):
         qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
     config = make_config(tmp_path, qsirecon={"runtime": "local", "recon_specs": {"multi_shell": f"{t}/missing.yaml"}})
-    with pytest.raises(SpecError, match=r"pipelines\.qsirecon\.recon_specs\.multi_shell: .*missing\.yaml does not exist"):
+    with pytest.raises(SpecError, match=r"qsirecon\.recon_specs\.multi_shell: .*missing\.yaml does not exist"):
         qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config, "multi_shell"))
     config = make_config(tmp_path, qsirecon={"runtime": "apptainer"})
     with pytest.raises(SpecError, match=r"pipelines\.qsirecon\.fs_license: required when runtime is apptainer"):
