@@ -37,7 +37,7 @@ def plan_or_refuse(config: NeuroflowConfig, participant: str, session: str) -> q
     """The session's shell scheme and spec; a gradient table that cannot be read is the data's fault."""
     try:
         return qsirecon.plan_session(config, participant, session)
-    except shells.GradientError as exc:
+    except (shells.GradientError, SpecError) as exc:
         where = f"sub-{participant} ses-{session}"
         raise refuse(f"cannot read the gradient table QSIPrep wrote for {where}: {exc}") from exc
 
@@ -66,11 +66,11 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
             )
+        gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
         plan = plan_or_refuse(cfg, ses.participant, ses.session)
         scheme = {"shell_scheme": plan.scheme, "shells": plan.describe()}
         if plan.spec is None:
             return not_applicable(plan.reason, **scheme)
-        gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
         # What QSIRecon's fits would refuse hours into a run (or a Slurm job) is refused now, with dipy's words.
         try:
             refused = qsirecon.refusals(plan)
