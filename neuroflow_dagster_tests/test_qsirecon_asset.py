@@ -126,6 +126,30 @@ def test_no_spec_for_the_scheme_is_not_applicable_and_so_is_the_parcellation(sub
     assert subject.latest("qsirecon_session", multi)["recon_spec"] == "dipy_dki"
 
 
+def test_a_new_spec_for_the_scheme_replaces_the_sessions_old_workflow(subject: Subject) -> None:
+    """single_shell: ss3t_fod_autotrack -> dsi_studio_gqi: the session's maps move from qsirecon-SS3TAutoTrack
+    to qsirecon-DSIStudio, and the old ones go (QSIParc would parcellate both)."""
+    single, multi = SCANS
+    ses = subject.label[single]
+    recon_root = layout.qsirecon_dir(subject.config)
+    old = recon_root / "derivatives/qsirecon-SS3TAutoTrack/sub-SUBJA" / f"ses-{ses}"
+    assert old.is_dir()
+    defs = subject.reconfigure({"recon_specs": {"single_shell": "dsi_studio_gqi", "multi_shell": "dipy_dki",
+                                                "cartesian": "dsi_studio_gqi"}})
+    for job in ("qsirecon_job", "qsiparc_job"):
+        result = run_job(defs, subject.instance, job, subject.partition(single))
+        assert result.success, failure_text(result)
+    meta = subject.latest("qsirecon_session", single)
+    assert meta["recon_spec"] == "dsi_studio_gqi"
+    assert meta["removed_stale"] == f"derivatives/qsirecon-SS3TAutoTrack/sub-SUBJA/ses-{ses}"
+    assert not old.exists()
+    assert {p.parts[-5] for p in layout.qsirecon_maps(recon_root, "SUBJA", ses)} == {"qsirecon-DSIStudio"}
+    tables = list((layout.qsiparc_dir(subject.config) / "sub-SUBJA" / f"ses-{ses}").rglob("*_diffmap.tsv"))
+    assert len(tables) == 7 and all("software-DSIStudio" in t.name for t in tables)
+    # The other session's workflow folder is its own: untouched.
+    assert (recon_root / "derivatives/qsirecon-DKI/sub-SUBJA" / f"ses-{subject.label[multi]}").is_dir()
+
+
 def test_what_dipy_refuses_fails_at_once_as_validation_with_dipys_words(subject: Subject, tmp_path: Path) -> None:
     """A site spec file that fits DKI, chosen for single-shell data: refused before any tool starts."""
     single, _ = SCANS

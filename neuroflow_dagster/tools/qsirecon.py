@@ -22,7 +22,7 @@ by the test suite; see docs/tools.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,16 @@ def spec_models(value: str) -> list[tuple[str, Mapping[str, Any]]]:
         elif (software, action) == ("DSI Studio", "export") or (software == "TORTOISE" and "estimate_tensor" in params):
             models.append((names.TENSOR, params))
     return models
+
+
+def stale_workflow_sessions(root: Path, participant: str, session: str, published: Collection[str]) -> list[Path]:
+    """The session's folders under ``derivatives/qsirecon-*`` that the run just published (``published``: units
+    relative to ``root``) did not replace: what an earlier spec of the session wrote before its scheme's spec
+    changed. QSIParc parcellates every workflow it finds, so they go once the new reconstruction is in place."""
+    rel = session_path(participant, session)
+    done = {Path(u) for u in published}
+    found = sorted(d for d in (Path(root) / "derivatives").glob(f"qsirecon-*/{rel}") if d.is_dir())
+    return [d for d in found if d.relative_to(root) not in done]
 
 
 def refusals(plan: ReconPlan) -> list[str]:

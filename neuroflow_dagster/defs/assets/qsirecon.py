@@ -1,6 +1,8 @@
 """`qsirecon_session`: reconstruction of one session from its subject's (current) QSIPrep output, with the
 recon spec of its shell scheme (docs/domain-rules.md, "Pipelines")."""
 
+import shutil
+
 import dagster as dg
 
 from neuroflow_dagster.config import NeuroflowConfig
@@ -82,11 +84,18 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         record, spec, meta = run_derivative_tool(
             context, cfg, STAGE, qsirecon, ses.participant, [ses.session], out_root, ses.session, plan=plan
         )
+        published = record.extra.get("published_units")
+        stale = (qsirecon.stale_workflow_sessions(spec.final_dir, ses.participant, ses.session, published)
+                 if published else [])
+        for folder in stale:
+            shutil.rmtree(folder)
+            context.log.info(f"removed {folder}: written by an earlier recon spec of this session")
         meta.update(
             {
                 STATUS_KEY: STATUS_DONE,
                 "tool": tool_name,
                 "recon_spec": plan.spec,
+                "removed_stale": ", ".join(str(f.relative_to(spec.final_dir)) for f in stale) or "none",
                 **scheme,
                 "provenance": dg.MetadataValue.path(record.extra["provenance"]),
             }
