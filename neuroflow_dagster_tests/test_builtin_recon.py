@@ -130,14 +130,17 @@ def two_halves_atlas(folder: Path) -> tuple[Path, Path]:
     return atlas_file, labels_file
 
 
+def recon_phantom(root: Path, table: tuple[np.ndarray, np.ndarray],
+                  spec: str) -> tuple[Path, subprocess.CompletedProcess, np.ndarray]:
+    """The noisy phantom with this gradient table, in QSIPrep's layout, reconstructed by the stand-in CLI."""
+    data, mask = phantom(*table)
+    write_qsiprep_session(root / "qsiprep", "0075", "01", data, *table, mask)
+    return root / "qsirecon", run_recon_cli(root / "qsiprep", root / "qsirecon", "0075", "01", spec=spec), mask
+
+
 @pytest.fixture(scope="module")
 def phantom_recon(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, np.ndarray]:
-    root = tmp_path_factory.mktemp("recon")
-    bvals, bvecs = gradient_scheme(64)
-    data, mask = phantom(bvals, bvecs)
-    write_qsiprep_session(root / "qsiprep", "0075", "01", data, bvals, bvecs, mask)
-    proc = run_recon_cli(root / "qsiprep", root / "qsirecon", "0075", "01")
-    return root / "qsirecon", proc, mask
+    return recon_phantom(tmp_path_factory.mktemp("recon"), gradient_scheme(64), SINGLE)
 
 
 def test_recon_recovers_phantom_tensor_and_writes_qsirecon_layout(phantom_recon):
@@ -294,12 +297,7 @@ def test_recon_rerun_replaces_stale_session_outputs(tmp_path):
 
 @pytest.fixture(scope="module")
 def multishell_recon(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, np.ndarray]:
-    root = tmp_path_factory.mktemp("recon_ms")
-    bvals, bvecs = two_shell_scheme(32)
-    data, mask = phantom(bvals, bvecs)
-    write_qsiprep_session(root / "qsiprep", "0075", "01", data, bvals, bvecs, mask)
-    proc = run_recon_cli(root / "qsiprep", root / "qsirecon", "0075", "01", spec=MULTI)
-    return root / "qsirecon", proc, mask
+    return recon_phantom(tmp_path_factory.mktemp("recon_ms"), two_shell_scheme(32), MULTI)
 
 
 def test_recon_multishell_fits_dipy_dki_as_qsirecon_does(multishell_recon):

@@ -99,12 +99,9 @@ class Series:
         return self.bval.name[: -len(".bval")] + ".nii.gz"
 
 
-def read_series(bval: Path) -> Series:
-    """The gradient table beside a preprocessed DWI; GradientError names the file that is wrong."""
-    bvec = bval.with_suffix(".bvec")
-    for path in (bval, bvec):
-        if not path.is_file():
-            raise GradientError(f"missing required file {path}")
+def load_table(bval: Path, bvec: Path) -> tuple[np.ndarray, np.ndarray]:
+    """FSL-style b-values (1-D) and b-vectors (3 x N; an N x 3 file is turned), unchecked against each other;
+    GradientError names a file that cannot be read."""
     try:
         bvals = np.atleast_1d(np.loadtxt(bval, dtype=float))
     except ValueError as exc:
@@ -115,6 +112,16 @@ def read_series(bval: Path) -> Series:
         raise GradientError(f"cannot read b-vectors from {bvec}: {exc}") from exc
     if bvecs.shape[0] != 3 and bvecs.shape[-1] == 3:
         bvecs = bvecs.T
+    return bvals, bvecs
+
+
+def read_series(bval: Path) -> Series:
+    """The gradient table beside a preprocessed DWI; GradientError names the file that is wrong."""
+    bvec = bval.with_suffix(".bvec")
+    for path in (bval, bvec):
+        if not path.is_file():
+            raise GradientError(f"missing required file {path}")
+    bvals, bvecs = load_table(bval, bvec)
     if bvals.ndim != 1 or bvecs.shape != (3, bvals.size):
         raise GradientError(f"{bvec} has shape {bvecs.shape}, expected (3, {bvals.size}) for the {bvals.size} "
                             f"b-values of {bval.name}")

@@ -214,18 +214,12 @@ def bids_prefix(participant: str, session: str) -> str:
 
 def load_gradients(bval_path: Path, bvec_path: Path, n_volumes: int) -> tuple[Any, Any]:
     """Read FSL-style bval/bvec and check they match the image; errors name the file."""
-    import numpy as np
+    from neuroflow_dagster.tools.shells import GradientError, load_table
 
     try:
-        bvals = np.atleast_1d(np.loadtxt(bval_path, dtype=float))
-    except ValueError as exc:
-        raise ValidationError(f"cannot read b-values from {bval_path}: {exc}") from exc
-    try:
-        bvecs = np.loadtxt(bvec_path, dtype=float, ndmin=2)
-    except ValueError as exc:
-        raise ValidationError(f"cannot read b-vectors from {bvec_path}: {exc}") from exc
-    if bvecs.shape[0] != 3 and bvecs.shape[-1] == 3:
-        bvecs = bvecs.T
+        bvals, bvecs = load_table(bval_path, bvec_path)
+    except GradientError as exc:
+        raise ValidationError(str(exc)) from exc
     if bvals.ndim != 1:
         raise ValidationError(f"{bval_path} must hold one row of b-values, it has shape {bvals.shape}")
     if bvals.size != n_volumes:
