@@ -180,6 +180,7 @@ def build_spec(
     unit = f"sub-{participant}/ses-{session}"
     common = {
         "output_dir": out,
+        "scratch_dir": work,
         "nprocs": cfg.nprocs,
         "mem_mb": cfg.mem_mb,
         **layout.publish_plan(out, final, [unit, f"**/{unit}"]),

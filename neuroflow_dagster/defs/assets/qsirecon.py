@@ -8,6 +8,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.common import not_applicable, refuse, run_derivative_tool, session_context
 from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
+from neuroflow_dagster.defs.execution import guarded_upstream, reading_outputs
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import missing_suffixes
@@ -48,6 +49,7 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsirecon
     tool_name = tool_label(stage_cfg, "QSIRecon")
     specs = ", ".join(f"{SCHEME_TEXT[k]}: {v}" for k, v in stage_cfg.recon_specs.named().items()) or "no spec"
+    reads = guarded_upstream(stage(STAGE))
 
     @dg.asset(
         **stage_asset_args(stage(STAGE), stage_cfg),
@@ -63,33 +65,36 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"sub-{ses.participant} ses-{ses.session} has no {', '.join(sorted(missing))} in BIDS"
             )
-        preproc = layout.session_dir(layout.qsiprep_dir(cfg), ses.participant, ses.session) / "dwi"
-        if not any(preproc.glob("*desc-preproc_dwi.nii.gz")):
-            return not_applicable(
-                f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
+        # QSIPrep's output of the subject is not replaced while this run reads it (docs/domain-rules.md#state).
+        with reading_outputs(context, cfg, STAGE, reads, ses.participant, stage_cfg.retry) as waited:
+            preproc = layout.session_dir(layout.qsiprep_dir(cfg), ses.participant, ses.session) / "dwi"
+            if not any(preproc.glob("*desc-preproc_dwi.nii.gz")):
+                return not_applicable(
+                    f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
+                )
+            gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
+            plan = plan_or_refuse(cfg, ses.participant, ses.session)
+            scheme = {"shell_scheme": plan.scheme, "shells": plan.describe()}
+            if plan.spec is None:
+                return not_applicable(plan.reason, **scheme)
+            # What QSIRecon's fits would refuse hours into a run (or a Slurm job) is refused now, with dipy's words.
+            try:
+                refused = qsirecon.refusals(plan)
+            except SpecError as exc:  # a spec file that cannot be read
+                raise refuse(str(exc), "configuration") from exc
+            if refused:
+                raise refuse("; ".join(refused))
+            out_root = layout.qsirecon_dir(cfg)
+            record, spec, meta = run_derivative_tool(
+                context, cfg, STAGE, qsirecon, ses.participant, [ses.session], out_root, ses.session, plan=plan
             )
-        gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
-        plan = plan_or_refuse(cfg, ses.participant, ses.session)
-        scheme = {"shell_scheme": plan.scheme, "shells": plan.describe()}
-        if plan.spec is None:
-            return not_applicable(plan.reason, **scheme)
-        # What QSIRecon's fits would refuse hours into a run (or a Slurm job) is refused now, with dipy's words.
-        try:
-            refused = qsirecon.refusals(plan)
-        except SpecError as exc:  # a spec file that cannot be read
-            raise refuse(str(exc), "configuration") from exc
-        if refused:
-            raise refuse("; ".join(refused))
-        out_root = layout.qsirecon_dir(cfg)
-        record, spec, meta = run_derivative_tool(
-            context, cfg, STAGE, qsirecon, ses.participant, [ses.session], out_root, ses.session, plan=plan
-        )
         published = record.extra.get("published_units")
         stale = (qsirecon.stale_workflow_sessions(spec.final_dir, ses.participant, ses.session, published)
                  if published else [])
         for folder in stale:
             shutil.rmtree(folder)
             context.log.info(f"removed {folder}: written by an earlier recon spec of this session")
+        meta.update(waited)
         meta.update(
             {
                 STATUS_KEY: STATUS_DONE,
