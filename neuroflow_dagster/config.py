@@ -878,6 +878,9 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     heuristic = config.pipelines.bids_conversion.heuristic
     if heuristic.endswith(".py") and not Path(heuristic).is_file():
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
+    for scheme, spec in config.pipelines.qsirecon.recon_specs.named().items():
+        if qsirecon_names.is_spec_file(spec) and not Path(spec).expanduser().is_file():
+            problems.append(f"pipelines.qsirecon.recon_specs.{scheme}: {spec} does not exist")
     for section, cfg in config.pipelines:
         # The FreeSurfer licence: every section that has the setting needs it inside a container.
         if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:

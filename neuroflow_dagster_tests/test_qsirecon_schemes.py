@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from neuroflow_dagster.cli import main
-from neuroflow_dagster.config import ConfigError, NeuroflowConfig, load_config
+from neuroflow_dagster.config import ConfigError, NeuroflowConfig, check_paths, load_config
 from neuroflow_dagster.naming import qsirecon as names
 from neuroflow_dagster.scaffold import init_workspace
 from neuroflow_dagster.tools import qsirecon, shells
@@ -299,3 +299,16 @@ def test_the_old_recon_spec_key_is_read_per_scheme(tmp_path: Path) -> None:
     assert set(specs.named().values()) == {str((tmp_path / "ws" / "my_spec.yaml").resolve())}  # a file: every scheme
     specs = load_config(path, environ={"NEUROFLOW_PIPELINES__QSIRECON__RECON_SPEC": "dsi_studio_gqi"}).pipelines
     assert specs.qsirecon.recon_specs.named() == dict.fromkeys(names.SCHEMES, "dsi_studio_gqi")
+
+
+def test_a_spec_file_that_is_missing_is_a_start_up_problem(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path / "ws")
+    env = {"NEUROFLOW_PIPELINES__QSIRECON__RUNTIME": "docker",
+           "NEUROFLOW_PIPELINES__QSIRECON__RECON_SPECS__MULTI_SHELL": "specs/site.yaml"}
+    config = load_config(path, environ=env)
+    site = (tmp_path / "ws" / "specs" / "site.yaml").resolve()
+    assert config.pipelines.qsirecon.recon_specs.multi_shell == str(site)  # relative to the config file
+    assert f"pipelines.qsirecon.recon_specs.multi_shell: {site} does not exist" in check_paths(config)
+    site.parent.mkdir()
+    site.write_text("name: site\nnodes: []\n")
+    assert not [p for p in check_paths(config) if "recon_specs" in p]
