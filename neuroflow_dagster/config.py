@@ -629,6 +629,9 @@ class QcMetricConfig(_Section):
     fail_below: float | None = None
     warn_above: float | None = None
     fail_above: float | None = None
+    # The cohort rule's smallest spread (the measure's units): a very uniform cohort (a count that is
+    # 0 in most sessions) must not hold a session for a difference nobody would see.
+    min_spread: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> QcMetricConfig:
@@ -650,9 +653,44 @@ class QcMetricConfig(_Section):
 def _default_qc_metrics() -> dict[str, QcMetricConfig]:
     # Measured on the demo: good sessions 0.90-0.99 and 0 bad slices, the poor one 0.17 and 39.
     return {
-        "raw_masked_neighbor_corr": QcMetricConfig(warn_below=0.8, fail_below=0.5),
-        "raw_num_bad_slices": QcMetricConfig(warn_above=0, fail_above=5),
+        "raw_masked_neighbor_corr": QcMetricConfig(warn_below=0.8, fail_below=0.5, min_spread=0.02),
+        "raw_num_bad_slices": QcMetricConfig(warn_above=0, fail_above=5, min_spread=2),
     }
+
+
+# BIDS sidecar keys (dcm2niix writes them from the DICOM headers): letters and digits, as BIDS spells them.
+SIDECAR_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+
+
+class QcCohortConfig(_Section):
+    """The cohort rule of the image QC gate (docs/domain-rules.md#image-qc): each measure against the
+    study's own sessions of the same acquisition group, in scaled MADs from their median."""
+
+    # Below this many other sessions in the group (with the measure), the absolute thresholds apply.
+    min_sessions: int = Field(20, ge=5)
+    warn_mads: float = Field(3.0, gt=0)
+    # null: the cohort only warns; only the absolute fail_* thresholds hold a session.
+    fail_mads: float | None = Field(4.0, gt=0)
+    # The acquisition group: keys of the DWI's BIDS sidecar (a missing key is "unknown").
+    group_by: list[str] = Field(default_factory=lambda: ["SeriesDescription", "ManufacturersModelName"])
+
+    @field_validator("group_by")
+    @classmethod
+    def _sidecar_keys(cls, value: list[str]) -> list[str]:
+        bad = [k for k in value if not SIDECAR_KEY.match(k)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a BIDS sidecar key (letters and digits, e.g. "
+                             "SeriesDescription, ProtocolName, ManufacturersModelName, MagneticFieldStrength)")
+        if len(set(value)) != len(value):
+            raise ValueError("a key is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QcCohortConfig:
+        if self.fail_mads is not None and self.fail_mads < self.warn_mads:
+            raise ValueError(f"fail_mads ({self.fail_mads:g}) is below warn_mads ({self.warn_mads:g}): "
+                             "a session must warn before it fails")
+        return self
 
 
 class QcConfig(_Section):
@@ -660,6 +698,10 @@ class QcConfig(_Section):
 
     # false: every session passes (the QC asset still records the measures).
     enabled: bool = True
+    # cohort: the study's own distribution per acquisition group once it has cohort.min_sessions
+    # sessions (the fail_* thresholds stay floors); absolute: only the fixed thresholds.
+    mode: Literal["cohort", "absolute"] = "cohort"
+    cohort: QcCohortConfig = Field(default_factory=QcCohortConfig)
     metrics: dict[str, QcMetricConfig] = Field(default_factory=_default_qc_metrics)
     # A session QSIPrep preprocessed but without an image QC table, and a configured measure a table
     # does not have (or has as n/a): what that counts as.
