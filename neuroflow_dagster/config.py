@@ -9,6 +9,7 @@ YAML on a server must be told exactly which line to fix.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -47,6 +48,25 @@ CONFIG_ENV = "NEUROFLOW_CONFIG"
 CONFIG_FILENAME = "neuroflow.yaml"
 
 
+# A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
+_VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
+
+
+def image_version(image: str | None) -> tuple[int, ...] | None:
+    """The tool version an image reference names (``pennlinc/qsiprep:1.1.1`` -> (1, 1, 1)), if any.
+
+    The registry path is ignored (a host such as ``registry:5000`` is not a version),
+    so only the last path component - the name, tag or .sif file name - is read.
+    """
+    if not image:
+        return None
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    match = _VERSION.search(last.split(":", 1)[1] if ":" in last else last)
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -59,6 +79,9 @@ class PathsConfig(_Section):
     log_dir: Path
     # Holds the ScanID registry and the last good mapping: must persist, unlike work_dir.
     state_dir: Path | None = None
+    # The site's TemplateFlow copy (QSIPrep and QSIRecon both read their templates through TemplateFlow):
+    # bound read-only into their containers and exported as TEMPLATEFLOW_HOME (docs/deployment.md).
+    templateflow_home: Path | None = None
 
     @property
     def state(self) -> Path:
@@ -304,16 +327,29 @@ class BidsConversionConfig(StageConfig):
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig(max_retries=2))
 
 
+OUTPUT_RESOLUTION_AUTO = "auto"
+# QSIPrep from this version on names --session-label and --hmc-method and takes no --fs-license-file;
+# 26.0.0's parser is still 1.1.1's (both read in their wheels).
+QSIPREP_NEW_DIALECT = (26, 1)
+
+
 class QsiprepConfig(StageConfig):
     runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsiprep:1.1.1"
     fs_license: Path | None = None
-    output_resolution: float = Field(1.6, gt=0)
+    # --output-resolution in mm, or "auto": the finest voxel edge of the DWI going into the run
+    # (tools/qsiprep.py, native_resolution; docs/configuration.md says why auto is the default).
+    output_resolution: float | Literal["auto"] = OUTPUT_RESOLUTION_AUTO
     nprocs: int = Field(8, ge=1)
     omp_nthreads: int | None = Field(None, ge=1)
     mem_mb: int = Field(16000, ge=1)
     anatomical_template: list[str] = Field(default_factory=lambda: ["MNI152NLin2009cAsym"])
-    anat_modality: str = "T1w"
+    # The anatomical reference QSIPrep needs (--anat-modality; the choices of QSIPrep's parser, 1.1.1 to
+    # 26.1.1); "none" preprocesses the DWI alone.
+    anat_modality: Literal["T1w", "T2w", "none"] = "T1w"
+    # --subject-anatomical-reference: one unbiased template from every session's anatomy (QSIPrep's own
+    # default, first-lex, aligns everything to the first session's image), or one space per session.
+    subject_anatomical_reference: Literal["first-lex", "unbiased", "sessionwise"] = "unbiased"
     denoise_method: str | None = None
     unringing_method: str | None = None
     hmc_model: str | None = None
@@ -330,6 +366,42 @@ class QsiprepConfig(StageConfig):
     # How long a publish waits for the runs still reading the subject's previous output (and such a
     # reader for a publish) before failing as transient, which is retried (docs/domain-rules.md#state).
     publish_wait_minutes: float = Field(60, gt=0)
+
+    @field_validator("output_resolution", mode="before")
+    @classmethod
+    def _resolution(cls, value: Any) -> Any:
+        """A voxel size in mm, or auto; said in one line (a union's errors would name both branches)."""
+        if isinstance(value, str) and value.strip().lower() == OUTPUT_RESOLUTION_AUTO:
+            return OUTPUT_RESOLUTION_AUTO
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+            raise ValueError(
+                f"{value!r}: give a voxel size in mm (e.g. 1.6) or {OUTPUT_RESOLUTION_AUTO} (the DWI's own voxel size)"
+            )
+        return number
+
+    @field_validator("anatomical_template")
+    @classmethod
+    def _template(cls, value: list[str]) -> list[str]:
+        """QSIPrep takes one --anatomical-template and knows one (its parser's choices, 1.1.1 to 26.1.1;
+        infants get MNIInfant through --infant, not through this option)."""
+        if value != ["MNI152NLin2009cAsym"]:
+            raise ValueError(f"{value}: QSIPrep accepts exactly one template, MNI152NLin2009cAsym")
+        return value
+
+    @property
+    def new_dialect(self) -> bool:
+        """The image names QSIPrep 26.1 or later; an image without a readable version is taken as 1.x."""
+        version = image_version(self.image)
+        return version is not None and version[:2] >= QSIPREP_NEW_DIALECT
+
+    @property
+    def sessionwise(self) -> bool:
+        """One anatomical space per session: every session needs its own anatomical image."""
+        return self.subject_anatomical_reference == "sessionwise"
 
 
 class ReconSpecsConfig(_Section):
@@ -923,9 +995,12 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     for scheme, spec in config.pipelines.qsirecon.recon_specs.named().items():
         if qsirecon_names.is_spec_file(spec) and not Path(spec).expanduser().is_file():
             problems.append(f"pipelines.qsirecon.recon_specs.{scheme}: {spec} does not exist")
+    problems += templateflow_problems(config)
     for section, cfg in config.pipelines:
-        # The FreeSurfer licence: every section that has the setting needs it inside a container.
-        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:
+        # The FreeSurfer licence: every section that has the setting needs it inside a container (QSIPrep
+        # only before 26.1, which has no --fs-license-file).
+        takes_license = not (isinstance(cfg, QsiprepConfig) and cfg.new_dialect)
+        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None and takes_license:
             how = cfg.runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
             problems.append(f"pipelines.{section}.fs_license: required when runtime is {how}")
         if cfg.runtime == "slurm" and shutil.which("sbatch") is None:
@@ -934,3 +1009,56 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
                 "(run the services on a login/submit node with Slurm's client commands)"
             )
     return problems
+
+
+# The stages whose tools read templates through TemplateFlow (QSIPrep's and QSIRecon's GetTemplate).
+TEMPLATEFLOW_STAGES = ("qsiprep", "qsirecon")
+
+
+def templateflow_files(template: str, anat_modality: str) -> list[str]:
+    """The TemplateFlow files QSIPrep and QSIRecon fetch at run time, relative to TEMPLATEFLOW_HOME.
+
+    QSIPrep's ``GetTemplate`` (qsiprep/interfaces/anatomical.py, 1.1.1 to 26.1.1) takes the template's
+    1 mm image of the anatomical modality (T1w for ``none``) and its brain mask; QSIRecon's
+    (qsirecon/interfaces/anatomical.py, 1.1.1) the 1 mm T1w and the brain mask of MNI152NLin2009cAsym.
+    """
+    modality = "T1w" if anat_modality == "none" else anat_modality
+    needs = {(template, modality), (template, "T1w"), ("MNI152NLin2009cAsym", "T1w")}
+    files = set()
+    for name, suffix in needs:
+        files.add(f"tpl-{name}/tpl-{name}_res-01_{suffix}.nii.gz")
+        files.add(f"tpl-{name}/tpl-{name}_res-01_desc-brain_mask.nii.gz")
+    return sorted(files)
+
+
+def templateflow_problems(config: NeuroflowConfig) -> list[str]:
+    """``paths.templateflow_home``: a readable folder holding what the tools fetch; required where a
+    container would otherwise look in the node's own home (apptainer, also inside a Slurm job)."""
+    home = config.paths.templateflow_home
+    qsiprep = config.pipelines.qsiprep
+    if home is None:
+        needing = [s for s in TEMPLATEFLOW_STAGES if config.stage(s).tool_runtime == "apptainer"]
+        if not needing:
+            return []
+        return [
+            f"paths.templateflow_home: required when {', '.join(f'pipelines.{s}' for s in needing)} runs in "
+            "apptainer (the container gets the host's $HOME, so TemplateFlow would look for its templates in the "
+            "node's ~/.cache/templateflow and download what is missing, which fails on nodes without internet); "
+            "pre-fetch them as docs/deployment.md (\"TemplateFlow\") shows"
+        ]
+    if not home.is_dir():
+        return [f"paths.templateflow_home: {home} does not exist or is not a folder"]
+    if not os.access(home, os.R_OK | os.X_OK):
+        return [f"paths.templateflow_home: {home} is not readable"]
+    used = [s for s in TEMPLATEFLOW_STAGES if config.stage(s).tool_runtime != "builtin"]
+    if not used:
+        return []
+    missing = [
+        f for f in templateflow_files(qsiprep.anatomical_template[0], qsiprep.anat_modality) if not (home / f).is_file()
+    ]
+    if missing:
+        return [
+            f"paths.templateflow_home: {home} lacks {', '.join(missing)} (bound read-only, so the tools cannot "
+            "download them); pre-fetch them as docs/deployment.md (\"TemplateFlow\") shows"
+        ]
+    return []
