@@ -335,7 +335,7 @@ def test_templateflow_home_is_bound_read_only_and_named_in_the_environment(tmp_p
         return c
 
     for tool, build in (("qsiprep", lambda c: qsiprep.build_spec(c, "0075", ["01"])),
-                        ("qsirecon", lambda c: qsirecon.build_spec(c, "0075", "01"))):
+                        ("qsirecon", lambda c: qsirecon.build_spec(c, "0075", "01", plan=recon_plan(c)))):
         docker = build(config("docker"))
         assert Mount(tf, "/templateflow", True) in docker.mounts, tool
         assert docker.env == {"NIPYPE_NO_ET": "1", "NO_ET": "1", "TEMPLATEFLOW_HOME": "/templateflow"}, tool
