@@ -302,6 +302,18 @@ class BidsConversionConfig(StageConfig):
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig(max_retries=2))
 
 
+class QsiprepPreflightConfig(_Section):
+    """``pipelines.qsiprep.preflight``: QSIPrep's own input handling on each run's inputs before it starts
+    (docs/tools.md, "The QSIPrep preflight")."""
+
+    enabled: bool = True
+    # The pinned tools venvs (one per QSIPrep version); None: work_dir/preflight/venvs.
+    venvs_dir: Path | None = None
+    # The interpreter `neuroflow preflight install` builds them with; None: the one running neuroflow.
+    python: str | None = None
+    timeout_seconds: float = Field(600, gt=0)
+
+
 class QsiprepConfig(StageConfig):
     runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsiprep:1.1.1"
@@ -325,6 +337,7 @@ class QsiprepConfig(StageConfig):
     # eager: as soon as a subject's wave of sessions is converted; cron: only at `cron`.
     trigger: Literal["eager", "cron"] = "eager"
     cron: str = "0 2 */3 * *"
+    preflight: QsiprepPreflightConfig = Field(default_factory=QsiprepPreflightConfig)
 
 
 class QsireconConfig(StageConfig):
@@ -584,6 +597,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             if isinstance(stage, dict):
                 for key in ("fs_license", "atlas_file", "atlas_labels"):
                     fix(stage, key)
+                if isinstance(stage.get("preflight"), dict):
+                    fix(stage["preflight"], "venvs_dir")
                 heuristic = stage.get("heuristic")
                 if isinstance(heuristic, str) and heuristic.endswith(".py"):
                     fix(stage, "heuristic")

@@ -1,4 +1,5 @@
-"""Set-up commands: `neuroflow init`, `config validate`, `scan`, `instance init`, `start` and `demo`."""
+"""Set-up commands: `neuroflow init`, `config validate`, `scan`, `instance init`, `start`, `demo` and
+`preflight install|status`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neuroflow_dagster.cli.exits import EXIT_CONFIG, EXIT_OK, Parser
+from neuroflow_dagster.cli.exits import EXIT_CONFIG, EXIT_ERROR, EXIT_OK, Parser
 from neuroflow_dagster.cli.output import add_format_option, print_rows
 from neuroflow_dagster.config import check_paths, load_config
 from neuroflow_dagster.errors import ConfigError, UsageError
@@ -144,6 +145,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return subprocess.call(argv, env=env, cwd=directory)
 
 
+def cmd_preflight_install(args: argparse.Namespace) -> int:
+    """Build the pinned venv(s) QSIPrep's preflight runs in (idempotent: a built venv returns at once)."""
+    from neuroflow_dagster.preflight import qsiprep as preflight
+    from neuroflow_dagster.preflight import venvs
+
+    config = load_config(args.config)
+    versions = list(venvs.VERSIONS) if args.all else [preflight.preflight_version(config)]
+    root = preflight.venvs_dir(config)
+    try:
+        for version in versions:
+            print(venvs.build(root, version, config.pipelines.qsiprep.preflight.python,
+                              log=lambda m: print(m, file=sys.stderr)))  # fmt: skip
+            preflight.clear_unavailable(config, version)
+    except venvs.VenvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def cmd_preflight_status(args: argparse.Namespace) -> int:
+    """Per locked QSIPrep version: is its venv ready, does the stage use it, what runs were told."""
+    from neuroflow_dagster.preflight import qsiprep as preflight
+    from neuroflow_dagster.preflight import venvs
+
+    config = load_config(args.config)
+    cfg = config.pipelines.qsiprep.preflight
+    used = preflight.preflight_version(config)
+    root = preflight.venvs_dir(config)
+    notes = preflight.unavailable_notes(config)
+    rows = []
+    for version in venvs.VERSIONS:
+        problem = venvs.problem(root, version)
+        rows.append(
+            {
+                "qsiprep": version,
+                "used": "yes" if version == used and cfg.enabled else "no",
+                "venv": str(venvs.venv_dir(root, version)),
+                "state": "ready" if problem is None else "missing",
+                "note": problem or notes.get(version, ""),
+            }
+        )
+    print_rows(rows, args.format, ["qsiprep", "used", "state", "venv", "note"])
+    if not cfg.enabled:
+        print("the preflight is off (pipelines.qsiprep.preflight.enabled: false)", file=sys.stderr)
+    return EXIT_OK
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="write DIR/neuroflow.yaml, a commented starter config")
     p.add_argument("dir")
@@ -191,3 +239,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="drop a late third session of the first subject after SECONDS",
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("preflight", help="the pinned venvs in which QSIPrep's own input handling checks each run")
+    psub = p.add_subparsers(dest="preflight_command", required=True, parser_class=Parser)
+    i = psub.add_parser("install", help="build the venv of the QSIPrep version the stage runs (~1.5 GB, minutes)")
+    i.add_argument("--all", action="store_true", help="every locked QSIPrep version, not only the one in use")
+    i.set_defaults(func=cmd_preflight_install)
+    i = psub.add_parser("status", help="which preflight venvs are ready and which the stage uses")
+    add_format_option(i)
+    i.set_defaults(func=cmd_preflight_status)
