@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -277,9 +278,12 @@ def test_a_refused_preflight_fails_the_run_in_seconds_as_validation_and_starts_n
         bids_shapes.write_subject(config.paths.bids_root, entry.participant_id, [entry.session_id], shape)
         save_verdict(config.paths.state, entry.participant_id, entry.session_id, True, "valid")
     job = build_definitions(config).resolve_job_def("qsiprep_job")
+    (tmp_path / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
         instance.add_dynamic_partitions(SUBJECTS, list(shapes))
+        started = time.monotonic()
         bad = job.execute_in_process(instance=instance, partition_key="BAD", raise_on_error=False)
+        seconds = time.monotonic() - started
         assert not bad.success
         failure = next(e for e in bad.all_events if e.event_type_value == "STEP_FAILURE")
         data = failure.step_failure_data.user_failure_data
@@ -297,7 +301,7 @@ def test_a_refused_preflight_fails_the_run_in_seconds_as_validation_and_starts_n
         assert not (config.paths.derivatives / "qsiprep" / "sub-BAD").exists()
         staged = config.paths.derivatives / "qsiprep"
         assert not [p for p in staged.rglob("*") if p.name != ".neuroflow-staging"]  # its empty staging folder too
-        assert bad.dagster_run.end_time - bad.dagster_run.start_time < 300  # seconds, not hours
+        assert seconds < 300, seconds  # seconds (one QSIPrep import and parse, on a loaded machine), not hours
 
         good = job.execute_in_process(instance=instance, partition_key="GOOD", raise_on_error=False)
         assert good.success

@@ -215,7 +215,9 @@ def judge(
     status = result.get("verdict", "unavailable")
     tool_message = result.get("message")
     details = {
-        key: result[key] for key in ("phase", "timings", "processing_list", "nodes", "exit_code") if key in result
+        key: result[key]
+        for key in ("phase", "timings", "processing_list", "nodes", "exit_code", "max_rss_mb")
+        if key in result
     }
     missing = sorted({cmd.split()[0] for _iface, cmd in result.get("missing_dependencies", [])})
     if missing:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import resource
 import sys
 import time
 import traceback
@@ -112,6 +113,7 @@ def run(request: dict) -> dict:
     result["phase"] = phase
     result["missing_dependencies"] = missing
     result["timings"]["total"] = round(time.monotonic() - started, 3)
+    result["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     return result
 
 
