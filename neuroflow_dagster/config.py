@@ -337,6 +337,9 @@ class QsiprepConfig(StageConfig):
     # eager: as soon as a subject's wave of sessions is converted; cron: only at `cron`.
     trigger: Literal["eager", "cron"] = "eager"
     cron: str = "0 2 */3 * *"
+    # How long a publish waits for the runs still reading the subject's previous output (and such a
+    # reader for a publish) before failing as transient, which is retried (docs/domain-rules.md#state).
+    publish_wait_minutes: float = Field(60, gt=0)
     preflight: QsiprepPreflightConfig = Field(default_factory=QsiprepPreflightConfig)
 
 
@@ -408,6 +411,16 @@ class DiskFloorsConfig(_Section):
     bids_root: float | None = Field(None, ge=0)
 
 
+class KeepFailedRunsConfig(_Section):
+    """What failed runs leave behind (staging folders with their partial outputs, work folders) is kept
+    for debugging, then pruned by the disk_guard sensor (docs/operations.md, "What a run leaves behind")."""
+
+    # The newest this many per stage and partition are kept (None: no limit by count) ...
+    count: int | None = Field(3, ge=0)
+    # ... and none longer than this many days (None: no limit by age).
+    days: float | None = Field(14, ge=0)
+
+
 class DiskConfig(_Section):
     """The disk-space guard (docs/operations.md): below a floor, no new stage run starts."""
 
@@ -417,6 +430,7 @@ class DiskConfig(_Section):
     per_path: DiskFloorsConfig = Field(default_factory=DiskFloorsConfig)
     # How often the disk_guard sensor looks (the discovery sensor looks on each of its ticks too).
     interval_seconds: int = Field(60, ge=1)
+    keep_failed_runs: KeepFailedRunsConfig = Field(default_factory=KeepFailedRunsConfig)
 
 
 # The numeric columns of QSIPrep's image QC table (tools/qc_table.py documents them; a test keeps the

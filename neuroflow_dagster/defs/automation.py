@@ -17,8 +17,10 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
   protocol verdict on that registration passed, and no conversion of it is running.
 - qsiprep_subject: a session of the subject was converted after the last QSIPrep request, no
   session of the subject is still waiting for its conversion (registered with a passed or pending
-  protocol verdict, not converted since, its latest attempt not failed; or converting), and QSIPrep
-  is not running. Optionally only once a cron tick passed since the last request.
+  protocol verdict, not converted since, its latest attempt not failed; or converting), QSIPrep
+  is not running, and no reconstruction run (QC, recon, parcellation) of any of the subject's
+  sessions is queued or running (it reads the output QSIPrep would replace; its end brings the
+  subject back). Optionally only once a cron tick passed since the last request.
 - qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
   the subject's QSIPrep was materialized after the session's last recon request by a run created
   after the session's conversion (so it includes the session), the session's BIDS passed the
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -59,6 +61,9 @@ QSIPARC = asset_key("qsiparc")
 PROTOCOL = dg.AssetCheckKey(DICOM, stages.PROTOCOL_CHECK)
 VALIDATOR = dg.AssetCheckKey(BIDS, VALIDATOR_CHECK)
 QC = dg.AssetKey(stages.QC_ASSET)  # the image QC gate: not a stage of its own, run first in each recon run
+# What a session's reconstruction run (QC first, recon, parcellation) plans: while one of them is queued
+# or running, the subject's QSIPrep is not requested (it would replace the output that run reads).
+READERS = (QC, QSIRECON, QSIPARC)
 PROTOCOL_VALID_KEY = "protocol_valid"  # dicom_session metadata: the verdict made at registration
 
 TRIGGER_TAG = "neuroflow/trigger"
@@ -132,6 +137,7 @@ class Decision:
     action: str  # request | wait | none
     reason: str
     trigger: int = 0
+    notable: bool = False  # a "none" the sensor logs (an ordering the operator may wonder about)
 
     @staticmethod
     def request(key: str, trigger: int, reason: str) -> Decision:
@@ -142,8 +148,8 @@ class Decision:
         return Decision(key, "wait", reason)
 
     @staticmethod
-    def none(key: str, reason: str = "") -> Decision:
-        return Decision(key, "none", reason)
+    def none(key: str, reason: str = "", notable: bool = False) -> Decision:
+        return Decision(key, "none", reason, notable=notable)
 
 
 def protocol_verdict(dicom: PartitionRecord, check: CheckRecord | None, meta: dict[str, Any] | None) -> str | None:
@@ -202,8 +208,11 @@ def decide_qsiprep(
     qsiprep: PartitionRecord,
     requested: int,
     cron_ok: Callable[[], bool] | None = None,
+    readers: Sequence[str] = (),
 ) -> Decision:
-    """`sessions`: key -> (dicom record, protocol verdict, bids record) of the subject's sessions."""
+    """`sessions`: key -> (dicom record, protocol verdict, bids record) of the subject's sessions;
+    `readers`: the subject's sessions whose reconstruction run (QC, recon, parcellation) is queued or
+    running: they read the QSIPrep output a new run would replace."""
     converted = max((bids.mat_id for _, _, bids in sessions.values()), default=0)
     if not converted:
         return Decision.none(subject, "no converted session")
@@ -218,6 +227,13 @@ def decide_qsiprep(
     )
     if waiting:
         return Decision.none(subject, f"sessions still converting: {', '.join(waiting)}")
+    if readers:
+        return Decision.none(
+            subject,
+            f"waiting for the reconstruction of {', '.join(sorted(readers))} (queued or running) to end: "
+            "it reads the subject's QSIPrep output",
+            notable=True,
+        )
     if cron_ok is not None and not cron_ok():
         return Decision.wait(subject, "waiting for the next QSIPrep cron tick")
     return Decision.request(subject, converted, "its sessions are converted (a new wave)")
@@ -356,6 +372,9 @@ class QsiprepStage(Stage):
         ended = _run_partitions(changes, {BIDS.to_user_string()}, frozenset({PROTOCOL_CHECK_NAME}))
         keys |= {split_session_key(k)[0] for k in ended}
         keys |= {p for p in _run_partitions(changes, {QSIPREP.to_user_string()}) if "|" not in p}
+        # A reconstruction run that ended may release a QSIPrep held for it (`readers` below).
+        readers = {a.to_user_string() for a in READERS}
+        keys |= {split_session_key(p)[0] for p in _run_partitions(changes, readers) if "|" in p}
         return keys
 
     def decide(self, ledger: Ledger, keys: set[str], cursor: Cursor, now: float) -> list[Decision]:
@@ -366,8 +385,9 @@ class QsiprepStage(Stage):
         prep = ledger.records(QSIPREP, keys)
         cfg = self.config.pipelines.qsiprep
         out = []
+        sessions_by = {}
         for subject in sorted(keys):
-            sessions = {
+            sessions = sessions_by[subject] = {
                 k: (dicom[k], verdicts[k], bids[k])
                 for k in _sessions_of(ledger, [subject])
                 if dicom[k].materialized or bids[k].materialized
@@ -376,7 +396,25 @@ class QsiprepStage(Stage):
             if cfg.trigger == "cron":
                 cron_ok = self._cron_check(ledger, prep[subject], cursor, subject, now)
             out.append(decide_qsiprep(subject, sessions, prep[subject], cursor.requested_trigger(subject), cron_ok))
-        return out
+        # Only for the subjects about to be requested: is a reconstruction of theirs still queued or running?
+        wanted = [d.key for d in out if d.action == "request"]
+        busy = self._readers(ledger, wanted) if wanted else {}
+        return [
+            decide_qsiprep(d.key, sessions_by[d.key], prep[d.key], cursor.requested_trigger(d.key), None, busy[d.key])
+            if d.key in busy
+            else d
+            for d in out
+        ]
+
+    def _readers(self, ledger: Ledger, subjects: list[str]) -> dict[str, list[str]]:
+        """subject -> its sessions with a queued or running run that reads its QSIPrep output."""
+        keys = _sessions_of(ledger, subjects)
+        records = [ledger.records(asset, keys) for asset in READERS]
+        busy: dict[str, list[str]] = {}
+        for key in keys:
+            if any(r[key].in_progress for r in records):
+                busy.setdefault(split_session_key(key)[0], []).append(key)
+        return busy
 
     def _cron_check(
         self, ledger: Ledger, record: PartitionRecord, cursor: Cursor, subject: str, now: float
@@ -642,7 +680,7 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
         mode = (
             " QSIPrep once per wave of sessions"
             + (f", after each cron {cfg.cron} tick" if cfg.trigger == "cron" else "")
-            + "."
+            + ", never while a reconstruction of the subject is queued or running."
         )
 
     @dg.sensor(
@@ -671,6 +709,8 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
             elif d.action == "wait":
                 waits += 1
                 context.log.debug(f"wait {d.key}: {d.reason}")
+            elif d.notable:
+                context.log.info(f"hold {', '.join(targets)} {d.key}: {d.reason}")
         if result.candidates:
             context.log.info(
                 f"{result.candidates} candidate(s), {len(requests)} request(s), {waits} waiting, {result.seconds:.2f}s"

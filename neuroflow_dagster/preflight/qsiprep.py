@@ -140,6 +140,7 @@ def run(
     clear_unavailable(config, version)
     scratch_root = Path(scratch_root or Path(config.paths.work_dir) / "preflight" / "runs")
     scratch_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(scratch_root)
     scratch = Path(tempfile.mkdtemp(prefix=f"sub-{participant}_", dir=scratch_root))
     try:
         try:
@@ -153,6 +154,17 @@ def run(
         shutil.rmtree(scratch, ignore_errors=True)
     return judge(result, version, argv, participant, Path(config.paths.bids_root), Path(log_path),
                  time.monotonic() - started)  # fmt: skip
+
+
+def _remove_stale(scratch_root: Path, max_age_s: float = 86400) -> None:
+    """Scratch folders a killed run worker left (each preflight deletes its own when it ends)."""
+    now = time.time()
+    for entry in scratch_root.iterdir():
+        try:
+            if now - entry.stat().st_mtime > max_age_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _run_runner(

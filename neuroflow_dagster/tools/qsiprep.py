@@ -137,6 +137,7 @@ def build_spec(config: Any, participant: str, sessions: Sequence[str], *, output
     outputs = golden_outputs(participant, sessions)
     common = {
         "output_dir": out,
+        "scratch_dir": work,
         "outputs": outputs,
         "nprocs": cfg.nprocs,
         "mem_mb": cfg.mem_mb,

@@ -73,6 +73,7 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     unit = f"sub-{participant}/ses-{session}"
     common = {
         "output_dir": out,
+        "scratch_dir": work,
         "nprocs": cfg.nprocs,
         "mem_mb": cfg.mem_mb,
         **layout.publish_plan(out, final, [unit, f"**/{unit}"]),

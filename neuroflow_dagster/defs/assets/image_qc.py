@@ -19,6 +19,7 @@ import dagster as dg
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.common import refuse, session_context
+from neuroflow_dagster.defs.execution import read_while_running, reading_outputs
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY, STATUS_NOT_APPLICABLE
@@ -104,6 +105,7 @@ def gate_or_refuse(config: NeuroflowConfig, scan_id: str, participant: str, sess
 
 def build_image_qc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     qsiprep = stages.stage("qsiprep")
+    reads = [qsiprep] if read_while_running(qsiprep) else []
 
     @dg.asset(
         name=stages.QC_ASSET,
@@ -124,16 +126,20 @@ def build_image_qc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     def image_qc_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        gate = session_gate(cfg, ses.entry.scan_id, ses.participant, ses.session)
-        meta = dict(check_metadata(gate))
+        # It reads QSIPrep's output of the subject: not while a publish replaces it (docs/domain-rules.md#state).
+        retry = cfg.stage(stages.QC_GATED_STAGES[0]).retry
+        with reading_outputs(context, cfg, stages.QC_ASSET, reads, ses.participant, retry) as waited:
+            gate = session_gate(cfg, ses.entry.scan_id, ses.participant, ses.session)
+            meta = dict(check_metadata(gate))
+            figures = list(gate.verdict.figures)
+            if figures:
+                meta["figures"] = dg.MetadataValue.md(figures_markdown(figures))
+                meta["figure_paths"] = dg.MetadataValue.json([str(p) for p in figures])
+        meta.update(waited)
         meta[STATUS_KEY] = STATUS_NOT_APPLICABLE if gate.state == NOT_APPLICABLE else STATUS_DONE
         meta["scan_id"] = ses.entry.scan_id
         if gate.verdict.tables:
             meta["qc_table"] = dg.MetadataValue.path(str(gate.verdict.tables[0]))
-        figures = list(gate.verdict.figures)
-        if figures:
-            meta["figures"] = dg.MetadataValue.md(figures_markdown(figures))
-            meta["figure_paths"] = dg.MetadataValue.json([str(p) for p in figures])
         if gate.state == FAILED:
             context.log.warning(f"image QC failed, reconstruction and parcellation held: {gate.describe()}")
         return dg.MaterializeResult(metadata=meta, check_results=[check_result(gate)])
