@@ -73,6 +73,7 @@ def one(tmp: Path, root: Path, version: str, sessions: int, shape: str) -> dict:
     return {"qsiprep": version, "sessions": sessions, "shape": shape, "status": verdict.status,
             "seconds": round(time.monotonic() - started, 2), "timings": verdict.details.get("timings"),
             "nodes": verdict.details.get("nodes"), "max_rss_mb": verdict.details.get("max_rss_mb"),
+            "cpu_s": verdict.details.get("cpu_s"),
             "load": round(load, 1)}  # fmt: skip
 
 
@@ -107,6 +108,7 @@ def main() -> int:
                          "median_import_s": statistics.median((r["timings"] or {}).get("import", 0) for r in group),
                          "median_build_s": statistics.median((r["timings"] or {}).get("build", 0) for r in group),
                          "nodes": group[0]["nodes"], "max_rss_mb": max(r["max_rss_mb"] or 0 for r in group),
+                         "median_cpu_s": statistics.median(r.get("cpu_s") or 0 for r in group),
                          "load": group[0]["load"]})  # fmt: skip
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     with (HERE / "results" / "qsiprep_preflight.jsonl").open("a", encoding="utf-8") as out:

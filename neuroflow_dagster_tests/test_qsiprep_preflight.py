@@ -246,6 +246,26 @@ def test_a_participant_not_in_the_dataset_is_refused(venvs_root: Path, tmp_path:
     assert verdict.details["phase"] == "parse"
 
 
+@pytest.mark.slow
+def test_a_preflight_past_its_timeout_is_stopped_and_the_run_goes_ahead(venvs_root: Path, tmp_path: Path) -> None:
+    config = config_for(tmp_path, venvs_root, preflight={"venvs_dir": str(venvs_root), "timeout_seconds": 1})
+    bids_shapes.write_subject(config.paths.bids_root, P, ["01"], "dwi_t1w")
+    spec = qsiprep.build_spec(config, P, ["01"])
+    verdict = preflight.run(config, spec, P, ["01"], log_path=tmp_path / "t.preflight.log")
+    assert verdict.status == "unavailable" and "did not finish within 1 s" in verdict.message
+    assert not verdict.news  # a slow machine is not a missing venv: said in that run only
+    runner = str(preflight.RUNNER)
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if runner in cmdline and str(tmp_path) in cmdline:
+            alive.append(proc.name)
+    assert not alive, f"runner processes left: {alive}"
+
+
 # --------------------------------------------------------------------------- in a Dagster run
 
 

@@ -199,6 +199,9 @@ def _run_runner(
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             return {"verdict": "unavailable", "message": f"the preflight did not finish within {timeout_s:g} s"}
+        except BaseException:  # the run was cancelled or its worker is stopping: nobody needs the verdict
+            _kill_group(proc)
+            raise
     if not answer.is_file():
         tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-10:])
         return {"verdict": "unavailable", "message": f"the preflight process ended (exit {code}) without a verdict: "
@@ -228,7 +231,7 @@ def judge(
     tool_message = result.get("message")
     details = {
         key: result[key]
-        for key in ("phase", "timings", "processing_list", "nodes", "exit_code", "max_rss_mb")
+        for key in ("phase", "timings", "processing_list", "nodes", "exit_code", "max_rss_mb", "cpu_s")
         if key in result
     }
     missing = sorted({cmd.split()[0] for _iface, cmd in result.get("missing_dependencies", [])})

@@ -113,7 +113,9 @@ def run(request: dict) -> dict:
     result["phase"] = phase
     result["missing_dependencies"] = missing
     result["timings"]["total"] = round(time.monotonic() - started, 3)
-    result["max_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["max_rss_mb"] = round(usage.ru_maxrss / 1024)  # Linux: KiB
+    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)  # the cost without the machine's load
     return result
 
 
@@ -133,8 +135,25 @@ class _Tee(io.TextIOBase):
             stream.flush()
 
 
+def _exit_with_parent(poll_s: float = 2.0) -> None:
+    """The run worker that asked is gone (killed, its run cancelled): nobody will read the verdict."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(args: list[str]) -> int:
     request_file, result_file = args
+    _exit_with_parent()
     with open(request_file, encoding="utf-8") as handle:
         request = json.load(handle)
     result = run(request)
