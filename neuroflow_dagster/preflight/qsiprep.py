@@ -132,7 +132,10 @@ def run(
     if not cfg.enabled:
         return Verdict("off")
     started = time.monotonic()
-    version = preflight_version(config)
+    try:
+        version = preflight_version(config)
+    except ValueError as exc:  # an image tag no locked QSIPrep speaks for (0.x): build_spec says so too
+        return Verdict("unavailable", f"no QSIPrep preflight for this image: {exc}")
     root = venvs_dir(config)
     why = venvs.problem(root, version)
     if why is not None:
@@ -190,10 +193,13 @@ def _run_runner(
     with log_path.open("w", encoding="utf-8") as log:
         log.write(f"# QSIPrep preflight: {' '.join(command)}\n# QSIPrep argv: {json.dumps(argv)}\n")
         log.flush()
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=scratch,
-            env=venvs.clean_environ(venvs.tool_env(venv)), start_new_session=True,
-        )  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=scratch,
+                env=venvs.clean_environ(venvs.tool_env(venv)), start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:  # the venv's interpreter is gone or not executable
+            return {"verdict": "unavailable", "message": f"cannot start {command[0]}: {exc}"}
         try:
             code = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
