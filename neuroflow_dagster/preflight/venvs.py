@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from filelock import FileLock
@@ -164,13 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="append", choices=sorted(VERSIONS), help="default: every locked version")
     parser.add_argument("--python", help="interpreter to build with (default: the one running this)")
     args = parser.parse_args(argv)
-    try:
-        for version in args.version or list(VERSIONS):
-            print(build(args.dir, version, args.python, log=lambda m: print(m, file=sys.stderr)))
-    except VenvError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    versions = args.version or list(VERSIONS)
+    # Both at once: a build is mostly pip unpacking wheels and waiting on the disk, not one CPU's work.
+    with ThreadPoolExecutor(max_workers=len(versions)) as pool:
+        futures = [pool.submit(build, args.dir, v, args.python, lambda m: print(m, file=sys.stderr)) for v in versions]
+        failed = False
+        for future in futures:
+            try:
+                print(future.result())
+            except VenvError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
