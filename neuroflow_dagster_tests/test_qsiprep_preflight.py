@@ -48,9 +48,9 @@ def config_for(tmp: Path, venvs_root: Path | None = None, **qsiprep_cfg: object)
     for key in ("bids_root", "derivatives"):
         Path(paths[key]).mkdir(parents=True, exist_ok=True)
     preflight_cfg = {"venvs_dir": str(venvs_root or tmp / "no-venvs")}
-    return NeuroflowConfig.model_validate(
-        {"paths": paths, "pipelines": {"qsiprep": {"preflight": preflight_cfg, **qsiprep_cfg}}}
-    )
+    # A fixed resolution unless a test asks for `auto` (which reads the DWI headers in build_spec).
+    qsiprep_cfg = {"preflight": preflight_cfg, "output_resolution": 1.6, **qsiprep_cfg}
+    return NeuroflowConfig.model_validate({"paths": paths, "pipelines": {"qsiprep": qsiprep_cfg}})
 
 
 def image(version: str) -> str:
@@ -98,6 +98,8 @@ def test_the_stand_in_is_judged_with_the_argv_the_real_qsiprep_would_get(tmp_pat
 def test_the_venv_follows_the_qsiprep_version_the_stage_runs(tmp_path: Path) -> None:
     assert preflight.preflight_version(config_for(tmp_path)) == "1.1.1"  # the default image
     assert preflight.preflight_version(config_for(tmp_path, image="pennlinc/qsiprep:1.0.2")) == "1.1.1"
+    # 26.0.0 still takes 1.x's flags (its parser is 1.1.1's): the 1.1.1 venv judges its command lines.
+    assert preflight.preflight_version(config_for(tmp_path, image="pennlinc/qsiprep:26.0.0")) == "1.1.1"
     assert preflight.preflight_version(config_for(tmp_path, image="pennlinc/qsiprep:26.1.1")) == "26.1.1"
     assert preflight.preflight_version(config_for(tmp_path, image="/sif/qsiprep_27.0.0.sif")) == "26.1.1"
 
@@ -164,7 +166,9 @@ def test_preflight_settings_are_validated_and_relative_venvs_dir_follows_the_con
 
 def judge(tmp: Path, venvs_root: Path, version: str, shape: str | None, *, participant: str = P,
           sessions: tuple[str, ...] = ("01",), **qsiprep_cfg: object) -> preflight.Verdict:  # fmt: skip
-    """Write ``shape`` for sub-0075, build the run's spec as the stage does, and run the preflight."""
+    """Write ``shape`` for sub-0075, build the run's spec as the stage does (the default
+    ``output_resolution: auto`` unless given), and run the preflight."""
+    qsiprep_cfg.setdefault("output_resolution", "auto")
     config = config_for(tmp, venvs_root, image=image(version), **qsiprep_cfg)
     if shape is not None:
         bids_shapes.write_subject(config.paths.bids_root, P, sessions, shape)
@@ -238,9 +242,10 @@ def test_a_bids_filter_that_leaves_no_t1w_is_refused(venvs_root: Path, tmp_path:
 @pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_participant_not_in_the_dataset_is_refused(venvs_root: Path, tmp_path: Path, version: str) -> None:
+    # A fixed resolution: with `auto` build_spec itself refuses a participant without DWI files.
     config = config_for(tmp_path, venvs_root, image=image(version))
     bids_shapes.write_subject(config.paths.bids_root, P, ["01"], "dwi_t1w")
-    verdict = judge(tmp_path, venvs_root, version, None, participant="0099")
+    verdict = judge(tmp_path, venvs_root, version, None, participant="0099", output_resolution=1.6)
     assert verdict.refused
     assert "participant labels were not found in the BIDS directory: 0099" in verdict.message
     assert verdict.details["phase"] == "parse"

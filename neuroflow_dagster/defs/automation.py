@@ -20,7 +20,10 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
   protocol verdict, not converted since, its latest attempt not failed; or converting), QSIPrep
   is not running, and no reconstruction run (QC, recon, parcellation) of any of the subject's
   sessions is queued or running (it reads the output QSIPrep would replace; its end brings the
-  subject back). Optionally only once a cron tick passed since the last request.
+  subject back). Optionally only once a cron tick passed since the last request. A subject whose
+  sessions lack the anatomical image QSIPrep is configured for (`anat_modality`) is held with the
+  reason instead (eligibility.plan_qsiprep): never requested, never failed; its next conversion
+  decides again.
 - qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
   the subject's QSIPrep was materialized after the session's last recon request by a run created
   after the session's conversion (so it includes the session), the session's BIDS passed the
@@ -49,6 +52,7 @@ from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.bids import VALIDATOR_CHECK
 from neuroflow_dagster.defs.graph import DICOM_KEY, asset_key
 from neuroflow_dagster.defs.ledger import CheckRecord, FinishedRun, Ledger, PartitionRecord
+from neuroflow_dagster.eligibility import qsiprep_plan_from_metadata
 from neuroflow_dagster.naming.partitions import SESSION_LABELS, SUBJECTS, session_key, split_session_key
 from neuroflow_dagster.naming.tags import STAGE_TAG
 
@@ -134,7 +138,7 @@ class Decision:
     """request: launch a run (trigger = the storage id that caused it); wait: re-examine later."""
 
     key: str
-    action: str  # request | wait | none
+    action: str  # request | wait | hold | none
     reason: str
     trigger: int = 0
     notable: bool = False  # a "none" the sensor logs (an ordering the operator may wonder about)
@@ -146,6 +150,12 @@ class Decision:
     @staticmethod
     def wait(key: str, reason: str) -> Decision:
         return Decision(key, "wait", reason)
+
+    @staticmethod
+    def hold(key: str, reason: str) -> Decision:
+        """Would be requested, but the run could only fail (e.g. QSIPrep without an anatomical image):
+        not requested, logged with the reason; a later change of its inputs decides again."""
+        return Decision(key, "hold", reason)
 
     @staticmethod
     def none(key: str, reason: str = "", notable: bool = False) -> Decision:
@@ -399,12 +409,13 @@ class QsiprepStage(Stage):
         # Only for the subjects about to be requested: is a reconstruction of theirs still queued or running?
         wanted = [d.key for d in out if d.action == "request"]
         busy = self._readers(ledger, wanted) if wanted else {}
-        return [
+        out = [
             decide_qsiprep(d.key, sessions_by[d.key], prep[d.key], cursor.requested_trigger(d.key), None, busy[d.key])
             if d.key in busy
             else d
             for d in out
         ]
+        return self._hold_without_anatomy(ledger, out, bids)
 
     def _readers(self, ledger: Ledger, subjects: list[str]) -> dict[str, list[str]]:
         """subject -> its sessions with a queued or running run that reads its QSIPrep output."""
@@ -415,6 +426,28 @@ class QsiprepStage(Stage):
             if any(r[key].in_progress for r in records):
                 busy.setdefault(split_session_key(key)[0], []).append(key)
         return busy
+
+    def _hold_without_anatomy(
+        self, ledger: Ledger, decisions: list[Decision], bids: dict[str, PartitionRecord]
+    ) -> list[Decision]:
+        """A request for a subject whose sessions lack the anatomical image QSIPrep is configured for
+        becomes a hold (eligibility.qsiprep_plan_from_metadata, from the conversions' metadata)."""
+        subjects = {d.key for d in decisions if d.action == "request"}
+        if not subjects:
+            return decisions
+        converted = {k: r.mat_id for k, r in bids.items() if r.materialized and split_session_key(k)[0] in subjects}
+        meta = ledger.metadata(BIDS, converted.values())
+        by_subject: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, mat_id in converted.items():
+            subject, session = split_session_key(key)
+            by_subject.setdefault(subject, {})[session] = meta.get(mat_id, {})
+        out = []
+        for d in decisions:
+            hold = None
+            if d.action == "request":
+                hold = qsiprep_plan_from_metadata(self.config, d.key, by_subject.get(d.key, {})).hold
+            out.append(Decision.hold(d.key, hold) if hold else d)
+        return out
 
     def _cron_check(
         self, ledger: Ledger, record: PartitionRecord, cursor: Cursor, subject: str, now: float
@@ -709,7 +742,7 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
             elif d.action == "wait":
                 waits += 1
                 context.log.debug(f"wait {d.key}: {d.reason}")
-            elif d.notable:
+            elif d.action == "hold" or d.notable:
                 context.log.info(f"hold {', '.join(targets)} {d.key}: {d.reason}")
         if result.candidates:
             context.log.info(

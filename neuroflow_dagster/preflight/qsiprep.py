@@ -40,8 +40,10 @@ from neuroflow_dagster.tools import qsiprep as qsiprep_tool
 from neuroflow_dagster.tools.spec import ToolSpec
 
 RUNNER = Path(__file__).with_name("qsiprep_runner.py")
-# The locked version that judges each dialect of tools/qsiprep.py.
-VERSION_BY_DIALECT = {1: "1.1.1", qsiprep_tool.NEW_DIALECT: "26.1.1"}
+# The locked versions that judge the two dialects of tools/qsiprep.py: 1.x and 26.0 take 1.1.1's flags
+# (26.0.0's parser is 1.1.1's), 26.1 and later 26.1.1's.
+OLD_DIALECT_VERSION = "1.1.1"
+NEW_DIALECT_VERSION = "26.1.1"
 PANDAS_STR_ACCESSOR = "Can only use .str accessor with string values"
 
 Status = Literal["ok", "refused", "unavailable", "off"]
@@ -74,7 +76,7 @@ class Verdict:
 
 def preflight_version(config: Any) -> str:
     """The locked QSIPrep version that judges this stage's runs (the dialect its image tag names)."""
-    return VERSION_BY_DIALECT[qsiprep_tool.dialect(config)]
+    return NEW_DIALECT_VERSION if qsiprep_tool.dialect(config) >= qsiprep_tool.NEW_DIALECT else OLD_DIALECT_VERSION
 
 
 def venvs_dir(config: Any) -> Path:
@@ -83,14 +85,23 @@ def venvs_dir(config: Any) -> Path:
     return Path(configured) if configured is not None else Path(config.paths.work_dir) / "preflight" / "venvs"
 
 
-def real_spec(config: Any, spec: ToolSpec, participant: str, sessions: Sequence[str], scratch: Path) -> ToolSpec:
+def real_spec(
+    config: Any,
+    spec: ToolSpec,
+    participant: str,
+    sessions: Sequence[str],
+    scratch: Path,
+    anat_sessions: Sequence[str] = (),
+) -> ToolSpec:
     """The spec of the real QSIPrep for this run: ``spec`` itself, or for the stand-in the spec the
     local runtime would run (same image tag, so the same dialect and flags)."""
     if not spec.stand_in:
         return spec
     local = config.model_copy(deep=True)
     local.pipelines.qsiprep.runtime = "local"
-    return qsiprep_tool.build_spec(local, participant, list(sessions), output_dir=scratch / "out")
+    return qsiprep_tool.build_spec(
+        local, participant, list(sessions), output_dir=scratch / "out", anat_sessions=list(anat_sessions)
+    )
 
 
 def host_argv(spec: ToolSpec) -> list[str]:
@@ -125,9 +136,11 @@ def run(
     sessions: Sequence[str],
     *,
     log_path: Path,
+    anat_sessions: Sequence[str] = (),
     scratch_root: Path | None = None,
 ) -> Verdict:
-    """Judge one QSIPrep run before it starts; never raises for what the preflight itself lacks."""
+    """Judge one QSIPrep run (``sessions`` with DWI, ``anat_sessions`` lending their anatomy, as given to
+    ``build_spec``) before it starts; never raises for what the preflight itself lacks."""
     cfg = config.pipelines.qsiprep.preflight
     if not cfg.enabled:
         return Verdict("off")
@@ -147,11 +160,12 @@ def run(
     scratch = Path(tempfile.mkdtemp(prefix=f"sub-{participant}_", dir=scratch_root))
     try:
         try:
-            argv = preflight_argv(real_spec(config, spec, participant, sessions, scratch), scratch)
+            argv = preflight_argv(real_spec(config, spec, participant, sessions, scratch, anat_sessions), scratch)
         except ValueError as exc:  # a spec the real tool cannot be asked about: judge nothing, say why
             return Verdict("unavailable", f"cannot build the preflight's command line: {exc}", version)
+        given = sorted({*sessions, *anat_sessions})
         result = _run_runner(
-            venvs.venv_dir(root, version), argv, participant, sessions, scratch, Path(log_path), cfg.timeout_seconds
+            venvs.venv_dir(root, version), argv, participant, given, scratch, Path(log_path), cfg.timeout_seconds
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
