@@ -105,7 +105,7 @@ def run_derivative_tool(
     provenance file, run it (published on success) and return the record, the spec and the base
     metadata. ``tool`` is the stage's tool module (``build_spec``, ``reads``, ``TOOL``); a session
     stage passes ``session``, a subject stage all its ``sessions``; ``tool_kwargs`` go to both
-    ``build_spec`` and ``reads`` (QSIPrep's ``anat_sessions``).
+    ``build_spec`` and ``reads`` (QSIPrep's ``anat_sessions``, QSIRecon's ``plan``).
 
     ``before_run``: a check of the built spec before the tool starts (QSIPrep's preflight); it raises to
     stop the run, else returns what it found ({key: JSON value}), recorded in the run's metadata and in
