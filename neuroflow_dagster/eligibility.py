@@ -9,6 +9,8 @@ assets turn ``NotEligible`` into a Failure that is not retried.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 from neuroflow_dagster.bids.dataset import present_suffixes, session_dir
 from neuroflow_dagster.bids.verdicts import verdict_passed
 from neuroflow_dagster.config import NeuroflowConfig
@@ -87,3 +89,23 @@ def qsiprep_sessions(config: NeuroflowConfig, participant: str) -> tuple[list[st
         else:
             take.append(ses)
     return take, left_out
+
+
+def anatomical_hold(anat_modality: str, suffixes_by_session: Mapping[str, Collection[str]]) -> str | None:
+    """Why QSIPrep cannot run for a subject for want of an anatomical image, or None when it can.
+
+    QSIPrep builds the subject's anatomical reference from every session's ``anat/`` images of
+    ``--anat-modality`` (``pipelines.qsiprep.anat_modality``); with ``none`` it runs on DWI alone.
+    ``suffixes_by_session``: session label -> the BIDS suffixes its converted folder holds (the
+    ``bids_session`` materialization's ``bids_suffixes``). docs/domain-rules.md#pipelines.
+    """
+    if anat_modality.lower() == "none":
+        return None
+    if any(anat_modality in suffixes for suffixes in suffixes_by_session.values()):
+        return None
+    return f"no {anat_modality} in any session"
+
+
+def parse_suffixes(text: object) -> frozenset[str]:
+    """The ``bids_suffixes`` metadata value ("dwi, T1w", "none") as a set."""
+    return frozenset(s.strip() for s in str(text or "").split(",") if s.strip() and s.strip() != "none")
