@@ -22,11 +22,14 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
 - qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
   the subject's QSIPrep was materialized after the session's last recon request by a run created
   after the session's conversion (so it includes the session), the session's BIDS passed the
-  validator, and nothing it depends on is running. The run judges the session's image QC first; its
-  blocking `image_qc` check, when it fails, skips recon and parcellation in that run. The run's
-  planned events count as handled, so a session held by QC is not requested again until the
+  validator, and nothing it depends on is running. The sensor judges the session's image QC first
+  (qc/gate.py, the verdict the QC asset records): a session the gate holds gets the QC gate alone
+  (its verdict, figures and alert recorded), never a recon or parcellation that can only be refused
+  (states.py: held (qc)); the QC run counts as handled, so it is not requested again until the
   subject's QSIPrep changes (then QC is judged again for every session of the subject) or an
   operator approves it (`neuroflow qc approve` relaunches QC + recon + parcellation itself).
+- No stage is requested for a session that is excluded or whose identity is in question: every stage
+  refuses those. Cells left out get an AssetObservation in the UI with the state model's words.
 - qsiparc_session alone: its recon was materialized after the last parcellation request and not by
   the run that also planned the parcellation.
 """
@@ -442,8 +445,8 @@ class QsiprepStage(Stage):
 
 
 class QsireconStage(Stage):
-    """Recon of a session, in one run with its image QC (first; its blocking check can skip the rest)
-    and its parcellation. Handled = recon's planned event, so a QC-held session is not re-requested."""
+    """Recon of a session, in one run with its image QC (first) and its parcellation; the QC gate alone
+    for a session it holds. Handled = recon's planned event, or the QC run's for a held session."""
 
     name = "qsirecon"
     watch = (QSIPREP,)
