@@ -128,8 +128,9 @@ def _from_upstream(upstream: Sequence[tuple[str, Cell]]) -> Cell | None:
             return Cell(HELD, cell.cause, f"{name} is held: {cell.reason}" if cell.reason else f"{name} is held")
     for name, cell in upstream:
         if cell.state == FAILED:
-            why = f" ({cell.cause})" if cell.cause else ""
-            return Cell(BLOCKED, name, f"{name} failed{why}" + (f": {cell.reason[:200]}" if cell.reason else ""))
+            if cell.cause:  # a stage's failure: `neuroflow failures` lists it with its message and log
+                return Cell(BLOCKED, name, f"{name} failed ({cell.cause}): `neuroflow failures --stage {name}` says why")
+            return Cell(BLOCKED, name, f"{name} failed" + (f": {cell.reason[:300]}" if cell.reason else ""))
         if cell.state == BLOCKED:
             return Cell(BLOCKED, cell.cause, cell.reason)
     for name, cell in upstream:
