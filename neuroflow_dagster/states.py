@@ -129,7 +129,8 @@ def _from_upstream(upstream: Sequence[tuple[str, Cell]]) -> Cell | None:
     for name, cell in upstream:
         if cell.state == FAILED:
             if cell.cause:  # a stage's failure: `neuroflow failures` lists it with its message and log
-                return Cell(BLOCKED, name, f"{name} failed ({cell.cause}): `neuroflow failures --stage {name}` says why")
+                why = f"{name} failed ({cell.cause}): `neuroflow failures --stage {name}` says why"
+                return Cell(BLOCKED, name, why)
             return Cell(BLOCKED, name, f"{name} failed" + (f": {cell.reason[:300]}" if cell.reason else ""))
         if cell.state == BLOCKED:
             return Cell(BLOCKED, cell.cause, cell.reason)
