@@ -56,7 +56,8 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
 
     columns = [*STATUS_COLUMNS, *with_qc(names), "note"]
     # Table and CSV spell each cell with its cause: held (qc), blocked (qsirecon), failed (validation).
-    spelled = [{**r, **{n: cell_text(r, n) for n in names if n in r}} for r in report["sessions"]]
+    spelled = [{**r, **{n: cell_text(r, n) for n in r["why"] if n in r}} if r.get("why") else r
+               for r in report["sessions"]]  # fmt: skip
     if fmt == "csv":
         rows = list(spelled)
         rows += [

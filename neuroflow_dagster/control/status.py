@@ -332,6 +332,85 @@ def anatomical_holds(
     return out
 
 
+_DONE = sm.Cell(sm.DONE)
+_NEEDS_A_PERSON = (sm.FAILED, sm.BLOCKED, sm.HELD)
+
+
+@dataclass(frozen=True)
+class Holds:
+    """What every cell of a session row shares: operator holds and the QC gate."""
+
+    excluded: str | None
+    identity: str | None
+    qc_gate: sm.Cell | None
+    qc: str  # the QC column
+    held: dict[str, Any] | None  # the discovery report's item for a registered session held for a new reason
+    exclusion: dict[str, Any] | None
+
+
+def _cells(
+    rows: list[dict[str, Any]],
+    base: list[Holds],
+    views: dict[str, AssetView],
+    upstream: Upstream,
+    anat: dict[str, str],
+    pools_held: set[str],
+) -> list[dict[str, sm.Cell]]:
+    """Every row's cells, stage by stage in pipeline order (a cell reads its upstream cells).
+
+    A cell with nothing but a current materialization is `done` without building its facts: at 20,000
+    sessions that is nearly every cell, and the rules (states.derive) run only for the others."""
+    cells: list[dict[str, sm.Cell]] = [{} for _ in rows]
+    rows_of: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        rows_of.setdefault(row["subject"], []).append(i)
+    for record in stages.stages():
+        pool_held = record.pool in pools_held
+        view = views[record.asset]
+        mats, special = view.materialized, view.active.keys() | view.failed.keys() | view.not_applicable
+        if record.per_subject:
+            # One cell per subject: its upstream is all its sessions; a session's own hold (excluded, identity)
+            # shows in that session's row only.
+            for participant, indices in rows_of.items():
+                gate = None
+                if participant in anat:
+                    gate = sm.Cell(sm.HELD, sm.HOLD_NO_ANAT, f"QSIPrep has no anatomical image: {anat[participant]}")
+                if (gate is None and participant in mats and participant not in special
+                        and not upstream.newer(record.asset, participant, participant, mats[participant])):
+                    cell = _DONE
+                else:
+                    ups = _subject_upstream([cells[j][u] for j in indices for u in record.upstream if u in cells[j]])
+                    facts = record_facts(record.name, record.asset, participant, participant, views, upstream,
+                                         gate=gate, pool_held=pool_held, disk_reason=_DISK_REASON)
+                    cell = sm.derive(facts, ups)
+                for j in indices:
+                    own = base[j]
+                    if own.excluded is not None or own.identity is not None:
+                        cells[j][record.name] = sm.derive(
+                            sm.Facts(record.name, excluded=own.excluded, identity=own.identity)
+                        )
+                    else:
+                        cells[j][record.name] = cell
+            continue  # fmt: skip
+        gated = record.name in stages.QC_GATED_STAGES
+        for i, row in enumerate(rows):
+            holds = base[i]
+            key, participant = row["partition"], row["subject"]
+            gate = holds.qc_gate if gated else None
+            if (gate is None and holds.excluded is None and holds.identity is None and key in mats
+                    and key not in special and not upstream.newer(record.asset, participant, key, mats[key])):
+                cells[i][record.name] = _DONE
+                continue
+            ups = [(u, cells[i][u]) if u != SOURCE else (sm.PROTOCOL, sm.protocol_cell(row["protocol"],
+                   row["protocol_reason"])) for u in record.upstream]  # fmt: skip
+            facts = record_facts(record.name, record.asset, key, participant, views, upstream,
+                                 excluded=holds.excluded, identity=holds.identity, gate=gate,
+                                 qc_approved=holds.qc == "approved", pool_held=pool_held,
+                                 disk_reason=_DISK_REASON)  # fmt: skip
+            cells[i][record.name] = sm.derive(facts, ups)
+    return cells
+
+
 def collect_status(
     source: Any,
     config: NeuroflowConfig,
@@ -375,8 +454,8 @@ def _collect(
     # Registered sessions the last tick held for a new reason (remapped, missing, unreadable, ...).
     held_now = {str(h.get("scan_id")): h for h in report.get("held", []) if h.get("reason") != "excluded"}
     merged = registry.blocked_labels()
-    rows: list[dict[str, Any]] = []
-    base: list[dict[str, Any]] = []  # per row: the holds every cell of it shares
+    rows: list[dict[str, Any]] = []  # the row's head: who, mapping, protocol, QC
+    base: list[Holds] = []  # per row: the holds every cell of it shares
     for entry in entries:
         participant, session = entry.participant_id, entry.session_id
         partition = session_key(participant, session)
@@ -391,88 +470,53 @@ def _collect(
         qc_col = "-" if exclusion else qc_state(
             qc.checks.get(partition), entry.scan_id in approved, partition in qc.not_applicable
         )
-        row: dict[str, Any] = {
-            "subject": participant,
-            "session": session,
-            "scan_id": entry.scan_id,
-            "partition": partition,
-            "mapping": f"mapped ({entry.recruitment_id})",
-            "protocol": protocol,
-            "protocol_reason": reason,
-            "qc": qc_col,
-        }
         qc_gate = None
         if qc_col == "FAILED":
             summary = qc.checks[partition].metadata.get("qc_summary", "") or qc.checks[partition].reason
             qc_gate = sm.Cell(sm.HELD, sm.HOLD_QC, summary or "image QC failed")
-        rows.append(row)
-        base.append({
-            "excluded": exclusion.get("reason") if exclusion else None, "identity": identity, "qc_gate": qc_gate,
-            "qc_approved": qc_col == "approved", "held": held, "exclusion": exclusion,
+        rows.append({
+            "subject": participant, "session": session, "scan_id": entry.scan_id, "partition": partition,
+            "mapping": f"mapped ({entry.recruitment_id})", "protocol": protocol, "protocol_reason": reason,
         })  # fmt: skip
+        base.append(Holds(
+            exclusion.get("reason") if exclusion else None, identity, qc_gate, qc_col, held, exclusion,
+        ))  # fmt: skip
 
-    # The cells, stage by stage in pipeline order (a cell reads its upstream cells).
-    cells: list[dict[str, sm.Cell]] = [{} for _ in rows]
-    rows_of: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        rows_of.setdefault(row["subject"], []).append(i)
-    for record in stages.stages():
-        pool_held = record.pool in pools_held
-        if record.per_subject:
-            # One cell per subject: its upstream is all its sessions; a session's own hold (excluded, identity)
-            # shows in that session's row only.
-            for participant, indices in rows_of.items():
-                ups = _subject_upstream([cells[j][u] for j in indices for u in record.upstream if u in cells[j]])
-                gate = None
-                if participant in anat:
-                    gate = sm.Cell(sm.HELD, sm.HOLD_NO_ANAT, f"QSIPrep has no anatomical image: {anat[participant]}")
-                facts = record_facts(record.name, record.asset, participant, participant, views, upstream,
-                                     gate=gate, pool_held=pool_held, disk_reason=_DISK_REASON)  # fmt: skip
-                cell = sm.derive(facts, ups)
-                for j in indices:
-                    own = base[j]
-                    if own["excluded"] is not None or own["identity"] is not None:
-                        cells[j][record.name] = sm.derive(
-                            sm.Facts(record.name, excluded=own["excluded"], identity=own["identity"])
-                        )
-                    else:
-                        cells[j][record.name] = cell
-            continue
-        gated = record.name in stages.QC_GATED_STAGES
-        for i, row in enumerate(rows):
-            holds = base[i]
-            protocol = sm.protocol_cell(row["protocol"], row["protocol_reason"])
-            ups = [(u, cells[i][u]) if u != SOURCE else (sm.PROTOCOL, protocol) for u in record.upstream]
-            facts = record_facts(record.name, record.asset, row["partition"], row["subject"], views, upstream,
-                                 excluded=holds["excluded"], identity=holds["identity"],
-                                 gate=holds["qc_gate"] if gated else None, qc_approved=holds["qc_approved"],
-                                 pool_held=pool_held, disk_reason=_DISK_REASON)  # fmt: skip
-            cells[i][record.name] = sm.derive(facts, ups)
+    cells = _cells(rows, base, views, upstream, anat, pools_held)
 
     out_rows: list[dict[str, Any]] = []
-    shown = {c.name for c in columns}
+    names = [c.name for c in columns]
+    order = stages.with_qc(names)
     for row, holds, row_cells in zip(rows, base, cells, strict=True):
-        for name in stages.names():
-            if name in shown:
-                row[name] = row_cells[name].state
-        row["why"] = {n: {"cause": c.cause, "reason": c.reason} for n, c in row_cells.items()
-                      if n in shown and (c.cause or c.reason)}  # fmt: skip
-        exclusion, held = holds["exclusion"], holds["held"]
+        for name in order:
+            row[name] = holds.qc if name == "qc" else row_cells[name].state
+        if "qc" not in row:
+            row["qc"] = holds.qc
+        plain = all(row_cells[n] is _DONE for n in names)  # nearly every row of a large archive
+        why: dict[str, dict[str, str]] = {}
+        for n in () if plain else names:
+            c = row_cells[n]
+            if c.cause or c.reason:
+                why[n] = {"cause": c.cause, "reason": c.reason}
+        row["why"] = why
+        exclusion, held = holds.exclusion, holds.held
         note = f"excluded: {exclusion.get('reason')}" if exclusion else ""
-        if row["qc"] == "FAILED" and not note:
-            note = f"{holds['qc_gate'].reason}; `neuroflow qc approve {row['scan_id']} --reason ...` lets it through"
+        if holds.qc == "FAILED" and not note and holds.qc_gate is not None:
+            note = f"{holds.qc_gate.reason}; `neuroflow qc approve {row['scan_id']} --reason ...` lets it through"
         if row["subject"] in merged:
             note = "identity conflict: sessions of two SubjectCodes (see problems)"
         elif held:
             note = f"held: {held.get('reason')} (see held folders)"
-        if not note:  # the first cell that needs a person, and why
-            note = next((f"{n} {c.text}: {c.reason}" if c.state == sm.FAILED else f"{n}: {c.reason}"
-                         for n, c in row_cells.items()
-                         if n in shown and c.state in (sm.FAILED, sm.BLOCKED, sm.HELD) and c.reason), "")  # fmt: skip
+        if not note and not plain:  # the first cell that needs a person, and why
+            for n in names:
+                c = row_cells[n]
+                if c.state in _NEEDS_A_PERSON and c.reason:
+                    note = f"{n} {c.text}: {c.reason}" if c.state == sm.FAILED else f"{n}: {c.reason}"
+                    break
         row["note"] = note
-        if failed_only and row["qc"] != "FAILED" and not any(row.get(c.name) == sm.FAILED for c in columns):
+        if failed_only and holds.qc != "FAILED" and not any(row.get(n) == sm.FAILED for n in names):
             continue
-        out_rows.append(_ordered(row, [c.name for c in columns]))
+        out_rows.append(row)
     rows = out_rows
     if not failed_only:
         rows += [
@@ -505,15 +549,6 @@ def _collect(
 
 
 _DISK_REASON = "queued while the disk guard holds new runs (see the disk guard line)"
-
-
-def _ordered(row: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """The row's keys in reading order: who, protocol, the stages (QC before the stages it gates), why, note."""
-    head = ["subject", "session", "scan_id", "partition", "mapping", "protocol", "protocol_reason"]
-    order = head + [n for n in stages.with_qc(names) if n in row or n == "qc"] + ["why", "note"]
-    out = {k: row[k] for k in order if k in row}
-    out.update({k: v for k, v in row.items() if k not in out})
-    return out
 
 
 def _retired_row(entry: Any, names: list[str]) -> dict[str, Any]:
@@ -552,8 +587,8 @@ def totals(rows: list[dict[str, Any]], held: list[dict[str, Any]], names: list[s
             out[name] = dict(Counter(r[name] for r in rows))
     causes: dict[str, dict[str, int]] = {}
     for name in names:
-        per = {(r["subject"] if stages.stage(name).per_subject else r["partition"]): r for r in rows}
-        counted = Counter(cell_text(r, name) for r in per.values() if r[name] in (sm.HELD, sm.BLOCKED, sm.FAILED))
+        counted_rows = {r["subject"]: r for r in rows}.values() if stages.stage(name).per_subject else rows
+        counted = Counter(cell_text(r, name) for r in counted_rows if r[name] in _NEEDS_A_PERSON)
         if counted:
             causes[name] = dict(counted)
     out["causes"] = causes
