@@ -6,6 +6,8 @@ accounting), builds the demo workspace (`neuroflow demo`'s sessions), then runs 
 
     NEUROFLOW_PIPELINES__<STAGE>__RUNTIME=slurm      (and SLURM_CONF, for the Slurm clients)
 
+plus NEUROFLOW_PIPELINES__QSIPREP/QSIRECON__NPROCS=1 and __MEM_MB=1000: a job asks for the tool's
+nprocs and mem_mb (+ margin), and the defaults (8 CPUs, 16000 MB) do not fit the test node (2 CPUs).
 Inside the jobs the stages run what they run in the demo (HeudiConv + dcm2niix, the stand-ins).
 Waits until the three good sessions are parcellated, then prints the figures: wall time, jobs
 per stage, queue wait, run time, the most jobs of one stage in flight at once (from sacct).
@@ -117,6 +119,9 @@ def main() -> None:
     else:
         with slurm_cluster(accounting=True) as cluster:
             env = {**cluster.env, **{f"NEUROFLOW_PIPELINES__{s.upper()}__RUNTIME": "slurm" for s in STAGES}}
+            for stage in ("QSIPREP", "QSIRECON"):  # the job's --cpus-per-task/--mem follow these
+                env[f"NEUROFLOW_PIPELINES__{stage}__NPROCS"] = "1"
+                env[f"NEUROFLOW_PIPELINES__{stage}__MEM_MB"] = "1000"
             if args.poll_seconds is not None:
                 env.update({f"NEUROFLOW_PIPELINES__{s.upper()}__SLURM__POLL_SECONDS": str(args.poll_seconds)
                             for s in STAGES})

@@ -126,10 +126,11 @@ def cursor_sizes(state: dict[str, Any]) -> tuple[int, int]:
     return len(encode_state(state).encode()), len(encode_cursor(state)) - 1
 
 
-def write_docs(text: str) -> None:
+def write_docs(text: str, section: str = SECTION) -> None:
+    """Replace ``section`` of docs/benchmarks.md with ``text`` (appended when it is not there yet)."""
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     current = DOCS.read_text(encoding="utf-8") if DOCS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(current):
         updated = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", current)
     else:

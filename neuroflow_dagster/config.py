@@ -8,6 +8,7 @@ YAML on a server must be told exactly which line to fix.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -45,6 +46,25 @@ CONFIG_ENV = "NEUROFLOW_CONFIG"
 CONFIG_FILENAME = "neuroflow.yaml"
 
 
+# A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
+_VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
+
+
+def image_version(image: str | None) -> tuple[int, ...] | None:
+    """The tool version an image reference names (``pennlinc/qsiprep:1.1.1`` -> (1, 1, 1)), if any.
+
+    The registry path is ignored (a host such as ``registry:5000`` is not a version),
+    so only the last path component - the name, tag or .sif file name - is read.
+    """
+    if not image:
+        return None
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    match = _VERSION.search(last.split(":", 1)[1] if ":" in last else last)
+    if not match:
+        return None
+    return tuple(int(part) for part in match.groups() if part is not None)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -57,6 +77,9 @@ class PathsConfig(_Section):
     log_dir: Path
     # Holds the ScanID registry and the last good mapping: must persist, unlike work_dir.
     state_dir: Path | None = None
+    # The site's TemplateFlow copy (QSIPrep and QSIRecon both read their templates through TemplateFlow):
+    # bound read-only into their containers and exported as TEMPLATEFLOW_HOME (docs/deployment.md).
+    templateflow_home: Path | None = None
 
     @property
     def state(self) -> Path:
@@ -302,16 +325,29 @@ class BidsConversionConfig(StageConfig):
     retry: RetryConfig = Field(default_factory=lambda: RetryConfig(max_retries=2))
 
 
+OUTPUT_RESOLUTION_AUTO = "auto"
+# QSIPrep from this version on names --session-label and --hmc-method and takes no --fs-license-file;
+# 26.0.0's parser is still 1.1.1's (both read in their wheels).
+QSIPREP_NEW_DIALECT = (26, 1)
+
+
 class QsiprepConfig(StageConfig):
     runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsiprep:1.1.1"
     fs_license: Path | None = None
-    output_resolution: float = Field(1.6, gt=0)
+    # --output-resolution in mm, or "auto": the finest voxel edge of the DWI going into the run
+    # (tools/qsiprep.py, native_resolution; docs/configuration.md says why auto is the default).
+    output_resolution: float | Literal["auto"] = OUTPUT_RESOLUTION_AUTO
     nprocs: int = Field(8, ge=1)
     omp_nthreads: int | None = Field(None, ge=1)
     mem_mb: int = Field(16000, ge=1)
     anatomical_template: list[str] = Field(default_factory=lambda: ["MNI152NLin2009cAsym"])
-    anat_modality: str = "T1w"
+    # The anatomical reference QSIPrep needs (--anat-modality; the choices of QSIPrep's parser, 1.1.1 to
+    # 26.1.1); "none" preprocesses the DWI alone.
+    anat_modality: Literal["T1w", "T2w", "none"] = "T1w"
+    # --subject-anatomical-reference: one unbiased template from every session's anatomy (QSIPrep's own
+    # default, first-lex, aligns everything to the first session's image), or one space per session.
+    subject_anatomical_reference: Literal["first-lex", "unbiased", "sessionwise"] = "unbiased"
     denoise_method: str | None = None
     unringing_method: str | None = None
     hmc_model: str | None = None
@@ -325,6 +361,45 @@ class QsiprepConfig(StageConfig):
     # eager: as soon as a subject's wave of sessions is converted; cron: only at `cron`.
     trigger: Literal["eager", "cron"] = "eager"
     cron: str = "0 2 */3 * *"
+    # How long a publish waits for the runs still reading the subject's previous output (and such a
+    # reader for a publish) before failing as transient, which is retried (docs/domain-rules.md#state).
+    publish_wait_minutes: float = Field(60, gt=0)
+
+    @field_validator("output_resolution", mode="before")
+    @classmethod
+    def _resolution(cls, value: Any) -> Any:
+        """A voxel size in mm, or auto; said in one line (a union's errors would name both branches)."""
+        if isinstance(value, str) and value.strip().lower() == OUTPUT_RESOLUTION_AUTO:
+            return OUTPUT_RESOLUTION_AUTO
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+            raise ValueError(
+                f"{value!r}: give a voxel size in mm (e.g. 1.6) or {OUTPUT_RESOLUTION_AUTO} (the DWI's own voxel size)"
+            )
+        return number
+
+    @field_validator("anatomical_template")
+    @classmethod
+    def _template(cls, value: list[str]) -> list[str]:
+        """QSIPrep takes one --anatomical-template and knows one (its parser's choices, 1.1.1 to 26.1.1;
+        infants get MNIInfant through --infant, not through this option)."""
+        if value != ["MNI152NLin2009cAsym"]:
+            raise ValueError(f"{value}: QSIPrep accepts exactly one template, MNI152NLin2009cAsym")
+        return value
+
+    @property
+    def new_dialect(self) -> bool:
+        """The image names QSIPrep 26.1 or later; an image without a readable version is taken as 1.x."""
+        version = image_version(self.image)
+        return version is not None and version[:2] >= QSIPREP_NEW_DIALECT
+
+    @property
+    def sessionwise(self) -> bool:
+        """One anatomical space per session: every session needs its own anatomical image."""
+        return self.subject_anatomical_reference == "sessionwise"
 
 
 class QsireconConfig(StageConfig):
@@ -395,6 +470,16 @@ class DiskFloorsConfig(_Section):
     bids_root: float | None = Field(None, ge=0)
 
 
+class KeepFailedRunsConfig(_Section):
+    """What failed runs leave behind (staging folders with their partial outputs, work folders) is kept
+    for debugging, then pruned by the disk_guard sensor (docs/operations.md, "What a run leaves behind")."""
+
+    # The newest this many per stage and partition are kept (None: no limit by count) ...
+    count: int | None = Field(3, ge=0)
+    # ... and none longer than this many days (None: no limit by age).
+    days: float | None = Field(14, ge=0)
+
+
 class DiskConfig(_Section):
     """The disk-space guard (docs/operations.md): below a floor, no new stage run starts."""
 
@@ -404,6 +489,7 @@ class DiskConfig(_Section):
     per_path: DiskFloorsConfig = Field(default_factory=DiskFloorsConfig)
     # How often the disk_guard sensor looks (the discovery sensor looks on each of its ticks too).
     interval_seconds: int = Field(60, ge=1)
+    keep_failed_runs: KeepFailedRunsConfig = Field(default_factory=KeepFailedRunsConfig)
 
 
 # The numeric columns of QSIPrep's image QC table (tools/qc_table.py documents them; a test keeps the
@@ -425,6 +511,9 @@ class QcMetricConfig(_Section):
     fail_below: float | None = None
     warn_above: float | None = None
     fail_above: float | None = None
+    # The cohort rule's smallest spread (the measure's units): a very uniform cohort (a count that is
+    # 0 in most sessions) must not hold a session for a difference nobody would see.
+    min_spread: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> QcMetricConfig:
@@ -446,9 +535,44 @@ class QcMetricConfig(_Section):
 def _default_qc_metrics() -> dict[str, QcMetricConfig]:
     # Measured on the demo: good sessions 0.90-0.99 and 0 bad slices, the poor one 0.17 and 39.
     return {
-        "raw_masked_neighbor_corr": QcMetricConfig(warn_below=0.8, fail_below=0.5),
-        "raw_num_bad_slices": QcMetricConfig(warn_above=0, fail_above=5),
+        "raw_masked_neighbor_corr": QcMetricConfig(warn_below=0.8, fail_below=0.5, min_spread=0.02),
+        "raw_num_bad_slices": QcMetricConfig(warn_above=0, fail_above=5, min_spread=2),
     }
+
+
+# BIDS sidecar keys (dcm2niix writes them from the DICOM headers): letters and digits, as BIDS spells them.
+SIDECAR_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+
+
+class QcCohortConfig(_Section):
+    """The cohort rule of the image QC gate (docs/domain-rules.md#image-qc): each measure against the
+    study's own sessions of the same acquisition group, in scaled MADs from their median."""
+
+    # Below this many other sessions in the group (with the measure), the absolute thresholds apply.
+    min_sessions: int = Field(20, ge=5)
+    warn_mads: float = Field(3.0, gt=0)
+    # null: the cohort only warns; only the absolute fail_* thresholds hold a session.
+    fail_mads: float | None = Field(4.0, gt=0)
+    # The acquisition group: keys of the DWI's BIDS sidecar (a missing key is "unknown").
+    group_by: list[str] = Field(default_factory=lambda: ["SeriesDescription", "ManufacturersModelName"])
+
+    @field_validator("group_by")
+    @classmethod
+    def _sidecar_keys(cls, value: list[str]) -> list[str]:
+        bad = [k for k in value if not SIDECAR_KEY.match(k)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: not a BIDS sidecar key (letters and digits, e.g. "
+                             "SeriesDescription, ProtocolName, ManufacturersModelName, MagneticFieldStrength)")
+        if len(set(value)) != len(value):
+            raise ValueError("a key is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> QcCohortConfig:
+        if self.fail_mads is not None and self.fail_mads < self.warn_mads:
+            raise ValueError(f"fail_mads ({self.fail_mads:g}) is below warn_mads ({self.warn_mads:g}): "
+                             "a session must warn before it fails")
+        return self
 
 
 class QcConfig(_Section):
@@ -456,6 +580,10 @@ class QcConfig(_Section):
 
     # false: every session passes (the QC asset still records the measures).
     enabled: bool = True
+    # cohort: the study's own distribution per acquisition group once it has cohort.min_sessions
+    # sessions (the fail_* thresholds stay floors); absolute: only the fixed thresholds.
+    mode: Literal["cohort", "absolute"] = "cohort"
+    cohort: QcCohortConfig = Field(default_factory=QcCohortConfig)
     metrics: dict[str, QcMetricConfig] = Field(default_factory=_default_qc_metrics)
     # A session QSIPrep preprocessed but without an image QC table, and a configured measure a table
     # does not have (or has as n/a): what that counts as.
@@ -665,9 +793,12 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     heuristic = config.pipelines.bids_conversion.heuristic
     if heuristic.endswith(".py") and not Path(heuristic).is_file():
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
+    problems += templateflow_problems(config)
     for section, cfg in config.pipelines:
-        # The FreeSurfer licence: every section that has the setting needs it inside a container.
-        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None:
+        # The FreeSurfer licence: every section that has the setting needs it inside a container (QSIPrep
+        # only before 26.1, which has no --fs-license-file).
+        takes_license = not (isinstance(cfg, QsiprepConfig) and cfg.new_dialect)
+        if "fs_license" in type(cfg).model_fields and cfg.containerized and cfg.fs_license is None and takes_license:
             how = cfg.runtime if cfg.runtime != "slurm" else "slurm with slurm.inside: apptainer"
             problems.append(f"pipelines.{section}.fs_license: required when runtime is {how}")
         if cfg.runtime == "slurm" and shutil.which("sbatch") is None:
@@ -676,3 +807,56 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
                 "(run the services on a login/submit node with Slurm's client commands)"
             )
     return problems
+
+
+# The stages whose tools read templates through TemplateFlow (QSIPrep's and QSIRecon's GetTemplate).
+TEMPLATEFLOW_STAGES = ("qsiprep", "qsirecon")
+
+
+def templateflow_files(template: str, anat_modality: str) -> list[str]:
+    """The TemplateFlow files QSIPrep and QSIRecon fetch at run time, relative to TEMPLATEFLOW_HOME.
+
+    QSIPrep's ``GetTemplate`` (qsiprep/interfaces/anatomical.py, 1.1.1 to 26.1.1) takes the template's
+    1 mm image of the anatomical modality (T1w for ``none``) and its brain mask; QSIRecon's
+    (qsirecon/interfaces/anatomical.py, 1.1.1) the 1 mm T1w and the brain mask of MNI152NLin2009cAsym.
+    """
+    modality = "T1w" if anat_modality == "none" else anat_modality
+    needs = {(template, modality), (template, "T1w"), ("MNI152NLin2009cAsym", "T1w")}
+    files = set()
+    for name, suffix in needs:
+        files.add(f"tpl-{name}/tpl-{name}_res-01_{suffix}.nii.gz")
+        files.add(f"tpl-{name}/tpl-{name}_res-01_desc-brain_mask.nii.gz")
+    return sorted(files)
+
+
+def templateflow_problems(config: NeuroflowConfig) -> list[str]:
+    """``paths.templateflow_home``: a readable folder holding what the tools fetch; required where a
+    container would otherwise look in the node's own home (apptainer, also inside a Slurm job)."""
+    home = config.paths.templateflow_home
+    qsiprep = config.pipelines.qsiprep
+    if home is None:
+        needing = [s for s in TEMPLATEFLOW_STAGES if config.stage(s).tool_runtime == "apptainer"]
+        if not needing:
+            return []
+        return [
+            f"paths.templateflow_home: required when {', '.join(f'pipelines.{s}' for s in needing)} runs in "
+            "apptainer (the container gets the host's $HOME, so TemplateFlow would look for its templates in the "
+            "node's ~/.cache/templateflow and download what is missing, which fails on nodes without internet); "
+            "pre-fetch them as docs/deployment.md (\"TemplateFlow\") shows"
+        ]
+    if not home.is_dir():
+        return [f"paths.templateflow_home: {home} does not exist or is not a folder"]
+    if not os.access(home, os.R_OK | os.X_OK):
+        return [f"paths.templateflow_home: {home} is not readable"]
+    used = [s for s in TEMPLATEFLOW_STAGES if config.stage(s).tool_runtime != "builtin"]
+    if not used:
+        return []
+    missing = [
+        f for f in templateflow_files(qsiprep.anatomical_template[0], qsiprep.anat_modality) if not (home / f).is_file()
+    ]
+    if missing:
+        return [
+            f"paths.templateflow_home: {home} lacks {', '.join(missing)} (bound read-only, so the tools cannot "
+            "download them); pre-fetch them as docs/deployment.md (\"TemplateFlow\") shows"
+        ]
+    return []

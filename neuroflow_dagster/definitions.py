@@ -20,6 +20,7 @@ from neuroflow_dagster.defs.assets.image_qc import build_image_qc_asset
 from neuroflow_dagster.defs.automation import build_automation_sensors
 from neuroflow_dagster.defs.diskguard import build_disk_guard_sensor
 from neuroflow_dagster.defs.graph import build_stage_assets, partitions_def
+from neuroflow_dagster.defs.launcher import build_run_worker_watchdog, hold_run_worker_for_test
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.defs.sensors import build_discovery_sensor, max_runtime_tags
 from neuroflow_dagster.naming.tags import STAGE_TAG
@@ -55,6 +56,7 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
         sensors=[
             build_discovery_sensor(config),
             build_disk_guard_sensor(config),
+            build_run_worker_watchdog(),
             *build_automation_sensors(config, max_runtime_tags),
             *optional(build_alert_sensor(config)),
             *optional(build_discovery_alert_sensor(config)),
@@ -69,4 +71,5 @@ def build_definitions(config: NeuroflowConfig) -> dg.Definitions:
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    hold_run_worker_for_test()  # a no-op unless a power-cut test asks for it (defs/launcher.py)
     return build_definitions(load_config())

@@ -10,10 +10,11 @@ assets turn ``NotEligible`` into a Failure that is not retried.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 from neuroflow_dagster.bids.dataset import present_suffixes, session_dir
 from neuroflow_dagster.bids.verdicts import verdict_passed
-from neuroflow_dagster.config import NeuroflowConfig
+from neuroflow_dagster.config import NeuroflowConfig, QsiprepConfig
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry, RegistryEntry
 from neuroflow_dagster.discovery.status_report import session_block, subject_block
@@ -21,6 +22,7 @@ from neuroflow_dagster.naming.bids import describe
 
 # Refused because who the session belongs to is in question (docs/operations.md, "What happens when").
 IDENTITY = "identity"
+DWI = "dwi"
 
 
 class NotEligible(Exception):
@@ -64,48 +66,137 @@ def missing_suffixes(required: list[str], config: NeuroflowConfig, participant: 
     return set(required) - present_suffixes(session_dir(config.paths.bids_root, participant, session))
 
 
-def qsiprep_sessions(config: NeuroflowConfig, participant: str) -> tuple[list[str], dict[str, str]]:
-    """The subject's sessions QSIPrep takes, and why each other one is left out.
+def parse_suffixes(text: object) -> set[str]:
+    """The ``bids_suffixes`` metadata of a ``bids_session`` materialization ("T1w, dwi", or "none")."""
+    if not isinstance(text, str):
+        return set()
+    return {s.strip() for s in text.split(",") if s.strip() and s.strip() != "none"}
+
+
+def anatomical_hold(
+    anat_modality: str, suffixes_by_session: Mapping[str, Collection[str]], *, sessionwise: bool = False
+) -> str | None:
+    """Why QSIPrep cannot run on these sessions for want of an anatomical image; None if it can.
+
+    QSIPrep collects the anatomical images of every session of its processing group and, unless
+    ``--anat-modality none``, fails the whole subject when there is none ("No T1w images found for
+    participant ...", qsiprep/workflows/base.py). Its group is all the given sessions, so one session
+    with the modality serves every session; with ``--subject-anatomical-reference sessionwise`` each
+    session with DWI is a group of its own and needs its own (``sessionwise=True``: the suffixes of
+    the sessions with DWI are what counts). docs/domain-rules.md#pipelines.
+    """
+    if anat_modality == "none":
+        return None
+    if sessionwise:
+        if any(anat_modality in sfx and DWI in sfx for sfx in suffixes_by_session.values()):
+            return None
+        return f"no session with both DWI and {anat_modality} (subject_anatomical_reference: sessionwise)"
+    if any(anat_modality in sfx for sfx in suffixes_by_session.values()):
+        return None
+    return f"no {anat_modality} in any session"
+
+
+@dataclass(frozen=True)
+class QsiprepInput:
+    """What one QSIPrep run of a subject takes: ``sessions`` are preprocessed (they have what the stage
+    requires, DWI), ``anat_sessions`` only lend their anatomical images (no DWI; QSIPrep uses them in
+    the subject's anatomical reference); ``left_out``: every other session and why; ``hold``: why
+    QSIPrep cannot run at all (anatomical_hold), None if it can: check it before the sessions."""
+
+    sessions: list[str]
+    anat_sessions: list[str]
+    left_out: dict[str, str]
+    hold: str | None
+
+    @property
+    def all_sessions(self) -> list[str]:
+        return sorted(self.sessions + self.anat_sessions)
+
+
+def plan_qsiprep(stage: QsiprepConfig, suffixes_by_session: Mapping[str, Collection[str]]) -> QsiprepInput:
+    """The run over usable sessions (converted, valid, not excluded) with these BIDS suffixes.
+
+    The automation (from the ``bids_suffixes`` metadata) and the asset (from the files) both decide
+    here, so that they never disagree: a subject held here is never requested, and refused if launched.
+    A session without DWI but with the anatomical modality lends its image to the subject's reference
+    (QSIPrep puts "sessions that have anatomical data, but no DWI" into the group, qsiprep/cli/parser.py),
+    except sessionwise, where each DWI session is its own group and one without its own image is left
+    out. The hold is judged on exactly the sessions the run would be given.
+    """
+    required = set(stage.requires_bids_suffixes)
+    modality = stage.anat_modality
+    preprocess: dict[str, Collection[str]] = {}
+    anat: dict[str, Collection[str]] = {}
+    left_out: dict[str, str] = {}
+    for ses, suffixes in sorted(suffixes_by_session.items()):
+        missing = required - set(suffixes)
+        if not missing:
+            preprocess[ses] = suffixes
+            continue
+        left_out[ses] = f"no {', '.join(sorted(missing))} in BIDS"
+        if DWI not in suffixes and modality != "none" and modality in suffixes and not stage.sessionwise:
+            anat[ses] = suffixes
+    if not preprocess:  # nothing to preprocess: not applicable, not held
+        return QsiprepInput([], [], left_out, None)
+    for ses in anat:
+        del left_out[ses]
+    given = {**preprocess, **anat}
+    hold = anatomical_hold(modality, given, sessionwise=stage.sessionwise)
+    sessions = []
+    for ses, suffixes in preprocess.items():
+        if stage.sessionwise and modality != "none" and modality not in suffixes:
+            left_out[ses] = f"no {modality} in this session (subject_anatomical_reference: sessionwise)"
+        else:
+            sessions.append(ses)
+    return QsiprepInput(sessions, list(anat), left_out, hold)
+
+
+def qsiprep_sessions(config: NeuroflowConfig, participant: str) -> QsiprepInput:
+    """The subject's sessions QSIPrep takes (from the converted files), and why each other one is left out.
 
     NotEligible (``identity``) when any session of the subject is held in an identity conflict: one
     anatomical template from two people's scans is exactly what must never be built.
     """
     if blocked := subject_block(config, participant):
         raise NotEligible(f"no template from a subject whose identity is in question: {blocked}", IDENTITY)
-    required = config.pipelines.qsiprep.requires_bids_suffixes
     excluded = load_exclusions(config)
-    take: list[str] = []
+    usable: dict[str, set[str]] = {}
     left_out: dict[str, str] = {}
     for entry in Registry(config.paths.state).sessions_of(participant):
         ses = entry.session_id
+        folder = session_dir(config.paths.bids_root, participant, ses)
         if entry.scan_id in excluded:
             left_out[ses] = f"excluded: {excluded[entry.scan_id].get('reason')}"
-        elif not session_dir(config.paths.bids_root, participant, ses).is_dir():
+        elif not folder.is_dir():
             left_out[ses] = "not converted to BIDS"
         elif not verdict_passed(config.paths.state, participant, ses):
             left_out[ses] = "BIDS validator reported errors"
-        elif missing := missing_suffixes(required, config, participant, ses):
-            left_out[ses] = f"no {', '.join(sorted(missing))} in BIDS"
         else:
-            take.append(ses)
-    return take, left_out
+            usable[ses] = present_suffixes(folder)
+    plan = plan_qsiprep(config.pipelines.qsiprep, usable)
+    return QsiprepInput(plan.sessions, plan.anat_sessions, {**left_out, **plan.left_out}, plan.hold)
 
 
-def anatomical_hold(anat_modality: str, suffixes_by_session: Mapping[str, Collection[str]]) -> str | None:
-    """Why QSIPrep cannot run for a subject for want of an anatomical image, or None when it can.
-
-    QSIPrep builds the subject's anatomical reference from every session's ``anat/`` images of
-    ``--anat-modality`` (``pipelines.qsiprep.anat_modality``); with ``none`` it runs on DWI alone.
-    ``suffixes_by_session``: session label -> the BIDS suffixes its converted folder holds (the
-    ``bids_session`` materialization's ``bids_suffixes``). docs/domain-rules.md#pipelines.
-    """
-    if anat_modality.lower() == "none":
-        return None
-    if any(anat_modality in suffixes for suffixes in suffixes_by_session.values()):
-        return None
-    return f"no {anat_modality} in any session"
-
-
-def parse_suffixes(text: object) -> frozenset[str]:
-    """The ``bids_suffixes`` metadata value ("dwi, T1w", "none") as a set."""
-    return frozenset(s.strip() for s in str(text or "").split(",") if s.strip() and s.strip() != "none")
+def qsiprep_plan_from_metadata(
+    config: NeuroflowConfig, participant: str, converted: Mapping[str, Mapping[str, object]]
+) -> QsiprepInput:
+    """plan_qsiprep for the automation: ``converted`` maps each converted session of the subject to the
+    metadata of its latest ``bids_session`` materialization (``bids_suffixes``, ``scan_id``). Sessions
+    are left out as qsiprep_sessions leaves them out (excluded, BIDS validator errors), so that the
+    automation holds exactly the subjects the asset would refuse. A materialization without
+    ``bids_suffixes`` (an older version's) is read from the session's files."""
+    excluded = load_exclusions(config)
+    usable: dict[str, set[str]] = {}
+    left_out: dict[str, str] = {}
+    for ses, meta in sorted(converted.items()):
+        scan_id = meta.get("scan_id")
+        if isinstance(scan_id, str) and scan_id in excluded:
+            left_out[ses] = f"excluded: {excluded[scan_id].get('reason')}"
+        elif not verdict_passed(config.paths.state, participant, ses):
+            left_out[ses] = "BIDS validator reported errors"
+        elif "bids_suffixes" in meta:
+            usable[ses] = parse_suffixes(meta["bids_suffixes"])
+        else:
+            usable[ses] = present_suffixes(session_dir(config.paths.bids_root, participant, ses))
+    plan = plan_qsiprep(config.pipelines.qsiprep, usable)
+    return QsiprepInput(plan.sessions, plan.anat_sessions, {**left_out, **plan.left_out}, plan.hold)

@@ -515,3 +515,90 @@ def test_a_refused_reconstruction_blocks_its_parcellation_visibly(harness: Harne
     assert (note.asset_key, note.partition) == (QSIPARC, "01|A")
     assert (note.metadata["neuroflow/state"].value, note.metadata["neuroflow/cause"].value) == ("blocked", "qsirecon")
     assert h.tick_results()["qsiparc"].asset_events == []  # once
+
+
+def converted(h: Harness, partition: str, suffixes: str, *, valid: bool = True) -> None:
+    """A conversion as the real `bids_session` records it: `bids_suffixes` and `scan_id` in its metadata,
+    the validator's verdict in state (what QSIPrep's eligibility reads; its check run, which only the
+    recon rule reads, is left out: these tests stop at QSIPrep)."""
+    from neuroflow_dagster.bids.verdicts import save_verdict
+
+    session, subject = partition.split("|")
+    save_verdict(h.config.paths.state, subject, session, valid, "test verdict")
+    metadata = {"bids_suffixes": suffixes, "scan_id": f"SCAN_{subject}{session}"}
+    h.instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=BIDS, partition=partition,
+                                                                  metadata=metadata))
+
+
+def registered(h: Harness, subject: str, session: str) -> None:
+    """A registration with its protocol verdict in the metadata, as the discovery sensor reports it (no run)."""
+    h.instance.add_dynamic_partitions("subjects", [subject])
+    h.instance.add_dynamic_partitions("session_labels", [session])
+    h.instance.report_runless_asset_event(
+        dg.AssetMaterialization(asset_key=DICOM, partition=f"{session}|{subject}", metadata={"protocol_valid": True})
+    )
+
+
+def qsiprep_decisions(h: Harness) -> dict[str, tuple[str, str]]:
+    """One tick of the QSIPrep sensor through its own rules: subject -> (action, reason)."""
+    from neuroflow_dagster.defs.automation import Cursor, QsiprepStage, run_stage_tick
+
+    cursor = Cursor.decode(h.cursors.get("automation_qsiprep"))
+    result = run_stage_tick(QsiprepStage(h.config), h.instance, cursor)
+    h.cursors["automation_qsiprep"] = result.cursor.encode()
+    return {d.key: (d.action, d.reason) for d in result.decisions}
+
+
+def test_a_subject_without_a_t1w_is_held_until_a_session_brings_one(harness: Harness, capfd) -> None:
+    """QSIPrep (anat_modality T1w) fails a subject with no T1w in its sessions: such a subject is held with
+    the reason and never requested; a later session with a T1w gets it requested as usual."""
+    h = harness
+    h.tick()
+    h.arrive("A", "01")
+    h.arrive("B", "01")
+    assert h.tick() == {"bids_session": {"01|A", "01|B"}}
+    converted(h, "01|A", "dwi")
+    converted(h, "01|B", "T1w, dwi")
+    capfd.readouterr()
+    assert h.tick() == {"qsiprep_subject": {"B"}}
+    assert "hold qsiprep_subject A: no T1w in any session" in capfd.readouterr().err  # the sensor's tick log
+    assert h.tick() == {}  # held, not failed, not requested on later ticks
+    # A second session with a T1w lifts the hold; its T1w serves the subject's DWI-only session too.
+    h.arrive("A", "02")
+    assert h.tick() == {"bids_session": {"02|A"}}
+    converted(h, "02|A", "T1w, dwi")
+    assert h.tick() == {"qsiprep_subject": {"A"}}
+
+
+def test_anatomy_rules_follow_the_sessions_qsiprep_would_be_given(harness: Harness) -> None:
+    h = harness
+    for subject, sessions in {"A": ("01", "02"), "B": ("01", "02"), "C": ("01",)}.items():
+        for session in sessions:
+            registered(h, subject, session)
+    converted(h, "01|A", "dwi")
+    converted(h, "02|A", "T1w")  # an anatomical-only visit: its T1w serves A's reference
+    converted(h, "01|B", "dwi")
+    converted(h, "02|B", "T1w, dwi", valid=False)  # the only T1w is in a session QSIPrep leaves out
+    converted(h, "01|C", "T1w")  # no DWI at all: nothing to hold, QSIPrep records "not applicable"
+    assert qsiprep_decisions(h) == {
+        "A": ("request", "its sessions are converted (a new wave)"),
+        "B": ("hold", "no T1w in any session"),
+        "C": ("request", "its sessions are converted (a new wave)"),
+    }
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"anat_modality": "none"}, ("request", "its sessions are converted (a new wave)")),
+    ({"anat_modality": "T2w"}, ("hold", "no T2w in any session")),
+    ({"subject_anatomical_reference": "sessionwise"},
+     ("hold", "no session with both DWI and T1w (subject_anatomical_reference: sessionwise)")),
+])
+def test_the_hold_follows_anat_modality_and_the_reference(tmp_path: Path, settings: dict, expected: tuple) -> None:
+    config = make_workspace(tmp_path, {"pipelines": {"qsiprep": settings}})
+    with dg.instance_for_test() as instance:
+        h = Harness(instance, dg.Definitions(), config)  # the QSIPrep rules alone (qsiprep_decisions)
+        registered(h, "A", "01")
+        registered(h, "A", "02")
+        converted(h, "01|A", "dwi")
+        converted(h, "02|A", "T1w")
+        assert qsiprep_decisions(h) == {"A": expected}

@@ -14,6 +14,7 @@ import pytest
 
 from neuroflow_dagster.tools.builtin import preproc
 from neuroflow_dagster.tools.builtin.common import run_cli
+from neuroflow_dagster_tests.bids_files import write_t1w
 
 
 def small_64d() -> tuple[Path, Path, Path]:
@@ -22,8 +23,11 @@ def small_64d() -> tuple[Path, Path, Path]:
     return get_fnames(name="small_64D")
 
 
-def add_session(bids: Path, sub: str, ses: str, run: str | None = None, data_scale: float = 1.0) -> Path:
-    """Copy small_64D into ``bids/sub-X/ses-Y/dwi`` as a BIDS DWI series (optionally a run)."""
+def add_session(bids: Path, sub: str, ses: str, run: str | None = None, data_scale: float = 1.0,
+                t1w: bool = True) -> Path:
+    """Copy small_64D into ``bids/sub-X/ses-Y/dwi`` as a BIDS DWI series (optionally a run), with a T1w."""
+    if t1w:
+        write_t1w(bids, sub, ses)
     fdata, fbval, fbvec = small_64d()
     d = bids / f"sub-{sub}" / f"ses-{ses}" / "dwi"
     d.mkdir(parents=True, exist_ok=True)
@@ -138,3 +142,84 @@ def test_choose_denoise_method(monkeypatch):
         preproc.choose_denoise_method("dwidenoise", many)
     monkeypatch.setattr(preproc.shutil, "which", lambda name: "/usr/bin/dwidenoise")
     assert preproc.choose_denoise_method("auto", few)[0] == "dwidenoise"
+
+
+# --------------------------------------------------------------------------- QSIPrep's own refusals
+
+
+def _tiny_session(bids: Path, ses: str, *, t1w: bool, shape4d: bool = True) -> None:
+    """A 10x10x6 DWI (2 b0 + 12 directions; or its first volume alone, stored 3D) and maybe a T1w."""
+    from neuroflow_dagster_tests.test_builtin_robustness import scheme, signal
+
+    bvals, bvecs = scheme()
+    data = signal(bvals, bvecs)
+    d = bids / "sub-01" / f"ses-{ses}" / "dwi"
+    d.mkdir(parents=True)
+    if not shape4d:
+        data, bvals, bvecs = data[..., 0], bvals[:1], bvecs[:1]
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.5, 1.0])), d / f"sub-01_ses-{ses}_dwi.nii.gz")
+    np.savetxt(d / f"sub-01_ses-{ses}_dwi.bval", bvals[None], fmt="%g")
+    np.savetxt(d / f"sub-01_ses-{ses}_dwi.bvec", bvecs.T, fmt="%.6f")
+    if t1w:
+        write_t1w(bids, "01", ses)
+
+
+NO_T1W = ("validation error: No T1w images found for participant 01. To bypass anatomical processing choose "
+          "--anat-modality none")
+
+
+def test_preproc_refuses_a_subject_without_its_anatomical_image_as_qsiprep_does(tmp_path, capsys):
+    """The words of qsiprep/workflows/base.py (1.1.1 to 26.1.1), exit 2 (validation, never retried); the
+    same message from the real QSIPrep on the same files: test_tool_specs_parsers.py."""
+    bids = tmp_path / "bids"
+    _tiny_session(bids, "01", t1w=False)
+    _tiny_session(bids, "02", t1w=False)
+    base = ["--bids-dir", str(bids), "--output-dir", str(tmp_path / "o"), "--participant-label", "01",
+            "--session-label", "01", "02", "--work-dir", str(tmp_path / "w"), "--denoise-method", "none"]
+    assert run_cli(preproc.main, base) == 2
+    assert capsys.readouterr().err.strip() == NO_T1W
+    assert not (tmp_path / "o" / "sub-01").exists()  # refused before anything was written
+    assert run_cli(preproc.main, [*base, "--anat-modality", "T2w"]) == 2
+    assert "No T2w images found for participant 01. To bypass" in capsys.readouterr().err
+    assert run_cli(preproc.main, [*base, "--anat-modality", "none"]) == 0
+    capsys.readouterr()
+    # One T1w in any given session serves the subject's reference, even from a session without DWI ...
+    write_t1w(bids, "01", "03")
+    assert run_cli(preproc.main, [*base[:7], "01", "02", "03", *base[9:]]) == 0
+    capsys.readouterr()
+    # ... but sessionwise, every session with DWI is its own group and needs its own.
+    write_t1w(bids, "01", "01")
+    sessionwise = [*base, "--subject-anatomical-reference", "sessionwise"]
+    assert run_cli(preproc.main, sessionwise) == 2
+    assert capsys.readouterr().err.strip() == NO_T1W
+    write_t1w(bids, "01", "02")
+    assert run_cli(preproc.main, sessionwise) == 0
+
+
+def test_preproc_refuses_a_3d_dwi_file_as_qsiprep_does(tmp_path, capsys):
+    """A one-volume series stored 3D in dwi/ (a reverse-PE b=0 named as a DWI): "DWI file not 4D: <file>"
+    (qsiprep/utils/bids.py), before any session is processed, even when another session is fine."""
+    bids = tmp_path / "bids"
+    _tiny_session(bids, "01", t1w=True)
+    _tiny_session(bids, "02", t1w=True, shape4d=False)
+    argv = ["--bids-dir", str(bids), "--output-dir", str(tmp_path / "o"), "--participant-label", "01",
+            "--session-label", "01", "02", "--work-dir", str(tmp_path / "w")]
+    assert run_cli(preproc.main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"validation error: DWI file not 4D: {bids}/sub-01/ses-02/dwi/sub-01_ses-02_dwi.nii.gz"
+    assert not (tmp_path / "o" / "sub-01").exists()
+
+
+def test_refusals_are_classified_like_the_real_tools_log() -> None:
+    """The stand-in's line and the real QSIPrep's traceback tail are both `validation` (not retried)."""
+    from neuroflow_dagster.runtimes.failures import FailureClass, classify
+
+    assert classify(NO_T1W, 2) is FailureClass.VALIDATION
+    real_tail = ("  File \"/opt/conda/envs/qsiprep/lib/python3.10/site-packages/qsiprep/workflows/base.py\", "
+                 "line 157, in init_single_subject_wf\n    raise Exception(\nException: No T1w images found for "
+                 "participant 0075. To bypass anatomical processing choose --anat-modality none\n")
+    assert classify(real_tail, 1) is FailureClass.VALIDATION
+    assert classify("RuntimeError: DWI file not 4D: /data/bids/sub-1/ses-1/dwi/sub-1_ses-1_dwi.nii.gz", 1) \
+        is FailureClass.VALIDATION
+    assert classify("Exception: No dwi images found for participant 0075. All workflows require dwi images", 1) \
+        is FailureClass.VALIDATION

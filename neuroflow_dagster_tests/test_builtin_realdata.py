@@ -20,6 +20,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from neuroflow_dagster_tests.bids_files import write_t1w
+
 DICOM_DIR = Path(importlib.util.find_spec("heudiconv").submodule_search_locations[0]) / "tests/data/b0dwiForFmap"
 DCM2NIIX = shutil.which("dcm2niix") or str(Path(sys.executable).parent / "dcm2niix")
 
@@ -33,6 +35,7 @@ def real_bids(tmp_path_factory) -> Path:
     dwi.mkdir(parents=True)
     subprocess.run([DCM2NIIX, "-z", "y", "-b", "y", "-f", "sub-0075_ses-01_dwi", "-o", str(dwi), str(DICOM_DIR)],
                    check=True, capture_output=True, timeout=60)
+    write_t1w(root / "bids", "0075", "01")  # as the demo gives this series a synthetic T1w
     return root
 
 

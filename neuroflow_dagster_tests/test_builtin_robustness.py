@@ -4,7 +4,8 @@ Direct NIfTI-level cases (what a converter other than dcm2niix, a hand-edited ta
 or a broken export can hand over): NaN/inf/zero voxels, all-zero series, single-slice
 and single-volume (3D) series, b=0-only and 5-direction series, b0 by threshold
 (b = 5 / 50), non-unit / zero / NaN b-vectors, bval/bvec length mismatches, text in
-a .bval, 5D images, a corrupt NIfTI, a tiny grid, 130 volumes on a 6x6x4 grid,
+a .bval, 5D images (3D and 5D are refused with QSIPrep's own "DWI file not 4D"),
+a corrupt NIfTI, a tiny grid, 130 volumes on a 6x6x4 grid,
 separately acquired b0 and DW runs. Acquisition shapes from a scanner go through the
 real conversion in test_builtin_acquisitions.py.
 
@@ -28,6 +29,7 @@ from neuroflow_dagster.demo.synth import hemisphere_directions
 from neuroflow_dagster.tools.builtin import parcellate, preproc, recon
 from neuroflow_dagster.tools.builtin.common import run_cli
 from neuroflow_dagster.tools.qc_table import find_image_qc, read_image_qc
+from neuroflow_dagster_tests.bids_files import write_t1w
 
 SHAPE = (10, 10, 6)
 AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])
@@ -86,8 +88,10 @@ def series(data: np.ndarray | None, bvals: np.ndarray, bvecs: np.ndarray, **kw) 
 
 
 def write_bids(root: Path, runs: list[Series]) -> Path:
+    """The session's DWI runs, and a T1w as a real session has (QSIPrep refuses a subject without one)."""
     d = root / "bids" / "sub-01" / "ses-01" / "dwi"
     d.mkdir(parents=True)
+    write_t1w(root / "bids", "01", "01")
     for run in runs:
         if run.raw_bytes is not None:
             (d / f"{run.name}.nii.gz").write_bytes(run.raw_bytes)
@@ -303,8 +307,9 @@ CASES: dict[str, tuple[Callable[[], list[Series]], tuple[str, str] | None]] = {
     "all_zero_series": (case_all_zero, ("preproc", "hold no signal")),
     "flat_image": (case_flat_image, COMPLETE),
     "single_slice": (case_single_slice, COMPLETE),
-    "single_volume_b0_3d": (case_single_volume_b0_3d, ("recon", "has 0 diffusion direction(s)")),
-    "single_volume_dw_3d": (case_single_volume_dw_3d, ("preproc", "has no b=0 volume")),
+    # A one-volume series stored as 3D, and a 5D file: QSIPrep's own refusal, word for word.
+    "single_volume_b0_3d": (case_single_volume_b0_3d, ("preproc", "DWI file not 4D: ")),
+    "single_volume_dw_3d": (case_single_volume_dw_3d, ("preproc", "DWI file not 4D: ")),
     "b0_only": (case_b0_only, ("recon", "has 0 diffusion direction(s)")),
     "five_directions": (case_five_directions, ("recon", "has 5 diffusion direction(s)")),
     "b50_counts_as_b0": (case_b50_counts_as_b0, COMPLETE),
@@ -318,7 +323,7 @@ CASES: dict[str, tuple[Callable[[], list[Series]], tuple[str, str] | None]] = {
     "nan_bvec_on_dw_volume": (case_nan_bvec_on_dw, ("preproc", "b-vector(s) of volume(s) 5 are not numbers")),
     "nan_bvec_on_b0_volumes": (case_nan_bvec_on_b0, COMPLETE),
     "text_in_bval": (case_bval_text, ("preproc", "cannot read b-values")),
-    "five_d_image": (case_five_d_image, COMPLETE),
+    "five_d_image": (case_five_d_image, ("preproc", "DWI file not 4D: ")),
     "corrupt_nifti": (case_corrupt_nifti, ("preproc", "cannot read")),
     "tiny_2x2x2_grid": (case_tiny_grid, ("recon", "the demo atlas needs at least 12")),
     "130_volumes_on_6x6x4": (case_many_volumes_tiny_grid, COMPLETE),

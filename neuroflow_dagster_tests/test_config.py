@@ -65,14 +65,14 @@ def test_env_overrides_every_level(tmp_path: Path) -> None:
     env = {
         "NEUROFLOW_DISCOVERY__STABILITY_WAIT_MINUTES": "30",
         "NEUROFLOW_PIPELINES__QSIPREP__RUNTIME": "docker",
-        "NEUROFLOW_PIPELINES__QSIPREP__ANATOMICAL_TEMPLATE": "[MNI152NLin6Asym]",
+        "NEUROFLOW_PIPELINES__QSIPREP__REQUIRES_BIDS_SUFFIXES": "[dwi, T1w]",
         "NEUROFLOW_MAPPING__GOOGLE_SHEET__SPREADSHEET_KEY": "abc",
         "NEUROFLOW_MAPPING__GOOGLE_SHEET__SERVICE_ACCOUNT_FILE": "sa.json",
     }
     config = load_config(path, environ=env)
     assert config.discovery.stability_wait_minutes == 30
     assert config.pipelines.qsiprep.runtime == "docker"
-    assert config.pipelines.qsiprep.anatomical_template == ["MNI152NLin6Asym"]
+    assert config.pipelines.qsiprep.requires_bids_suffixes == ["dwi", "T1w"]
     assert config.mapping.google_sheet is not None
     assert config.mapping.google_sheet.worksheet_name == "Sheet1"
     assert config.mapping.google_sheet.service_account_file == (tmp_path / "sa.json").resolve()
@@ -117,6 +117,82 @@ def test_check_paths_reports_each_problem(tmp_path: Path) -> None:
     problems = check_paths(load_config(path, environ={}))
     assert any(p.startswith("paths.dicom_incoming:") for p in problems)
     assert any(p.startswith("mapping.csv_file:") for p in problems)
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("ANAT_MODALITY", "T1", "Input should be 'T1w', 'T2w' or 'none'"),
+    ("SUBJECT_ANATOMICAL_REFERENCE", "first-alphabetically", "'first-lex', 'unbiased' or 'sessionwise'"),
+    ("OUTPUT_RESOLUTION", "fine", "give a voxel size in mm (e.g. 1.6) or auto"),
+    ("OUTPUT_RESOLUTION", "0", "give a voxel size in mm"),
+    ("OUTPUT_RESOLUTION", "true", "give a voxel size in mm"),
+    ("ANATOMICAL_TEMPLATE", "[MNI152NLin6Asym]", "QSIPrep accepts exactly one template, MNI152NLin2009cAsym"),
+])
+def test_qsiprep_keys_are_checked_at_load_naming_the_key(tmp_path: Path, key: str, value: str, words: str) -> None:
+    """QSIPrep's own choices (its parser, 1.1.1 to 26.1.1), refused at start, not hours into a run."""
+    path = init_workspace(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={f"NEUROFLOW_PIPELINES__QSIPREP__{key}": value})
+    assert f"pipelines.qsiprep.{key.lower()}: " in str(err.value) and words in str(err.value)
+
+
+def test_qsiprep_defaults_and_accepted_values(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+    qsiprep = load_config(path, environ={}).pipelines.qsiprep
+    assert (qsiprep.output_resolution, qsiprep.anat_modality, qsiprep.subject_anatomical_reference) == (
+        "auto", "T1w", "unbiased")
+    for value, expected in (("AUTO", "auto"), ("1.25", 1.25), ("2", 2.0)):
+        env = {"NEUROFLOW_PIPELINES__QSIPREP__OUTPUT_RESOLUTION": value}
+        assert load_config(path, environ=env).pipelines.qsiprep.output_resolution == expected
+    env = {"NEUROFLOW_PIPELINES__QSIPREP__ANAT_MODALITY": "none",
+           "NEUROFLOW_PIPELINES__QSIPREP__SUBJECT_ANATOMICAL_REFERENCE": "sessionwise"}
+    qsiprep = load_config(path, environ=env).pipelines.qsiprep
+    assert qsiprep.anat_modality == "none" and qsiprep.sessionwise
+
+
+def test_the_freesurfer_licence_is_required_only_by_qsiprep_before_26_1(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+
+    def licence_problems(image: str) -> list[str]:
+        env = {"NEUROFLOW_PIPELINES__QSIPREP__RUNTIME": "docker", "NEUROFLOW_PIPELINES__QSIPREP__IMAGE": image}
+        return [p for p in check_paths(load_config(path, environ=env)) if "fs_license" in p]
+
+    required = "pipelines.qsiprep.fs_license: required when runtime is docker"
+    assert licence_problems("pennlinc/qsiprep:1.1.1") == [required]
+    assert licence_problems("pennlinc/qsiprep:26.0.0") != []  # 26.0.0 still has --fs-license-file
+    assert licence_problems("pennlinc/qsiprep:26.1.1") == []
+
+
+def test_templateflow_home_is_checked_at_start(tmp_path: Path) -> None:
+    path = init_workspace(tmp_path)
+
+    def problems(**env: str) -> list[str]:
+        environ = {f"NEUROFLOW_{k}": v for k, v in env.items()}
+        return [p for p in check_paths(load_config(path, environ=environ)) if p.startswith("paths.templateflow_home")]
+
+    assert problems() == []  # the stand-ins need no templates
+    assert problems(PIPELINES__QSIPREP__RUNTIME="docker") == []  # docker: the images' own templates
+    (required,) = problems(PIPELINES__QSIPREP__RUNTIME="slurm", PIPELINES__QSIPREP__SLURM__INSIDE="apptainer",
+                           PIPELINES__QSIRECON__RUNTIME="apptainer")
+    assert "required when pipelines.qsiprep, pipelines.qsirecon runs in apptainer" in required
+    assert "docs/deployment.md" in required
+    tf = tmp_path / "templateflow"
+    (missing,) = problems(PATHS__TEMPLATEFLOW_HOME=str(tf))
+    assert "does not exist or is not a folder" in missing
+    tf.mkdir()
+    assert problems(PATHS__TEMPLATEFLOW_HOME=str(tf)) == []  # only stand-ins: nothing is fetched
+    (lacking,) = problems(PATHS__TEMPLATEFLOW_HOME=str(tf), PIPELINES__QSIPREP__RUNTIME="apptainer")
+    assert "tpl-MNI152NLin2009cAsym/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz" in lacking
+    assert "tpl-MNI152NLin2009cAsym/tpl-MNI152NLin2009cAsym_res-01_desc-brain_mask.nii.gz" in lacking
+    tpl = tf / "tpl-MNI152NLin2009cAsym"
+    tpl.mkdir()
+    for name in ("res-01_T1w", "res-01_desc-brain_mask"):
+        (tpl / f"tpl-MNI152NLin2009cAsym_{name}.nii.gz").write_bytes(b"x")
+    assert problems(PATHS__TEMPLATEFLOW_HOME=str(tf), PIPELINES__QSIPREP__RUNTIME="apptainer") == []
+    (t2w,) = problems(PATHS__TEMPLATEFLOW_HOME=str(tf), PIPELINES__QSIPREP__RUNTIME="docker",
+                      PIPELINES__QSIPREP__ANAT_MODALITY="T2w")
+    assert t2w.endswith("lacks tpl-MNI152NLin2009cAsym/tpl-MNI152NLin2009cAsym_res-01_T2w.nii.gz (bound read-only, "
+                        "so the tools cannot download them); pre-fetch them as docs/deployment.md "
+                        '("TemplateFlow") shows')
 
 
 def test_cli_config_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -109,6 +109,10 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
             log=dev["log"],
         )
         assert materialized(instance, "qsiprep_subject") == {"SUBJA": 2, "B": 1}
+        # The stand-in QSIPrep's work folder is reclaimed after each publish, measured; nothing is left.
+        prep = latest_metadata(instance, "qsiprep_subject", "SUBJA")
+        assert prep["work_dir_freed_bytes"] > 0 and prep["publish_waited_s"] == 0
+        assert [p for stage in ("qsiprep", "qsirecon") for p in (config.paths.work_dir / stage).glob("sub-*/")] == []
         recon = materialized(instance, "qsirecon_session")
         assert recon["01|SUBJA"] == recon["02|SUBJA"] == 2 and recon["03|SUBJA"] == 1
         assert recon["01|B"] == 1  # the other subject is left alone

@@ -77,6 +77,10 @@ def test_failing_qc_skips_recon_and_parcellation_in_its_run_until_approved(world
     assert meta["raw_masked_neighbor_corr thresholds"] == "fail < 0.5, warn < 0.8"
     assert meta["raw_num_bad_slices"] == 39 and meta["raw_num_bad_slices thresholds"] == "fail > 5, warn > 0"
     assert "raw_masked_neighbor_corr 0.17 < 0.5" in evaluation.description
+    # a study of two sessions: the fixed thresholds judge, and the reason says so (the cohort rule needs 20)
+    assert evaluation.description.endswith("fewer than qc.cohort.min_sessions (20))")
+    assert "(absolute thresholds: 0 other sessions of protocol unknown" in evaluation.description
+    assert meta["raw_masked_neighbor_corr rule"] == "absolute"
     (mat,) = result.asset_materializations_for_node("image_qc_session")
     assert "data:image/svg+xml;base64," in mat.metadata["figures"].value
     assert mat.metadata["qc_table"].value.endswith("sub-0075_ses-02_space-ACPC_desc-image_qc.tsv")

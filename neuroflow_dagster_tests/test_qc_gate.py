@@ -65,25 +65,36 @@ def test_defaults_are_the_measured_thresholds(make_config: Callable[..., Neurofl
         ({"metrics": {"raw_num_bad_slices": {"fail_abov": 1}}}, "qc.metrics.raw_num_bad_slices.fail_abov: unknown key"),
         ({"missing_table": "maybe"}, "qc.missing_table: Input should be 'pass', 'warn' or 'fail'"),
         ({"thresholds": {}}, "qc.thresholds: unknown key"),
+        # the cohort rule's settings
+        ({"cohort": {"min_sessions": 3}}, "qc.cohort.min_sessions: Input should be greater than or equal to 5"),
+        ({"cohort": {"warn_mads": 4, "fail_mads": 3}}, "qc.cohort: Value error, fail_mads (3) is below warn_mads (4)"),
+        ({"cohort": {"group_by": ["Series Description"]}},
+         "qc.cohort.group_by: Value error, 'Series Description': not a BIDS sidecar key"),
+        ({"cohort": {"min_session": 20}}, "qc.cohort.min_session: unknown key"),
+        ({"mode": "relative"}, "qc.mode: Input should be 'cohort' or 'absolute'"),
+        ({"metrics": {"raw_num_bad_slices": {"fail_above": 5, "min_spread": -1}}},
+         "qc.metrics.raw_num_bad_slices.min_spread: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_qc_section_names_the_key(tmp_path: Path, qc: dict, message: str) -> None:
-    import yaml
-
-    file = tmp_path / "neuroflow.yaml"
-    paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
-    file.write_text(yaml.safe_dump({"paths": paths, "qc": qc}))
+    file = config_file(tmp_path, qc)
     with pytest.raises(ConfigError) as err:
         load_config(file, environ={})
     assert str(file) in str(err.value) and message in str(err.value)
 
 
-def test_env_override_of_a_threshold(tmp_path: Path) -> None:
+def config_file(tmp_path: Path, qc: dict | None = None) -> Path:
+    """A neuroflow.yaml with this `qc` section (none: the defaults)."""
     import yaml
 
     file = tmp_path / "neuroflow.yaml"
     paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
-    file.write_text(yaml.safe_dump({"paths": paths}))
+    file.write_text(yaml.safe_dump({"paths": paths, **({"qc": qc} if qc is not None else {})}))
+    return file
+
+
+def test_env_override_of_a_threshold(tmp_path: Path) -> None:
+    file = config_file(tmp_path)
     config = load_config(file, environ={"NEUROFLOW_QC__METRICS__RAW_MASKED_NEIGHBOR_CORR__FAIL_BELOW": "0.3"})
     assert config.qc.metrics["raw_masked_neighbor_corr"].fail_below == 0.3
 

@@ -1,7 +1,8 @@
 """The image QC gate end to end through a real `dagster dev`: held by the automation, let through by an approval.
 
 Real parts: the Dagster daemon (discovery and the per-stage automation sensors, the run queue, the
-backfill daemon), the webserver's GraphQL API (which `neuroflow qc approve` calls), HeudiConv +
+backfill daemon), the webserver's GraphQL API (which `neuroflow qc approve` calls) and its UI in headless
+Chromium (the cohort plot on the QC asset), HeudiConv +
 dcm2niix, the BIDS validator, and the image QC gate with its default thresholds. QSIPrep and
 QSIRecon run as the embedded stand-ins (the default config); the stand-in QSIPrep writes the QC
 table that the gate reads. The data are the demo's: one subject with a good session and the demo's
@@ -61,6 +62,40 @@ def steps_started(instance: dg.DagsterInstance, run_id: str) -> set[str]:
     return {r.event_log_entry.step_key or "" for r in events}
 
 
+def cohort_plot_in_the_ui(port: int, partition: str, tmp_path: Path) -> list[list[Any]]:
+    """Open the QC asset's partition in headless Chromium, click the `cohort` entry's [Show Markdown] (the UI
+    puts markdown of 1,000 characters or more behind it) and return the inline PNGs it rendered."""
+    from urllib.parse import quote
+
+    from neuroflow_dagster_tests.test_ui_browser import DevTools, chromium, start_chromium
+
+    binary = chromium()
+    if binary is None:
+        pytest.fail("Chromium is not installed (scripts/system-deps.sh installs it)")
+    profile = tmp_path / "chromium"
+    profile.mkdir()
+    proc, ws_url = start_chromium(binary, profile)
+    tools = DevTools(ws_url)
+    try:
+        tools.call("Page.enable")
+        tools.call("Page.navigate", url=f"http://127.0.0.1:{port}/assets/image_qc_session?view=partitions"
+                                        f"&partition={quote(partition)}")
+        click = """(() => { const row = Array.from(document.querySelectorAll('tr')).find(
+            r => r.firstElementChild && r.firstElementChild.textContent.trim() === 'cohort');
+          const link = row && Array.from(row.querySelectorAll('*')).find(
+            e => e.children.length === 0 && e.textContent === '[Show Markdown]');
+          if (link) { link.click(); return true; } return false; })()"""
+        wait_for("the cohort entry in the partition's metadata", lambda: tools.evaluate(click), 120, None, 0.5)
+        images = """Array.from(document.querySelectorAll('img')).filter(i => i.src.startsWith('data:image/png'))
+            .map(i => [i.alt, i.naturalWidth, i.naturalHeight])"""
+        return wait_for("the cohort plot rendered", lambda: [i for i in tools.evaluate(images) or [] if i[1] > 0],
+                        60, None, 0.5)
+    finally:
+        tools.close()
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def neuroflow(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     """The operator's command, in-process (its GraphQL call goes to the running webserver)."""
     capsys.readouterr()
@@ -99,6 +134,10 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
         # on the run: 0.128 / 52 here; docs/stand-ins.md measured 0.17 / 39).
         assert "raw_masked_neighbor_corr" in held.description and "< 0.5" in held.description, held.description
         assert "raw_num_bad_slices" in held.description and "> 5" in held.description, held.description
+        # two sessions are no cohort: the fixed thresholds judged, and the reason says so
+        assert "(absolute thresholds: " in held.description and held.description.endswith(
+            "fewer than qc.cohort.min_sessions (20))"), held.description
+        assert " of protocol " in held.description and "protocol unknown" not in held.description  # from the sidecar
         assert qc_check(instance, GOOD_KEY).passed
         wait_for("the held run's end", lambda: recon_runs(instance, POOR_KEY)[0].is_finished, timeout=120, log=log)
         (first,) = recon_runs(instance, POOR_KEY)
@@ -131,6 +170,21 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
             neuroflow(capsys, *home, "failures", "--format", "json", "--dagster-home", str(dev["home"]))
         )
         assert failures == []  # a held session is not a failure
+
+        # the QC asset shows the cohort plot; the report names the held session
+        (record,) = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("image_qc_session"), asset_partitions=[POOR_KEY]), limit=1
+        ).records
+        cohort_md = record.asset_materialization.metadata["cohort"].value  # type: ignore[union-attr]
+        assert cohort_md.startswith(f"![cohort of {POOR}](data:image/png;base64,"), cohort_md[:120]
+        # ... and the Dagster UI renders it (its markdown allows data: images), in a real browser
+        ((alt, width, height),) = cohort_plot_in_the_ui(dev["port"], POOR_KEY, tmp_path)
+        assert alt == f"cohort of {POOR}" and width > 400 and height > 200
+        out = neuroflow(capsys, *home, "qc", "report", "--output", str(tmp_path / "report"))
+        assert f"held by image QC: sub-SUBJA ses-02 (ScanID {POOR})" in out, out
+        page = (tmp_path / "report" / "index.html").read_text()
+        assert f"sub-SUBJA ses-02 (ScanID {POOR})" in page and "raw_masked_neighbor_corr.png" in page
+        assert (tmp_path / "report" / "raw_masked_neighbor_corr.png").read_bytes()[:4] == b"\x89PNG"
 
         out = neuroflow(capsys, *home, "qc", "approve", POOR, "--reason", "dropouts in 3 volumes; fit plausible",
                         "--by", "e2e", "--url", f"http://127.0.0.1:{dev['port']}/graphql")

@@ -128,6 +128,38 @@ def test_run_through_apptainer_records_command_digest_and_output(fake_apptainer:
     assert "user 4242:4242 is ignored" in (tmp_path / "logs" / "copy.log").read_text()
 
 
+def test_templateflow_home_reaches_the_tool_through_apptainer(fake_apptainer: Path, tmp_path: Path) -> None:
+    """The QSIPrep spec's TemplateFlow bind and --env, through the fake apptainer (which maps container paths
+    in argv back through the binds and passes only --env variables): the path TEMPLATEFLOW_HOME names is
+    covered by a read-only bind of the site's folder."""
+    from neuroflow_dagster.config import NeuroflowConfig
+    from neuroflow_dagster.tools import qsiprep
+
+    tf = tmp_path / "templateflow"
+    (tf / "tpl-X").mkdir(parents=True)
+    (tf / "tpl-X" / "tpl-X_T1w.nii.gz").write_text("template")
+    sif = tmp_path / "qsiprep-1.1.1.sif"
+    sif.write_bytes(b"SIF")
+    license_file = tmp_path / "license.txt"
+    license_file.write_text("x\n")
+    paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
+    config = NeuroflowConfig.model_validate({"paths": {**paths, "templateflow_home": str(tf)}, "pipelines": {
+        "qsiprep": {"runtime": "apptainer", "image": str(sif), "output_resolution": 2,
+                    "fs_license": str(license_file)}}})
+    (tmp_path / "bids_root").mkdir()
+    built = qsiprep.build_spec(config, "0075", ["01"])
+    assert f"{tf}:/templateflow:ro" in apptainer_exec_argv(built, config.pipelines.qsiprep)
+    template = f"{built.env['TEMPLATEFLOW_HOME']}/tpl-X/tpl-X_T1w.nii.gz"
+    spec = ToolSpec(tool="qsiprep", argv=("cat", template), output_dir=tmp_path / "derivatives", image=str(sif),
+                    mounts=built.mounts, env=built.env, workdir=built.workdir)
+    lines: list[str] = []
+    record = get_runtime(config.pipelines.qsiprep).run(spec, log_path=tmp_path / "run.log", log=lines.append)
+    assert record.exit_code == 0 and "template" in lines
+    (call,) = [json.loads(line) for line in fake_apptainer.read_text().splitlines()]
+    assert call["env"]["TEMPLATEFLOW_HOME"] == "/templateflow" and call["cleanenv"]
+    assert [str(tf), "/templateflow", "ro"] in call["binds"]
+
+
 def test_failing_tool_inside_apptainer_is_classified(fake_apptainer: Path, tmp_path: Path) -> None:
     spec = _tool_case(tmp_path)
     spec = ToolSpec(**{**spec.__dict__, "argv": (PY, "-c", "print('MemoryError'); raise SystemExit(1)")})

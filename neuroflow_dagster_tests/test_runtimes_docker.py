@@ -135,6 +135,35 @@ def test_user_mounts_limits_env_and_workdir_reach_the_container(engine: DockerEn
     assert not container_processes(record.extra["container_id"])
 
 
+def test_templateflow_home_is_readable_and_read_only_in_the_container(engine: DockerEngine, tmp_path: Path) -> None:
+    """paths.templateflow_home as the QSIPrep spec binds and names it, in a real container: the tool finds
+    the site's templates under $TEMPLATEFLOW_HOME and cannot write there (no download into the site's copy)."""
+    from neuroflow_dagster.config import NeuroflowConfig
+    from neuroflow_dagster.tools import qsiprep
+
+    tf = tmp_path / "templateflow"
+    (tf / "tpl-MNI152NLin2009cAsym").mkdir(parents=True)
+    (tf / "tpl-MNI152NLin2009cAsym" / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz").write_text("template")
+    license_file = tmp_path / "license.txt"
+    license_file.write_text("x\n")
+    paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
+    config = NeuroflowConfig.model_validate({"paths": {**paths, "templateflow_home": str(tf)}, "pipelines": {
+        "qsiprep": {"runtime": "docker", "output_resolution": 2, "fs_license": str(license_file)}}})
+    (tmp_path / "bids_root").mkdir()
+    qsiprep_spec = qsiprep.build_spec(config, "0075", ["01"])
+    script = """
+        cat "$TEMPLATEFLOW_HOME/tpl-MNI152NLin2009cAsym/tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz"; echo
+        touch "$TEMPLATEFLOW_HOME/new" 2>/dev/null && echo "TEMPLATEFLOW WRITTEN" || echo "templateflow read-only"
+        echo "home=$TEMPLATEFLOW_HOME"
+        """
+    spec = busybox("qsiprep", script, tmp_path / "derivatives", mounts=qsiprep_spec.mounts, env=qsiprep_spec.env,
+                   workdir=qsiprep_spec.workdir)
+    lines: list[str] = []
+    DockerRuntime(config.pipelines.qsiprep).run(spec, log_path=tmp_path / "logs" / "run.log", log=lines.append)
+    assert {"template", "templateflow read-only", "home=/templateflow"} <= set(lines), lines
+    assert not (tf / "new").exists()
+
+
 def test_nonzero_exit_is_classified_and_the_container_removed(engine: DockerEngine, tmp_path: Path) -> None:
     spec = busybox("qsirecon", "echo 'OSError: [Errno 28] No space left on device'; exit 3", tmp_path)
     with pytest.raises(ToolRunError) as info:

@@ -18,6 +18,7 @@ from neuroflow_dagster.runtimes.slurm import (
     fingerprint,
     inner_argv,
     job_name,
+    job_resources,
     parse_duration_s,
     parse_exit,
     parse_key_values,
@@ -25,7 +26,7 @@ from neuroflow_dagster.runtimes.slurm import (
     poll_interval,
     sbatch_argv,
 )
-from neuroflow_dagster.tools import qsiprep
+from neuroflow_dagster.tools import qsiparc, qsiprep, qsirecon
 from neuroflow_dagster.tools.spec import Mount, ToolSpec
 
 
@@ -98,6 +99,37 @@ def test_sbatch_argv_from_the_stage(tmp_path: Path) -> None:
     assert "--time=2" in argv3 and not any(a.startswith(("--mem", "--cpus")) for a in argv3)
 
 
+def test_sbatch_cpus_and_memory_default_to_the_tools_own_settings(make_config, tmp_path: Path) -> None:
+    """One source of truth: the job asks for what the tool is told (--nprocs, --mem-mb as its spec carries
+    them), memory plus max(1024 MB, 25 %); explicit slurm keys, then the stage's cpus/memory_mb, win."""
+    config: NeuroflowConfig = make_config(pipelines={
+        "bids_conversion": {"runtime": "slurm"},
+        "qsiprep": {"runtime": "slurm", "nprocs": 6, "mem_mb": 12000},
+        "qsirecon": {"runtime": "slurm", "nprocs": 2, "mem_mb": 2000},
+        "qsiparc": {"runtime": "slurm", "n_jobs": 3},
+    })
+
+    def resources(stage: StageConfig, spec: ToolSpec | None = None) -> list[str]:
+        argv = sbatch_argv(stage, name="n", output=tmp_path / "o", workdir=tmp_path, script=tmp_path / "s",
+                           timeout_s=None, job_args=[], nprocs=spec.nprocs if spec else None,
+                           mem_mb=spec.mem_mb if spec else None)
+        return [a for a in argv if a.startswith(("--mem", "--cpus"))]
+
+    prep = qsiprep.build_spec(config, "S1", ["1"])  # the stand-in inside the job, told --nprocs 6
+    assert "--nprocs" in prep.argv and prep.argv[prep.argv.index("--nprocs") + 1] == "6"
+    assert resources(config.pipelines.qsiprep, prep) == ["--mem=15000M", "--cpus-per-task=6"]
+    recon = qsirecon.build_spec(config, "S1", "1")
+    assert resources(config.pipelines.qsirecon, recon) == ["--mem=3024M", "--cpus-per-task=2"]  # +1024 at least
+    parc = qsiparc.build_spec(config, "S1", "1")
+    assert resources(config.pipelines.qsiparc, parc) == ["--cpus-per-task=3"]  # n_jobs; no memory setting
+    assert resources(config.pipelines.bids_conversion) == []  # no such settings: the cluster's defaults
+    explicit = config.pipelines.qsiprep.model_copy(update={"slurm": SlurmConfig(cpus=2, mem_mb=40000)})
+    assert resources(explicit, prep) == ["--mem=40000M", "--cpus-per-task=2"]
+    limits = config.pipelines.qsiprep.model_copy(update={"cpus": 4.5, "memory_mb": 9000})
+    assert resources(limits, prep) == ["--mem=9000M", "--cpus-per-task=5"]
+    assert job_resources(config.pipelines.qsiprep, 8, 16000) == (8, 20000)  # QSIPrep's defaults
+
+
 def test_job_names_and_files_never_escape(tmp_path: Path) -> None:
     assert job_name("qsiprep", "../../etc|ses,1") == "nf-qsiprep-.._.._etc_ses_1"
     store = JobStore(tmp_path)
@@ -139,6 +171,27 @@ def test_inner_argv_local_and_apptainer(tmp_path: Path) -> None:
                     "--bind", f"{tmp_path}/out:/out:rw", "--env", "A=1", "--pwd", "/work",
                     "--bind", "/scratch:/scratch:rw", str(tmp_path / "q.sif"), "qsiprep", "/data", "/out"]
     assert (env, cwd) == ({}, None)  # --cleanenv/--env and --pwd carry them
+
+
+def test_templateflow_reaches_the_slurm_job(make_config, tmp_path: Path) -> None:
+    """paths.templateflow_home in a job: exported as TEMPLATEFLOW_HOME for a tool run on the node, bound
+    read-only and passed with --env for apptainer inside the job (where --cleanenv drops the job's env)."""
+    tf = tmp_path / "templateflow"
+    license_file = tmp_path / "license.txt"
+    license_file.write_text("x\n")
+    for inside in ("local", "apptainer"):
+        config: NeuroflowConfig = make_config(pipelines={"qsiprep": {
+            "runtime": "slurm", "output_resolution": 2, "fs_license": str(license_file),
+            "image": str(tmp_path / "qsiprep-1.1.1.sif"), "slurm": {"inside": inside}}})
+        config.paths.templateflow_home = tf
+        spec = qsiprep.build_spec(config, "S1", ["1"])
+        argv, env, _ = inner_argv(spec, config.pipelines.qsiprep, inside)
+        if inside == "local":
+            assert env["TEMPLATEFLOW_HOME"] == str(tf) and argv[0] == "qsiprep"
+        else:
+            assert env == {}
+            assert argv[argv.index(f"{tf}:/templateflow:ro") - 1] == "--bind"
+            assert argv[argv.index("TEMPLATEFLOW_HOME=/templateflow") - 1] == "--env"
 
 
 def test_fingerprint_ignores_per_run_paths_only() -> None:

@@ -249,11 +249,12 @@ def measure(records: list[Any]) -> dict[str, int]:
 
 def slurm_jobs(cluster: SlurmCluster, names: list[str], since: datetime, at_least: int) -> list[dict[str, str]]:
     """sacct's jobs with these names submitted since ``since`` (waits up to 30 s for slurmdbd to catch up)."""
-    keys = ["id", "name", "state", "submit", "start", "end"]
+    keys = ["id", "name", "state", "submit", "start", "end", "reqmem", "cpus"]
     deadline = time.monotonic() + 30
     while True:
+        fields = "JobIDRaw,JobName,State,Submit,Start,End,ReqMem,AllocCPUS"
         out = cluster.client("sacct", "-X", "-n", "-P", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"),
-                             "--name", ",".join(names), "-o", "JobIDRaw,JobName,State,Submit,Start,End").stdout
+                             "--name", ",".join(names), "-o", fields).stdout
         jobs = [dict(zip(keys, line.split("|"), strict=False)) for line in out.splitlines() if line.strip()]
         if len(jobs) >= at_least or time.monotonic() > deadline:
             return jobs
@@ -266,7 +267,8 @@ def test_qsiprep_runs_one_at_a_time_on_every_launch_path(tmp_path: Path, slurm: 
         tmp_path / "ws",
         overrides={
             "discovery": {"stability_wait_minutes": 0, "interval_seconds": 5},
-            "pipelines": {"qsiprep": {"runtime": "slurm", "slurm": {"poll_seconds": 1}}},
+            # The job's CPUs and memory follow the tool's nprocs/mem_mb (the test node has 2 CPUs).
+            "pipelines": {"qsiprep": {"runtime": "slurm", "nprocs": 1, "mem_mb": 500, "slurm": {"poll_seconds": 1}}},
         },
         mapping=MAPPING,
     )
@@ -338,6 +340,7 @@ def test_qsiprep_runs_one_at_a_time_on_every_launch_path(tmp_path: Path, slurm: 
     # Each QSIPrep run was one Slurm job, and never more than one was queued or running at once.
     jobs = slurm_jobs(slurm, [f"nf-qsiprep-{s}" for s in subjects], since, at_least=len(runs))
     assert len(jobs) == len(runs) and {j["state"] for j in jobs} == {"COMPLETED"}, jobs
+    assert {(j["reqmem"], j["cpus"]) for j in jobs} == {("1524M", "1")}, jobs  # nprocs; mem_mb + 1024 MB
     in_flight = [(stamp(j["submit"]), stamp(j["end"])) for j in jobs]
     print("QSIPrep Slurm jobs:", json.dumps(jobs, indent=1))
     assert overlap(in_flight) == 1, f"{overlap(in_flight)} QSIPrep Slurm jobs in flight at once: {jobs}"

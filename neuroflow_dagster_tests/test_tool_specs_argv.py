@@ -25,7 +25,9 @@ PY = sys.executable
 
 
 def make_config(tmp_path: Path, **pipelines: dict) -> NeuroflowConfig:
+    """A config whose QSIPrep resolution is a number (``auto`` reads the DWI headers: tested on its own)."""
     paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
+    pipelines = {**pipelines, "qsiprep": {"output_resolution": 1.6, **pipelines.get("qsiprep", {})}}
     return NeuroflowConfig.model_validate({"paths": paths, "pipelines": pipelines})
 
 
@@ -55,6 +57,7 @@ def test_qsiprep_local_argv(tmp_path: Path, license_file: Path) -> None:
         "--output-resolution", "1.6",
         "--anatomical-template", "MNI152NLin2009cAsym",
         "--anat-modality", "T1w",
+        "--subject-anatomical-reference", "unbiased",
         "--skip-bids-validation",
         "--denoise-method", "patch2self",
         "--unringing-method", "mrdegibbs",
@@ -90,6 +93,7 @@ def test_qsiprep_docker_argv_and_mounts(tmp_path: Path, license_file: Path) -> N
         "--output-resolution", "1.6",
         "--anatomical-template", "MNI152NLin2009cAsym",
         "--anat-modality", "T1w",
+        "--subject-anatomical-reference", "unbiased",
         "--skip-bids-validation",
         "--nprocs", "8", "--mem-mb", "16000",
         "-w", "/work",
@@ -125,6 +129,7 @@ def test_qsiprep_26_dialect(tmp_path: Path, license_file: Path) -> None:
         "--output-resolution", "1.6",
         "--anatomical-template", "MNI152NLin2009cAsym",
         "--anat-modality", "T1w",
+        "--subject-anatomical-reference", "unbiased",
         "--skip-bids-validation",
         "--hmc-method", "eddy",
         "--nprocs", "8", "--mem-mb", "16000",
@@ -151,7 +156,7 @@ def test_qsiprep_builtin_stand_in(tmp_path: Path) -> None:
         "--participant-label", "0075",
         "--session-label", "01", "02",
         "--work-dir", f"{t}/work_dir/qsiprep/sub-0075",
-        "--nprocs", "2",
+        "--nprocs", "2", "--anat-modality", "T1w", "--subject-anatomical-reference", "unbiased",
     )  # fmt: skip
     assert spec.stand_in and spec.image is None
     assert all(m.container == m.host.as_posix() for m in spec.mounts)
@@ -206,8 +211,6 @@ def test_qsiprep_refuses_bad_configuration(tmp_path: Path, license_file: Path) -
         build(bids_filters={"dwi": {"session": "01"}})
     with pytest.raises(SpecError, match=r"bids_filters\.t1w: must be a mapping"):
         build(bids_filters={"t1w": "autobox"})
-    with pytest.raises(SpecError, match="exactly one template"):
-        build(anatomical_template=["MNI152NLin2009cAsym", "MNI152NLin6Asym"])
     with pytest.raises(SpecError, match="non-empty list"):
         build(sessions=[])
     with pytest.raises(SpecError, match="non-empty list"):
@@ -224,6 +227,126 @@ def test_qsiprep_refuses_bad_configuration(tmp_path: Path, license_file: Path) -
     }})  # fmt: skip
     with pytest.raises(SpecError, match=r"work folder .* must not be inside the input folder"):
         qsiprep.build_spec(inside, "0075", ["01"])
+
+
+def write_dwi(bids: Path, participant: str, session: str, zooms: tuple[float, float, float], run: str = "") -> Path:
+    """A tiny real NIfTI DWI with these voxel sizes (what output_resolution: auto reads)."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = bids / f"sub-{participant}" / f"ses-{session}" / "dwi"
+    folder.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.zeros((4, 4, 3, 2), dtype=np.int16), np.diag([*zooms, 1.0]))
+    img.header.set_zooms((*zooms, 3.0))
+    path = folder / f"sub-{participant}_ses-{session}{run}_dwi.nii.gz"
+    nib.save(img, path)
+    return path
+
+
+def test_qsiprep_dialect_starts_with_26_1_not_26_0(tmp_path: Path, license_file: Path) -> None:
+    """The 26.0.0 tag's parser is 1.1.1's (--session-id, --hmc-model, --fs-license-file); 26.1.0 renamed them.
+    Checked against the real 26.0.0 and 26.1.1 parsers in test_tool_specs_parsers.py."""
+    def argv(image: str) -> tuple[str, ...]:
+        cfg = {"runtime": "docker", "image": image, "fs_license": str(license_file), "hmc_model": "eddy"}
+        return qsiprep.build_spec(make_config(tmp_path, qsiprep=cfg), "0075", ["01"]).argv
+
+    for old in ("pennlinc/qsiprep:1.1.1", "pennlinc/qsiprep:26.0.0", "qsiprep_26.0.0.sif", "pennlinc/qsiprep"):
+        a = argv(old)
+        assert "--session-id" in a and "--hmc-model" in a and "--fs-license-file" in a, old
+    for new in ("pennlinc/qsiprep:26.1.0", "pennlinc/qsiprep:26.1.1", "pennlinc/qsiprep:27.0.0"):
+        a = argv(new)
+        assert "--session-label" in a and "--hmc-method" in a and "--fs-license-file" not in a, new
+    with pytest.raises(SpecError, match=r"fs_license: required when runtime is docker \(QSIPrep before 26\.1\)"):
+        qsiprep.build_spec(make_config(tmp_path, qsiprep={"runtime": "docker", "image": "pennlinc/qsiprep:26.0.0"}),
+                           "0075", ["01"])
+
+
+def test_qsiprep_subject_anatomical_reference_and_sessionwise_filter(tmp_path: Path) -> None:
+    """Every supported QSIPrep takes --subject-anatomical-reference; sessionwise runs get no session in the
+    filter file (in QSIPrep's collect_data a filter-file session overrides each group's own session)."""
+    for value in ("first-lex", "unbiased", "sessionwise"):
+        config = make_config(tmp_path, qsiprep={"runtime": "local", "subject_anatomical_reference": value,
+                                                "bids_filters": {"t1w": {"reconstruction": None}}})
+        spec = qsiprep.build_spec(config, "0075", ["02", "01"])
+        i = spec.argv.index("--subject-anatomical-reference")
+        assert spec.argv[i + 1] == value
+        content = json.loads(qsiprep.bids_filter_path(config, "0075").read_text())
+        if value == "sessionwise":
+            assert content == {"t1w": {"reconstruction": None}}
+            assert "sub-0075.html" not in spec.outputs  # one report per session
+        else:
+            assert content["t1w"] == {"reconstruction": None, "session": ["01", "02"]}
+            assert "sub-0075.html" in spec.outputs
+        assert spec.argv[spec.argv.index("--session-id") + 1:][:2] == ("01", "02")
+
+
+def test_qsiprep_anatomy_only_sessions_are_given_but_not_expected_as_outputs(tmp_path: Path) -> None:
+    config = make_config(tmp_path, qsiprep={"runtime": "local"})
+    spec = qsiprep.build_spec(config, "0075", ["02"], anat_sessions=["01"])
+    assert spec.argv[spec.argv.index("--session-id"):][:3] == ("--session-id", "01", "02")
+    assert json.loads(qsiprep.bids_filter_path(config, "0075").read_text())["t1w"] == {"session": ["01", "02"]}
+    assert not any("ses-01" in pattern for pattern in spec.outputs)
+    assert any("ses-02" in pattern for pattern in spec.outputs)
+    reads = qsiprep.reads(config, "0075", ["02"], anat_sessions=["01"])
+    assert reads[0][2] == ["dataset_description.json", "sub-0075/ses-01", "sub-0075/ses-02"]
+    builtin = qsiprep.build_spec(make_config(tmp_path, qsiprep={"runtime": "builtin"}), "0075", ["02"],
+                                 anat_sessions=["01"])
+    assert builtin.argv[builtin.argv.index("--session-label"):][:3] == ("--session-label", "01", "02")
+
+
+def test_qsiprep_output_resolution_auto_follows_the_dwi(tmp_path: Path) -> None:
+    """auto = the finest voxel edge of the DWI of the sessions going into the run (QSIPrep's VoxelSizeChooser
+    rule, 'min'), from the NIfTI headers; sessions not in the run do not count; a number is kept as is."""
+    bids = tmp_path / "bids_root"
+    write_dwi(bids, "0075", "01", (2.0, 2.0, 2.5))
+    write_dwi(bids, "0075", "02", (1.7999999523, 1.7999999523, 3.0))
+    write_dwi(bids, "0075", "02", (2.2, 2.2, 2.2), run="_run-02")
+    write_dwi(bids, "0075", "03", (1.25, 1.25, 1.25))  # not in the run
+    config = make_config(tmp_path, qsiprep={"runtime": "local", "output_resolution": "auto"})
+    assert config.pipelines.qsiprep.output_resolution == "auto"
+
+    def resolution(sessions: list[str]) -> str:
+        argv = qsiprep.build_spec(config, "0075", sessions).argv
+        return argv[argv.index("--output-resolution") + 1]
+
+    assert resolution(["01"]) == "2"
+    assert resolution(["01", "02"]) == "1.8"
+    assert qsiprep.native_resolution(bids, "0075", ["03"]) == 1.25
+    fixed = make_config(tmp_path, qsiprep={"runtime": "local", "output_resolution": 2.5})
+    argv = qsiprep.build_spec(fixed, "0075", ["03"]).argv
+    assert argv[argv.index("--output-resolution") + 1] == "2.5"
+    # Nothing readable: the run cannot be described, and the message names the key.
+    (bids / "sub-0075" / "ses-04" / "dwi").mkdir(parents=True)
+    (bids / "sub-0075" / "ses-04" / "dwi" / "sub-0075_ses-04_dwi.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(SpecError, match=r"pipelines\.qsiprep\.output_resolution: auto, .* sub-0075 ses-04 "
+                                        r"\(sub-0075_ses-04_dwi\.nii\.gz: .*set a number"):
+        qsiprep.build_spec(config, "0075", ["04"])
+
+
+def test_templateflow_home_is_bound_read_only_and_named_in_the_environment(tmp_path: Path,
+                                                                          license_file: Path) -> None:
+    tf = tmp_path / "templateflow"
+    tf.mkdir()
+
+    def config(runtime: str) -> NeuroflowConfig:
+        c = make_config(tmp_path, qsiprep={"runtime": runtime, "fs_license": str(license_file)},
+                        qsirecon={"runtime": runtime, "fs_license": str(license_file)})
+        c.paths.templateflow_home = tf
+        return c
+
+    for tool, build in (("qsiprep", lambda c: qsiprep.build_spec(c, "0075", ["01"])),
+                        ("qsirecon", lambda c: qsirecon.build_spec(c, "0075", "01"))):
+        docker = build(config("docker"))
+        assert Mount(tf, "/templateflow", True) in docker.mounts, tool
+        assert docker.env == {"NIPYPE_NO_ET": "1", "NO_ET": "1", "TEMPLATEFLOW_HOME": "/templateflow"}, tool
+        local = build(config("local"))
+        assert Mount(tf, str(tf), True) in local.mounts and local.env["TEMPLATEFLOW_HOME"] == str(tf), tool
+        stand_in = build(config("builtin"))
+        assert "TEMPLATEFLOW_HOME" not in stand_in.env, tool  # the stand-ins use no templates
+    # Without the setting nothing is bound (docker then uses the templates inside the image).
+    unset = qsiprep.build_spec(make_config(tmp_path, qsiprep={"runtime": "docker", "fs_license": str(license_file)}),
+                               "0075", ["01"])
+    assert "TEMPLATEFLOW_HOME" not in unset.env
 
 
 # --------------------------------------------------------------------------- QSIRecon

@@ -2,7 +2,7 @@
 
 QSIPrep cannot run here (no FSL/ANTs/FreeSurfer, no container engine), so the
 nearest real boundary is its own parser: ``qsiprep.cli.parser._build_parser()``
-of the PyPI wheels 1.1.1 (the default image's version) and 26.1.1, including
+of the PyPI wheels 1.1.1 (the default image's version), 26.0.0 and 26.1.1, including
 their post-parse checks (option choices, paths that must exist, the BIDS
 filter file read through pybids, 26.x's cross-option checks). QSIParc's is
 its click command ``qsiparc.cli.main`` -> ``run``. The parsers live in a
@@ -35,9 +35,13 @@ SCRIPT = REPO / "scripts" / "tool-parsers-venv.sh"
 
 # A parser server inside the tools venv: imports the tool once, then answers one JSON request per
 # stdin line with one "@@" line (the tools may print other lines). Modes: "parse" (the parser only)
-# and, for QSIPrep, "full" (its complete parse_args: BIDS layout, participants, session grouping).
+# and, for QSIPrep, "full" (its complete parse_args: BIDS layout, participants, session grouping),
+# "groups" (then its collect_data per processing group: the files each group reads) and "refusal"
+# (then its input checks per group: collect_data, and init_single_subject_wf's anatomical check run
+# from QSIPrep's own source, since its workflow modules need niworkflows, which this venv lacks).
 SERVER = r"""
 import contextlib, io, json, sys
+from pathlib import Path
 tool = sys.argv[1]
 if tool == "qsiprep":
     import qsiprep
@@ -64,15 +68,61 @@ def parse_one(argv):
     except SystemExit as exc:
         return {"ok": False, "code": exc.code, "error": err.getvalue().strip().splitlines()[-1:]}
 
+def groups():
+    # QSIPrep's own input collection for each processing group: what a run would read.
+    from qsiprep.utils.bids import collect_data
+    out = []
+    for subject, sessions in config.execution.processing_list:
+        data = collect_data(config.execution.layout, subject, sessions, filters=config.execution.bids_filters,
+                            bids_validate=False)[0]
+        out.append({"sessions": sessions, **{k: sorted(Path(f).name for f in data[k]) for k in ("dwi", "t1w")}})
+    return out
+
+def anat_check():
+    # The anatomical check of QSIPrep's init_single_subject_wf, taken from its source (workflows/base.py
+    # imports niworkflows & co., which this parser venv does not hold): its `if` test and its message.
+    import ast
+    base = Path(qsiprep.__file__).parent / "workflows" / "base.py"
+    tree = ast.parse(base.read_text())
+    func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "init_single_subject_wf")
+    for node in ast.walk(func):
+        if isinstance(node, ast.If) and isinstance(node.body[0], ast.Raise):
+            message = node.body[0].exc.args[0]
+            if "anat_modality" in ast.unparse(node.test) and "images found" in ast.unparse(message):
+                return [compile(ast.Expression(e), str(base), "eval") for e in (node.test, message)]
+    raise LookupError(f"no anatomical check in {base}")
+
+def refusal():
+    # QSIPrep's input checks per processing group, in its order: collect_data (the real function: it
+    # refuses a DWI file that is not 4D), then its own anatomical check: the exception it raises.
+    from qsiprep.utils.bids import collect_data
+    test, message = anat_check()
+    for subject, sessions in config.execution.processing_list:
+        try:
+            data = collect_data(config.execution.layout, subject, sessions, filters=config.execution.bids_filters,
+                                bids_validate=False)[0]
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+        scope = {"config": config, "subject_data": data, "subject_id": subject}
+        if eval(test, scope):
+            return f"Exception: {eval(message, scope)}"
+    return None
+
 for line in sys.stdin:
     req = json.loads(line)
-    if req["mode"] == "full":
+    if req["mode"] in ("full", "groups", "refusal"):
+        # A new BIDS layout per request: 1.1.1 keeps the first one (and its database) for the process.
+        config.execution._layout = None
+        config.execution.bids_database_dir = None
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
                 parse_args(req["argvs"][0][1:])
+                extra = {"groups": groups()} if req["mode"] == "groups" else {}
+                if req["mode"] == "refusal":
+                    extra = {"refusal": refusal()}
             results = [{"ok": True, "values": {"processing_list": config.execution.processing_list,
-                                               "participant_label": config.execution.participant_label}}]
+                                               "participant_label": config.execution.participant_label, **extra}}]
         except SystemExit as exc:
             results = [{"ok": False, "code": exc.code, "error": err.getvalue().strip().splitlines()[-1:]}]
     else:
@@ -153,9 +203,11 @@ def host_argv(spec: ToolSpec) -> list[str]:
 
 
 def make_config(tmp_path: Path, **pipelines: dict) -> NeuroflowConfig:
+    """QSIPrep's resolution fixed at 1.6 unless given (``auto`` reads DWI headers; the trees here are names)."""
     paths = {k: str(tmp_path / k) for k in ("dicom_incoming", "bids_root", "derivatives", "work_dir", "log_dir")}
     for key in ("bids_root", "derivatives"):
         Path(paths[key]).mkdir(parents=True, exist_ok=True)
+    pipelines = {**pipelines, "qsiprep": {"output_resolution": 1.6, **pipelines.get("qsiprep", {})}}
     return NeuroflowConfig.model_validate({"paths": paths, "pipelines": pipelines})
 
 
@@ -185,6 +237,7 @@ def test_qsiprep_1_1_1_parser_accepts_local_and_docker_argv(servers, tmp_path: P
         assert values["nprocs"] == 8 and values["omp_nthreads"] == 2
         assert values["memory_gb"] == 16  # --mem-mb 16000 read as megabytes
         assert values["anatomical_template"] == "MNI152NLin2009cAsym" and values["anat_modality"] == "T1w"
+        assert values["subject_anatomical_reference"] == "unbiased"
         assert values["denoise_method"] == "patch2self" and values["unringing_method"] == "mrdegibbs"
         assert values["hmc_model"] == "3dSHORE" and values["b0_threshold"] == 50
         assert values["skip_bids_validation"] is True and values["notrack"] is True
@@ -285,3 +338,126 @@ def test_qsiprep_full_parse_groups_exactly_the_given_sessions(servers, tmp_path:
         values = report["results"][0]["values"]
         assert values["processing_list"] == [["0075", ["01", "02"]]], version
         assert values["participant_label"] == ["0075"]
+
+
+QSIPREP_VERSIONS = ("1.1.1", "26.0.0", "26.1.1")
+
+
+def test_qsiprep_26_0_0_still_takes_the_old_flags(servers, tmp_path: Path) -> None:
+    """The dialect switches at 26.1: the 26.0.0 parser accepts what neuroflow builds for a 26.0.0 image
+    (--session-id, --hmc-model, --fs-license-file) and rejects the 26.1 spellings."""
+    license_file = tmp_path / "license.txt"
+    license_file.write_text("x\n")
+    cfg = {"runtime": "local", "fs_license": str(license_file), "hmc_model": "eddy"}
+    built = {v: qsiprep.build_spec(make_config(tmp_path, qsiprep={**cfg, "image": f"pennlinc/qsiprep:{v}"}),
+                                   "0075", ["01"]) for v in ("26.0.0", "26.1.1")}
+    report = parse(servers, "qsiprep", [list(built["26.0.0"].argv), list(built["26.1.1"].argv)],
+                   qsiprep_version="26.0.0")
+    assert report["version"] == "26.0.0"
+    accepted, rejected = report["results"]
+    assert accepted["ok"], accepted
+    values = accepted["values"]
+    assert values["session_id"] == ["01"] and values["hmc_model"] == "eddy"
+    assert values["fs_license_file"] == str(license_file)
+    assert not rejected["ok"] and rejected["code"] == 2
+    assert "unrecognized arguments" in rejected["error"][0] and "--session-label" in rejected["error"][0]
+
+
+def test_subject_anatomical_reference_is_taken_by_every_supported_qsiprep(servers, tmp_path: Path) -> None:
+    for version in QSIPREP_VERSIONS:
+        argvs = []
+        for value in ("first-lex", "unbiased", "sessionwise"):
+            config = make_config(tmp_path, qsiprep={"runtime": "local", "image": f"pennlinc/qsiprep:{version}",
+                                                    "subject_anatomical_reference": value})
+            argvs.append(list(qsiprep.build_spec(config, "0075", ["01"]).argv))
+        results = parse(servers, "qsiprep", argvs, qsiprep_version=version)["results"]
+        assert [r["ok"] and r["values"]["subject_anatomical_reference"] for r in results] == [
+            "first-lex", "unbiased", "sessionwise"], (version, results)
+
+
+def bids_tree(root: Path, files: dict[str, list[str]], dwi_3d: str | None = None) -> Path:
+    """``sub-0075/ses-X/...`` named files; DWI files are real 4D NIfTIs (QSIPrep reads their headers),
+    ``dwi_3d`` a real 3D one; other files are empty (only their names are indexed)."""
+    import nibabel as nib
+    import numpy as np
+
+    bids = root / "bids_root"
+    bids.mkdir(exist_ok=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "t", "BIDSVersion": "1.8.0"}))
+    for ses, kinds in files.items():
+        for kind in kinds:
+            folder = "dwi" if kind == "dwi" else "anat"
+            path = bids / f"sub-0075/ses-{ses}/{folder}/sub-0075_ses-{ses}_{kind}.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "dwi":
+                shape = (4, 4, 3) if ses == dwi_3d else (4, 4, 3, 20)
+                nib.save(nib.Nifti1Image(np.zeros(shape, dtype=np.int16), np.eye(4)), path)
+                for ext in ("bval", "bvec"):
+                    path.with_name(path.name.replace(".nii.gz", f".{ext}")).write_text("0\n")
+            else:
+                path.write_bytes(b"")
+    return bids
+
+
+def test_qsiprep_collects_what_each_run_is_meant_to_read(servers, tmp_path: Path) -> None:
+    """QSIPrep's own grouping and collect_data on the runs neuroflow builds: an anatomy-only visit lends its
+    T1w to the subject's group; sessionwise, each session's group reads that session only - which a
+    filter-file session list would break (QSIPrep applies the filter's session after its own)."""
+    bids_tree(tmp_path, {"01": ["dwi"], "02": ["T1w"], "03": ["dwi", "T1w"]})
+    for version in QSIPREP_VERSIONS:
+        image = f"pennlinc/qsiprep:{version}"
+        joint = qsiprep.build_spec(make_config(tmp_path, qsiprep={"runtime": "local", "image": image}), "0075",
+                                   ["01", "03"], anat_sessions=["02"])
+        values = parse(servers, "qsiprep", [list(joint.argv)], qsiprep_version=version, mode="groups")["results"][0]
+        assert values["ok"], (version, values)
+        assert values["values"]["groups"] == [{"sessions": ["01", "02", "03"],
+                                               "dwi": ["sub-0075_ses-01_dwi.nii.gz", "sub-0075_ses-03_dwi.nii.gz"],
+                                               "t1w": ["sub-0075_ses-02_T1w.nii.gz", "sub-0075_ses-03_T1w.nii.gz"]}]
+
+        sessionwise = make_config(tmp_path, qsiprep={"runtime": "local", "image": image,
+                                                     "subject_anatomical_reference": "sessionwise"})
+        spec = qsiprep.build_spec(sessionwise, "0075", ["03"])
+        groups = parse(servers, "qsiprep", [list(spec.argv)], qsiprep_version=version, mode="groups")["results"][0]
+        assert groups["values"]["groups"] == [{"sessions": ["03"], "dwi": ["sub-0075_ses-03_dwi.nii.gz"],
+                                               "t1w": ["sub-0075_ses-03_T1w.nii.gz"]}], (version, groups)
+        # Why sessionwise runs get no session in the filter file: with one, QSIPrep's group for ses-01
+        # would read ses-03's files too.
+        filter_file = qsiprep.bids_filter_path(sessionwise, "0075")
+        qsiprep.write_bids_filter(filter_file, ["01", "03"])
+        argv = [*qsiprep.build_spec(sessionwise, "0075", ["01", "03"]).argv]
+        qsiprep.write_bids_filter(filter_file, ["01", "03"])  # build_spec rewrote it without sessions
+        mixed = parse(servers, "qsiprep", [argv], qsiprep_version=version, mode="groups")["results"][0]
+        first = mixed["values"]["groups"][0]
+        assert first["sessions"] == ["01"] and "sub-0075_ses-03_dwi.nii.gz" in first["dwi"], (version, mixed)
+
+
+def test_the_stand_in_refuses_with_the_real_qsiprep_messages(servers, tmp_path: Path, capsys) -> None:
+    """The same BIDS tree through the real QSIPrep and through the stand-in: the same refusal, word for word,
+    in every supported version. Real: parse_args and collect_data (which refuses a 3D DWI); the anatomical
+    check of init_single_subject_wf is compiled from QSIPrep's own workflows/base.py and run with its real
+    config and collected data (importing that module needs niworkflows, ANTs interfaces ..., which the
+    parser venv does not hold)."""
+    from neuroflow_dagster.tools.builtin import preproc
+    from neuroflow_dagster.tools.builtin.common import run_cli
+
+    cases = {
+        "no T1w": ({"01": ["dwi"], "02": ["dwi"]}, None),
+        "3D DWI": ({"01": ["dwi", "T1w"], "02": ["dwi", "T1w"]}, "02"),
+    }
+    for name, (files, dwi_3d) in cases.items():
+        root = tmp_path / name.replace(" ", "_")
+        root.mkdir()
+        bids = bids_tree(root, files, dwi_3d)
+        code = run_cli(preproc.main, ["--bids-dir", str(bids), "--output-dir", str(root / "out"),
+                                      "--participant-label", "0075", "--session-label", "01", "02",
+                                      "--work-dir", str(root / "work")])
+        stand_in = capsys.readouterr().err.strip()
+        assert code == 2 and stand_in.startswith("validation error: "), stand_in
+        for version in QSIPREP_VERSIONS:
+            config = make_config(root, qsiprep={"runtime": "local", "image": f"pennlinc/qsiprep:{version}"})
+            spec = qsiprep.build_spec(config, "0075", ["01", "02"])
+            result = parse(servers, "qsiprep", [list(spec.argv)], qsiprep_version=version, mode="refusal")
+            real = result["results"][0]["values"]["refusal"]
+            assert real is not None, (name, version)
+            # The exception's message, as the real tool's log ends with it.
+            assert real.split(": ", 1)[1] == stand_in.removeprefix("validation error: "), (name, version, real)

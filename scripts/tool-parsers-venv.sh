@@ -10,8 +10,8 @@
 #     packages (nipype, numpy, click, nibabel, parcellate ...) importable, read-only;
 #   - it installs, --no-deps and pinned, only what the parsers import and the project lacks
 #     (pybids, templateflow and their small dependencies, qsiplan, qsiparc 0.1.2);
-#   - the qsiprep 1.1.1 (the default image's version) and 26.1.1 wheels are unpacked into
-#     folders of their own (the test's PYTHONPATH picks one);
+#   - the qsiprep 1.1.1 (the default image's version), 26.0.0 (the last release with 1.x's flag
+#     names) and 26.1.1 wheels are unpacked into folders of their own (the test's PYTHONPATH picks one);
 #   - TEMPLATEFLOW_HOME points at an empty stub dataset: QSIPrep's config module indexes
 #     TemplateFlow at import time (13 s on the full skeleton, ~0 on the stub).
 # Idempotent (scripts/layered-venv.sh): a stamp holding the pins makes a second call return at once.
@@ -26,7 +26,7 @@ tools="${1:-$here/.venv-tools}"
 deps="pybids==0.22.0 templateflow==25.1.2 formulaic==1.2.2 interface-meta==2.0.1 wrapt==2.5.2
 bids-validator==1.14.7.post0 bidsschematools==2.0.1 num2words==0.5.14 frozendict==2.5.1
 qsiplan==0.5.0 qsiparc==0.1.2"
-qsiprep_versions="1.1.1 26.1.1"
+qsiprep_versions="1.1.1 26.0.0 26.1.1"
 pins="$deps qsiprep $qsiprep_versions"
 
 layered_venv_start "$tools" "$pins" neuroflow-tool-parsers

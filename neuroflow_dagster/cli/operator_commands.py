@@ -98,8 +98,14 @@ def _render_totals(report: dict[str, Any], names: list[str]) -> None:
         unit = " (per subject)" if stages.stage(name).per_subject else ""
         causes = totals.get("causes", {}).get(name)
         print(f"  {name}{unit}: " + _counts(totals[name]) + (f"  [{_counts(causes)}]" if causes else ""))
-    if report.get("disk_guard"):
-        print(report["disk_guard"]["message"])
+    _render_disk_lines(report)
+
+
+def _render_disk_lines(report: dict[str, Any]) -> None:
+    """The failed-run folders kept (control/kept.py), then the disk guard's line, last."""
+    for key in ("failed_runs_kept", "disk_guard"):
+        if report.get(key):
+            print(report[key]["message"])
 
 
 def _counts(counter: dict[str, int]) -> str:
@@ -115,7 +121,7 @@ def _render_summary(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     if fmt == "json":
         print_json({"stages": rows, "sessions": totals["sessions"], "held": totals["held"],
                     "held_by_reason": totals["held_by_reason"], "disk_guard": report.get("disk_guard"),
-                    "totals": totals})
+                    "failed_runs_kept": report.get("failed_runs_kept"), "totals": totals})
         return
     print_rows(rows, fmt, ["stage", "unit", "total", *states], max_width=None if fmt == "csv" else CELL_WIDTH)
     if fmt == "table":
@@ -128,8 +134,7 @@ def _render_summary(report: dict[str, Any], fmt: str, names: list[str]) -> None:
         print()
         print(f"{totals['sessions']} session(s); {totals['held']} held folder(s)"
               + (f": {_counts(totals['held_by_reason'])}" if totals["held_by_reason"] else ""))
-        if report.get("disk_guard"):
-            print(report["disk_guard"]["message"])
+        _render_disk_lines(report)
 
 
 def _export_nipoppy(args: argparse.Namespace, config: NeuroflowConfig, instance: Any) -> int:
@@ -161,6 +166,7 @@ def _export_nipoppy(args: argparse.Namespace, config: NeuroflowConfig, instance:
 def cmd_status(args: argparse.Namespace) -> int:
     """One row per registered session (state per stage), one per held folder, and totals."""
     from neuroflow_dagster.control.disk import disk_guard_view
+    from neuroflow_dagster.control.kept import kept_folders_view
     from neuroflow_dagster.control.status import collect_status
 
     config = _config(args)
@@ -179,6 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         while True:
             report = collect_status(db, config, subject=args.subject, stage=stage, failed_only=args.failed)
             report["disk_guard"] = disk_guard_view(db, config)
+            report["failed_runs_kept"] = kept_folders_view(config)
             if args.watch is None:
                 render(report, args.format, names)
                 return EXIT_OK

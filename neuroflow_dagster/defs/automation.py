@@ -17,8 +17,13 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
   protocol verdict on that registration passed, and no conversion of it is running.
 - qsiprep_subject: a session of the subject was converted after the last QSIPrep request, no
   session of the subject is still waiting for its conversion (registered with a passed or pending
-  protocol verdict, not converted since, its latest attempt not failed; or converting), and QSIPrep
-  is not running. Optionally only once a cron tick passed since the last request.
+  protocol verdict, not converted since, its latest attempt not failed; or converting), QSIPrep
+  is not running, and no reconstruction run (QC, recon, parcellation) of any of the subject's
+  sessions is queued or running (it reads the output QSIPrep would replace; its end brings the
+  subject back). Optionally only once a cron tick passed since the last request. A subject whose
+  sessions lack the anatomical image QSIPrep is configured for (`anat_modality`) is held with the
+  reason instead (eligibility.plan_qsiprep): never requested, never failed; its next conversion
+  decides again.
 - qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
   the subject's QSIPrep was materialized after the session's last recon request by a run created
   after the session's conversion (so it includes the session), the session's BIDS passed the
@@ -39,7 +44,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -54,6 +59,7 @@ from neuroflow_dagster.defs.ledger import CheckRecord, FinishedRun, Ledger, Part
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import read_status_report, session_block
+from neuroflow_dagster.eligibility import qsiprep_plan_from_metadata
 from neuroflow_dagster.naming.partitions import SESSION_LABELS, SUBJECTS, session_key, split_session_key
 from neuroflow_dagster.naming.tags import CAUSE_KEY, STAGE_TAG, STATE_KEY
 from neuroflow_dagster.qc.gate import session_gate
@@ -67,6 +73,9 @@ QSIPARC = asset_key("qsiparc")
 PROTOCOL = dg.AssetCheckKey(DICOM, stages.PROTOCOL_CHECK)
 VALIDATOR = dg.AssetCheckKey(BIDS, VALIDATOR_CHECK)
 QC = dg.AssetKey(stages.QC_ASSET)  # the image QC gate: not a stage of its own, run first in each recon run
+# What a session's reconstruction run (QC first, recon, parcellation) plans: while one of them is queued
+# or running, the subject's QSIPrep is not requested (it would replace the output that run reads).
+READERS = (QC, QSIRECON, QSIPARC)
 PROTOCOL_VALID_KEY = "protocol_valid"  # dicom_session metadata: the verdict made at registration
 
 TRIGGER_TAG = "neuroflow/trigger"
@@ -154,11 +163,12 @@ class Decision:
     session it holds); ``notes``: the cells left out and why, for the UI."""
 
     key: str
-    action: str  # request | wait | none
+    action: str  # request | wait | hold | none
     reason: str
     trigger: int = 0
     assets: tuple[dg.AssetKey, ...] | None = None
     notes: tuple[Note, ...] = ()
+    notable: bool = False  # a "none" the sensor logs (an ordering the operator may wonder about)
 
     @staticmethod
     def request(key: str, trigger: int, reason: str, assets: tuple[dg.AssetKey, ...] | None = None,
@@ -170,8 +180,14 @@ class Decision:
         return Decision(key, "wait", reason)
 
     @staticmethod
-    def none(key: str, reason: str = "", notes: tuple[Note, ...] = ()) -> Decision:
-        return Decision(key, "none", reason, notes=notes)
+    def hold(key: str, reason: str, notes: tuple[Note, ...] = ()) -> Decision:
+        """Would be requested, but the run could only fail (e.g. QSIPrep without an anatomical image):
+        not requested, logged with the reason; a later change of its inputs decides again."""
+        return Decision(key, "hold", reason, notes=notes)
+
+    @staticmethod
+    def none(key: str, reason: str = "", notable: bool = False, notes: tuple[Note, ...] = ()) -> Decision:
+        return Decision(key, "none", reason, notable=notable, notes=notes)
 
 
 def protocol_verdict(dicom: PartitionRecord, check: CheckRecord | None, meta: dict[str, Any] | None) -> str | None:
@@ -230,8 +246,11 @@ def decide_qsiprep(
     qsiprep: PartitionRecord,
     requested: int,
     cron_ok: Callable[[], bool] | None = None,
+    readers: Sequence[str] = (),
 ) -> Decision:
-    """`sessions`: key -> (dicom record, protocol verdict, bids record) of the subject's sessions."""
+    """`sessions`: key -> (dicom record, protocol verdict, bids record) of the subject's sessions;
+    `readers`: the subject's sessions whose reconstruction run (QC, recon, parcellation) is queued or
+    running: they read the QSIPrep output a new run would replace."""
     converted = max((bids.mat_id for _, _, bids in sessions.values()), default=0)
     if not converted:
         return Decision.none(subject, "no converted session")
@@ -246,6 +265,13 @@ def decide_qsiprep(
     )
     if waiting:
         return Decision.none(subject, f"sessions still converting: {', '.join(waiting)}")
+    if readers:
+        return Decision.none(
+            subject,
+            f"waiting for the reconstruction of {', '.join(sorted(readers))} (queued or running) to end: "
+            "it reads the subject's QSIPrep output",
+            notable=True,
+        )
     if cron_ok is not None and not cron_ok():
         return Decision.wait(subject, "waiting for the next QSIPrep cron tick")
     return Decision.request(subject, converted, "its sessions are converted (a new wave)")
@@ -402,6 +428,9 @@ class QsiprepStage(Stage):
         ended = _run_partitions(changes, {BIDS.to_user_string()}, frozenset({PROTOCOL_CHECK_NAME}))
         keys |= {split_session_key(k)[0] for k in ended}
         keys |= {p for p in _run_partitions(changes, {QSIPREP.to_user_string()}) if "|" not in p}
+        # A reconstruction run that ended may release a QSIPrep held for it (`readers` below).
+        readers = {a.to_user_string() for a in READERS}
+        keys |= {split_session_key(p)[0] for p in _run_partitions(changes, readers) if "|" in p}
         return keys
 
     def decide(self, ledger: Ledger, keys: set[str], cursor: Cursor, now: float) -> list[Decision]:
@@ -412,8 +441,9 @@ class QsiprepStage(Stage):
         prep = ledger.records(QSIPREP, keys)
         cfg = self.config.pipelines.qsiprep
         out = []
+        sessions_by = {}
         for subject in sorted(keys):
-            sessions = {
+            sessions = sessions_by[subject] = {
                 k: (dicom[k], verdicts[k], bids[k])
                 for k in _sessions_of(ledger, [subject])
                 if dicom[k].materialized or bids[k].materialized
@@ -422,6 +452,48 @@ class QsiprepStage(Stage):
             if cfg.trigger == "cron":
                 cron_ok = self._cron_check(ledger, prep[subject], cursor, subject, now)
             out.append(decide_qsiprep(subject, sessions, prep[subject], cursor.requested_trigger(subject), cron_ok))
+        # Only for the subjects about to be requested: is a reconstruction of theirs still queued or running?
+        wanted = [d.key for d in out if d.action == "request"]
+        busy = self._readers(ledger, wanted) if wanted else {}
+        out = [
+            decide_qsiprep(d.key, sessions_by[d.key], prep[d.key], cursor.requested_trigger(d.key), None, busy[d.key])
+            if d.key in busy
+            else d
+            for d in out
+        ]
+        return self._hold_without_anatomy(ledger, out, bids)
+
+    def _readers(self, ledger: Ledger, subjects: list[str]) -> dict[str, list[str]]:
+        """subject -> its sessions with a queued or running run that reads its QSIPrep output."""
+        keys = _sessions_of(ledger, subjects)
+        records = [ledger.records(asset, keys) for asset in READERS]
+        busy: dict[str, list[str]] = {}
+        for key in keys:
+            if any(r[key].in_progress for r in records):
+                busy.setdefault(split_session_key(key)[0], []).append(key)
+        return busy
+
+    def _hold_without_anatomy(
+        self, ledger: Ledger, decisions: list[Decision], bids: dict[str, PartitionRecord]
+    ) -> list[Decision]:
+        """A request for a subject whose sessions lack the anatomical image QSIPrep is configured for
+        becomes a hold (eligibility.qsiprep_plan_from_metadata, from the conversions' metadata)."""
+        subjects = {d.key for d in decisions if d.action == "request"}
+        if not subjects:
+            return decisions
+        converted = {k: r.mat_id for k, r in bids.items() if r.materialized and split_session_key(k)[0] in subjects}
+        meta = ledger.metadata(BIDS, converted.values())
+        by_subject: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, mat_id in converted.items():
+            subject, session = split_session_key(key)
+            by_subject.setdefault(subject, {})[session] = meta.get(mat_id, {})
+        out = []
+        for d in decisions:
+            hold = None
+            if d.action == "request":
+                hold = qsiprep_plan_from_metadata(self.config, d.key, by_subject.get(d.key, {})).hold
+            note = (Note(QSIPREP, states.HELD, states.HOLD_NO_ANAT, hold),) if hold else ()
+            out.append(Decision.hold(d.key, hold, notes=note) if hold else d)
         return out
 
     def _cron_check(
@@ -630,7 +702,7 @@ def _not_held_by_an_operator_decision(config: NeuroflowConfig, decisions: list[D
             held[d.key] = f"excluded: {excluded[entry.scan_id].get('reason')}"
         elif blocked := session_block(config, entry, registry, report):
             held[d.key] = blocked
-    return [Decision.none(d.key, f"held: {held[d.key]}") if d.key in held and d.action == "request" else d
+    return [Decision.hold(d.key, held[d.key]) if d.key in held and d.action == "request" else d
             for d in decisions]  # fmt: skip
 
 
@@ -749,7 +821,7 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
         mode = (
             " QSIPrep once per wave of sessions"
             + (f", after each cron {cfg.cron} tick" if cfg.trigger == "cron" else "")
-            + "."
+            + ", never while a reconstruction of the subject is queued or running."
         )
 
     @dg.sensor(
@@ -779,6 +851,8 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
             elif d.action == "wait":
                 waits += 1
                 context.log.debug(f"wait {d.key}: {d.reason}")
+            elif d.action == "hold" or d.notable:
+                context.log.info(f"hold {', '.join(targets)} {d.key}: {d.reason}")
         observations = take_notes(result.decisions, result.cursor)
         for obs in observations:
             context.log.info(f"{obs.asset_key.to_user_string()} {obs.partition}: {obs.metadata[STATE_KEY].value} "

@@ -33,10 +33,11 @@ import dagster as dg
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.alerts import deliver
+from neuroflow_dagster.defs.execution import retryable_failure
 from neuroflow_dagster.defs.graph import stage_settings
+from neuroflow_dagster.defs.leftovers import prune_leftovers
 from neuroflow_dagster.diskspace import DiskReport, gb, held_pools, measure
-from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY
-from neuroflow_dagster.runtimes.failures import FailureClass, retry_delay
+from neuroflow_dagster.runtimes.failures import FailureClass
 
 SENSOR_NAME = "disk_guard"
 HELD_LIMIT = 0
@@ -130,12 +131,20 @@ def build_disk_guard_sensor(config: NeuroflowConfig) -> dg.SensorDefinition:
         minimum_interval_seconds=config.disk.interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Holds new stage runs (pool limits 0) while a guarded folder is below its free-space "
-        "floor (disk.min_free_gb); alerts once when it starts holding and once when it lets go.",
+        "floor (disk.min_free_gb); alerts once when it starts holding and once when it lets go; prunes "
+        "the folders failed runs left behind (disk.keep_failed_runs).",
     )
     def disk_guard(context: dg.SensorEvaluationContext) -> dg.SkipReason:
         decision, changed = apply_pool_limits(context.instance, config)
         if changed:
             context.log.info(f"pool limits set: {', '.join(changed)} ({decision.line()})")
+        # What failed runs left behind, pruned by disk.keep_failed_runs (docs/operations.md).
+        try:
+            pruned = prune_leftovers(context.instance, config, log=context.log.info)
+            context.log.debug(f"failed-run folders: {len(pruned.kept)} kept, {len(pruned.pruned)} pruned, "
+                              f"{pruned.live} of live runs ({pruned.seconds:.3f}s)")
+        except OSError as exc:  # the guard's own work (the pool limits) is done; say why and go on
+            context.log.warning(f"pruning failed-run folders: {exc}")
         state = _cursor(context.cursor)
         alerted_holding = bool(state.get("holding"))
         if decision.hold != alerted_holding:
@@ -169,24 +178,12 @@ def refuse_if_disk_low(context: dg.AssetExecutionContext, config: NeuroflowConfi
     report = measure(config)
     if not report.low:
         return
-    stage_cfg = stage_settings(config, stage)
-    retry = stage_cfg.retry
-    attempt = context.retry_number + 1
-    will_retry = attempt <= retry.max_retries
-    note = f"attempt {attempt}/{retry.max_retries + 1}" + (", will retry" if will_retry else ", not retried")
-    failure = dg.Failure(
-        description=f"{stage} failed [{FailureClass.RESOURCE}; {note}]: not started, the disk is below its "
-        f"free-space floor: {report.low_text()} (disk.min_free_gb); nothing was written",
-        metadata={
-            FAILURE_CLASS_KEY: str(FailureClass.RESOURCE),
-            "disk": dg.MetadataValue.json(report.as_dict()),
-        },
-        allow_retries=False,
+    raise retryable_failure(
+        context,
+        stage_settings(config, stage).retry,
+        stage,
+        FailureClass.RESOURCE,
+        f"not started, the disk is below its free-space floor: {report.low_text()} (disk.min_free_gb); "
+        "nothing was written",
+        {"disk": dg.MetadataValue.json(report.as_dict())},
     )
-    if not will_retry:
-        raise failure
-    wait = retry_delay(attempt, retry)
-    context.log.warning(f"{stage}: disk below its floor ({report.low_text()}), retrying in {wait:.0f}s")
-    requested = dg.RetryRequested(max_retries=retry.max_retries, seconds_to_wait=wait)
-    requested.__cause__ = failure
-    raise requested

@@ -22,27 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from neuroflow_dagster import provenance as prov
-from neuroflow_dagster import stages
+from neuroflow_dagster import retention, stages
 from neuroflow_dagster.config import NeuroflowConfig, RetryConfig
 from neuroflow_dagster.defs.graph import stage_settings
-from neuroflow_dagster.diskspace import is_disk_full
-from neuroflow_dagster.naming.logs import run_log_path, safe_partition
+from neuroflow_dagster.diskspace import gb, is_disk_full
+from neuroflow_dagster.naming import locks
+from neuroflow_dagster.naming.logs import run_log_path
 from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY, LOG_TAIL_KEY
 from neuroflow_dagster.runtimes import STAND_IN_IMAGE, get_runtime, verify_outputs
 from neuroflow_dagster.runtimes.base import RunRecord, ToolRunError
 from neuroflow_dagster.runtimes.failures import FailureClass, classify, is_retryable, retry_delay
 from neuroflow_dagster.runtimes.jobs import JobStore
+from neuroflow_dagster.rwlock import LockBusy, ReadersWriterLock
 from neuroflow_dagster.tools import publish
 from neuroflow_dagster.tools.layout import package_version
 from neuroflow_dagster.tools.spec import ToolSpec
@@ -56,7 +59,95 @@ def staging_for(context: dg.AssetExecutionContext, final_dir: Path) -> Path:
 
 def work_lock(config: NeuroflowConfig, stage: str, partition: str) -> Path:
     """One lock file per piece of work: two processes of the same stage x partition never run at once."""
-    return config.paths.state / "locks" / stage / f"{safe_partition(partition)}.lock"
+    return locks.work_lock(config.paths.state, stage, partition)
+
+
+# --------------------------------------------------------------------------- readers of a subject's output
+
+
+def read_while_running(stage: stages.Stage) -> bool:
+    """A subject-level stage whose output session-level stages read for hours (QSIPrep's ``sub-X``):
+    its publish waits for them, and they do not start reading while it swaps (docs/domain-rules.md#state)."""
+    return stage.per_subject and any(stage.name in s.upstream and not s.per_subject for s in stages.stages())
+
+
+def guarded_upstream(reader: stages.Stage) -> list[stages.Stage]:
+    """The subject-level stages whose published output ``reader`` reads (for the reconstruction: QSIPrep)."""
+    ups = [stages.stage(name) for name in reader.upstream if name != stages.SOURCE]
+    return [up for up in ups if read_while_running(up)]
+
+
+def output_lock(config: NeuroflowConfig, stage: stages.Stage, participant: str) -> ReadersWriterLock:
+    return ReadersWriterLock(locks.readers_lock(config.paths.state, stage.name, participant))
+
+
+def publish_wait_s(config: NeuroflowConfig, stage: stages.Stage) -> float:
+    """``pipelines.<stage>.publish_wait_minutes`` (QSIPrep's), in seconds."""
+    return 60.0 * float(getattr(stage_settings(config, stage.name), "publish_wait_minutes", 60))
+
+
+def _holder_info(context: dg.AssetExecutionContext, stage: str) -> dict[str, str]:
+    partition = context.partition_key if context.has_partition_key else ""
+    return {"run_id": context.run_id, "stage": stage, "partition": str(partition)}
+
+
+@contextlib.contextmanager
+def reading_outputs(
+    context: dg.AssetExecutionContext,
+    config: NeuroflowConfig,
+    reader: str,
+    upstream: Sequence[stages.Stage],
+    participant: str,
+    retry: RetryConfig,
+) -> Iterator[dict[str, Any]]:
+    """Hold the shared lock on the subject's output of each of ``upstream`` while the block reads it.
+
+    Waits (bounded, logged) while a publish swaps that output; yields the metadata that says so
+    (empty when it did not wait). Still held after the wait: a ``transient`` failure, retried.
+    """
+    meta: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        for up in upstream:
+            lock = output_lock(config, up, participant)
+            try:
+                got = stack.enter_context(
+                    lock.shared(_holder_info(context, reader), publish_wait_s(config, up), log=context.log.info)
+                )
+            except LockBusy as exc:
+                raise retryable_failure(
+                    context, retry, reader, FailureClass.TRANSIENT,
+                    f"not started: the {up.name} output of sub-{participant} is being replaced ({exc})",
+                ) from exc  # fmt: skip
+            if got.waited():
+                context.log.info(
+                    f"{reader}: waited {got.waited_s:.1f} s for the {up.name} publish of sub-{participant}: "
+                    f"{got.describe()}"
+                )
+                meta[f"{up.name}_publish_waited_s"] = round(got.waited_s, 1)
+                meta[f"{up.name}_publish_waited_for"] = got.describe()
+        yield meta
+
+
+@contextlib.contextmanager
+def publishing(
+    context: dg.AssetExecutionContext, config: NeuroflowConfig, stage: str, partition: str, record: RunRecord
+) -> Iterator[None]:
+    """The exclusive lock on the subject's output while a guarded stage publishes it (waits for its
+    readers, bounded and logged; records for whom and how long in ``record.extra``). Other stages: none."""
+    record_stage = next((s for s in stages.stages() if s.name == stage), None)
+    if record_stage is None or not read_while_running(record_stage):
+        yield
+        return
+    lock = output_lock(config, record_stage, partition)
+    wait_s = publish_wait_s(config, record_stage)
+    with lock.exclusive(_holder_info(context, stage), wait_s, log=context.log.info) as got:
+        record.extra["publish_waited_s"] = round(got.waited_s, 1)
+        if got.waited():
+            record.extra["publish_waited_for"] = got.describe()
+            context.log.info(
+                f"{stage}: waited {got.waited_s:.1f} s for the runs reading sub-{partition} to finish: {got.describe()}"
+            )
+        yield
 
 
 def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str, Any]:
@@ -80,6 +171,10 @@ def record_metadata(record: RunRecord, spec: ToolSpec | None = None) -> dict[str
     for key, value in record.extra.items():  # job id, node, state, exit code, elapsed, max RSS
         if key.startswith("slurm_") and isinstance(value, (str, int, float, bool)):
             meta[f"slurm/{key[len('slurm_') :]}"] = value
+    # Who a publish waited for and how long; what reclaiming the work folder freed (execute_spec).
+    for key in ("publish_waited_s", "publish_waited_for", "work_dir_reclaimed", "work_dir_freed_bytes"):
+        if key in record.extra:
+            meta[key] = record.extra[key]
     if record.log_tail:
         meta[LOG_TAIL_KEY] = dg.MetadataValue.md("```\n" + record.log_tail[-4000:] + "\n```")
     return meta
@@ -147,6 +242,8 @@ def execute_spec(
             f"{stage}: inputs identified for provenance in {inputs.seconds:.1f}s "
             f"({inputs.bytes_hashed / 1e6:.1f} MB hashed)"
         )
+    if spec.scratch_dir is not None and spec.scratch_dir.is_dir():
+        os.utime(spec.scratch_dir)  # the retention ages a failed run's work folder from its last start
     context.log.info(f"{stage}: running {spec.command_line()} ({runtime.name}); log file {log_path}")
     try:
         record = runtime.run(spec, log_path=log_path, log=context.log.info, context=context)
@@ -176,9 +273,18 @@ def execute_spec(
         context.log.info(f"{stage}: provenance written ({written.name}, {provenance.document})")
     if spec.publish_to is not None:
         try:
-            done = publish.publish_outputs(
-                spec.output_dir, spec.publish_to, spec.publish_units, partition=str(partition)
-            )
+            with publishing(context, config, stage, str(partition), record):
+                done = publish.publish_outputs(
+                    spec.output_dir, spec.publish_to, spec.publish_units, partition=str(partition)
+                )
+        except LockBusy as exc:
+            raise failed(
+                f"{stage}: not published: the runs reading the previous output did not end within "
+                f"{_duration(exc.waited_s)} (pipelines.{stage}.publish_wait_minutes): "
+                + "; ".join(h.describe() for h in exc.holders),
+                FailureClass.TRANSIENT,
+                record,
+            ) from exc
         except (publish.PublishError, OSError) as exc:
             failure_class = classify(str(exc), None)
             if failure_class == FailureClass.TOOL:
@@ -191,7 +297,34 @@ def execute_spec(
             f"{stage}: published {', '.join(done.units) or 'files'} into {done.target} ({done.files} files)"
         )
         record.extra["published_units"] = done.units
+    if spec.scratch_dir is not None:
+        reclaim_work_folder(context, stage, spec, record)
     return record
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def reclaim_work_folder(context: dg.AssetExecutionContext, stage: str, spec: ToolSpec, record: RunRecord) -> None:
+    """After success the tool's work folder goes (a failed run's stays for debugging, until the retention
+    prunes it): measured, logged and recorded in the metadata. Never fails the run."""
+    assert spec.scratch_dir is not None
+    try:
+        freed = retention.reclaim(spec.scratch_dir, spec.lock)
+    except OSError as exc:
+        context.log.warning(f"{stage}: work folder {spec.scratch_dir} not reclaimed: {exc}")
+        return
+    if freed is None:
+        if spec.scratch_dir.exists():
+            context.log.info(f"{stage}: work folder {spec.scratch_dir} kept: another process of this work holds it")
+        return
+    record.extra["work_dir_reclaimed"] = str(freed.path)
+    record.extra["work_dir_freed_bytes"] = freed.bytes
+    context.log.info(
+        f"{stage}: work folder {freed.path} reclaimed: {gb(freed.bytes)} freed "
+        f"({freed.files} files, {freed.seconds:.1f} s)"
+    )
 
 
 def release_if_disk_full(spec: ToolSpec | None, text: str) -> str:
@@ -319,15 +452,57 @@ def tool_failure(
     ``allow_retries=False``, so no RetryPolicy re-runs a deterministic failure.
     """
     failure_class = str(FailureClass(error.failure_class))
-    attempt = retry_number + 1
-    will_retry = is_retryable(failure_class) and attempt <= retry.max_retries
-    note = f"attempt {attempt}/{retry.max_retries + 1}" + (", will retry" if will_retry else ", not retried")
+    will_retry, note = attempt_note(failure_class, retry, retry_number)
     failure = final_failure(error, spec, f"{stage} failed [{failure_class}; {note}]: {error}{unpublished_note(spec)}")
     if not will_retry:
         return failure
-    wait = retry_delay(attempt, retry, rng)
+    return retry_later(failure, retry, retry_number, f"{stage}: {failure_class} failure", str(error), log, rng)
+
+
+def attempt_note(failure_class: str, retry: RetryConfig, retry_number: int) -> tuple[bool, str]:
+    """(will it be retried, ``attempt 1/4, will retry``) for this attempt of a failure of this class."""
+    attempt = retry_number + 1
+    will_retry = is_retryable(failure_class) and attempt <= retry.max_retries
+    note = f"attempt {attempt}/{retry.max_retries + 1}" + (", will retry" if will_retry else ", not retried")
+    return will_retry, note
+
+
+def retry_later(
+    failure: dg.Failure,
+    retry: RetryConfig,
+    retry_number: int,
+    what: str,
+    why: str,
+    log: Callable[[str], None] | None = None,
+    rng: random.Random | None = None,
+) -> dg.RetryRequested:
+    """``RetryRequested`` with this attempt's delay (docs/domain-rules.md#failures), carrying ``failure``
+    as its ``__cause__`` (what Dagster reports once the retries are spent)."""
+    wait = retry_delay(retry_number + 1, retry, rng)
     if log is not None:
-        log(f"{stage}: {failure_class} failure, retrying in {wait:.0f}s: {error}")
+        log(f"{what}, retrying in {wait:.0f}s: {why}")
     requested = dg.RetryRequested(max_retries=retry.max_retries, seconds_to_wait=wait)
     requested.__cause__ = failure
     return requested
+
+
+def retryable_failure(
+    context: dg.AssetExecutionContext,
+    retry: RetryConfig,
+    stage: str,
+    failure_class: FailureClass,
+    reason: str,
+    metadata: dict[str, Any] | None = None,
+) -> Exception:
+    """A failure before the tool ran (a disk below its floor, a lock still held): the Failure, or a
+    retry of the step when its class is retried and attempts are left."""
+    will_retry, note = attempt_note(str(failure_class), retry, context.retry_number)
+    failure = dg.Failure(
+        description=f"{stage} failed [{failure_class}; {note}]: {reason}",
+        metadata={FAILURE_CLASS_KEY: str(failure_class), **(metadata or {})},
+        allow_retries=False,
+    )
+    if not will_retry:
+        return failure
+    return retry_later(failure, retry, context.retry_number, f"{stage}: {failure_class} failure", reason,
+                       context.log.warning)  # fmt: skip

@@ -78,8 +78,9 @@ def history(config: NeuroflowConfig) -> list[dict[str, Any]]:
     return _entries(config)
 
 
-def _append(config: NeuroflowConfig, entry: dict[str, Any]) -> None:
-    file = path(config)
+def append_entry(config: NeuroflowConfig, entry: dict[str, Any], name: str = FILE) -> None:
+    """One JSON line appended under a lock (the operator's QC decisions: approvals, re-judgements)."""
+    file = config.paths.state / name
     file.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(file) + ".lock"), file.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -96,7 +97,7 @@ def approve(
     who = (by or "").strip() or getpass.getuser()
     entry = {"action": "approve", "scan_id": scan_id, "participant": participant, "session": session,
              "by": who, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason.strip(), "qc": qc}
-    _append(config, entry)
+    append_entry(config, entry)
     return Approval(scan_id, participant, session, who, entry["at"], entry["reason"], qc)
 
 
@@ -107,7 +108,7 @@ def revoke(config: NeuroflowConfig, scan_id: str, reason: str, by: str | None = 
     standing = approval_for(config, scan_id)
     if standing is None:
         return False
-    _append(config, {"action": "revoke", "scan_id": scan_id, "participant": standing.participant,
+    append_entry(config, {"action": "revoke", "scan_id": scan_id, "participant": standing.participant,
                      "session": standing.session, "by": (by or "").strip() or getpass.getuser(),
                      "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "reason": reason.strip()})
     return True

@@ -60,7 +60,10 @@ _PATTERNS: tuple[tuple[FailureClass, re.Pattern[str]], ...] = (
         re.compile(
             r"invalid bids|not a valid bids|bids validation (failed|error)|"
             r"missing required (file|scan)|required file .{0,80}(missing|not found)|"
-            r"malformed dicom|invalid dicom|invaliddicomerror|protocol mismatch|missing required scans",
+            r"malformed dicom|invalid dicom|invaliddicomerror|protocol mismatch|missing required scans|"
+            # QSIPrep's own input refusals (qsiprep/workflows/base.py, qsiprep/utils/bids.py; 1.1.1 to
+            # 26.1.1): the same input fails the same way again, as the stand-in's refusals say.
+            r"no (t1w|t2w|dwi) images found for participant|dwi file not 4d",
             re.I,
         ),
     ),

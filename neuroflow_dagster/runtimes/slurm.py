@@ -346,6 +346,29 @@ def job_name(stage_name: str, partition: str) -> str:
     return f"nf-{stage_name}-{safe}"
 
 
+# A job's memory beyond the tool's own budget (docs/runtimes.md, "slurm"): QSIPrep's and QSIRecon's
+# --mem-mb is what nipype's scheduler plans with, not a cap (a node's real peak, Python and the
+# container runtime come on top), while Slurm kills the job at --mem.
+MEM_MARGIN_FRACTION = 0.25
+MEM_MARGIN_MIN_MB = 1024
+
+
+def job_resources(stage: StageConfig, nprocs: int | None, mem_mb: int | None) -> tuple[int | None, int | None]:
+    """``(--cpus-per-task, --mem in MB)`` of a job; None leaves it to the cluster's default.
+
+    Explicit keys win (``slurm.cpus``/``slurm.mem_mb``, then the stage's ``cpus``/``memory_mb``); else
+    the tool's own ``nprocs``/``mem_mb`` as its spec carries them (one source of truth): CPUs exactly
+    (nipype never runs more than --nprocs threads of work at once), memory plus
+    ``max(MEM_MARGIN_MIN_MB, MEM_MARGIN_FRACTION x mem_mb)``.
+    """
+    cfg = stage.slurm
+    cpus = cfg.cpus or stage.cpus or nprocs
+    mem = cfg.mem_mb or stage.memory_mb
+    if not mem and mem_mb:
+        mem = mem_mb + max(MEM_MARGIN_MIN_MB, math.ceil(MEM_MARGIN_FRACTION * mem_mb))
+    return (math.ceil(cpus) if cpus else None), (int(mem) if mem else None)
+
+
 def sbatch_argv(
     stage: StageConfig,
     *,
@@ -355,8 +378,11 @@ def sbatch_argv(
     script: Path,
     timeout_s: float | None,
     job_args: list[str],
+    nprocs: int | None = None,
+    mem_mb: int | None = None,
 ) -> list[str]:
-    """The sbatch command: resources from the stage, then the operator's extra options, then the script."""
+    """The sbatch command: resources from the stage (job_resources, with the tool's ``nprocs`` and
+    ``mem_mb``), then the operator's extra options, then the script."""
     cfg = stage.slurm
     argv = [
         "sbatch",
@@ -368,12 +394,11 @@ def sbatch_argv(
         "--no-requeue",
         f"--time={_time_limit(stage, timeout_s)}",
     ]
-    mem = cfg.mem_mb or stage.memory_mb
+    cpus, mem = job_resources(stage, nprocs, mem_mb)
     if mem:
-        argv.append(f"--mem={int(mem)}M")
-    cpus = cfg.cpus or stage.cpus
+        argv.append(f"--mem={mem}M")
     if cpus:
-        argv.append(f"--cpus-per-task={math.ceil(cpus)}")
+        argv.append(f"--cpus-per-task={cpus}")
     for key in ("partition", "account", "qos"):
         value = getattr(cfg, key)
         if value:
@@ -512,6 +537,8 @@ class SlurmRuntime(Runtime):
             script=files["sbatch.sh"],
             timeout_s=timeout_s,
             job_args=job_args,
+            nprocs=spec.nprocs,
+            mem_mb=spec.mem_mb,
         )
         print_ = fingerprint(
             argv, env, cwd, sbatch[: sbatch.index(str(files["sbatch.sh"]))], output_dir=str(spec.output_dir)

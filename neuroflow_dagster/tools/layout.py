@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,19 +19,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.config import image_version
 from neuroflow_dagster.naming import bids
 from neuroflow_dagster.naming.bids import is_label
 from neuroflow_dagster.tools.spec import Mount, ToolSpec
 
-# A version in an image reference: "pennlinc/qsiprep:1.1.1", "qsiprep_26.1.1.sif", "...:1.1.1@sha256:..".
 # Where a containerized tool sees its output, work folder and FreeSurfer licence (fixed paths, so argv
 # does not depend on where the operator keeps data); every tool module uses these.
 C_OUT = "/out"
 C_WORK = "/work"
 C_LICENSE = "/opt/freesurfer/license.txt"
+C_TEMPLATEFLOW = "/templateflow"
 # Switch off nipype's and the BIDS apps' start-up network pings: workers on a clinical network have no internet.
 NO_PING_ENV = {"NIPYPE_NO_ET": "1", "NO_ET": "1"}
-_VERSION = re.compile(r"(?<![\d.])v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)")
 
 
 class SpecError(ValueError):
@@ -105,21 +104,6 @@ def publish_plan(output_dir: Path, final: Path, units: list[str]) -> dict[str, A
 def work_dir(config: Any, stage: str, participant: str, session: str | None = None) -> Path:
     """A run's own scratch folder (``work_dir/<stage>/sub-X[_ses-Y]``): concurrent runs never share one."""
     return Path(config.paths.work_dir) / stage / entities(participant, session)
-
-
-def image_version(image: str | None) -> tuple[int, ...] | None:
-    """The tool version an image reference names (``pennlinc/qsiprep:1.1.1`` -> (1, 1, 1)), if any.
-
-    The registry path is ignored (a host such as ``registry:5000`` is not a version),
-    so only the last path component - the name, tag or .sif file name - is read.
-    """
-    if not image:
-        return None
-    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
-    match = _VERSION.search(last.split(":", 1)[1] if ":" in last else last)
-    if not match:
-        return None
-    return tuple(int(part) for part in match.groups() if part is not None)
 
 
 def package_version() -> str:
@@ -229,24 +213,33 @@ def nipreps_container_spec(
     out: Path,
     *,
     fs_license: bool = True,
+    templateflow_home: Path | None = None,
     **fields: Any,
 ) -> ToolSpec:
     """The tail every NiPreps container command shares (QSIPrep, QSIRecon): the work folder (``-w``),
     the FreeSurfer licence when configured and ``fs_license`` says the tool takes it, ``--notrack``
-    (no crash reports leave a clinical site), the operator's extra arguments; then the spec."""
+    (no crash reports leave a clinical site), the operator's extra arguments; then the spec.
+
+    ``templateflow_home`` (``paths.templateflow_home``): bound read-only and named by
+    ``TEMPLATEFLOW_HOME``, so both tools read the site's templates instead of downloading them (QSIPrep's
+    docs, "Running QSIPrep with Apptainer on Non-Internet Nodes"); the env reaches docker, apptainer
+    (``--env``) and a Slurm job's environment alike."""
     container_work = pm(work, C_WORK, read_only=False)
     argv = [*argv, "-w", container_work]
     if fs_license and cfg.fs_license is not None:
         argv += ["--fs-license-file", pm(Path(cfg.fs_license), C_LICENSE)]
     argv.append("--notrack")
     argv += list(cfg.extra_args)
+    env = dict(NO_PING_ENV)
+    if templateflow_home is not None:
+        env["TEMPLATEFLOW_HOME"] = pm(Path(templateflow_home), C_TEMPLATEFLOW)
     prepare_dirs(work, out)
     return ToolSpec(
         tool=tool,
         argv=tuple(argv),
         image=cfg.image,
         mounts=tuple(pm.mounts),
-        env=dict(NO_PING_ENV),
+        env=env,
         workdir=Path(container_work),
         **fields,
     )

@@ -19,11 +19,13 @@ its golden outputs are present, `publish_outputs` moves the staged tree in:
 A run that crashes, times out or is cancelled publishes nothing: its partial
 outputs stay in its staging folder (named in the failure) and the previous
 good outputs stay where they are. The next successful run of the same
-partition deletes those leftovers. Plain Python (no Dagster import).
+partition deletes those leftovers; until then ``disk.keep_failed_runs`` bounds
+them (retention.py). Plain Python (no Dagster import).
 """
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import os
 import re
@@ -57,6 +59,30 @@ class Published:
 
 def _safe(partition: str) -> str:
     return _SAFE.sub("_", partition).strip("._") or "all"
+
+
+_STAGING_NAME = re.compile(r"^(?P<partition>.+)\.(?P<time>\d{8}T\d{6})\.(?P<run>[0-9a-f]{8})$")
+_LABELS = re.compile(r"^(?P<first>[A-Za-z0-9]+)(?:_(?P<second>[A-Za-z0-9]+))?$")
+
+
+def parse_staging_name(name: str) -> tuple[str, float, str] | None:
+    """(partition key, creation time, run id prefix) of a staging folder's name (`staging_dir`), or None.
+
+    The partition comes back as Dagster spells it (``01_A`` -> ``01|A``): labels are letters and digits
+    only, so the ``_`` that replaced the ``|`` is the only one.
+    """
+    match = _STAGING_NAME.match(name)
+    if match is None:
+        return None
+    try:
+        created = float(calendar.timegm(time.strptime(match["time"], "%Y%m%dT%H%M%S")))
+    except ValueError:
+        return None
+    labels = _LABELS.match(match["partition"])
+    partition = match["partition"]
+    if labels is not None and labels["second"]:
+        partition = f"{labels['first']}|{labels['second']}"
+    return partition, created, match["run"]
 
 
 def staging_dir(target: Path, partition: str, run_id: str) -> Path:

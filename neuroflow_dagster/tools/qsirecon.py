@@ -73,6 +73,7 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     unit = f"sub-{participant}/ses-{session}"
     common = {
         "output_dir": out,
+        "scratch_dir": work,
         "nprocs": cfg.nprocs,
         "mem_mb": cfg.mem_mb,
         **layout.publish_plan(out, final, [unit, f"**/{unit}"]),
@@ -125,8 +126,9 @@ def build_spec(config: Any, participant: str, session: str, *, output_dir: Path 
     if cfg.atlases:
         argv += ["--atlases", *cfg.atlases]
     argv += ["--nprocs", str(cfg.nprocs), "--mem-mb", str(cfg.mem_mb)]
+    outputs = golden_outputs(participant, session, cfg.atlases)
     return layout.nipreps_container_spec(
-        TOOL, argv, cfg, pm, work, out, outputs=golden_outputs(participant, session, cfg.atlases), **common
+        TOOL, argv, cfg, pm, work, out, outputs=outputs, templateflow_home=config.paths.templateflow_home, **common
     )
 
 

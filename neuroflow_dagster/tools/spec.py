@@ -56,6 +56,9 @@ class ToolSpec:
     # (e.g. the Dagster run id) is written into it for whoever has to wait.
     lock: Path | None = None
     lock_owner: str = ""
+    # The tool's scratch folder on the host (the NiPreps ``-w``): deleted once the run's outputs are
+    # published, kept after a failure for debugging until the retention prunes it (retention.py).
+    scratch_dir: Path | None = None
 
     @property
     def final_dir(self) -> Path:

@@ -96,17 +96,20 @@ def run_derivative_tool(
     sessions: Sequence[str],
     output_root: Path,
     session: str | None = None,
+    **tool_kwargs: Any,
 ) -> tuple[RunRecord, ToolSpec, dict[str, Any]]:
     """The course every derivative stage takes once it knows it applies: refuse on a low disk, build
     the tool's spec into this run's staging folder under ``output_root``, hash what it reads for the
     provenance file, run it (published on success) and return the record, the spec and the base
     metadata. ``tool`` is the stage's tool module (``build_spec``, ``reads``, ``TOOL``); a session
-    stage passes ``session``, a subject stage all its ``sessions``."""
+    stage passes ``session``, a subject stage all its ``sessions``; ``tool_kwargs`` go to both
+    ``build_spec`` and ``reads`` (QSIPrep's ``anat_sessions``)."""
     refuse_if_disk_low(context, config, stage)
     target: Any = session if session is not None else list(sessions)
-    spec = build_or_refuse(tool.build_spec, config, participant, target, output_dir=staging_for(context, output_root))
-    plan = derivative_plan(
-        config.stage(stage), tool.TOOL, participant, sessions, tool.reads(config, participant, target), session=session
+    spec = build_or_refuse(
+        tool.build_spec, config, participant, target, output_dir=staging_for(context, output_root), **tool_kwargs
     )
+    reads = tool.reads(config, participant, target, **tool_kwargs)
+    plan = derivative_plan(config.stage(stage), tool.TOOL, participant, sessions, reads, session=session)
     record = execute_spec(context, config, stage, spec, provenance=plan)
     return record, spec, record_metadata(record, spec)

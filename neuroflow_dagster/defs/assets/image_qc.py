@@ -1,8 +1,10 @@
 """`image_qc_session`: a session's image QC after QSIPrep, with the blocking `image_qc` check.
 
 The asset reads the session's QC table(s) from the QSIPrep derivatives (qc/gate.py judges them
-against the `qc` section of neuroflow.yaml) and records every measure, its level and its
-thresholds, the figures QSIPrep drew for the session, and any operator approval. Its check
+against the cohort of the session's acquisition group and the `qc` section of neuroflow.yaml, and
+records the verdict; the same tables judged again keep it) and records every measure, its level and
+the rule that gave it, the cohort plot of each measure with the session ringed (qc/report.py), the
+figures QSIPrep drew for the session, and any operator approval. Its check
 fails with ERROR severity when a measure is beyond a fail threshold and no approval stands:
 the check is blocking, so in the run that also reconstructs and parcellates the session those
 steps are skipped. Warnings and approved failures are WARN (not blocking), so the UI shows
@@ -19,10 +21,19 @@ import dagster as dg
 from neuroflow_dagster import stages
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.common import refuse, session_context
+from neuroflow_dagster.defs.execution import read_while_running, reading_outputs
 from neuroflow_dagster.defs.partitions import session_partitions, subject_of_session
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.naming.tags import STATUS_DONE, STATUS_KEY, STATUS_NOT_APPLICABLE
-from neuroflow_dagster.qc.gate import FAILED, NOT_APPLICABLE, WARN, GateState, session_gate
+from neuroflow_dagster.qc.gate import (
+    FAILED,
+    NOT_APPLICABLE,
+    WARN,
+    Evaluation,
+    GateState,
+    evaluate_session,
+    session_gate,
+)
 
 QC_KEY = dg.AssetKey(stages.QC_ASSET)
 QC_CHECK_KEY = dg.AssetCheckKey(QC_KEY, stages.QC_CHECK)
@@ -66,6 +77,11 @@ def check_metadata(gate: GateState) -> dict[str, dg.MetadataValue | str | float 
         meta[name] = dg.MetadataValue.float(m.value) if m.value is not None else "n/a"
         meta[f"{name} level"] = m.level
         meta[f"{name} thresholds"] = m.rule
+        meta[f"{name} rule"] = m.basis  # absolute / cohort / floor
+        if m.score is not None:
+            meta[f"{name} MADs from median"] = dg.MetadataValue.float(round(m.score, 2))
+    if gate.verdict.notes:
+        meta["qc_rule"] = "; ".join(gate.verdict.notes)
     if gate.verdict.metrics:
         meta["measures"] = dg.MetadataValue.md(metrics_markdown(gate))
     if gate.approval is not None:
@@ -88,6 +104,17 @@ def check_result(gate: GateState) -> dg.AssetCheckResult:
     )
 
 
+def cohort_markdown(cfg: NeuroflowConfig, scan_id: str, evaluation: Evaluation) -> str:
+    """The cohort plot of each measure over the session's acquisition group(s), the session ringed, as an
+    inline PNG (Dagster's markdown renderer allows `data:` image sources; a local path would not load)."""
+    from neuroflow_dagster.qc.report import session_figure
+
+    png, _ = session_figure(cfg, scan_id, evaluation.groups)
+    data = base64.b64encode(png).decode()
+    text = "; ".join(evaluation.gate.verdict.notes) or "every session a point; the ringed one is this session"
+    return f"![cohort of {html.escape(scan_id)}](data:image/png;base64,{data})\n\n{text}"
+
+
 def gate_or_refuse(config: NeuroflowConfig, scan_id: str, participant: str, session: str) -> GateState:
     """For the gated stages themselves: refuse (never retried) a session whose QC failed unapproved.
 
@@ -104,6 +131,7 @@ def gate_or_refuse(config: NeuroflowConfig, scan_id: str, participant: str, sess
 
 def build_image_qc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     qsiprep = stages.stage("qsiprep")
+    reads = [qsiprep] if read_while_running(qsiprep) else []
 
     @dg.asset(
         name=stages.QC_ASSET,
@@ -112,28 +140,48 @@ def build_image_qc_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         check_specs=[
             dg.AssetCheckSpec(
                 stages.QC_CHECK, asset=stages.QC_ASSET, blocking=True, partitions_def=session_partitions,
-                description="QSIPrep's image QC measures against the qc thresholds of neuroflow.yaml; a failure "
+                description="QSIPrep's image QC measures against the cohort of the session's acquisition group "
+                            "(the fixed qc thresholds for a small group; the fail thresholds are floors); a failure "
                             "holds reconstruction and parcellation of the session until `neuroflow qc approve`",
             )
         ],
         group_name="preprocessing",
         kinds={"python"},
-        description="The session's image QC from QSIPrep's *_desc-image_qc.tsv and figures; its blocking check "
-                    "gates reconstruction and parcellation (docs/operations.md, 'The QC gate').",
+        description="The session's image QC from QSIPrep's *_desc-image_qc.tsv judged against its cohort, with the "
+                    "cohort plot and QSIPrep's figures; its blocking check gates reconstruction and parcellation "
+                    "(docs/operations.md, 'The QC gate').",
     )
     def image_qc_session(context: dg.AssetExecutionContext, neuroflow: NeuroflowResource) -> dg.MaterializeResult:
         cfg = neuroflow.load()
         ses = session_context(cfg, context.partition_key)
-        gate = session_gate(cfg, ses.entry.scan_id, ses.participant, ses.session)
-        meta = dict(check_metadata(gate))
+        # It reads QSIPrep's output of the subject: not while a publish replaces it (docs/domain-rules.md#state).
+        retry = cfg.stage(stages.QC_GATED_STAGES[0]).retry
+        with reading_outputs(context, cfg, stages.QC_ASSET, reads, ses.participant, retry) as waited:
+            evaluation = evaluate_session(cfg, ses.entry.scan_id, ses.participant, ses.session,
+                                          by=f"{stages.QC_ASSET} run {context.run_id[:8]}")
+            gate = evaluation.gate
+            meta = dict(check_metadata(gate))
+            figures = list(gate.verdict.figures)
+            if figures:
+                meta["figures"] = dg.MetadataValue.md(figures_markdown(figures))
+                meta["figure_paths"] = dg.MetadataValue.json([str(p) for p in figures])
+        meta.update(waited)
         meta[STATUS_KEY] = STATUS_NOT_APPLICABLE if gate.state == NOT_APPLICABLE else STATUS_DONE
         meta["scan_id"] = ses.entry.scan_id
+        if evaluation.stored is not None:
+            meta["verdict"] = evaluation.describe_origin()
+            if evaluation.kept:
+                context.log.info(f"QC verdict kept: {evaluation.describe_origin()}")
+        if evaluation.today is not None:
+            meta["under today's cohort"] = evaluation.today.summary()
         if gate.verdict.tables:
             meta["qc_table"] = dg.MetadataValue.path(str(gate.verdict.tables[0]))
-        figures = list(gate.verdict.figures)
-        if figures:
-            meta["figures"] = dg.MetadataValue.md(figures_markdown(figures))
-            meta["figure_paths"] = dg.MetadataValue.json([str(p) for p in figures])
+        if gate.verdict.metrics:  # from the store alone: outside the read of QSIPrep's output
+            try:
+                meta["cohort"] = dg.MetadataValue.md(cohort_markdown(cfg, ses.entry.scan_id, evaluation))
+            except Exception as exc:  # a picture never decides a verdict
+                context.log.warning(f"cohort figure not drawn: {type(exc).__name__}: {exc}")
+                meta["cohort"] = f"not drawn: {type(exc).__name__}: {exc}"
         if gate.state == FAILED:
             context.log.warning(f"image QC failed, reconstruction and parcellation held: {gate.describe()}")
         return dg.MaterializeResult(metadata=meta, check_results=[check_result(gate)])

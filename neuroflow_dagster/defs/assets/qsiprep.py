@@ -34,24 +34,40 @@ def build_qsiprep_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
         cfg = neuroflow.load()
         participant = context.partition_key
         try:
-            sessions, left_out = qsiprep_sessions(cfg, participant)
+            plan = qsiprep_sessions(cfg, participant)
         except NotEligible as exc:
             raise refuse(str(exc), exc.failure_class) from None
-        for ses, why in left_out.items():
+        if plan.hold is not None:
+            # The automation holds such a subject (never requests it); launched by hand, it is refused
+            # before any tool starts, as the real QSIPrep would fail it (docs/domain-rules.md#pipelines).
+            raise refuse(
+                f"sub-{participant}: QSIPrep cannot run: {plan.hold} (pipelines.qsiprep.anat_modality: "
+                f"{cfg.pipelines.qsiprep.anat_modality}); held until a session with it is converted"
+            )
+        for ses, why in plan.left_out.items():
             context.log.warning(f"sub-{participant} ses-{ses} left out of QSIPrep: {why}")
-        if not sessions:
+        if not plan.sessions:
             return not_applicable(
                 f"sub-{participant} has no session QSIPrep can take",
-                left_out=dg.MetadataValue.json(left_out),
+                left_out=dg.MetadataValue.json(plan.left_out),
             )
         record, _spec, meta = run_derivative_tool(
-            context, cfg, STAGE, qsiprep, participant, sessions, layout.qsiprep_dir(cfg)
+            context,
+            cfg,
+            STAGE,
+            qsiprep,
+            participant,
+            plan.sessions,
+            layout.qsiprep_dir(cfg),
+            anat_sessions=plan.anat_sessions,
         )
         meta.update(
             {
                 STATUS_KEY: STATUS_DONE,
-                "sessions": ", ".join(sessions),
-                "left_out": dg.MetadataValue.json(left_out),
+                "sessions": ", ".join(plan.sessions),
+                # Sessions without DWI whose anatomical images went into the subject's reference.
+                "anat_only_sessions": ", ".join(plan.anat_sessions) or "none",
+                "left_out": dg.MetadataValue.json(plan.left_out),
                 "tool": tool_name,
                 "provenance": dg.MetadataValue.path(record.extra["provenance"]),
             }

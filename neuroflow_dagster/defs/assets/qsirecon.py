@@ -5,6 +5,7 @@ import dagster as dg
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.common import not_applicable, run_derivative_tool, session_context
 from neuroflow_dagster.defs.assets.image_qc import gate_or_refuse
+from neuroflow_dagster.defs.execution import guarded_upstream, reading_outputs
 from neuroflow_dagster.defs.graph import stage_asset_args, tool_label
 from neuroflow_dagster.defs.resources import NeuroflowResource
 from neuroflow_dagster.eligibility import missing_suffixes
@@ -33,6 +34,7 @@ def qc_image_metadata(png: object) -> dict[str, dg.MetadataValue]:
 def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
     stage_cfg = config.pipelines.qsirecon
     tool_name = tool_label(stage_cfg, "QSIRecon")
+    reads = guarded_upstream(stage(STAGE))
 
     @dg.asset(
         **stage_asset_args(stage(STAGE), stage_cfg),
@@ -48,15 +50,18 @@ def build_qsirecon_asset(config: NeuroflowConfig) -> dg.AssetsDefinition:
             return not_applicable(
                 f"sub-{ses.participant} ses-{ses.session} has no {', '.join(sorted(missing))} in BIDS"
             )
-        preproc = layout.session_dir(layout.qsiprep_dir(cfg), ses.participant, ses.session) / "dwi"
-        if not any(preproc.glob("*desc-preproc_dwi.nii.gz")):
-            return not_applicable(
-                f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
+        # QSIPrep's output of the subject is not replaced while this run reads it (docs/domain-rules.md#state).
+        with reading_outputs(context, cfg, STAGE, reads, ses.participant, stage_cfg.retry) as waited:
+            preproc = layout.session_dir(layout.qsiprep_dir(cfg), ses.participant, ses.session) / "dwi"
+            if not any(preproc.glob("*desc-preproc_dwi.nii.gz")):
+                return not_applicable(
+                    f"no QSIPrep output for sub-{ses.participant} ses-{ses.session} (no DWI, or left out of QSIPrep)"
+                )
+            gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
+            record, spec, meta = run_derivative_tool(
+                context, cfg, STAGE, qsirecon, ses.participant, [ses.session], layout.qsirecon_dir(cfg), ses.session
             )
-        gate = gate_or_refuse(cfg, ses.entry.scan_id, ses.participant, ses.session)
-        record, spec, meta = run_derivative_tool(
-            context, cfg, STAGE, qsirecon, ses.participant, [ses.session], layout.qsirecon_dir(cfg), ses.session
-        )
+        meta.update(waited)
         meta.update(
             {
                 STATUS_KEY: STATUS_DONE,

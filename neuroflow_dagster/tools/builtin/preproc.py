@@ -22,9 +22,24 @@ Any acquisition BIDS allows either completes or is refused with one
 volume, a diffusion-weighted volume without a direction, b-values that do not
 match the volumes, no signal at all. A denoiser that fails is never fatal.
 
+It refuses first what the real QSIPrep refuses before it processes anything, in
+QSIPrep's order and with QSIPrep's own words (1.1.1 to 26.1.1 alike):
+
+- a DWI file that is not 4D (a one-volume series stored as 3D, a 5D file):
+  ``DWI file not 4D: <file>`` (qsiprep/utils/bids.py, ``collect_data``; empty
+  files are skipped there, as here);
+- no image of the anatomical modality (``--anat-modality``, default T1w as in
+  QSIPrep) in the given sessions - per session with ``--subject-anatomical-reference
+  sessionwise``, where each session is its own group: ``No T1w images found for
+  participant X. To bypass anatomical processing choose --anat-modality none``
+  (qsiprep/workflows/base.py, ``init_single_subject_wf``).
+
+The anatomical images themselves are not used (no anatomical processing here).
+
     python -m neuroflow_dagster.tools.builtin.preproc --bids-dir D --output-dir O \
         --participant-label X --session-label 01 [02 ...] --work-dir W [--nprocs N]
         [--denoise-method auto|dwidenoise|patch2self|nlmeans|mppca|none]
+        [--anat-modality T1w|T2w|none] [--subject-anatomical-reference first-lex|unbiased|sessionwise]
 """
 
 from __future__ import annotations
@@ -64,6 +79,9 @@ from neuroflow_dagster.tools.builtin.image_qc import qc_row, series_qc, write_im
 from neuroflow_dagster.tools.qc_table import image_qc_name
 
 STANDS_IN_FOR = "QSIPrep"
+# QSIPrep's parser choices and defaults (qsiprep/cli/parser.py, 1.1.1 to 26.1.1).
+ANAT_MODALITIES = ("T1w", "T2w", "none")
+SUBJECT_ANATOMICAL_REFERENCES = ("first-lex", "unbiased", "sessionwise")
 DENOISE_METHODS = ("auto", "dwidenoise", "patch2self", "nlmeans", "mppca", "none")
 # patch2self regresses each volume on the others: with few DW volumes there is nothing to learn from.
 PATCH2SELF_MIN_DW_VOLUMES = 6
@@ -129,15 +147,54 @@ def _strip_nii(path: Path) -> str:
     return name
 
 
+def _dwi_files(dwi_dir: Path) -> list[Path]:
+    return sorted(dwi_dir.glob("*_dwi.nii.gz")) + sorted(dwi_dir.glob("*_dwi.nii"))
+
+
+def check_qsiprep_inputs(
+    bids_dir: Path, participant: str, sessions: Sequence[str], anat_modality: str, sessionwise: bool
+) -> None:
+    """Refuse what the real QSIPrep refuses before processing, in its order and words (module docstring).
+
+    QSIPrep forms one processing group of all given sessions, or one per session with DWI when
+    sessionwise; per group it collects the files (each DWI must be 4D), then wants DWI, then an
+    image of the anatomical modality. The no-DWI case keeps this stand-in's own message below.
+    """
+    sub = bids_dir / f"sub-{participant}"
+    with_dwi = [s for s in sessions if _dwi_files(sub / f"ses-{s}" / "dwi")]
+    groups = [[s] for s in with_dwi] if sessionwise else [list(sessions)]
+    for group in groups:
+        for ses in group:
+            for path in _dwi_files(sub / f"ses-{ses}" / "dwi"):
+                if path.stat().st_size == 0:
+                    continue  # QSIPrep skips empty files (its tests use them); reading it fails below
+                try:
+                    ndim = len(nib.load(path).shape)
+                except Exception:  # unreadable: refused with the reason when the session is loaded
+                    continue
+                if ndim != 4:
+                    # Word for word qsiprep/utils/bids.py collect_data (1.1.1, 26.0.0, 26.1.1).
+                    raise ValidationError(f"DWI file not 4D: {path}")
+        if not any(s in with_dwi for s in group):
+            continue
+        found = [p for s in group for p in sorted((sub / f"ses-{s}" / "anat").glob(f"*_{anat_modality}.nii*"))]
+        if anat_modality != "none" and not found:
+            # Word for word qsiprep/workflows/base.py init_single_subject_wf (1.1.1, 26.0.0, 26.1.1).
+            raise ValidationError(
+                f"No {anat_modality} images found for participant {participant}. "
+                "To bypass anatomical processing choose --anat-modality none"
+            )
+
+
 def _load_session_dwi(
     dwi_dir: Path,
 ) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray, list[Path], list[str], list[str]]:
     """Load and concatenate the session's DWI runs that share the first run's grid.
 
-    A 3D image is a single-volume series (dcm2niix writes one volume that way). Every
-    run's gradient table is checked (:func:`check_gradients`); the notes are returned.
+    Every run is 4D (check_qsiprep_inputs refused the others). Every run's gradient table is
+    checked (:func:`check_gradients`); the notes are returned.
     """
-    runs = sorted(dwi_dir.glob("*_dwi.nii.gz")) + sorted(dwi_dir.glob("*_dwi.nii"))
+    runs = _dwi_files(dwi_dir)
     if not runs:
         raise ValidationError(f"missing required file {dwi_dir}/*_dwi.nii.gz")
     ref_img: nib.Nifti1Image | None = None
@@ -153,20 +210,18 @@ def _load_session_dwi(
             shape = img.shape
         except Exception as exc:  # nibabel's errors for truncated/foreign files vary by format
             raise ValidationError(f"cannot read {run}: {type(exc).__name__}: {exc}") from exc
-        if len(shape) == 5 and shape[3] == 1:
-            shape = (*shape[:3], shape[4])  # (x, y, z, 1, t): a time series stored in the 5th dimension
-        if len(shape) not in (3, 4):
-            raise ValidationError(f"{run} is {len(shape)}D {shape}; a DWI series is 4D (or 3D for one volume)")
+        if len(shape) != 4:
+            raise ValidationError(f"DWI file not 4D: {run}")
         if ref_img is None:
             ref_img = img
         elif shape[:3] != ref_img.shape[:3] or not np.allclose(img.affine, ref_img.affine, atol=1e-3):
             skipped.append(f"{run.name}: voxel grid differs from {used[0].name}")
             continue
-        n_vol = shape[3] if len(shape) == 4 else 1
+        n_vol = shape[3]
         bvals, bvecs = load_gradients(bval, bvec, n_vol)
         bvals, bvecs, run_notes = check_gradients(bvals, bvecs, run.name)
         try:
-            data = np.asarray(img.dataobj, dtype=np.float32).reshape(*shape[:3], n_vol)
+            data = np.asarray(img.dataobj, dtype=np.float32)
         except Exception as exc:
             raise ValidationError(f"cannot read the image data of {run}: {type(exc).__name__}: {exc}") from exc
         arrays.append(data)
@@ -641,8 +696,12 @@ def run_preproc(
     work_dir: Path,
     nprocs: int = 1,
     denoise_method: str = "auto",
+    anat_modality: str = "T1w",
+    subject_anatomical_reference: str = "first-lex",
 ) -> list[SessionResult]:
-    """Process every listed session of one subject; returns one result per session."""
+    """Process every listed session of one subject; returns one result per session.
+
+    ``anat_modality`` and ``subject_anatomical_reference`` default to QSIPrep's own defaults."""
     start = time.perf_counter()
     participant = check_label(strip_prefix(participant, "sub-"), "participant label")
     sessions = [check_label(strip_prefix(s, "ses-"), "session label") for s in sessions]
@@ -652,11 +711,17 @@ def run_preproc(
         )
     if not (bids_dir / f"sub-{participant}").is_dir():
         raise ValidationError(f"missing required folder {bids_dir / f'sub-{participant}'}")
+    if anat_modality not in ANAT_MODALITIES:
+        raise ConfigurationError(f"unknown anatomical modality {anat_modality!r}; choose one of {ANAT_MODALITIES}")
+    sessions = list(dict.fromkeys(sessions))
+    check_qsiprep_inputs(
+        bids_dir, participant, sessions, anat_modality, subject_anatomical_reference == "sessionwise"
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     results: list[SessionResult] = []
     refs: list[tuple[str, nib.Nifti1Image, np.ndarray]] = []
-    for ses in dict.fromkeys(sessions):  # de-duplicate, keep order
+    for ses in sessions:
         with limited_threads(nprocs):
             res, ref, mask = process_session(bids_dir, output_dir, participant, ses, work_dir, denoise_method, nprocs)
         results.append(res)
@@ -688,6 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--nprocs", type=int, default=1)
     parser.add_argument("--denoise-method", default="auto", choices=DENOISE_METHODS)
+    parser.add_argument("--anat-modality", default="T1w", choices=ANAT_MODALITIES)
+    parser.add_argument("--subject-anatomical-reference", default="first-lex", choices=SUBJECT_ANATOMICAL_REFERENCES)
     args = parser.parse_args(argv)
     if not args.bids_dir.is_dir():
         raise ValidationError(f"missing required folder {args.bids_dir} (BIDS dataset)")
@@ -699,6 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.work_dir,
         max(1, args.nprocs),
         args.denoise_method,
+        args.anat_modality,
+        args.subject_anatomical_reference,
     )
     for r in results:
         if r.reason:
