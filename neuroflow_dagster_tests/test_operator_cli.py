@@ -219,6 +219,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         report(instance, DICOM, "01|SUBJA")
 
         # The states of the held and blocked kinds (the state model, neuroflow_dagster/states.py).
+        from neuroflow_dagster.bids.verdicts import save_verdict
         from neuroflow_dagster_tests.test_qc_gate import write_session
 
         instance.add_dynamic_partitions("subjects", ["SUBJH", "SUBJR", "SUBJN", "SUBJI"])
@@ -226,7 +227,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             registry.assign(scan_id, code)
             partition = f"01|{code}"
             report_protocol(instance, partition, True, "protocol ok")
-            report(instance, BIDS, partition, bids_suffixes="dwi" if code == "SUBJN" else "T1w, dwi")
+            report(instance, BIDS, partition, bids_suffixes="dwi" if code == "SUBJN" else "T1w, dwi", scan_id=scan_id)
+            save_verdict(config.paths.state, code, "01", True, "valid")  # what the conversion records
         # SUBJH fails image QC: the real QC asset's blocking check stops recon and parcellation in that run.
         # SUBJR passes QC and its reconstruction is refused: parcellation is skipped in the same run.
         for code, corr, bad in (("SUBJH", 0.128, 52), ("SUBJR", 0.95, 0)):

@@ -26,7 +26,7 @@ from neuroflow_dagster.control.dagster_db import Db, RunFailure, RunInfo
 from neuroflow_dagster.discovery.exclusions import load_exclusions
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.discovery.status_report import read_status_report
-from neuroflow_dagster.eligibility import anatomical_hold, parse_suffixes
+from neuroflow_dagster.eligibility import qsiprep_plan_from_metadata
 from neuroflow_dagster.naming.partitions import session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, PARTITION_TAG, STAGE_TAG
 from neuroflow_dagster.qc.approvals import load_approvals
@@ -304,10 +304,10 @@ def _subject_upstream(cells: list[sm.Cell]) -> list[tuple[str, sm.Cell]]:
 def anatomical_holds(
     db: Db, config: NeuroflowConfig, views: dict[str, AssetView], subjects: dict[str, list[str]]
 ) -> dict[str, str]:
-    """subject -> why QSIPrep has no anatomical image for it (eligibility.anatomical_hold), for the subjects
-    whose QSIPrep is not current: their converted sessions' `bids_suffixes` (a few events read, not all)."""
-    modality = config.pipelines.qsiprep.anat_modality
-    if modality.lower() == "none":
+    """subject -> why QSIPrep cannot run for want of an anatomical image, for the subjects whose QSIPrep is
+    not made yet: the plan the automation and the asset make (eligibility.qsiprep_plan_from_metadata),
+    from their converted sessions' `bids_session` metadata (a few events read, not all)."""
+    if config.pipelines.qsiprep.anat_modality == "none":
         return {}
     prep = stages.stage("qsiprep").asset
     bids = views[stages.stage("bids_conversion").asset].materialized
@@ -323,12 +323,10 @@ def anatomical_holds(
     meta = db.materialization_metadata(sid for c in wanted.values() for sid in c.values()) if wanted else {}
     out: dict[str, str] = {}
     for participant, converted in wanted.items():
-        found = {label: meta.get(sid, {}) for label, sid in converted.items()}
-        if any("bids_suffixes" not in m for m in found.values()):
-            continue  # recorded before sessions listed their suffixes: nothing to judge by
-        why = anatomical_hold(modality, {label: parse_suffixes(m["bids_suffixes"]) for label, m in found.items()})
-        if why:
-            out[participant] = why
+        found = {ses: meta.get(sid, {}) for ses, sid in converted.items()}
+        plan = qsiprep_plan_from_metadata(config, participant, found)
+        if plan.hold:
+            out[participant] = plan.hold
     return out
 
 
