@@ -560,8 +560,13 @@ def test_a_subject_without_a_t1w_is_held_until_a_session_brings_one(harness: Har
     converted(h, "01|A", "dwi")
     converted(h, "01|B", "T1w, dwi")
     capfd.readouterr()
-    assert h.tick() == {"qsiprep_subject": {"B"}}
+    ticked = h.tick_results()
+    assert [r.partition_key for r in ticked["qsiprep"].run_requests or []] == ["B"]
     assert "hold qsiprep_subject A: no T1w in any session" in capfd.readouterr().err  # the sensor's tick log
+    # The UI: an observation on the held cell, in the state model's words (states.py).
+    (note,) = ticked["qsiprep"].asset_events
+    assert (note.asset_key, note.partition) == (QSIPREP, "A")
+    assert (note.metadata["neuroflow/state"].value, note.metadata["neuroflow/cause"].value) == ("held", "no_anat")
     assert h.tick() == {}  # held, not failed, not requested on later ticks
     # A second session with a T1w lifts the hold; its T1w serves the subject's DWI-only session too.
     h.arrive("A", "02")

@@ -357,6 +357,10 @@ def test_status_summary_is_the_totals_without_rows(world: World, capsys: pytest.
     assert "held, blocked and failed, by cause:" in out and "qsiparc: blocked (bids_conversion) 2" in out
     stages = {r["stage"]: r for r in summary["stages"]}
     assert (stages["qsirecon"]["held"], stages["qsirecon"]["failed"], stages["qsiparc"]["blocked"]) == (4, 1, 4)
+    from neuroflow_dagster.states import STATES
+
+    assert set(STATES) <= set(stages["qsirecon"]) | set(stages["qsiparc"]) | set(stages["bids_conversion"])
+    assert summary["totals"]["causes"]["qsirecon"]["held (qc)"] == 1
 
 
 def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[str]) -> None:
@@ -376,6 +380,14 @@ def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[
     table = list(csv.DictReader(io.StringIO(out)))
     spelled = {r["scan_id"]: r["bids_conversion"] for r in table if r["bids_conversion"]}
     assert spelled["SCAN_C1"] == "failed (validation)"
+    # Every cell of every state, spelled as the JSON's state and cause say.
+    code, out, _ = world.cli(capsys, "status", "--format", "csv")
+    by_scan = {r["scan_id"]: r for r in csv.DictReader(io.StringIO(out)) if r["mapping"].startswith("mapped")}
+    for row in world.json(capsys, "status")["sessions"]:
+        for name in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"):
+            cause = row["why"].get(name, {}).get("cause")
+            assert by_scan[row["scan_id"]][name] == (f"{row[name]} ({cause})" if cause else row[name])
+    assert by_scan["SCAN_H1"]["qsiparc"] == "held (qc)" and by_scan["SCAN_R1"]["qsiparc"] == "blocked (qsirecon)"
     assert any(r["mapping"] == "held: unmapped" and r["scan_id"] == "SCAN_X" for r in table)
 
     code, out, _ = world.cli(capsys, "status")
