@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from neuroflow_dagster.runtimes.process import proc_stats
 from neuroflow_dagster_tests.daemon_harness import REPO, _answers, free_port, wait_for
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
@@ -31,15 +32,8 @@ pytestmark = pytest.mark.slow
 def descendants(pid: int) -> set[int]:
     """Every live process below `pid` (from /proc's parent links), whatever its session or group."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for child, fields in proc_stats():
+        children.setdefault(int(fields[1]), []).append(child)
     out: set[int] = set()
     todo = [pid]
     while todo:
