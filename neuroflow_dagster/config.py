@@ -8,6 +8,7 @@ YAML on a server must be told exactly which line to fix.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from neuroflow_dagster.errors import ConfigError
+from neuroflow_dagster.naming import qsirecon as qsirecon_names
 from neuroflow_dagster.naming.bids import is_label
 from neuroflow_dagster.naming.subjects import code_key, label_fold
 
@@ -402,24 +404,212 @@ class QsiprepConfig(StageConfig):
         return self.subject_anatomical_reference == "sessionwise"
 
 
+class ReconSpecsConfig(_Section):
+    """``pipelines.qsirecon.recon_specs``: the recon spec for each shell scheme of a session's gradient table.
+
+    A built-in spec of QSIRecon 1.1.1 (naming/qsirecon.py) or a spec file; null: sessions of that scheme are
+    not reconstructed (not applicable, with the reason). docs/tools.md ("QSIRecon") explains the defaults.
+    """
+
+    single_shell: str | None = qsirecon_names.DEFAULT_SPECS[qsirecon_names.SINGLE_SHELL]
+    multi_shell: str | None = qsirecon_names.DEFAULT_SPECS[qsirecon_names.MULTI_SHELL]
+    cartesian: str | None = qsirecon_names.DEFAULT_SPECS[qsirecon_names.CARTESIAN]
+
+    @field_validator("single_shell", "multi_shell", "cartesian")
+    @classmethod
+    def _known_for_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or qsirecon_names.is_spec_file(value):
+            return value
+        spec = qsirecon_names.BUILTIN_SPECS.get(value)
+        if spec is None:
+            raise ValueError(
+                f"{value!r} is neither a built-in recon spec of QSIRecon 1.1.1 "
+                f"({', '.join(sorted(qsirecon_names.BUILTIN_SPECS, key=str.lower))}) nor a spec file "
+                "(a path, or a .yaml/.yml/.json name)"
+            )
+        scheme = str(info.field_name)
+        if scheme not in spec.schemes:
+            works = ", ".join(qsirecon_names.SCHEME_TEXT[s] for s in qsirecon_names.SCHEMES if s in spec.schemes)
+            raise ValueError(
+                f"QSIRecon's documentation lists {value} for {works} data only, not "
+                f"{qsirecon_names.SCHEME_TEXT[scheme]}; choose a spec that works with it, or null (not reconstructed)"
+            )
+        return value
+
+    def for_scheme(self, scheme: str) -> str | None:
+        return getattr(self, scheme)
+
+    def named(self) -> dict[str, str]:
+        """scheme -> spec for the schemes that have one."""
+        return {s: v for s in qsirecon_names.SCHEMES if (v := self.for_scheme(s)) is not None}
+
+
+# A name for QSIRecon's --datasets NAME=PATH: no '=' (QSIRecon splits on it), nothing a path or argv could misread.
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+def atlas_dataset_problem(path: Path) -> str | None:
+    """Why QSIRecon would not search ``path`` for atlases (it skips a dataset that is not DatasetType atlas)."""
+    if not path.is_dir():
+        return f"{path} does not exist or is not a folder"
+    desc = path / "dataset_description.json"
+    try:
+        kind = json.loads(desc.read_text(encoding="utf-8")).get("DatasetType")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"cannot read {desc} ({exc}); QSIRecon reads atlases only from a dataset with one"
+    if kind != "atlas":
+        return f"{desc} says DatasetType {kind!r}; QSIRecon skips every dataset that is not DatasetType 'atlas'"
+    return None
+
+
+def dataset_atlases(path: Path) -> set[str]:
+    """Atlases QSIRecon would find in a BIDS-Atlas dataset: ``atlas-<Name>_..._space-<ATLAS_SPACE>_..._dseg.nii[.gz]``
+    (the space of QSIPrep's template) with an ``atlas-<Name>..._dseg.tsv`` beside it."""
+    found: set[str] = set()
+    space = f"_space-{qsirecon_names.ATLAS_SPACE}_"
+    for image in path.rglob("atlas-*_dseg.nii*"):
+        if space not in image.name or not image.name.endswith((".nii", ".nii.gz")):
+            continue
+        name = image.name.split("_", 1)[0][len("atlas-") :]
+        if any(image.parent.glob(f"atlas-{name}*_dseg.tsv")):
+            found.add(name)
+    return found
+
+
 class QsireconConfig(StageConfig):
     runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsirecon:1.1.1"
-    recon_spec: str = "dipy_dki"
     # Name of the derivatives folder suffix: derivatives/qsirecon-<workflow_name>.
     workflow_name: str = "neuroflow"
     fs_license: Path | None = None
     nprocs: int = Field(4, ge=1)
     mem_mb: int = Field(8000, ge=1)
-    atlases: list[str] = Field(default_factory=lambda: ["4S156Parcels", "Schaefer2018N100n7Tian2020S1"])
+    # A site's own atlases: BIDS-Atlas datasets given to QSIRecon as --datasets NAME=PATH (read-only).
+    datasets: dict[str, Path] = Field(default_factory=dict)
+    atlases: list[str] = Field(default_factory=lambda: list(qsirecon_names.DEFAULT_ATLASES))
     # Built-in stand-in only: a labelled atlas image in the subject's space, and its label table.
     atlas_file: Path | None = None
     atlas_labels: Path | None = None
     extra_args: list[str] = Field(default_factory=list)
+    recon_specs: ReconSpecsConfig = Field(default_factory=ReconSpecsConfig)
     max_concurrent: int = Field(2, ge=1)
     soft_timeout_minutes: float | None = Field(8 * 60, gt=0)
     timeout_minutes: float = Field(12 * 60, gt=0)
     requires_bids_suffixes: list[str] = Field(default_factory=lambda: ["dwi"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_spec_for_all(cls, data: Any) -> Any:
+        """The old ``recon_spec`` (one spec for every session) is read as the spec of each scheme it works
+        with; the other schemes keep their defaults, so an old ``recon_spec: dipy_dki`` no longer sends
+        single-shell sessions to DKI. A spec file applies to every scheme."""
+        if not isinstance(data, dict) or "recon_spec" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("recon_spec")
+        if "recon_specs" in data:
+            raise ValueError("recon_spec and recon_specs are both set: recon_specs (one spec per shell scheme) "
+                             "replaces recon_spec; keep recon_specs only")
+        if not isinstance(old, str) or not old:
+            raise ValueError(f"recon_spec: {old!r} is not a recon spec name or file (use recon_specs)")
+        if qsirecon_names.is_spec_file(old):
+            data["recon_specs"] = dict.fromkeys(qsirecon_names.SCHEMES, old)
+        elif old in qsirecon_names.BUILTIN_SPECS:
+            data["recon_specs"] = dict.fromkeys(qsirecon_names.BUILTIN_SPECS[old].schemes, old)
+        else:
+            raise ValueError(f"recon_spec: {old!r} is neither a built-in recon spec of QSIRecon 1.1.1 nor a spec "
+                             "file (use recon_specs: {single_shell: ..., multi_shell: ..., cartesian: ...})")
+        return data
+
+    @field_validator("datasets")
+    @classmethod
+    def _atlas_datasets(cls, value: dict[str, Path]) -> dict[str, Path]:
+        problems = []
+        for name, path in value.items():
+            if not _DATASET_NAME.match(str(name)):
+                problems.append(f"{name!r}: a dataset name is letters, digits, '_' and '-' (QSIRecon reads NAME=PATH)")
+            elif name in qsirecon_names.RESERVED_DATASETS:
+                problems.append(f"{name!r}: {qsirecon_names.RESERVED_DATASETS[name]}; choose another name")
+            elif "=" in str(path):
+                problems.append(f"{name}: {path} has '=' in it, which QSIRecon's NAME=PATH cannot carry")
+            elif (problem := atlas_dataset_problem(path)) is not None:
+                problems.append(f"{name}: {problem}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("atlases")
+    @classmethod
+    def _atlases_exist(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """An atlas QSIRecon cannot find is only a log line and an empty result after hours of compute: refuse
+        it now. Known = shipped in QSIRecon 1.1.1's image, or found in exactly one configured dataset."""
+        bad = [a for a in value if not is_label(a)]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: an atlas name is letters and digits only")
+        twice = sorted({a for a in value if value.count(a) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice (QSIRecon then fails: 'Multiple datasets contain "
+                             "the same atlas')")
+        datasets = info.data.get("datasets")
+        if datasets is None:
+            return value  # the datasets key is wrong: reported there
+        holders: dict[str, list[str]] = {}
+        for name, path in datasets.items():
+            for atlas in dataset_atlases(path) & set(value):
+                holders.setdefault(atlas, []).append(name)
+        problems = []
+        for atlas in value:
+            where = holders.get(atlas, [])
+            if atlas in qsirecon_names.SHIPPED_ATLASES and where:
+                problems.append(f"{atlas} is shipped with QSIRecon and also in dataset {where[0]}: QSIRecon refuses "
+                                "an atlas found in two datasets; rename the site's copy")
+            elif len(where) > 1:
+                problems.append(f"{atlas} is in datasets {', '.join(where)}: QSIRecon refuses an atlas found twice")
+            elif atlas not in qsirecon_names.SHIPPED_ATLASES and not where:
+                searched = ", ".join(f"{n} ({p})" for n, p in datasets.items()) or "none configured"
+                problems.append(
+                    f"{atlas} is neither an atlas QSIRecon 1.1.1 ships ({', '.join(qsirecon_names.SHIPPED_ATLASES)}) "
+                    f"nor in a dataset of pipelines.qsirecon.datasets ({searched}) as "
+                    f"atlas-{atlas}/atlas-{atlas}_space-{qsirecon_names.ATLAS_SPACE}_..._dseg.nii.gz with its "
+                    f"atlas-{atlas}_dseg.tsv"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @model_validator(mode="after")
+    def _specs_can_run(self) -> QsireconConfig:
+        """What a chosen spec needs that this configuration does not give: QSIRecon would refuse it at the
+        first session (or the stand-in cannot stand in for it)."""
+        problems = []
+        for scheme, value in self.recon_specs.named().items():
+            key = f"pipelines.qsirecon.recon_specs.{scheme}"
+            if self.tool_runtime == "builtin" and value not in qsirecon_names.STAND_IN_SPECS:
+                problems.append(
+                    f"{key}: {value} cannot run on the built-in stand-in, which implements "
+                    f"{', '.join(sorted(qsirecon_names.STAND_IN_SPECS))}; run the real QSIRecon (runtime: docker, "
+                    "apptainer, or slurm with slurm.inside: apptainer) for other specs"
+                )
+                continue
+            spec = qsirecon_names.BUILTIN_SPECS.get(value)
+            if spec is None:
+                continue
+            if spec.connectivity and not self.atlases:
+                problems.append(f"{key}: {value} builds connectivity matrices, which QSIRecon refuses without atlases "
+                                "(pipelines.qsirecon.atlases is empty)")
+            if spec.needs_fs_subjects_dir and "--fs-subjects-dir" not in self.extra_args:
+                problems.append(f"{key}: {value} needs FreeSurfer outputs (--fs-subjects-dir DIR in "
+                                "pipelines.qsirecon.extra_args); the *_noACT specs need none")
+        if self.tool_runtime != "builtin":
+            for field in ("atlas_file", "atlas_labels"):
+                if getattr(self, field) is not None:
+                    problems.append(
+                        f"pipelines.qsirecon.{field}: the built-in stand-in's atlas (in subject space); QSIRecon "
+                        "takes pipelines.qsirecon.atlases (shipped, or from pipelines.qsirecon.datasets) instead"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class QsiparcConfig(StageConfig):
@@ -712,6 +902,15 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             if isinstance(stage, dict):
                 for key in ("fs_license", "atlas_file", "atlas_labels"):
                     fix(stage, key)
+                datasets = stage.get("datasets")
+                if isinstance(datasets, dict):
+                    for name in list(datasets):
+                        fix(datasets, name)
+                specs = stage.get("recon_specs")
+                for holder, key in [(stage, "recon_spec")] + [(specs, k) for k in (specs or {})]:
+                    value = holder.get(key) if isinstance(holder, dict) else None
+                    if isinstance(value, str) and qsirecon_names.is_spec_file(value):
+                        fix(holder, key)
                 heuristic = stage.get("heuristic")
                 if isinstance(heuristic, str) and heuristic.endswith(".py"):
                     fix(stage, "heuristic")
@@ -793,6 +992,9 @@ def check_paths(config: NeuroflowConfig) -> list[str]:
     heuristic = config.pipelines.bids_conversion.heuristic
     if heuristic.endswith(".py") and not Path(heuristic).is_file():
         problems.append(f"pipelines.bids_conversion.heuristic: {heuristic} does not exist")
+    for scheme, spec in config.pipelines.qsirecon.recon_specs.named().items():
+        if qsirecon_names.is_spec_file(spec) and not Path(spec).expanduser().is_file():
+            problems.append(f"pipelines.qsirecon.recon_specs.{scheme}: {spec} does not exist")
     problems += templateflow_problems(config)
     for section, cfg in config.pipelines:
         # The FreeSurfer licence: every section that has the setting needs it inside a container (QSIPrep

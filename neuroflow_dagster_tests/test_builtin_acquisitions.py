@@ -30,10 +30,11 @@ import pytest
 
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.demo import synth
-from neuroflow_dagster.tools import heudiconv
+from neuroflow_dagster.tools import heudiconv, shells
 from neuroflow_dagster.tools.builtin import parcellate, preproc, recon
 from neuroflow_dagster.tools.builtin.common import run_cli
 from neuroflow_dagster.tools.qc_table import find_image_qc, read_image_qc
+from neuroflow_dagster_tests.test_builtin_recon import default_spec
 
 pytestmark = pytest.mark.slow
 
@@ -87,18 +88,24 @@ def converted(tmp_path_factory):
 
 
 def run_stand_ins(bids: Path, out: Path, session: str, capsys) -> dict[str, tuple[int, str, str]]:
+    """preproc, then recon with the spec neuroflow chooses for the shells preproc wrote, then parcellate."""
+    results = {}
+    code = run_cli(preproc.main, ["--bids-dir", str(bids), "--output-dir", str(out / "qsiprep"),
+                                  "--participant-label", SUBJECT, "--session-label", session,
+                                  "--work-dir", str(out / "work")])
+    captured = capsys.readouterr()
+    results["preproc"] = (code, captured.out, captured.err)
+    if code:
+        return results
+    spec = default_spec(out / "qsiprep", SUBJECT, session)
     steps = (
-        ("preproc", preproc.main, ["--bids-dir", str(bids), "--output-dir", str(out / "qsiprep"),
-                                   "--participant-label", SUBJECT, "--session-label", session,
-                                   "--work-dir", str(out / "work")]),
         ("recon", recon.main, ["--qsiprep-dir", str(out / "qsiprep"), "--output-dir", str(out / "qsirecon"),
                                "--participant-label", SUBJECT, "--session-label", session,
-                               "--work-dir", str(out / "work")]),
+                               "--work-dir", str(out / "work"), "--recon-spec", spec]),
         ("parcellate", parcellate.main, ["--qsirecon-dir", str(out / "qsirecon"), "--output-dir",
                                          str(out / "qsiparc"), "--participant-label", SUBJECT,
                                          "--session-label", session]),
     )
-    results = {}
     for name, main, argv in steps:
         code = run_cli(main, argv)
         captured = capsys.readouterr()
@@ -150,7 +157,11 @@ def test_acquisition_completes_end_to_end(name: str, converted, tmp_path: Path, 
     print(f"\n{name}: denoise={side['DenoiseMethod']} " + " ".join(f"{k}={qc[k]:.3f}" for k in (
         "raw_neighbor_corr", "raw_masked_neighbor_corr", "raw_dwi_contrast", "raw_num_bad_slices",
         "t1_masked_neighbor_corr") if qc[k] is not None))
-    fa = fa_in_cylinder(tmp_path / "qsirecon/derivatives/qsirecon-DTIStandIn" / f"sub-{SUBJECT}" / f"ses-{ses}" /
+    # Shells counted on what the real conversion and preproc wrote: two shells -> multi-shell -> dipy_dki.
+    scheme = shells.session_scheme(shells.session_series(d))
+    assert scheme == ("multi_shell" if len(kw.get("shells", (1,))) > 1 else "single_shell"), scheme
+    workflow = {"single_shell": "qsirecon-SS3TAutoTrack", "multi_shell": "qsirecon-DKI"}[scheme]
+    fa = fa_in_cylinder(tmp_path / "qsirecon/derivatives" / workflow / f"sub-{SUBJECT}" / f"ses-{ses}" /
                         "dwi" / f"sub-{SUBJECT}_ses-{ses}_space-ACPC_model-tensor_param-fa_dwimap.nii.gz",
                         d / f"sub-{SUBJECT}_ses-{ses}_space-ACPC_desc-brain_mask.nii.gz")
     if name == "poor_quality":
@@ -158,7 +169,8 @@ def test_acquisition_completes_end_to_end(name: str, converted, tmp_path: Path, 
     else:
         assert qc["raw_masked_neighbor_corr"] > 0.8 and qc["raw_num_bad_slices"] == 0
         assert abs(fa - synth.TRUE_FA) < 0.1, fa
-    assert len(list((tmp_path / "qsiparc").rglob("*_diffmap.tsv"))) == 4
+    # One table per scalar map: tensor fa/md/ad/rd + GQI gfa/iso/qa, or the 11 DKI maps + tensor FA.
+    assert len(list((tmp_path / "qsiparc").rglob("*_diffmap.tsv"))) == {"single_shell": 7, "multi_shell": 12}[scheme]
 
 
 def test_all_acquisitions_as_one_subject_through_the_preproc_cli(converted, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from neuroflow_dagster_tests.test_builtin_recon import (
     write_qsiprep_session,
 )
 
-STEM = "sub-01_ses-01_atlas-TwoHalves_software-DTIStandIn_space-ACPC_model-tensor_param-{}_diffmap"
+STEM = "sub-01_ses-01_atlas-TwoHalves_software-SS3TAutoTrack_space-ACPC_model-tensor_param-{}_diffmap"
 
 
 def make_recon(root: Path, iso: np.ndarray = ISO) -> Path:
@@ -35,7 +35,7 @@ def make_recon(root: Path, iso: np.ndarray = ISO) -> Path:
     data, mask = phantom(bvals, bvecs, snr=None, iso=iso)
     write_qsiprep_session(root / "qsiprep", "01", "01", data, bvals, bvecs, mask)
     atlas_file, labels_file = two_halves_atlas(root)
-    recon.run_recon(root / "qsiprep", root / "qsirecon", "01", "01", root / "work",
+    recon.run_recon(root / "qsiprep", root / "qsirecon", "01", "01", root / "work", "ss3t_fod_autotrack",
                     atlas_file=atlas_file, atlas_labels=labels_file)
     return root / "qsirecon"
 
@@ -73,7 +73,7 @@ def test_parcellate_cli_writes_qsiparc_layout_with_gm_proxy(recon_dir, tmp_path)
 
 def test_parcellate_one_row_per_region_and_sane_means(recon_dir, tmp_path):
     res = parcellate.run_parcellate(recon_dir, tmp_path / "p", "01", "01", mask="none")
-    assert res.n_regions == {"TwoHalves": 2} and len(res.tables) == 4
+    assert res.n_regions == {"TwoHalves": 2} and len(res.tables) == 7  # tensor fa, md, ad, rd + GQI gfa, iso, qa
     fa, md = read(tmp_path / "p", "fa"), read(tmp_path / "p", "md")
     assert len(fa) == 2 and list(fa["label"]) == ["Left_Half", "Right_Half"]
     assert list(fa["voxel_count"]) == [256, 256]
@@ -122,4 +122,4 @@ def test_parcellate_rerun_removes_stale_tables(recon_dir, tmp_path):
     stale.parent.mkdir(parents=True)
     stale.write_text("x")
     parcellate.run_parcellate(recon_dir, tmp_path / "p", "01", "01", mask="none")
-    assert not stale.exists() and len(list((tmp_path / "p").rglob("*_diffmap.tsv"))) == 4
+    assert not stale.exists() and len(list((tmp_path / "p").rglob("*_diffmap.tsv"))) == 7

@@ -20,6 +20,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from neuroflow_dagster.naming import qsirecon as names
+from neuroflow_dagster.tools import qsirecon, shells
 from neuroflow_dagster_tests.bids_files import write_t1w
 
 DICOM_DIR = Path(importlib.util.find_spec("heudiconv").submodule_search_locations[0]) / "tests/data/b0dwiForFmap"
@@ -58,14 +60,23 @@ def test_real_dwi_preproc_then_recon_refuses_one_direction(real_bids):
     print(f"\npreproc on 150x152x81x3: {preproc_s:.1f} s wall ({proc.stdout.strip()}); mask {brain_ml:.0f} ml; "
           f"denoise {side['DenoiseMethod']}")
 
+    # Its scheme (b=5, 5, 1500: one shell) takes the single-shell default, whose tensor export needs 6 directions.
+    series = shells.session_series(d)
+    assert [s.shells.describe() for s in series] == ["b=0 x2, b=1500 x1: single-shell"]
+    spec = names.DEFAULT_SPECS[shells.session_scheme(series)]
+    assert spec == "ss3t_fod_autotrack"
     t0 = time.perf_counter()
     rec = subprocess.run(
         [sys.executable, "-m", "neuroflow_dagster.tools.builtin.recon", "--qsiprep-dir", str(root / "qsiprep"),
          "--output-dir", str(root / "qsirecon"), "--participant-label", "0075", "--session-label", "01",
-         "--work-dir", str(root / "work")], capture_output=True, text=True, timeout=120, check=False)
+         "--work-dir", str(root / "work"), "--recon-spec", spec], capture_output=True, text=True, timeout=120,
+        check=False)
     print(f"recon refusal: {time.perf_counter() - t0:.1f} s wall")
     assert rec.returncode == 2
     assert rec.stderr.strip().splitlines() == [
         "validation error: sub-0075 ses-01 has 1 diffusion direction(s); the tensor model needs at least 6 "
         "(sub-0075_ses-01_space-ACPC_desc-preproc_dwi.nii.gz)"
     ]
+    # The check neuroflow runs before a run or a Slurm submission refuses it with the very same words.
+    plan = qsirecon.ReconPlan("0075", "01", tuple(series), names.SINGLE_SHELL, spec)
+    assert qsirecon.refusals(plan) == [rec.stderr.strip().removeprefix("validation error: ")]

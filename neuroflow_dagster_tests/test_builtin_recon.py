@@ -2,6 +2,9 @@
 
 The phantom is written directly in QSIPrep's output layout so the recon step is
 tested on its own: left half a prolate tensor (FA ~0.80), right half isotropic.
+Single-shell data get the default single-shell spec (ss3t_fod_autotrack: tensor and
+GQI maps), two shells the multi-shell one (dipy_dki: dipy's DKI, as QSIRecon fits it);
+what QSIRecon's fits refuse, the stand-in refuses with the same words.
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from neuroflow_dagster.naming import qsirecon as names
+from neuroflow_dagster.tools import shells
 from neuroflow_dagster.tools.builtin import recon
 from neuroflow_dagster.tools.builtin.common import run_cli
+
+SINGLE = names.DEFAULT_SPECS[names.SINGLE_SHELL]
+MULTI = names.DEFAULT_SPECS[names.MULTI_SHELL]
+SINGLE_WF = "qsirecon-SS3TAutoTrack"
 
 SHAPE = (12, 12, 12)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -81,10 +90,23 @@ def write_qsiprep_session(root: Path, sub: str, ses: str, data: np.ndarray, bval
     return d
 
 
-def run_recon_cli(qsiprep: Path, out: Path, sub: str, ses: str, *extra: str) -> subprocess.CompletedProcess:
+def two_shell_scheme(n_dirs: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """b=0 plus the same ``n_dirs`` directions at b~1000 and b~2000 (dipy's 64-direction scheme)."""
+    bvals, bvecs = gradient_scheme(n_dirs)
+    return np.r_[bvals, bvals[1:] * 2], np.r_[bvecs, bvecs[1:]]
+
+
+def default_spec(qsiprep: Path, sub: str, ses: str) -> str:
+    """The spec neuroflow chooses by default for the session's preprocessed series (its shell scheme)."""
+    series = shells.session_series(qsiprep / f"sub-{sub}" / f"ses-{ses}" / "dwi")
+    return names.DEFAULT_SPECS[shells.session_scheme(series)] if series else SINGLE
+
+
+def run_recon_cli(qsiprep: Path, out: Path, sub: str, ses: str, *extra: str,
+                  spec: str = SINGLE) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "neuroflow_dagster.tools.builtin.recon", "--qsiprep-dir", str(qsiprep),
            "--output-dir", str(out), "--participant-label", sub, "--session-label", ses,
-           "--work-dir", str(out.parent / "work"), *extra]
+           "--work-dir", str(out.parent / "work"), "--recon-spec", spec, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -108,22 +130,25 @@ def two_halves_atlas(folder: Path) -> tuple[Path, Path]:
     return atlas_file, labels_file
 
 
+def recon_phantom(root: Path, table: tuple[np.ndarray, np.ndarray],
+                  spec: str) -> tuple[Path, subprocess.CompletedProcess, np.ndarray]:
+    """The noisy phantom with this gradient table, in QSIPrep's layout, reconstructed by the stand-in CLI."""
+    data, mask = phantom(*table)
+    write_qsiprep_session(root / "qsiprep", "0075", "01", data, *table, mask)
+    return root / "qsirecon", run_recon_cli(root / "qsiprep", root / "qsirecon", "0075", "01", spec=spec), mask
+
+
 @pytest.fixture(scope="module")
 def phantom_recon(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, np.ndarray]:
-    root = tmp_path_factory.mktemp("recon")
-    bvals, bvecs = gradient_scheme(64)
-    data, mask = phantom(bvals, bvecs)
-    write_qsiprep_session(root / "qsiprep", "0075", "01", data, bvals, bvecs, mask)
-    proc = run_recon_cli(root / "qsiprep", root / "qsirecon", "0075", "01")
-    return root / "qsirecon", proc, mask
+    return recon_phantom(tmp_path_factory.mktemp("recon"), gradient_scheme(64), SINGLE)
 
 
 def test_recon_recovers_phantom_tensor_and_writes_qsirecon_layout(phantom_recon):
     out, proc, mask = phantom_recon
     assert proc.returncode == 0, proc.stderr
-    for pattern in recon.recon_outputs("0075", "01"):
+    for pattern in recon.recon_outputs("0075", "01", SINGLE):
         assert list(out.glob(pattern)), f"missing golden output {pattern}"
-    wf = out / "derivatives" / "qsirecon-DTIStandIn" / "sub-0075" / "ses-01" / "dwi"
+    wf = out / "derivatives" / SINGLE_WF / "sub-0075" / "ses-01" / "dwi"
     maps = {m: nib.load(wf / f"sub-0075_ses-01_space-ACPC_model-tensor_param-{m}_dwimap.nii.gz").get_fdata()
             for m in ("fa", "md", "ad", "rd")}
     fa = maps["fa"]
@@ -138,6 +163,13 @@ def test_recon_recovers_phantom_tensor_and_writes_qsirecon_layout(phantom_recon)
     assert float(np.median(maps["md"][left])) == pytest.approx(PROLATE.mean(), rel=0.05)
     assert float(np.median(maps["ad"][left])) == pytest.approx(PROLATE[0], rel=0.05)
     assert float(np.median(maps["rd"][left])) == pytest.approx(PROLATE[1], rel=0.10)
+    # The GQI maps DSI Studio's export writes beside the tensor: anisotropy where the tensor is prolate.
+    gqi = {m: nib.load(wf / f"sub-0075_ses-01_space-ACPC_model-gqi_param-{m}_dwimap.nii.gz").get_fdata()
+           for m in ("gfa", "iso", "qa")}
+    assert np.median(gqi["gfa"][left]) > 3 * np.median(gqi["gfa"][right])
+    assert np.median(gqi["qa"][left]) > 3 * np.median(gqi["qa"][right])
+    assert np.median(gqi["iso"][right]) > np.median(gqi["iso"][left]) > 0
+    assert all(np.all(m[~mask] == 0) for m in gqi.values())
 
 
 def test_recon_demo_atlas_lut_and_provenance(phantom_recon):
@@ -153,7 +185,7 @@ def test_recon_demo_atlas_lut_and_provenance(phantom_recon):
     assert lut.loc[0, "label"] == "Left_Posterior_Inferior"
     assert np.argwhere(labels == 1)[:, 0].max() < 6
     for desc in (out / "dataset_description.json",
-                 out / "derivatives/qsirecon-DTIStandIn/dataset_description.json"):
+                 out / "derivatives" / SINGLE_WF / "dataset_description.json"):
         data = json.loads(desc.read_text())
         assert data["DatasetType"] == "derivative"
         assert data["GeneratedBy"][0]["Name"] == "neuroflow-dagster builtin stand-in for QSIRecon"
@@ -174,7 +206,7 @@ def test_recon_atlas_file_is_resampled_nearest_neighbour(tmp_path):
     data, mask = phantom(bvals, bvecs, snr=None)
     write_qsiprep_session(tmp_path / "qsiprep", "01", "02", data, bvals, bvecs, mask)
     atlas_file, labels_file = two_halves_atlas(tmp_path)
-    res = recon.run_recon(tmp_path / "qsiprep", tmp_path / "out", "01", "02", tmp_path / "work",
+    res = recon.run_recon(tmp_path / "qsiprep", tmp_path / "out", "01", "02", tmp_path / "work", SINGLE,
                           atlas_file=atlas_file, atlas_labels=labels_file)
     assert res.atlas == "TwoHalves" and res.n_regions == 2
     dseg = np.asarray(nib.load(res.dseg).dataobj)
@@ -210,14 +242,15 @@ def test_recon_five_directions_fail_six_pass(tmp_path, capsys):
         data, mask = phantom(bvals, bvecs, snr=None)
         write_qsiprep_session(tmp_path / f"q{n}", "01", "01", data, bvals, bvecs, mask)
         argv = ["--qsiprep-dir", str(tmp_path / f"q{n}"), "--output-dir", str(tmp_path / f"o{n}"),
-                "--participant-label", "01", "--session-label", "01", "--work-dir", str(tmp_path / "w")]
+                "--participant-label", "01", "--session-label", "01", "--work-dir", str(tmp_path / "w"),
+                "--recon-spec", SINGLE]
         assert run_cli(recon.main, argv) == code
     assert "has 5 diffusion direction(s)" in capsys.readouterr().err
 
 
 def test_recon_missing_input_and_bad_atlas_config(tmp_path, capsys):
     base = ["--output-dir", str(tmp_path / "o"), "--participant-label", "01", "--session-label", "01",
-            "--work-dir", str(tmp_path / "w")]
+            "--work-dir", str(tmp_path / "w"), "--recon-spec", SINGLE]
     assert run_cli(recon.main, ["--qsiprep-dir", str(tmp_path / "nothing"), *base]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("validation error: missing required file ")
@@ -239,7 +272,8 @@ def test_recon_no_b0_is_a_validation_error(tmp_path, capsys):
     data, mask = phantom(bvals, bvecs, snr=None)
     write_qsiprep_session(tmp_path / "q", "01", "01", data[..., 1:], bvals[1:], bvecs[1:], mask)
     argv = ["--qsiprep-dir", str(tmp_path / "q"), "--output-dir", str(tmp_path / "o"),
-            "--participant-label", "01", "--session-label", "01", "--work-dir", str(tmp_path / "w")]
+            "--participant-label", "01", "--session-label", "01", "--work-dir", str(tmp_path / "w"),
+            "--recon-spec", SINGLE]
     assert run_cli(recon.main, argv) == 2
     assert capsys.readouterr().err.startswith("validation error: sub-01 ses-01 has no b=0 volume")
 
@@ -248,14 +282,80 @@ def test_recon_rerun_replaces_stale_session_outputs(tmp_path):
     bvals, bvecs = gradient_scheme(12)
     data, mask = phantom(bvals, bvecs, snr=None)
     write_qsiprep_session(tmp_path / "q", "01", "01", data, bvals, bvecs, mask)
-    res = recon.run_recon(tmp_path / "q", tmp_path / "o", "01", "01", tmp_path / "w")
+    res = recon.run_recon(tmp_path / "q", tmp_path / "o", "01", "01", tmp_path / "w", SINGLE)
     stale = [res.dseg.parent / "sub-01_ses-01_space-ACPC_seg-Old_dseg.nii.gz",
-             res.maps["fa"].parent / "sub-01_ses-01_space-ACPC_model-old_param-x_dwimap.nii.gz"]
+             res.maps["tensor-fa"].parent / "sub-01_ses-01_space-ACPC_model-old_param-x_dwimap.nii.gz"]
     for path in stale:
         path.write_bytes(b"stale")
     killed = tmp_path / "o" / "sub-01" / ".ses-01.tmp-killedrun"  # a run killed mid-write left this
     killed.mkdir()
-    res2 = recon.run_recon(tmp_path / "q", tmp_path / "o", "01", "01", tmp_path / "w")
-    assert res2.dseg.is_file() and res2.maps["fa"].is_file()
+    res2 = recon.run_recon(tmp_path / "q", tmp_path / "o", "01", "01", tmp_path / "w", SINGLE)
+    assert res2.dseg.is_file() and res2.maps["tensor-fa"].is_file()
     assert not any(p.exists() for p in stale)
     assert not [p for p in (tmp_path / "o" / "sub-01").iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def multishell_recon(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, np.ndarray]:
+    return recon_phantom(tmp_path_factory.mktemp("recon_ms"), two_shell_scheme(32), MULTI)
+
+
+def test_recon_multishell_fits_dipy_dki_as_qsirecon_does(multishell_recon):
+    """Two shells: dipy's DKI (QSIRecon's own fit) recovers the Gaussian phantom: tensor FA and MD, ~0 kurtosis."""
+    out, proc, mask = multishell_recon
+    assert proc.returncode == 0, proc.stderr
+    for pattern in recon.recon_outputs("0075", "01", MULTI):
+        assert list(out.glob(pattern)), f"missing golden output {pattern}"
+    wf = out / "derivatives/qsirecon-DKI/sub-0075/ses-01/dwi"
+    names_written = sorted(p.name for p in wf.glob("*_dwimap.nii.gz"))
+    assert len(names_written) == 12 and not list((out / "derivatives").glob(f"{SINGLE_WF}*"))
+
+    def load(model: str, param: str) -> np.ndarray:
+        return nib.load(wf / f"sub-0075_ses-01_space-ACPC_model-{model}_param-{param}_dwimap.nii.gz").get_fdata()
+
+    left = mask.copy()
+    left[6:] = False
+    right = mask & ~left
+    assert float(np.median(load("tensor", "fa")[left])) == pytest.approx(true_fa(PROLATE), abs=0.03)
+    assert float(np.median(load("dki", "md")[left])) == pytest.approx(PROLATE.mean(), rel=0.05)
+    assert float(np.median(load("dki", "ad")[right])) == pytest.approx(ISO[0], rel=0.05)
+    assert abs(float(np.median(load("dki", "mk")[mask]))) < 0.1  # a single Gaussian compartment has no kurtosis
+    side = json.loads((wf / "sub-0075_ses-01_space-ACPC_model-dki_param-mk_dwimap.json").read_text())
+    assert side["ReconSpec"] == MULTI and side["GeneratedBy"][0]["StandIn"] is True
+
+
+def test_recon_dki_on_single_shell_is_refused_with_dipys_own_words(tmp_path):
+    """The stand-in refuses dipy_dki on one shell exactly as dipy (and so QSIRecon's DKI node) does."""
+    from dipy.core.gradients import gradient_table
+    from dipy.reconst.dki import DiffusionKurtosisModel
+
+    bvals, bvecs = gradient_scheme(30)
+    data, mask = phantom(bvals, bvecs, snr=None)
+    write_qsiprep_session(tmp_path / "q", "01", "01", data, bvals, bvecs, mask)
+    with pytest.raises(ValueError) as dipy_says:
+        DiffusionKurtosisModel(gradient_table(bvals, bvecs=bvecs, b0_threshold=50))
+    proc = run_recon_cli(tmp_path / "q", tmp_path / "o", "01", "01", spec=MULTI)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert line.startswith("validation error: sub-01 ses-01: dipy_dki cannot reconstruct "
+                           "sub-01_ses-01_space-ACPC_desc-preproc_dwi.nii.gz (b=0 x1, b=")
+    assert line.endswith(f"single-shell): dipy's DiffusionKurtosisModel refuses its gradient table: {dipy_says.value}")
+    assert str(dipy_says.value) == "DKI requires at least 3 b-values (which can include b=0)."
+    assert not (tmp_path / "o" / "sub-01").exists()
+
+
+def test_recon_spec_is_required_and_limited_to_what_the_stand_in_implements(tmp_path, capsys):
+    bvals, bvecs = gradient_scheme(12)
+    data, mask = phantom(bvals, bvecs, snr=None)
+    write_qsiprep_session(tmp_path / "q", "01", "01", data, bvals, bvecs, mask)
+    base = ["--qsiprep-dir", str(tmp_path / "q"), "--output-dir", str(tmp_path / "o"), "--participant-label", "01",
+            "--session-label", "01", "--work-dir", str(tmp_path / "w")]
+    assert run_cli(recon.main, base) == 3
+    assert "--recon-spec" in capsys.readouterr().err
+    assert run_cli(recon.main, [*base, "--recon-spec", "mrtrix_singleshell_ss3t_noACT"]) == 3
+    err = capsys.readouterr().err
+    assert "the stand-in writes the maps of dipy_dki, dsi_studio_gqi, ss3t_fod_autotrack only" in err
+    # dsi_studio_gqi (the default for Cartesian schemes): the same maps under QSIRecon's DSIStudio folder.
+    assert run_cli(recon.main, [*base, "--recon-spec", "dsi_studio_gqi"]) == 0
+    assert len(list((tmp_path / "o/derivatives/qsirecon-DSIStudio").rglob("*_dwimap.nii.gz"))) == 7
+    assert set(recon.STAND_IN_SPECS) == names.STAND_IN_SPECS  # the configuration allows exactly these

@@ -30,6 +30,7 @@ from neuroflow_dagster.tools.builtin import parcellate, preproc, recon
 from neuroflow_dagster.tools.builtin.common import run_cli
 from neuroflow_dagster.tools.qc_table import find_image_qc, read_image_qc
 from neuroflow_dagster_tests.bids_files import write_t1w
+from neuroflow_dagster_tests.test_builtin_recon import default_spec
 
 SHAPE = (10, 10, 6)
 AFFINE = np.diag([2.0, 2.0, 2.5, 1.0])
@@ -117,16 +118,20 @@ def run_chain(root: Path, capsys, denoise: str = "auto") -> Outcome:
     """preproc -> recon -> parcellate in-process via run_cli; stops at the first non-zero exit."""
     out = Outcome()
     steps = (
-        ("preproc", preproc.main, ["--bids-dir", str(root / "bids"), "--output-dir", str(root / "qsiprep"),
-                                   "--participant-label", "01", "--session-label", "01",
-                                   "--work-dir", str(root / "work"), "--denoise-method", denoise]),
-        ("recon", recon.main, ["--qsiprep-dir", str(root / "qsiprep"), "--output-dir", str(root / "qsirecon"),
-                               "--participant-label", "01", "--session-label", "01", "--work-dir", str(root / "work")]),
-        ("parcellate", parcellate.main, ["--qsirecon-dir", str(root / "qsirecon"), "--output-dir",
-                                         str(root / "qsiparc"), "--participant-label", "01", "--session-label", "01"]),
+        ("preproc", preproc.main, lambda: ["--bids-dir", str(root / "bids"), "--output-dir", str(root / "qsiprep"),
+                                           "--participant-label", "01", "--session-label", "01",
+                                           "--work-dir", str(root / "work"), "--denoise-method", denoise]),
+        # The spec neuroflow would choose for what preproc wrote (single-shell, multi-shell ...).
+        ("recon", recon.main, lambda: ["--qsiprep-dir", str(root / "qsiprep"), "--output-dir", str(root / "qsirecon"),
+                                       "--participant-label", "01", "--session-label", "01",
+                                       "--work-dir", str(root / "work"),
+                                       "--recon-spec", default_spec(root / "qsiprep", "01", "01")]),
+        ("parcellate", parcellate.main, lambda: ["--qsirecon-dir", str(root / "qsirecon"), "--output-dir",
+                                                 str(root / "qsiparc"), "--participant-label", "01",
+                                                 "--session-label", "01"]),
     )
     for name, main, argv in steps:
-        code = run_cli(main, argv)
+        code = run_cli(main, argv())
         captured = capsys.readouterr()
         out.codes[name], out.stderr[name], out.stdout[name] = code, captured.err, captured.out
         if code:
@@ -394,7 +399,8 @@ def test_recon_normalises_nonunit_bvecs_it_is_given(tmp_path: Path, capsys) -> N
     mask[2:8, 2:8, 1:5] = 1
     nib.save(nib.Nifti1Image(mask, AFFINE), d / f"{p}_desc-brain_mask.nii.gz")
     code = run_cli(recon.main, ["--qsiprep-dir", str(tmp_path / "qsiprep"), "--output-dir", str(tmp_path / "r"),
-                                "--participant-label", "01", "--session-label", "01", "--work-dir", str(tmp_path)])
+                                "--participant-label", "01", "--session-label", "01", "--work-dir", str(tmp_path),
+                                "--recon-spec", "ss3t_fod_autotrack"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "scaled to unit length" in out.out

@@ -171,7 +171,7 @@ def test_later_stages_name_the_checksums_and_runs_they_read(pipeline: Pipeline) 
         ("qsiprep_subject", pipeline.run_ids["qsiprep_job"]),
         ("bids_session", pipeline.run_ids["bids_conversion_job"]),
     }
-    assert recon["settings"]["recon_spec"] == pipeline.config.pipelines.qsirecon.recon_spec
+    assert recon["settings"]["recon_specs"] == pipeline.config.pipelines.qsirecon.recon_specs.model_dump()
 
     _, parc = pipeline.document("qsiparc_job")
     read = {row["path"] for row in parc["inputs"]["files"]["derivatives/qsirecon"]}

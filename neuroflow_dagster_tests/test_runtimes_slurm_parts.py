@@ -118,7 +118,8 @@ def test_sbatch_cpus_and_memory_default_to_the_tools_own_settings(make_config, t
     prep = qsiprep.build_spec(config, "S1", ["1"])  # the stand-in inside the job, told --nprocs 6
     assert "--nprocs" in prep.argv and prep.argv[prep.argv.index("--nprocs") + 1] == "6"
     assert resources(config.pipelines.qsiprep, prep) == ["--mem=15000M", "--cpus-per-task=6"]
-    recon = qsirecon.build_spec(config, "S1", "1")
+    plan = qsirecon.ReconPlan("S1", "1", (), "single_shell", config.pipelines.qsirecon.recon_specs.single_shell)
+    recon = qsirecon.build_spec(config, "S1", "1", plan=plan)  # the session's spec, as the asset resolves it
     assert resources(config.pipelines.qsirecon, recon) == ["--mem=3024M", "--cpus-per-task=2"]  # +1024 at least
     parc = qsiparc.build_spec(config, "S1", "1")
     assert resources(config.pipelines.qsiparc, parc) == ["--cpus-per-task=3"]  # n_jobs; no memory setting

@@ -335,7 +335,7 @@ def test_templateflow_home_is_bound_read_only_and_named_in_the_environment(tmp_p
         return c
 
     for tool, build in (("qsiprep", lambda c: qsiprep.build_spec(c, "0075", ["01"])),
-                        ("qsirecon", lambda c: qsirecon.build_spec(c, "0075", "01"))):
+                        ("qsirecon", lambda c: qsirecon.build_spec(c, "0075", "01", plan=recon_plan(c)))):
         docker = build(config("docker"))
         assert Mount(tf, "/templateflow", True) in docker.mounts, tool
         assert docker.env == {"NIPYPE_NO_ET": "1", "NO_ET": "1", "TEMPLATEFLOW_HOME": "/templateflow"}, tool
@@ -352,35 +352,59 @@ def test_templateflow_home_is_bound_read_only_and_named_in_the_environment(tmp_p
 # --------------------------------------------------------------------------- QSIRecon
 
 
+def recon_plan(config: NeuroflowConfig, scheme: str = "single_shell") -> qsirecon.ReconPlan:
+    """The plan the asset makes from QSIPrep's output (here without reading one): the configured spec of ``scheme``."""
+    return qsirecon.ReconPlan("0075", "01", (), scheme, config.pipelines.qsirecon.recon_specs.for_scheme(scheme))
+
+
+def atlas_dataset(root: Path, atlas: str = "Site") -> Path:
+    """A site's BIDS-Atlas dataset as QSIRecon reads one (DatasetType atlas, the atlas in MNI152NLin2009cAsym)."""
+    folder = root / f"atlas-{atlas}"
+    folder.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "site atlases", "BIDSVersion": "1.9.0", '
+                                                   '"DatasetType": "atlas"}')
+    (folder / f"atlas-{atlas}_space-MNI152NLin2009cAsym_res-01_dseg.nii.gz").write_bytes(b"image")
+    (folder / f"atlas-{atlas}_dseg.tsv").write_text("index\tlabel\n1\tA\n")
+    return root
+
+
 def test_qsirecon_local_and_docker_argv(tmp_path: Path, license_file: Path) -> None:
     spec_yaml = tmp_path / "specs" / "my_recon.yaml"
     spec_yaml.parent.mkdir()
     spec_yaml.write_text("name: my_recon\nnodes: []\n")
-    base = {"fs_license": str(license_file), "recon_spec": str(spec_yaml), "atlases": ["4S156Parcels", "AAL116"]}
+    site = atlas_dataset(tmp_path / "site_atlases")
+    base = {"fs_license": str(license_file), "recon_specs": {"single_shell": str(spec_yaml)},
+            "atlases": ["4S156Parcels", "AAL116", "Site"], "datasets": {"site": str(site)}}
     t = str(tmp_path)
 
-    local = qsirecon.build_spec(make_config(tmp_path, qsirecon={**base, "runtime": "local"}), "0075", "01")
+    config = make_config(tmp_path, qsirecon={**base, "runtime": "local"})
+    local = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
     assert local.argv == (
         "qsirecon", f"{t}/derivatives/qsiprep", f"{t}/derivatives/qsirecon-neuroflow", "participant",
         "--participant-label", "0075",
         "--session-id", "01",
         "--input-type", "qsiprep",
         "--recon-spec", str(spec_yaml),
-        "--atlases", "4S156Parcels", "AAL116",
+        "--report-output-level", "session",
+        "--datasets", f"site={site}",
+        "--atlases", "4S156Parcels", "AAL116", "Site",
         "--nprocs", "4", "--mem-mb", "8000",
         "-w", f"{t}/work_dir/qsirecon/sub-0075_ses-01",
         "--fs-license-file", str(license_file),
         "--notrack",
     )  # fmt: skip
 
-    docker = qsirecon.build_spec(make_config(tmp_path, qsirecon={**base, "runtime": "docker"}), "0075", "01")
+    config = make_config(tmp_path, qsirecon={**base, "runtime": "docker"})
+    docker = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
     assert docker.argv == (
         "qsirecon", "/data/qsiprep", "/out", "participant",
         "--participant-label", "0075",
         "--session-id", "01",
         "--input-type", "qsiprep",
         "--recon-spec", "/neuroflow/recon_spec.yaml",
-        "--atlases", "4S156Parcels", "AAL116",
+        "--report-output-level", "session",
+        "--datasets", "site=/data/atlases/site",
+        "--atlases", "4S156Parcels", "AAL116", "Site",
         "--nprocs", "4", "--mem-mb", "8000",
         "-w", "/work",
         "--fs-license-file", "/opt/freesurfer/license.txt",
@@ -390,23 +414,26 @@ def test_qsirecon_local_and_docker_argv(tmp_path: Path, license_file: Path) -> N
         Mount(tmp_path / "derivatives" / "qsiprep", "/data/qsiprep", True),
         Mount(tmp_path / "derivatives" / "qsirecon-neuroflow", "/out", False),
         Mount(spec_yaml, "/neuroflow/recon_spec.yaml", True),
+        Mount(site, "/data/atlases/site", True),
         Mount(tmp_path / "work_dir" / "qsirecon" / "sub-0075_ses-01", "/work", False),
         Mount(license_file, "/opt/freesurfer/license.txt", True),
     )
     assert docker.image == "pennlinc/qsirecon:1.1.1" and docker.nprocs == 4 and docker.mem_mb == 8000
-    # A built-in spec name is passed as is, nothing mounted for it.
-    named = qsirecon.build_spec(
-        make_config(tmp_path, qsirecon={"runtime": "docker", "fs_license": str(license_file)}), "0075", "01"
-    )
-    assert named.argv[named.argv.index("--recon-spec") + 1] == "dipy_dki"
-    assert len(named.mounts) == 4
+    # A built-in spec name is passed as is, nothing mounted for it: each scheme its own default.
+    config = make_config(tmp_path, qsirecon={"runtime": "docker", "fs_license": str(license_file)})
+    for scheme, name in (("single_shell", "ss3t_fod_autotrack"), ("multi_shell", "dipy_dki"),
+                         ("cartesian", "dsi_studio_gqi")):
+        named = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config, scheme))
+        assert named.argv[named.argv.index("--recon-spec") + 1] == name
+        assert named.argv[named.argv.index("--atlases") + 1 :][:2] == ("4S156Parcels", "4S456Parcels")
+        assert len(named.mounts) == 4
 
 
 def test_qsirecon_builtin_and_errors(tmp_path: Path, license_file: Path) -> None:
     atlas, labels = tmp_path / "atlas-AAL116_dseg.nii.gz", tmp_path / "atlas-AAL116_dseg.tsv"
     cfg = {"runtime": "builtin", "atlas_file": str(atlas), "atlas_labels": str(labels)}
     config = make_config(tmp_path, qsirecon=cfg)
-    spec = qsirecon.build_spec(config, "0075", "01")
+    spec = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config, "multi_shell"))
     t = str(tmp_path)
     assert spec.argv == (
         PY, "-m", "neuroflow_dagster.tools.builtin.recon",
@@ -415,31 +442,41 @@ def test_qsirecon_builtin_and_errors(tmp_path: Path, license_file: Path) -> None
         "--participant-label", "0075",
         "--session-label", "01",
         "--work-dir", f"{t}/work_dir/qsirecon/sub-0075_ses-01",
+        "--recon-spec", "dipy_dki",
         "--atlas-file", str(atlas),
         "--atlas-labels", str(labels),
     )  # fmt: skip
     assert spec.stand_in and spec.image is None
-    plain = qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "builtin"}), "0075", "01")
-    assert "--atlas-file" not in plain.argv
+    config = make_config(tmp_path, qsirecon={"runtime": "builtin"})
+    plain = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
+    assert "--atlas-file" not in plain.argv and plain.argv[-1] == "ss3t_fod_autotrack"
 
+    config = make_config(tmp_path, qsirecon={"runtime": "builtin", "atlas_labels": str(labels)})
     with pytest.raises(SpecError, match="atlas_labels is set without atlas_file"):
-        qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "builtin", "atlas_labels": str(labels)}),
-                            "0075", "01")
-    with pytest.raises(SpecError, match=r"recon_spec: .*missing\.yaml does not exist"):
-        qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "local", "recon_spec": f"{t}/missing.yaml"}),
-                            "0075", "01")
+        qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
+    config = make_config(tmp_path, qsirecon={"runtime": "local", "recon_specs": {"multi_shell": f"{t}/missing.yaml"}})
+    with pytest.raises(SpecError, match=r"qsirecon\.recon_specs\.multi_shell: .*missing\.yaml does not exist"):
+        qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config, "multi_shell"))
+    config = make_config(tmp_path, qsirecon={"runtime": "apptainer"})
     with pytest.raises(SpecError, match=r"pipelines\.qsirecon\.fs_license: required when runtime is apptainer"):
-        qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "apptainer"}), "0075", "01")
-    with pytest.raises(SpecError, match="not an atlas name"):
-        qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "local", "atlases": ["../x"]}), "0075", "01")
+        qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
+    config = make_config(tmp_path, qsirecon={"runtime": "local", "workflow_name": "a/b"})
     with pytest.raises(SpecError, match="workflow_name"):
-        qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "local", "workflow_name": "a/b"}), "0075", "01")
+        qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
+    # No spec for the session's scheme: nothing to build (the asset records the session as not applicable).
+    config = make_config(tmp_path, qsirecon={"runtime": "local", "recon_specs": {"single_shell": None}})
+    with pytest.raises(SpecError, match=r"is single-shell .*recon_specs\.single_shell is not set"):
+        qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
+    # Without a plan, build_spec reads QSIPrep's output itself: none here.
+    with pytest.raises(SpecError, match="no QSIPrep output for sub-0075 ses-01"):
+        qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "local"}), "0075", "01")
 
 
 def test_qsirecon_golden_outputs_follow_the_real_layout(tmp_path: Path, license_file: Path) -> None:
     """Names from QSIRecon 1.1.1's own golden lists (tests/data/*_outputs.txt), with a session and ACPC space."""
     cfg = {"runtime": "docker", "fs_license": str(license_file), "atlases": ["4S156Parcels"]}
-    spec = qsirecon.build_spec(make_config(tmp_path, qsirecon=cfg), "0075", "01")
+    config = make_config(tmp_path, qsirecon=cfg)
+    spec = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config, "multi_shell"))
     assert spec.outputs == (
         "derivatives/qsirecon-*/sub-0075/ses-01/dwi/sub-0075_ses-01_*space-ACPC_model-*_param-*_dwimap.nii.gz",
         "sub-0075/ses-01/dwi/sub-0075_ses-01_*space-ACPC_seg-4S156Parcels_dseg.nii.gz",
@@ -459,8 +496,13 @@ def test_qsirecon_golden_outputs_follow_the_real_layout(tmp_path: Path, license_
     assert spec.missing_outputs() == []
     fa = maps / "sub-0075_ses-01_space-ACPC_model-dki_param-fa_dwimap.nii.gz"
     assert layout.qsirecon_maps(out, "0075", "01") == [fa]
+    # A spec without scalar maps (bundles only) must leave something in the session's folder of a workflow.
+    config = make_config(tmp_path, qsirecon={**cfg, "recon_specs": {"single_shell": "dsi_studio_autotrack"}})
+    bundles = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
+    assert bundles.outputs[0] == "derivatives/qsirecon-*/sub-0075/ses-01/**/sub-0075_ses-01_*"
     # The stand-in draws its own atlas: any seg-* counts for it.
-    stand_in = qsirecon.build_spec(make_config(tmp_path, qsirecon={"runtime": "builtin"}), "0075", "01")
+    config = make_config(tmp_path, qsirecon={"runtime": "builtin"})
+    stand_in = qsirecon.build_spec(config, "0075", "01", plan=recon_plan(config))
     assert stand_in.outputs[1:] == (
         "sub-0075/ses-01/dwi/sub-0075_ses-01_*space-ACPC_seg-*_dseg.nii.gz",
         "atlases/atlas-*/atlas-*_dseg.tsv",
@@ -521,8 +563,13 @@ def test_code_versions_change_only_with_output_relevant_fields(tmp_path: Path) -
     assert base == versions(qsiprep=docker, qsirecon=docker)
     assert base[0].startswith("1.1.1-") and base[1].startswith("1.1.1-")
 
-    spec_changed = versions(qsiprep=docker, qsirecon={**docker, "recon_spec": "mrtrix_multishell_msmt_ACT-hsvs"})
+    spec_changed = versions(qsiprep=docker, qsirecon={**docker, "recon_specs": {"multi_shell": "amico_noddi"}})
     assert spec_changed[1] != base[1] and spec_changed[0] == base[0] and spec_changed[2] == base[2]
+    single_changed = versions(qsiprep=docker, qsirecon={**docker, "recon_specs": {"single_shell": "dsi_studio_gqi"}})
+    none_for_cartesian = versions(qsiprep=docker, qsirecon={**docker, "recon_specs": {"cartesian": None}})
+    assert len({base[1], spec_changed[1], single_changed[1], none_for_cartesian[1]}) == 4
+    # The old key reads as the spec of the schemes it works with: dipy_dki is the multi-shell default already.
+    assert versions(qsiprep=docker, qsirecon={**docker, "recon_spec": "dipy_dki"}) == base
 
     resources = versions(
         qsiprep={**docker, "nprocs": 16, "mem_mb": 32000, "omp_nthreads": 4, "max_concurrent": 3,
@@ -536,6 +583,11 @@ def test_code_versions_change_only_with_output_relevant_fields(tmp_path: Path) -
     assert versions(qsiprep={**docker, "denoise_method": "patch2self"}, qsirecon=docker)[0] != base[0]
     assert versions(qsiprep={**docker, "image": "pennlinc/qsiprep:1.1.0"}, qsirecon=docker)[0].startswith("1.1.0-")
     assert versions(qsiprep=docker, qsirecon={**docker, "atlases": ["AAL116"]})[1] != base[1]
+    site = atlas_dataset(tmp_path / "site")
+    with_site = {**docker, "atlases": ["Site"], "datasets": {"site": str(site)}}
+    site_version = versions(qsiprep=docker, qsirecon=with_site)[1]
+    (site / "atlas-Site/atlas-Site_dseg.tsv").write_text("index\tlabel\n1\tB\n")  # the site edits its atlas
+    assert versions(qsiprep=docker, qsirecon=with_site)[1] != site_version
     assert versions(qsiprep=docker, qsirecon=docker, qsiparc={"stat_tier": "all"})[2] != base[2]
     # Same image, local or docker: same tool, same version; the stand-in is a different tool.
     assert versions(qsiprep={"runtime": "local"}, qsirecon=docker)[0] == base[0]

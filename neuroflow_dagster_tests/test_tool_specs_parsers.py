@@ -12,7 +12,8 @@ the project's), in one long-lived process per tool version.
 Container paths in docker argv are mapped back to the mounts' host folders
 (the parsers check that input folders exist). Each tool also has cases the
 real parser must REJECT, so a parser that accepted anything would fail here.
-QSIRecon is not on PyPI (container only) and is not covered here.
+QSIRecon is not on PyPI (container only) and is not covered here; QSIParc's own
+discovery is, on the QSIRecon stand-in's outputs of both shell schemes.
 """
 
 from __future__ import annotations
@@ -461,3 +462,47 @@ def test_the_stand_in_refuses_with_the_real_qsiprep_messages(servers, tmp_path: 
             assert real is not None, (name, version)
             # The exception's message, as the real tool's log ends with it.
             assert real.split(": ", 1)[1] == stand_in.removeprefix("validation error: "), (name, version, real)
+
+
+DISCOVER = r"""
+import json, sys
+from pathlib import Path
+from qsiparc.discover import discover_dseg_files, discover_scalar_maps, load_lut_for_dseg
+root = Path(sys.argv[1])
+out = {}
+for ses in sys.argv[2:]:
+    dsegs = discover_dseg_files(root, "0075", ses)
+    maps = discover_scalar_maps(root, "0075", ses)
+    out[ses] = {"dsegs": [(d.atlas_name, len(load_lut_for_dseg(d).regions), d.lut_path is not None) for d in dsegs],
+                "maps": sorted((m.path.parent.parent.parent.parent.name, m.entities.get("model"),
+                                m.entities.get("param")) for m in maps)}
+print("@@" + json.dumps(out))
+"""
+
+
+def test_qsiparc_discovers_the_recon_stand_ins_outputs_of_both_schemes(tools_venv: Path, tmp_path: Path) -> None:
+    """QSIParc 0.1.2's own discovery finds the atlas (with its table) and every scalar map the recon stand-in
+    writes for a single-shell session (ss3t_fod_autotrack) and a multi-shell one (dipy_dki) of one subject."""
+    from neuroflow_dagster.tools.builtin import recon
+    from neuroflow_dagster_tests.test_builtin_recon import (
+        gradient_scheme,
+        phantom,
+        two_shell_scheme,
+        write_qsiprep_session,
+    )
+
+    for ses, (bvals, bvecs), spec in (("01", gradient_scheme(12), "ss3t_fod_autotrack"),
+                                      ("02", two_shell_scheme(12), "dipy_dki")):
+        data, mask = phantom(bvals, bvecs, snr=None)
+        write_qsiprep_session(tmp_path / "qsiprep", "0075", ses, data, bvals, bvecs, mask)
+        recon.run_recon(tmp_path / "qsiprep", tmp_path / "qsirecon", "0075", ses, tmp_path / "work", spec)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    argv = [str(tools_venv / "bin" / "python"), "-c", DISCOVER, str(tmp_path / "qsirecon"), "01", "02"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("@@"))[2:])
+    for ses in ("01", "02"):
+        assert found[ses]["dsegs"] == [["DemoQuantileGrid", 12, True]]
+    tensor_gqi = [["qsirecon-SS3TAutoTrack", m, p] for m, p in recon.STAND_IN_SPECS["ss3t_fod_autotrack"].maps]
+    dki = [["qsirecon-DKI", m, p] for m, p in recon.STAND_IN_SPECS["dipy_dki"].maps]
+    assert found["01"]["maps"] == sorted(tensor_gqi) and found["02"]["maps"] == sorted(dki)

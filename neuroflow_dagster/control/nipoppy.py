@@ -151,7 +151,8 @@ def _step_name(value: str) -> str:
 
 
 def configured_step(cfg: StageConfig) -> str:
-    """QSIRecon's step is its recon workflow (``recon_spec``); every other stage has one step, ``default``."""
+    """QSIRecon's step is the recon spec recorded for the session (chosen by its shell scheme, so unknown before
+    it ran: ``default`` then, as for every other stage); a stage config with one ``recon_spec`` names it."""
     spec = getattr(cfg, "recon_spec", None)
     return _step_name(str(spec)) if spec else DEFAULT_STEP
 

@@ -103,7 +103,7 @@ def run_derivative_tool(
     provenance file, run it (published on success) and return the record, the spec and the base
     metadata. ``tool`` is the stage's tool module (``build_spec``, ``reads``, ``TOOL``); a session
     stage passes ``session``, a subject stage all its ``sessions``; ``tool_kwargs`` go to both
-    ``build_spec`` and ``reads`` (QSIPrep's ``anat_sessions``)."""
+    ``build_spec`` and ``reads`` (QSIPrep's ``anat_sessions``, QSIRecon's ``plan``)."""
     refuse_if_disk_low(context, config, stage)
     target: Any = session if session is not None else list(sessions)
     spec = build_or_refuse(

@@ -23,11 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from neuroflow_dagster.tools.shells import B0_THRESHOLD  # b <= 50 is b=0 (Siemens "b0" volumes are often b=5)
+
 EXIT_VALIDATION = 2
 EXIT_CONFIGURATION = 3
-
-# b-values at or below this count as b=0 (Siemens "b0" volumes are often b=5).
-B0_THRESHOLD = 50.0
 
 
 def _umask() -> int:
@@ -215,18 +214,12 @@ def bids_prefix(participant: str, session: str) -> str:
 
 def load_gradients(bval_path: Path, bvec_path: Path, n_volumes: int) -> tuple[Any, Any]:
     """Read FSL-style bval/bvec and check they match the image; errors name the file."""
-    import numpy as np
+    from neuroflow_dagster.tools.shells import GradientError, load_table
 
     try:
-        bvals = np.atleast_1d(np.loadtxt(bval_path, dtype=float))
-    except ValueError as exc:
-        raise ValidationError(f"cannot read b-values from {bval_path}: {exc}") from exc
-    try:
-        bvecs = np.loadtxt(bvec_path, dtype=float, ndmin=2)
-    except ValueError as exc:
-        raise ValidationError(f"cannot read b-vectors from {bvec_path}: {exc}") from exc
-    if bvecs.shape[0] != 3 and bvecs.shape[-1] == 3:
-        bvecs = bvecs.T
+        bvals, bvecs = load_table(bval_path, bvec_path)
+    except GradientError as exc:
+        raise ValidationError(str(exc)) from exc
     if bvals.ndim != 1:
         raise ValidationError(f"{bval_path} must hold one row of b-values, it has shape {bvals.shape}")
     if bvals.size != n_volumes:
@@ -287,22 +280,6 @@ def check_gradients(
         )
     bvecs[dw] = bvecs[dw] / norms[dw, None]
     return bvals, bvecs, notes
-
-
-def count_directions(bvals: Any, bvecs: Any, b0_threshold: float = B0_THRESHOLD, tol_deg: float = 1.0) -> int:
-    """Distinct diffusion directions among b>0 volumes (±g counts once; within tol_deg is the same)."""
-    import numpy as np
-
-    dw = np.asarray(bvals) > b0_threshold
-    vecs = np.asarray(bvecs, dtype=float)[dw]
-    norms = np.linalg.norm(vecs, axis=1)
-    vecs = vecs[norms > 1e-6] / norms[norms > 1e-6, None]
-    distinct: list[Any] = []
-    cos_tol = np.cos(np.deg2rad(tol_deg))
-    for v in vecs:
-        if not any(abs(float(v @ d)) >= cos_tol for d in distinct):
-            distinct.append(v)
-    return len(distinct)
 
 
 def main_entry(main: Callable[[Sequence[str] | None], int]) -> None:

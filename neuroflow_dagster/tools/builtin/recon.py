@@ -1,13 +1,23 @@
-"""Builtin stand-in for QSIRecon (session level): DTI scalar maps and an atlas in subject space.
+"""Builtin stand-in for QSIRecon (session level): the scalar maps of the default recon specs and an atlas in
+subject space.
 
-NOT QSIRecon (container only). Reads the QSIPrep-layout outputs of one session and
-writes, in QSIRecon 1.x's layout (the one QSIParc discovers):
+NOT QSIRecon (container only). Reads the QSIPrep-layout outputs of one session and, for ``--recon-spec``
+(one of the specs neuroflow chooses by default per shell scheme, naming/qsirecon.py), writes in QSIRecon
+1.x's layout (the one QSIParc discovers):
 
-- ``O/derivatives/qsirecon-<WF>/sub-X/ses-Y/dwi/sub-X_ses-Y_space-ACPC_model-tensor_param-{fa,md,ad,rd}_dwimap.nii.gz``
-  (dipy WLS tensor fit inside the brain mask; MD/AD/RD in mm^2/s when b is in s/mm^2)
+- ``ss3t_fod_autotrack`` / ``dsi_studio_gqi`` (``derivatives/qsirecon-SS3TAutoTrack`` / ``-DSIStudio``):
+  ``model-tensor_param-{fa,md,ad,rd}`` (dipy WLS tensor inside the brain mask; MD/AD/RD in mm^2/s when b
+  is in s/mm^2) and ``model-gqi_param-{gfa,iso,qa}`` (dipy's GQI ODF, see :func:`fit_gqi`), the scalar maps
+  DSI Studio's export writes - not its other tensor maps, FODs, bundles, tractography or connectivity;
+- ``dipy_dki`` (``derivatives/qsirecon-DKI``): dipy's DiffusionKurtosisModel fitted exactly as QSIRecon's
+  KurtosisReconstruction does, ``model-dki_param-{ad,ak,kfa,linearity,md,mk,mkt,planarity,rd,rk,sphericity}``
+  and ``model-tensor_param-fa`` (QSIRecon 1.1.1's golden list; not the wmti maps);
 - ``O/sub-X/ses-Y/dwi/sub-X_ses-Y_space-ACPC_seg-<Atlas>_dseg.nii.gz`` (atlas on the DWI grid, brain-masked)
-- ``O/atlases/atlas-<Atlas>/atlas-<Atlas>_dseg.tsv`` (columns ``index``, ``label``)
-- ``O/sub-X/ses-Y/figures/sub-X_ses-Y_desc-qc_dwi.png`` (QC image, see qc.py)
+  and ``O/atlases/atlas-<Atlas>/atlas-<Atlas>_dseg.tsv`` (columns ``index``, ``label``);
+- ``O/sub-X/ses-Y/figures/sub-X_ses-Y_desc-qc_dwi.png`` (QC image, see qc.py).
+
+It refuses what QSIRecon refuses, with the same reason (tools/shells.py): dipy's DKI on fewer than 3
+b-values, a tensor export without 6 directions or a b=0 volume.
 
 The atlas is ``--atlas-file`` (a label image assumed to be in the subject's space
 already; it is only resampled, nearest neighbour, to the DWI grid) with its
@@ -15,8 +25,8 @@ already; it is only resampled, nearest neighbour, to the DWI grid) with its
 ``DemoQuantileGrid`` (12 regions; see :func:`demo_atlas`), which has no anatomical meaning.
 
     python -m neuroflow_dagster.tools.builtin.recon --qsiprep-dir Q --output-dir O \
-        --participant-label X --session-label Y --work-dir W [--atlas-file F --atlas-labels L]
-        [--workflow-name DTIStandIn]
+        --participant-label X --session-label Y --work-dir W --recon-spec SPEC
+        [--atlas-file F --atlas-labels L]
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from neuroflow_dagster.naming import qsirecon as names
+from neuroflow_dagster.tools import shells
 from neuroflow_dagster.tools.builtin.common import (
     B0_THRESHOLD,
     AtomicDir,
@@ -40,7 +52,6 @@ from neuroflow_dagster.tools.builtin.common import (
     bids_prefix,
     check_gradients,
     check_label,
-    count_directions,
     generated_by,
     load_gradients,
     main_entry,
@@ -53,21 +64,48 @@ from neuroflow_dagster.tools.builtin.common import (
 )
 
 STANDS_IN_FOR = "QSIRecon"
-DEFAULT_WORKFLOW = "DTIStandIn"
 DEMO_ATLAS = "DemoQuantileGrid"
 TENSOR_PARAMS = ("fa", "md", "ad", "rd")
-MIN_DIRECTIONS = 6
+GQI_PARAMS = ("gfa", "iso", "qa")
+DKI_PARAMS = ("ad", "ak", "kfa", "linearity", "md", "mk", "mkt", "planarity", "rd", "rk", "sphericity")
+# QSIRecon 1.1.1's KurtosisReconstruction clips the kurtosis maps to [-3/7, 10].
+KURTOSIS_CLIP = (-0.42857142857142855, 10.0)
+# DSI Studio's default GQI diffusion sampling length ratio.
+GQI_SAMPLING_LENGTH = 1.25
+
+
+@dataclass(frozen=True)
+class StandInSpec:
+    """What the stand-in writes for one recon spec: the workflow folder and its (model, param) maps."""
+
+    suffix: str
+    maps: tuple[tuple[str, str], ...]
+    description: str
+
+
+_SCALAR_EXPORT = tuple(("tensor", p) for p in TENSOR_PARAMS) + tuple(("gqi", p) for p in GQI_PARAMS)
+STAND_IN_SPECS = {
+    "ss3t_fod_autotrack": StandInSpec("SS3TAutoTrack", _SCALAR_EXPORT,
+                                      "tensor (dipy WLS) and GQI (dipy) scalar maps, as DSI Studio's export of "
+                                      "ss3t_fod_autotrack names them; no SS3T FODs, no bundles"),
+    "dsi_studio_gqi": StandInSpec("DSIStudio", _SCALAR_EXPORT,
+                                  "tensor (dipy WLS) and GQI (dipy) scalar maps, as DSI Studio's export of "
+                                  "dsi_studio_gqi names them; no tractography, no connectivity"),
+    "dipy_dki": StandInSpec("DKI", (*(("dki", p) for p in DKI_PARAMS), ("tensor", "fa")),
+                            "dipy DiffusionKurtosisModel fitted as QSIRecon's dipy_dki does"),
+}
 
 
 @dataclass
 class ReconResult:
     participant: str
     session: str
+    spec: str
     atlas: str
     n_regions: int
     n_directions: int
     mask_voxels: int
-    maps: dict[str, Path] = field(default_factory=dict)
+    maps: dict[str, Path] = field(default_factory=dict)  # "<model>-<param>" -> file
     dseg: Path | None = None
     lut: Path | None = None
     qc_png: Path | None = None
@@ -75,13 +113,22 @@ class ReconResult:
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
-def recon_outputs(
-    participant: str, session: str, atlas: str = DEMO_ATLAS, workflow: str = DEFAULT_WORKFLOW
-) -> tuple[str, ...]:
+def stand_in_spec(spec: str) -> StandInSpec:
+    try:
+        return STAND_IN_SPECS[spec]
+    except KeyError:
+        raise ConfigurationError(
+            f"--recon-spec {spec}: the stand-in writes the maps of {', '.join(sorted(STAND_IN_SPECS))} only; "
+            "run the real QSIRecon for other specs"
+        ) from None
+
+
+def recon_outputs(participant: str, session: str, spec: str, atlas: str = DEMO_ATLAS) -> tuple[str, ...]:
     """Golden output patterns of one session, relative to the output dir."""
     p = bids_prefix(participant, session)
-    wf = f"derivatives/qsirecon-{workflow}/sub-{participant}/ses-{session}/dwi"
-    maps = tuple(f"{wf}/{p}_space-ACPC_model-tensor_param-{m}_dwimap.nii.gz" for m in TENSOR_PARAMS)
+    info = stand_in_spec(spec)
+    wf = f"derivatives/qsirecon-{info.suffix}/sub-{participant}/ses-{session}/dwi"
+    maps = tuple(f"{wf}/{p}_space-ACPC_model-{m}_param-{k}_dwimap.nii.gz" for m, k in info.maps)
     return (
         *maps,
         f"sub-{participant}/ses-{session}/dwi/{p}_space-ACPC_seg-{atlas}_dseg.nii.gz",
@@ -180,6 +227,13 @@ def demo_atlas(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, pd.Dat
     return labels, pd.DataFrame(rows, columns=["index", "label"])
 
 
+def _clean(arr: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """float32, finite, 0 outside the mask."""
+    out = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    out[~mask] = 0.0
+    return out
+
+
 def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     """dipy WLS tensor fit inside the mask; maps are 0 outside it, FA clipped to [0, 1]."""
     from dipy.core.gradients import gradient_table
@@ -192,9 +246,59 @@ def fit_tensor(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.
         maps = {"fa": fit.fa, "md": fit.md, "ad": fit.ad, "rd": fit.rd}
     out = {}
     for key, arr in maps.items():
-        arr = np.nan_to_num(np.asarray(arr, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        arr[~mask] = 0.0
-        out[key] = np.clip(arr, 0.0, 1.0) if key == "fa" else np.clip(arr, 0.0, None)
+        arr = _clean(arr, mask)
+        out[f"tensor-{key}"] = np.clip(arr, 0.0, 1.0) if key == "fa" else np.clip(arr, 0.0, None)
+    return out
+
+
+def fit_gqi(data: np.ndarray, bvals: np.ndarray, bvecs: np.ndarray, mask: np.ndarray,
+            chunk: int = 20_000) -> dict[str, np.ndarray]:
+    """GQI scalars from dipy's GeneralizedQSamplingModel ('standard', DSI Studio's sampling length 1.25) on
+    dipy's 362-direction sphere, computed as one matrix product per chunk of voxels: ``gfa`` (dipy's gfa
+    of the ODF), ``iso`` (the ODF's minimum) and ``qa`` (its maximum minus the minimum, the first peak's
+    anisotropic part), the last two divided by the 99th percentile of the ODF maximum in the mask. DSI
+    Studio normalises its QA and ISO its own way: compare within the stand-in only."""
+    from dipy.core.gradients import gradient_table
+    from dipy.data import default_sphere
+    from dipy.reconst.gqi import GeneralizedQSamplingModel
+    from dipy.reconst.odf import gfa
+
+    gtab = gradient_table(bvals, bvecs=bvecs, b0_threshold=B0_THRESHOLD)
+    model = GeneralizedQSamplingModel(gtab, method="standard", sampling_length=GQI_SAMPLING_LENGTH)
+    voxels = data[mask].astype(np.float64)
+    model.fit(voxels[0]).odf(default_sphere)  # dipy builds (and caches) the q-space to ODF matrix
+    kernel = model.cache_get("gqi_vector", key=default_sphere)
+    values = {k: np.zeros(len(voxels)) for k in ("gfa", "min", "max")}
+    for start in range(0, len(voxels), chunk):
+        odf = voxels[start : start + chunk] @ kernel
+        part = slice(start, start + len(odf))
+        values["gfa"][part] = np.nan_to_num(gfa(odf))
+        values["min"][part] = odf.min(axis=1)
+        values["max"][part] = odf.max(axis=1)
+    scale = float(np.percentile(values["max"], 99)) or 1.0
+    out = {}
+    scaled = {"gfa": values["gfa"], "iso": values["min"] / scale, "qa": (values["max"] - values["min"]) / scale}
+    for key, vec in scaled.items():
+        arr = np.zeros(mask.shape, dtype=np.float32)
+        arr[mask] = vec
+        out[f"gqi-{key}"] = _clean(arr, mask)
+    return out
+
+
+def fit_dki(data: np.ndarray, series: shells.Series, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """dipy's DKI as QSIRecon 1.1.1's KurtosisReconstruction runs it: the gradient table read as QSIRecon
+    reads it, DiffusionKurtosisModel(gtab) (WLS), fit in the mask, kurtosis maps clipped to [-3/7, 10]."""
+    from dipy.reconst import dki
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit = dki.DiffusionKurtosisModel(shells.qsirecon_gtab(series)).fit(data, mask=mask)
+        out = {f"dki-{k}": _clean(getattr(fit, k), mask)
+               for k in ("ad", "kfa", "linearity", "md", "planarity", "rd", "sphericity")}
+        low, high = KURTOSIS_CLIP
+        out.update({f"dki-{k}": _clean(getattr(fit, k)(min_kurtosis=low, max_kurtosis=high), mask)
+                    for k in ("ak", "mk", "mkt", "rk")})
+        out["tensor-fa"] = np.clip(_clean(fit.fa, mask), 0.0, 1.0)
     return out
 
 
@@ -204,13 +308,13 @@ def run_recon(
     participant: str,
     session: str,
     work_dir: Path,
+    recon_spec: str,
     atlas_file: Path | None = None,
     atlas_labels: Path | None = None,
-    workflow: str = DEFAULT_WORKFLOW,
 ) -> ReconResult:
     participant = check_label(strip_prefix(participant, "sub-"), "participant label")
     session = check_label(strip_prefix(session, "ses-"), "session label")
-    workflow = check_label(workflow, "workflow name")
+    info = stand_in_spec(recon_spec)
     if (atlas_file is None) != (atlas_labels is None):
         raise ConfigurationError("--atlas-file and --atlas-labels must be given together")
     if atlas_file is not None and not atlas_file.is_file():
@@ -236,17 +340,16 @@ def run_recon(
     bvals, bvecs, gradient_notes = check_gradients(bvals, bvecs, bval_path.name)
     for note in gradient_notes:
         print(f"note: {note}", flush=True)
-    n_dirs = count_directions(bvals, bvecs)
-    if n_dirs < MIN_DIRECTIONS:
-        raise ValidationError(
-            f"sub-{participant} ses-{session} has {n_dirs} diffusion direction(s); "
-            f"the tensor model needs at least {MIN_DIRECTIONS} ({dwi_path.name})"
-        )
-    if not np.any(bvals <= B0_THRESHOLD):
-        raise ValidationError(
-            f"sub-{participant} ses-{session} has no b=0 volume (b <= {B0_THRESHOLD:g}); "
-            f"the tensor model needs one ({dwi_path.name})"
-        )
+    # What QSIRecon's fits of this spec refuse, with the same reason (the check neuroflow runs before a run).
+    try:
+        series = shells.read_series(bval_path)
+    except shells.GradientError as exc:
+        raise ValidationError(str(exc)) from exc
+    refused = shells.model_refusals(recon_spec, [(m, {}) for m in names.BUILTIN_SPECS[recon_spec].models],
+                                    [series], f"sub-{participant} ses-{session}")
+    if refused:
+        raise ValidationError(refused[0])
+    n_dirs = shells.count_directions(bvals, bvecs)
     mask_img = nib.load(mask_path)
     mask = np.asarray(mask_img.dataobj) > 0
     if mask.shape != img.shape[:3]:
@@ -257,8 +360,11 @@ def run_recon(
     timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    maps = fit_tensor(data, bvals, bvecs, mask)
-    timings["tensor"] = time.perf_counter() - t0
+    if recon_spec == "dipy_dki":
+        maps = fit_dki(data, series, mask)
+    else:
+        maps = {**fit_tensor(data, bvals, bvecs, mask), **fit_gqi(data, bvals, bvecs, mask)}
+    timings["fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if atlas_file is not None and atlas_labels is not None:
@@ -284,29 +390,30 @@ def run_recon(
         b0 = data[..., bvals <= B0_THRESHOLD].mean(axis=3)
 
     t0 = time.perf_counter()
-    result = ReconResult(participant, session, atlas_name, len(lut), n_dirs, int(mask.sum()))
-    wf_root = output_dir / "derivatives" / f"qsirecon-{workflow}"
+    result = ReconResult(participant, session, recon_spec, atlas_name, len(lut), n_dirs, int(mask.sum()))
+    wf_root = output_dir / "derivatives" / f"qsirecon-{info.suffix}"
     wf_final = wf_root / f"sub-{participant}" / f"ses-{session}"
     seg_final = output_dir / f"sub-{participant}" / f"ses-{session}"
-    desc = "DTI (dipy WLS) scalar maps and an atlas on the DWI grid, in QSIRecon's layout; not QSIRecon."
+    desc = f"{recon_spec}: {info.description}; an atlas on the DWI grid, in QSIRecon's layout; not QSIRecon."
     with AtomicDir(seg_final) as seg_tmp, AtomicDir(wf_final) as wf_tmp:
         (wf_tmp / "dwi").mkdir()
         hdr = img.header.copy()
         hdr.set_data_dtype(np.float32)
-        for key in TENSOR_PARAMS:
-            name = f"{p}_space-ACPC_model-tensor_param-{key}_dwimap"
-            nib.save(nib.Nifti1Image(maps[key], img.affine, hdr), wf_tmp / "dwi" / f"{name}.nii.gz")
+        for model, param in info.maps:
+            name = f"{p}_space-ACPC_model-{model}_param-{param}_dwimap"
+            nib.save(nib.Nifti1Image(maps[f"{model}-{param}"], img.affine, hdr), wf_tmp / "dwi" / f"{name}.nii.gz")
             write_json_atomic(
                 wf_tmp / "dwi" / f"{name}.json",
                 {
                     "GeneratedBy": [generated_by(STANDS_IN_FOR, desc)],
-                    "Model": "tensor (dipy TensorModel, WLS)",
-                    "Parameter": key.upper(),
-                    "Units": "unitless" if key == "fa" else "mm^2/s (b-values in s/mm^2)",
+                    "Model": model,
+                    "Parameter": param.upper(),
+                    "ReconSpec": recon_spec,
+                    "Units": "mm^2/s (b-values in s/mm^2)" if param in ("md", "ad", "rd") else "unitless",
                     "Sources": [str(dwi_path), str(mask_path)],
                 },
             )
-            result.maps[key] = wf_final / "dwi" / f"{name}.nii.gz"
+            result.maps[f"{model}-{param}"] = wf_final / "dwi" / f"{name}.nii.gz"
         (seg_tmp / "dwi").mkdir()
         seg_hdr = img.header.copy()
         seg_hdr.set_data_dtype(np.int32)
@@ -319,12 +426,12 @@ def run_recon(
         png_name = f"{p}_desc-qc_dwi.png"
         write_qc_png(
             seg_tmp / "figures" / png_name,
-            fa=maps["fa"],
+            fa=maps["tensor-fa"],
             mask=mask,
             b0=b0,
             dseg=dseg,
             zooms=img.header.get_zooms()[:3],
-            title=f"sub-{participant} ses-{session} | stand-in for QSIRecon | atlas {atlas_name}",
+            title=f"sub-{participant} ses-{session} | stand-in for QSIRecon {recon_spec} | atlas {atlas_name}",
         )
         result.qc_png = seg_final / "figures" / png_name
 
@@ -341,12 +448,12 @@ def run_recon(
     result.lut = lut_path
     for root, name in (
         (output_dir, "neuroflow-dagster stand-in for QSIRecon"),
-        (wf_root, f"neuroflow-dagster stand-in for QSIRecon ({workflow})"),
+        (wf_root, f"neuroflow-dagster stand-in for QSIRecon ({recon_spec})"),
     ):
         write_dataset_description(root, name, STANDS_IN_FOR, desc)
     timings["write"] = time.perf_counter() - t0
     result.timings_s = timings
-    result.fa_mean = float(maps["fa"][mask].mean())
+    result.fa_mean = float(maps["tensor-fa"][mask].mean())
     return result
 
 
@@ -357,9 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--participant-label", required=True)
     parser.add_argument("--session-label", required=True)
     parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--recon-spec", required=True)
     parser.add_argument("--atlas-file", type=Path)
     parser.add_argument("--atlas-labels", type=Path)
-    parser.add_argument("--workflow-name", default=DEFAULT_WORKFLOW)
     args = parser.parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     res = run_recon(
@@ -368,14 +475,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.participant_label,
         args.session_label,
         args.work_dir,
+        args.recon_spec,
         args.atlas_file,
         args.atlas_labels,
-        args.workflow_name,
     )
     times = " ".join(f"{k}={v:.2f}s" for k, v in res.timings_s.items())
     print(
-        f"sub-{res.participant} ses-{res.session}: {res.n_directions} directions, mask {res.mask_voxels} "
-        f"voxels, mean FA {res.fa_mean:.3f}, atlas {res.atlas} ({res.n_regions} regions); {times}",
+        f"sub-{res.participant} ses-{res.session}: {res.spec}, {res.n_directions} directions, mask "
+        f"{res.mask_voxels} voxels, mean FA {res.fa_mean:.3f}, atlas {res.atlas} ({res.n_regions} regions); {times}",
         flush=True,
     )
     return 0
