@@ -333,6 +333,18 @@ OUTPUT_RESOLUTION_AUTO = "auto"
 QSIPREP_NEW_DIALECT = (26, 1)
 
 
+class QsiprepPreflightConfig(_Section):
+    """``pipelines.qsiprep.preflight``: QSIPrep's own input handling on each run's inputs before it starts
+    (docs/tools.md, "The QSIPrep preflight")."""
+
+    enabled: bool = True
+    # The pinned tools venvs (one per QSIPrep version); None: work_dir/preflight/venvs.
+    venvs_dir: Path | None = None
+    # The interpreter `neuroflow preflight install` builds them with; None: the one running neuroflow.
+    python: str | None = None
+    timeout_seconds: float = Field(600, gt=0)
+
+
 class QsiprepConfig(StageConfig):
     runtime: RuntimeName = "builtin"
     image: str | None = "pennlinc/qsiprep:1.1.1"
@@ -366,6 +378,7 @@ class QsiprepConfig(StageConfig):
     # How long a publish waits for the runs still reading the subject's previous output (and such a
     # reader for a publish) before failing as transient, which is retried (docs/domain-rules.md#state).
     publish_wait_minutes: float = Field(60, gt=0)
+    preflight: QsiprepPreflightConfig = Field(default_factory=QsiprepPreflightConfig)
 
     @field_validator("output_resolution", mode="before")
     @classmethod
@@ -902,6 +915,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             if isinstance(stage, dict):
                 for key in ("fs_license", "atlas_file", "atlas_labels"):
                     fix(stage, key)
+                if isinstance(stage.get("preflight"), dict):
+                    fix(stage["preflight"], "venvs_dir")
                 datasets = stage.get("datasets")
                 if isinstance(datasets, dict):
                     for name in list(datasets):

@@ -36,6 +36,32 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+PREFLIGHT_VENVS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "qsiprep-preflight-venv.sh"
+_preflight_build: subprocess.Popen[bytes] | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building QSIPrep's preflight venvs as soon as their tests are collected, in the background:
+    the build (minutes, mostly disk) overlaps the tests that run before them; their fixture calls the
+    same script, which waits for this build (a file lock) and then finds it done (its stamp)."""
+    global _preflight_build
+    needs = [i for i in session.items if "test_qsiprep_preflight.py" in i.nodeid and i.get_closest_marker("slow")]
+    if not needs:  # the file's unit tests need no venv
+        return
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "neuroflow-preflight-venvs.log"
+    with log.open("wb") as out:
+        _preflight_build = subprocess.Popen(
+            ["bash", str(PREFLIGHT_VENVS_SCRIPT)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A build still running when the session ends (interrupted) is stopped; the next one starts over."""
+    if _preflight_build is not None and _preflight_build.poll() is None:
+        os.killpg(_preflight_build.pid, signal.SIGTERM)
+        _preflight_build.wait(timeout=60)
+
+
 @pytest.fixture
 def synth_dwi_session(tmp_path: Path) -> synth.SynthSession:
     """A synthetic session folder (T1w + 12-direction DWI tensor phantom, seed 0) under tmp_path."""

@@ -78,13 +78,17 @@ class Harness:
 
     def tick_requests(self) -> dict[str, list[dg.RunRequest]]:
         """sensor name -> the run requests of one tick of each stage sensor, in pipeline order."""
-        out: dict[str, list[dg.RunRequest]] = {}
+        return {stage: list(result.run_requests or []) for stage, result in self.tick_results().items()}
+
+    def tick_results(self) -> dict[str, dg.SensorResult]:
+        """stage -> the SensorResult of one tick of its sensor (run requests and observations)."""
+        out: dict[str, dg.SensorResult] = {}
         for stage in STAGE_OF:
             sensor = self.sensors[f"automation_{stage}"]
             result = sensor(dg.build_sensor_context(instance=self.instance, cursor=self.cursors.get(sensor.name)))
             assert isinstance(result, dg.SensorResult)
             self.cursors[sensor.name] = result.cursor
-            out[stage] = list(result.run_requests or [])
+            out[stage] = result
         return out
 
     def tick(self) -> dict[str, set[str]]:
@@ -381,15 +385,20 @@ def qc_run(h: Harness, request: dg.RunRequest, *, parc: bool = True) -> dg.Execu
     )
 
 
-def test_a_session_failing_qc_is_held_not_re_requested_then_re_judged_and_approved(harness: Harness) -> None:
-    """The recon sensor's run judges QC first; a failed blocking check skips recon and parcellation,
-    the session is not requested again on later ticks, a later QSIPrep of the subject re-judges QC for
-    all its sessions, and an approval's relaunch lets it through without the sensors adding runs."""
+def test_a_session_failing_qc_gets_the_qc_gate_alone_then_is_re_judged_and_approved(harness: Harness) -> None:
+    """The recon sensor judges QC (qc/gate.py, the verdict the QC asset records) before it requests: a session
+    that passes gets QC + recon + parcellation in one run; a session the gate holds gets the QC gate alone
+    (its verdict, figures and alert are recorded), never a reconstruction or parcellation that can only be
+    refused, so no cell of it ever fails (states.py: held (qc)); the UI gets an observation on each held
+    cell; it is not requested again until the subject's next QSIPrep (judged again), and an approval's
+    relaunch lets it through without the sensors adding runs."""
+    from neuroflow_dagster.control.status import collect_status
     from neuroflow_dagster.discovery.identity import Registry
     from neuroflow_dagster.qc import approvals
     from neuroflow_dagster_tests.test_qc_gate import write_session
 
     h = harness
+    qc_key = dg.AssetKey("image_qc_session")
     registry = Registry(h.config.paths.state)
     for scan in ("SCAN_GOOD", "SCAN_POOR"):
         registry.assign(scan, "75")
@@ -403,24 +412,33 @@ def test_a_session_failing_qc_is_held_not_re_requested_then_re_judged_and_approv
     h.done(BIDS, "02|0075")
     assert h.tick() == {"qsiprep_subject": {"0075"}}
     h.done(QSIPREP, "0075")
-    requests = {str(r.partition_key): r for r in h.tick_requests()["qsirecon"]}
-    assert sorted(requests) == ["01|0075", "02|0075"]
-    assert all(r.asset_selection and r.asset_selection[0] == dg.AssetKey("image_qc_session")
-               for r in requests.values())
+    ticked = h.tick_results()
+    requests = {str(r.partition_key): r for r in ticked["qsirecon"].run_requests or []}
+    assert {k: sorted(a.to_user_string() for a in r.asset_selection or []) for k, r in requests.items()} == {
+        "01|0075": ["image_qc_session", "qsiparc_session", "qsirecon_session"],  # one run when QC passes
+        "02|0075": ["image_qc_session"],  # the QC gate alone: recon and parcellation are not requested
+    }
+    assert "held by image QC" in requests["02|0075"].tags["neuroflow/trigger"]
+    # The UI: an observation on each held cell, with the state model's words.
+    notes = {(e.asset_key.to_user_string(), e.partition): e.metadata for e in ticked["qsirecon"].asset_events}
+    assert set(notes) == {("qsirecon_session", "02|0075"), ("qsiparc_session", "02|0075")}
+    assert all(m["neuroflow/state"].value == "held" and m["neuroflow/cause"].value == "qc" for m in notes.values())
+    assert "raw_masked_neighbor_corr 0.17 < 0.5" in notes[("qsirecon_session", "02|0075")]["reason"].value
 
     good, poor = qc_run(h, requests["01|0075"]), qc_run(h, requests["02|0075"])
-    assert good.success and not poor.success
+    assert good.success
     (failed,) = poor.get_asset_check_evaluations()
     assert not failed.passed and failed.severity == dg.AssetCheckSeverity.ERROR
     for key in (QSIRECON, QSIPARC):
-        assert h.instance.get_latest_materialization_event(key) is not None
-        mats = h.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, asset_partitions=["02|0075"]), limit=5
-        ).records
-        assert mats == []  # skipped by the blocking check in that run
-    # The run's planned events count as handled: the held session is not requested on later ticks.
+        planned = h.instance.get_latest_planned_materialization_info(key, "02|0075")
+        assert planned is None  # never requested: nothing to skip, nothing failed
+    # The QC run counts as handled: the held session is not requested on later ticks, no note is repeated.
     for _ in range(3):
-        assert h.tick() == {}
+        again = h.tick_results()
+        assert again["qsirecon"].run_requests == [] and again["qsirecon"].asset_events == []
+    report = collect_status(h.instance, h.config)
+    row = next(r for r in report["sessions"] if r["partition"] == "02|0075")
+    assert (row["qsirecon"], row["qsiparc"], row["why"]["qsiparc"]["cause"]) == ("held", "held", "qc")
 
     # A third session and the subject's next QSIPrep: QC is judged again for every session of it.
     registry.assign("SCAN_LATE", "75")
@@ -432,21 +450,71 @@ def test_a_session_failing_qc_is_held_not_re_requested_then_re_judged_and_approv
     h.done(QSIPREP, "0075")
     requests = {str(r.partition_key): r for r in h.tick_requests()["qsirecon"]}
     assert sorted(requests) == ["01|0075", "02|0075", "03|0075"]
-    for key, request in requests.items():
-        assert qc_run(h, request).success == (key != "02|0075")
+    assert [k for k, r in requests.items() if list(r.asset_selection or []) == [qc_key]] == ["02|0075"]
+    for request in requests.values():
+        qc_run(h, request)
     assert h.tick() == {}
 
     # The operator approves; `neuroflow qc approve` relaunches QC + recon + parcellation for the session
-    # (the same selection, tagged qsirecon); the sensors add nothing afterwards.
+    # (tagged qsirecon); the sensors add nothing afterwards.
     approvals.approve(h.config, "SCAN_POOR", "0075", "02", "dropouts confined to 3 volumes", by="dr.who")
-    relaunch = dg.RunRequest(partition_key="02|0075", asset_selection=list(request.asset_selection or []),
+    relaunch = dg.RunRequest(partition_key="02|0075", asset_selection=[qc_key, QSIRECON, QSIPARC],
                              tags={"neuroflow/stage": "qsirecon"})
     approved = qc_run(h, relaunch)
     assert approved.success
-    assert {e.asset_key for e in approved.get_asset_materialization_events()} == {
-        dg.AssetKey("image_qc_session"), QSIRECON, QSIPARC
-    }
+    assert {e.asset_key for e in approved.get_asset_materialization_events()} == {qc_key, QSIRECON, QSIPARC}
     assert h.tick() == {}
+
+
+def test_excluded_or_remapped_sessions_are_never_requested(harness: Harness) -> None:
+    """Every stage refuses an excluded session or one whose identity is in question: the sensors never
+    request its runs (they could only fail); status shows it held."""
+    from neuroflow_dagster.discovery import engine
+    from neuroflow_dagster.discovery.exclusions import exclude
+    from neuroflow_dagster.discovery.identity import Registry
+    from neuroflow_dagster.discovery.status_report import write_status_report
+
+    h = harness
+    registry = Registry(h.config.paths.state)
+    for scan, code in (("S1", "A"), ("S2", "A"), ("S3", "A")):
+        registry.assign(scan, code)
+    h.tick()
+    for label in ("01", "02", "03"):
+        h.arrive("A", label)
+    exclude(h.config, "S2", "consent withdrawn")
+    held = engine.Held("S3", "/x/S3", "remapped", "S3 now maps to another subject", registered="sub-A ses-03",
+                       blocks=True)  # fmt: skip
+    write_status_report(h.config, engine.TickResult(held=[held]))
+    assert h.tick() == {"bids_session": {"01|A"}}
+
+
+def test_a_refused_reconstruction_blocks_its_parcellation_visibly(harness: Harness) -> None:
+    """A recon that fails in the combined run skips the parcellation: the parcellation sensor requests
+    nothing and records one observation saying it is blocked by qsirecon."""
+    h = harness
+    h.tick()
+    h.arrive("A", "01")
+    h.done(BIDS, "01|A")
+    h.done(QSIPREP, "A")
+    assert h.tick() == {"qsirecon_session": {"01|A"}}
+    assert h.tick() == {}
+
+    @dg.asset(key=QSIRECON, partitions_def=session_partitions)
+    def recon_refused() -> None:
+        raise dg.Failure("validation error: 1 diffusion direction", allow_retries=False)
+
+    @dg.asset(key=QSIPARC, partitions_def=session_partitions, deps=[QSIRECON])
+    def parc_stand_in() -> None:
+        return None
+
+    assert not dg.materialize([recon_refused, parc_stand_in], partition_key="01|A", instance=h.instance,
+                              tags={"neuroflow/stage": "qsirecon"}, raise_on_error=False).success  # fmt: skip
+    first = h.tick_results()
+    assert first["qsiparc"].run_requests == []
+    (note,) = first["qsiparc"].asset_events
+    assert (note.asset_key, note.partition) == (QSIPARC, "01|A")
+    assert (note.metadata["neuroflow/state"].value, note.metadata["neuroflow/cause"].value) == ("blocked", "qsirecon")
+    assert h.tick_results()["qsiparc"].asset_events == []  # once
 
 
 def converted(h: Harness, partition: str, suffixes: str, *, valid: bool = True) -> None:
@@ -492,8 +560,13 @@ def test_a_subject_without_a_t1w_is_held_until_a_session_brings_one(harness: Har
     converted(h, "01|A", "dwi")
     converted(h, "01|B", "T1w, dwi")
     capfd.readouterr()
-    assert h.tick() == {"qsiprep_subject": {"B"}}
+    ticked = h.tick_results()
+    assert [r.partition_key for r in ticked["qsiprep"].run_requests or []] == ["B"]
     assert "hold qsiprep_subject A: no T1w in any session" in capfd.readouterr().err  # the sensor's tick log
+    # The UI: an observation on the held cell, in the state model's words (states.py).
+    (note,) = ticked["qsiprep"].asset_events
+    assert (note.asset_key, note.partition) == (QSIPREP, "A")
+    assert (note.metadata["neuroflow/state"].value, note.metadata["neuroflow/cause"].value) == ("held", "no_anat")
     assert h.tick() == {}  # held, not failed, not requested on later ticks
     # A second session with a T1w lifts the hold; its T1w serves the subject's DWI-only session too.
     h.arrive("A", "02")

@@ -29,6 +29,8 @@ CASES: list[Any] = [
     {"a": [{"b": []}]},
     {"o": ValueError("x"), "n": {"p": Path("/y")}},
     {"sessions": [{"subject": "SUBJA", "note": "held: x\ty"}] * 3, "totals": {"qsiprep": {"done": 2}}},
+    {"a": 1, "why": {}, "b": [], "c": "x"},  # a status row: empty containers stay on the fast path
+    {"a": 1, "why": {"qsirecon": {"cause": "qc", "reason": "r"}}, "b": []},
 ]
 
 

@@ -127,6 +127,8 @@ def test_sessions_flow_through_all_stages_and_a_late_session_reruns_its_subject(
         ] * 4
         corrupt = rows[("C", "01")]
         assert corrupt["protocol"] == "failed" and "0 DICOM files" in corrupt["protocol_reason"]
+        assert "files are not readable DICOM" in corrupt["protocol_reason"]  # it is not an empty folder
+        assert corrupt["bids_conversion"] == "blocked" and corrupt["why"]["qsiparc"]["cause"] == "protocol"
         assert status["held"] == []  # the once-unmapped ScanID is now a session
         # Reprocess B's reconstruction through the webserver, as the UI would (a GraphQL backfill).
         run_cli(

@@ -71,6 +71,8 @@ def report_qc(instance: dg.DagsterInstance, partition: str, passed: bool) -> Non
 def test_names_match_dagsters_enums() -> None:
     assert dagster_db.ASSET_MATERIALIZATION == dg.DagsterEventType.ASSET_MATERIALIZATION.value
     assert dagster_db.ASSET_MATERIALIZATION_PLANNED == dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED.value
+    assert dagster_db.STEP_FAILURE == dg.DagsterEventType.STEP_FAILURE.value
+    assert dagster_db.RUN_FAILURE == dg.DagsterEventType.RUN_FAILURE.value
     run = dg.DagsterRunStatus
     in_progress = {s.value for s in (run.QUEUED, run.NOT_STARTED, run.STARTING, run.STARTED)}
     assert set(dagster_db.RUN_IN_PROGRESS) == in_progress
@@ -146,6 +148,25 @@ def oracle(instance: dg.DagsterInstance, pools: list[str]) -> dict[str, Any]:
                 seen.add(str(rec.partition))
             out["checks"][name] = checks
     out["held"] = held_pools(storage, pools)
+    out["failures"] = {}
+    for run_id, status in out["statuses"].items():
+        if status != "FAILURE":
+            continue
+        steps = {}
+        for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
+            data = entry.dagster_event.step_failure_data
+            user = data.user_failure_data
+            meta = metadata_values(user.metadata if user else {})
+            error = data.error.cause if data.error and data.error.cause and data.error.cls_name.endswith(
+                "StepExecutionError") else data.error  # fmt: skip
+            steps[entry.step_key] = [str(meta.get("neuroflow/failure_class") or ""), error.cls_name if error else ""]
+        out["failures"][run_id] = steps
+    out["reasons"] = {}
+    for asset, found in out["assets"].items():
+        mats = instance.fetch_materializations(dg.AssetKey(asset), limit=10_000).records
+        out["reasons"][asset] = {str(r.partition_key): str(r.asset_materialization.metadata["reason"].value)
+                                 for r in mats if r.partition_key in found["na"]
+                                 and r.storage_id == found["mats"][r.partition_key]}  # fmt: skip
     return out
 
 
@@ -178,6 +199,15 @@ def direct(db: Db, pools: list[str]) -> dict[str, Any]:
         for asset, name in CHECKS
     }
     out["held"] = db.held_pools(pools)
+    failed = [r for r, status in out["statuses"].items() if status == "FAILURE"]
+    out["failures"] = {
+        run_id: {step: [f.failure_class, f.error_class] for step, f in found.steps.items()}
+        for run_id, found in db.run_failures(failed, "neuroflow/failure_class").items()
+    }
+    out["reasons"] = {}
+    for asset, found in out["assets"].items():
+        meta = db.materialization_metadata(found["mats"][p] for p in found["na"])
+        out["reasons"][asset] = {p: str(meta[found["mats"][p]]["reason"]) for p in found["na"]}
     return out
 
 
@@ -191,6 +221,8 @@ def assert_reader_agrees(instance: dg.DagsterInstance, home: Path) -> dict[str, 
     assert {s for s, _, _ in expected["checks"]["protocol"].values()} == {"SUCCEEDED", "FAILED"}
     assert [s for s, _, meta in expected["checks"][QC_CHECK].values() if meta.get("snr") == 3.5] == ["FAILED"]
     assert any(a["na"] for a in expected["assets"].values()) and expected["held"]
+    assert any(steps for steps in expected["failures"].values()), "no step failure"
+    assert any(r for r in expected["reasons"].values()), "no not-applicable reason"
     with open_db(home) as db:
         assert direct(db, pools) == expected
     with Db.from_instance(instance) as db:
@@ -292,7 +324,10 @@ def test_direct_reader_agrees_with_dagster_on_postgres(
         assert cli.main(argv) == 0
         rows = {r["partition"]: r for r in json.loads(capsys.readouterr().out)["sessions"]}
         assert rows["01|SUBJC"]["bids_conversion"] == "failed"
-        assert rows["01|SUBJF"]["bids_conversion"] == "queued" and rows["02|SUBJA"]["qsirecon"] == "running"
+        assert rows["02|SUBJA"]["qsirecon"] == "running"
+        # Queued while the disk guard holds the conversion pool (limit 0): held, with the cause.
+        assert (rows["01|SUBJF"]["bids_conversion"], rows["01|SUBJF"]["why"]["bids_conversion"]["cause"]) == (
+            "held", "disk_guard")  # fmt: skip
         assert rows["01|SUBJA"]["qsiparc"] == "not_applicable" and rows["01|SUBJB"]["protocol"] == "failed"
         assert rows["01|SUBJA"]["qc"] == "passed" and rows["02|SUBJA"]["qc"] == "FAILED"
         assert rows["02|SUBJA"]["note"].startswith("low SNR;")

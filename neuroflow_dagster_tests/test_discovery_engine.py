@@ -187,7 +187,10 @@ def test_all_corrupt_folder_is_registered_with_failing_check(cfg, incoming: Path
     [reg] = result.registrations
     assert reg.n_dicom == 0 and reg.n_unreadable == 3 and reg.series == []
     assert not reg.protocol.valid
-    assert reg.protocol.message == "Session has 0 DICOM files (minimum: 10)"
+    assert reg.protocol.message == (
+        "Session has 0 DICOM files (minimum: 10); 3 files are not readable DICOM (e.g. f0.dcm: not DICOM (no DICM "
+        "preamble))"
+    )
 
 
 def test_empty_folder_is_held_until_files_arrive(cfg, incoming: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from neuroflow_dagster.config import ProtocolConfig
 from neuroflow_dagster.discovery.protocol import SeriesInfo, check_protocol
 
@@ -89,3 +92,20 @@ def test_zero_dicom_is_never_valid() -> None:
 def test_unknown_description_default_matches_only_broad_rules() -> None:
     proto = ProtocolConfig.model_validate({"required_scans": [{"name": "T1w", "series_description_pattern": "T1"}]})
     assert check_protocol([SeriesInfo(uid="1", n_files=5)], proto).message == "Missing required scans: T1w"
+
+
+def test_a_failure_counts_the_files_that_are_not_readable_dicom(tmp_path: Path, make_config: Any) -> None:
+    """The demo's corrupt session: 12 files, none readable DICOM. The verdict says so, read from the real
+    files by the real header reader, not "0 DICOM files" as if the folder were empty."""
+    from neuroflow_dagster.demo.synth import write_corrupt_files
+    from neuroflow_dagster.discovery.status_report import recheck_protocol
+
+    folder = tmp_path / "dicom" / "20240305_0800"
+    write_corrupt_files(folder, 12)
+    result = recheck_protocol(make_config(), folder)
+    assert not result.valid
+    assert result.message.startswith("Session has 0 DICOM files (minimum: 10); 12 files are not readable DICOM (e.g. ")
+    assert "corrupt_0000.dcm" in result.message
+    one = check_protocol([s("T1", 3)], ProtocolConfig(bids_conversion_min_files=10), 3, 1, ["x.dcm: corrupt"])
+    assert one.message == "Session has 3 DICOM files (minimum: 10); 1 file is not readable DICOM (e.g. x.dcm: corrupt)"
+    assert check_protocol([s("T1", 12)], ProtocolConfig(bids_conversion_min_files=10), 12, 5).valid

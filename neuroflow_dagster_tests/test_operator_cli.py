@@ -119,6 +119,40 @@ def run_bids(world_defs: dg.Definitions, instance: dg.DagsterInstance, partition
     )
 
 
+REFUSED_RECON = "validation error: sub-SUBJR ses-01 has 1 diffusion direction(s); the tensor model needs at least 6"
+
+
+def recon_run(
+    config: NeuroflowConfig, instance: dg.DagsterInstance, partition: str, *, recon_error: str | None = None
+) -> dg.ExecuteInProcessResult:
+    """The recon sensor's combined run, in-process: the real `image_qc_session` with its real blocking check
+    (reading the session's QSIPrep QC table), then stand-ins with the real keys for reconstruction (refused
+    with class `validation` when `recon_error` is given, as the stand-in refuses a 1-direction series) and
+    parcellation, tagged as the sensor tags it."""
+    from neuroflow_dagster.defs.assets.common import refuse
+    from neuroflow_dagster.defs.assets.image_qc import build_image_qc_asset
+    from neuroflow_dagster.defs.partitions import session_partitions
+    from neuroflow_dagster.defs.resources import NeuroflowResource
+
+    qc = build_image_qc_asset(config)
+
+    @dg.asset(key=QSIRECON, partitions_def=session_partitions, deps=[qc.key])
+    def recon_stand_in() -> dg.MaterializeResult:
+        if recon_error:
+            raise refuse(recon_error)
+        return dg.MaterializeResult(metadata={"neuroflow/status": "done"})
+
+    @dg.asset(key=QSIPARC, partitions_def=session_partitions, deps=[QSIRECON])
+    def parc_stand_in() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"neuroflow/status": "done"})
+
+    return dg.materialize(
+        [qc, recon_stand_in, parc_stand_in], partition_key=partition, instance=instance, raise_on_error=False,
+        resources={"neuroflow": NeuroflowResource(config_file=str(config.source))},
+        tags={"neuroflow/stage": "qsirecon", "dagster/partition": partition},
+    )
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("operator")
@@ -183,11 +217,34 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         exclude(config, "SCAN_D1", "motion artefacts in every series")
         # SUBJA 01's DICOM folder changed and was re-registered: its BIDS is now stale.
         report(instance, DICOM, "01|SUBJA")
+
+        # The states of the held and blocked kinds (the state model, neuroflow_dagster/states.py).
+        from neuroflow_dagster.bids.verdicts import save_verdict
+        from neuroflow_dagster_tests.test_qc_gate import write_session
+
+        instance.add_dynamic_partitions("subjects", ["SUBJH", "SUBJR", "SUBJN", "SUBJI"])
+        for scan_id, code in [("SCAN_H1", "SUBJH"), ("SCAN_R1", "SUBJR"), ("SCAN_N1", "SUBJN"), ("SCAN_I1", "SUBJI")]:
+            registry.assign(scan_id, code)
+            partition = f"01|{code}"
+            report_protocol(instance, partition, True, "protocol ok")
+            report(instance, BIDS, partition, bids_suffixes="dwi" if code == "SUBJN" else "T1w, dwi", scan_id=scan_id)
+            save_verdict(config.paths.state, code, "01", True, "valid")  # what the conversion records
+        # SUBJH fails image QC: the real QC asset's blocking check stops recon and parcellation in that run.
+        # SUBJR passes QC and its reconstruction is refused: parcellation is skipped in the same run.
+        for code, corr, bad in (("SUBJH", 0.128, 52), ("SUBJR", 0.95, 0)):
+            report(instance, QSIPREP, code, **{"neuroflow/status": "done"})
+            write_session(config, code, "01", corr, bad)
+        assert not recon_run(config, instance, "01|SUBJH").success
+        assert not recon_run(config, instance, "01|SUBJR", recon_error=REFUSED_RECON).success
         # The last discovery tick held three folders back (one of them the excluded, registered SCAN_D1).
         held = [
             engine.Held("SCAN_X", str(root / "ws" / "incoming" / "SCAN_X"), "unmapped", "no SubjectCode for SCAN_X"),
             engine.Held("SCAN_Y", str(root / "ws" / "incoming" / "SCAN_Y"), "unstable", "still being copied? 2 min"),
             engine.Held("SCAN_D1", str(root / "ws" / "incoming" / "SCAN_D1"), "excluded", "excluded by an operator"),
+            # SUBJN has no T1w in any session: QSIPrep is held. SUBJI's ScanID is now mapped to another subject.
+            engine.Held("SCAN_I1", str(root / "ws" / "incoming" / "SCAN_I1"), "remapped",
+                        "ScanID 'SCAN_I1' is registered as sub-SUBJI ses-01 but the mapping now says SUBJZ",
+                        registered="sub-SUBJI ses-01", blocks=True),
         ]
         write_status_report(config, engine.TickResult(held=held, mapping_source="csv"))
         yield World(root, config, Path(config.source), home, instance, defs, tool_failure.run_id, refused[-1].run_id)
@@ -197,33 +254,42 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def test_status_json_states_per_stage(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every state of the state model, with its cause, on real records (neuroflow_dagster/states.py)."""
     data = world.json(capsys, "status")
     rows = {r["partition"]: r for r in data["sessions"]}
     stages = ["bids_conversion", "qsiprep", "qsirecon", "qsiparc"]
 
-    def states(partition: str) -> list[str]:
-        return [rows[partition][s] for s in stages]
+    def cells(partition: str) -> list[str]:
+        """The cells as the table spells them: state (cause)."""
+        row = rows[partition]
+        return [f"{row[s]} ({row['why'][s]['cause']})" if row["why"].get(s, {}).get("cause") else row[s]
+                for s in stages]  # fmt: skip
 
     assert list(rows) == [
-        "01|SUBJA",
-        "02|SUBJA",
-        "01|SUBJB",
-        "01|SUBJC",
-        "01|SUBJD",
-        "01|SUBJE",
-        "01|SUBJF",
-        "01|SUBJG",
-    ]
-    # bids stale: its DICOM was re-registered after; qsiprep stale: session 02 converted after it.
-    assert states("01|SUBJA") == ["stale", "stale", "done", "not_applicable"]
-    assert states("02|SUBJA") == ["done", "stale", "running", "missing"]
-    assert states("01|SUBJB") == ["missing"] * 4
-    assert states("01|SUBJC") == ["failed", "missing", "missing", "missing"]
-    assert states("01|SUBJD") == ["excluded"] * 4
+        "01|SUBJA", "02|SUBJA", "01|SUBJB", "01|SUBJC", "01|SUBJD", "01|SUBJE", "01|SUBJF", "01|SUBJG",
+        "01|SUBJH", "01|SUBJI", "01|SUBJN", "01|SUBJR",
+    ]  # fmt: skip
+    # bids waits (stale): its DICOM was re-registered after; qsiprep waits (stale): session 02 converted after it.
+    assert cells("01|SUBJA") == ["waiting (stale)", "waiting (stale)", "done", "not_applicable"]
+    assert rows["01|SUBJA"]["why"]["qsiparc"]["reason"] == "no recon"  # the reason recorded with it
+    assert cells("02|SUBJA") == ["done", "waiting (stale)", "running", "waiting"]
+    assert cells("01|SUBJB") == ["blocked (protocol)"] * 4
+    assert rows["01|SUBJB"]["why"]["qsirecon"]["reason"].startswith("protocol failed: required scan T1w missing")
+    assert cells("01|SUBJC") == ["failed (validation)"] + ["blocked (bids_conversion)"] * 3
+    assert cells("01|SUBJD") == ["held (excluded)"] * 4
     assert rows["01|SUBJD"]["note"] == "excluded: motion artefacts in every series"
-    assert states("01|SUBJE")[0] == "failed"
-    assert states("01|SUBJF")[0] == "queued"
-    assert states("01|SUBJG")[0] == "done"  # failed once, converted since
+    assert cells("01|SUBJE") == ["failed (tool)"] + ["blocked (bids_conversion)"] * 3
+    assert cells("01|SUBJF") == ["queued", "waiting", "waiting", "waiting"]
+    assert cells("01|SUBJG") == ["done", "waiting", "waiting", "waiting"]  # failed once, converted since
+    # Held by the image QC gate: its skipped recon and parcellation are not failures.
+    assert cells("01|SUBJH") == ["done", "done", "held (qc)", "held (qc)"] and rows["01|SUBJH"]["qc"] == "FAILED"
+    assert "raw_masked_neighbor_corr 0.128 < 0.5" in rows["01|SUBJH"]["why"]["qsirecon"]["reason"]
+    assert cells("01|SUBJI") == ["held (identity)"] * 4
+    assert cells("01|SUBJN") == ["done", "held (no_anat)", "held (no_anat)", "held (no_anat)"]
+    assert rows["01|SUBJN"]["why"]["qsiprep"]["reason"].endswith("no T1w in any session")
+    # The refused reconstruction is the failure; its parcellation, skipped in that run, is blocked by it.
+    assert cells("01|SUBJR") == ["done", "done", "failed (validation)", "blocked (qsirecon)"]
+    assert rows["01|SUBJR"]["why"]["qsirecon"]["reason"] == REFUSED_RECON
 
     assert rows["01|SUBJA"]["protocol"] == "passed"
     assert (rows["01|SUBJB"]["protocol"], rows["01|SUBJB"]["protocol_reason"]) == (
@@ -234,14 +300,33 @@ def test_status_json_states_per_stage(world: World, capsys: pytest.CaptureFixtur
     assert rows["01|SUBJA"]["scan_id"] == "SCAN_A1" and rows["01|SUBJA"]["mapping"] == "mapped (SUBJA)"
 
     # Held folders; the excluded SCAN_D1 is registered, so it is listed once, as a session.
-    assert [(h["scan_id"], h["state"]) for h in data["held"]] == [("SCAN_X", "unmapped"), ("SCAN_Y", "unstable")]
+    assert [(h["scan_id"], h["state"]) for h in data["held"]] == [
+        ("SCAN_X", "unmapped"), ("SCAN_Y", "unstable"), ("SCAN_I1", "remapped")]  # fmt: skip
     totals = data["totals"]
-    assert totals["sessions"] == 8 and totals["held"] == 2
-    assert totals["held_by_reason"] == {"unmapped": 1, "unstable": 1}
-    assert totals["bids_conversion"] == {"stale": 1, "done": 2, "missing": 1, "failed": 2, "excluded": 1, "queued": 1}
+    assert totals["sessions"] == 12 and totals["held"] == 3
+    assert totals["held_by_reason"] == {"unmapped": 1, "unstable": 1, "remapped": 1}
+    assert totals["bids_conversion"] == {"waiting": 1, "done": 5, "blocked": 1, "failed": 2, "held": 2, "queued": 1}
     # QSIPrep is one run per subject: SUBJA counted once.
-    assert totals["qsiprep"] == {"stale": 1, "missing": 5, "excluded": 1}
-    assert totals["protocol"] == {"passed": 3, "failed": 1, "unchecked": 4}
+    assert totals["qsiprep"] == {"waiting": 3, "blocked": 3, "held": 3, "done": 2}
+    assert totals["causes"]["qsiparc"] == {
+        "blocked (protocol)": 1, "blocked (bids_conversion)": 2, "held (excluded)": 1, "held (qc)": 1,
+        "held (identity)": 1, "held (no_anat)": 1, "blocked (qsirecon)": 1}  # fmt: skip
+    assert totals["protocol"] == {"passed": 7, "failed": 1, "unchecked": 4}
+    assert set(totals) >= {"bids_conversion", "qsiprep", "qsirecon", "qsiparc", "qc", "causes"}
+
+
+def test_status_disk_guard_holds_queued_runs(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run queued while the disk guard holds its stage's pool (limit 0) is held (disk_guard), not queued."""
+    world.instance.event_log_storage.set_concurrency_slots("bids_conversion", 0)
+    try:
+        row = next(r for r in world.json(capsys, "status")["sessions"] if r["partition"] == "01|SUBJF")
+        assert (row["bids_conversion"], row["why"]["bids_conversion"]["cause"]) == ("held", "disk_guard")
+        code, out, _ = world.cli(capsys, "status", "--format", "csv")
+        assert code == 0 and "held (disk_guard)" in out
+    finally:
+        world.instance.event_log_storage.set_concurrency_slots("bids_conversion", 4)
+    row = next(r for r in world.json(capsys, "status")["sessions"] if r["partition"] == "01|SUBJF")
+    assert row["bids_conversion"] == "queued"
 
 
 def test_not_applicable_is_found_without_reading_every_event(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,7 +353,14 @@ def test_status_summary_is_the_totals_without_rows(world: World, capsys: pytest.
     assert "sessions" not in summary or isinstance(summary["sessions"], int)  # counts, no row per session
     assert summary["totals"] == full["totals"] and summary["held"] == len(full["held"])
     code, out, _ = world.cli(capsys, "status", "--summary")
-    assert code == 0 and "01|SUBJA" not in out and "8 session(s); 2 held folder(s)" in out
+    assert code == 0 and "01|SUBJA" not in out and "12 session(s); 3 held folder(s)" in out
+    assert "held, blocked and failed, by cause:" in out and "qsiparc: blocked (bids_conversion) 2" in out
+    stages = {r["stage"]: r for r in summary["stages"]}
+    assert (stages["qsirecon"]["held"], stages["qsirecon"]["failed"], stages["qsiparc"]["blocked"]) == (4, 1, 4)
+    from neuroflow_dagster.states import STATES
+
+    assert set(STATES) <= set(stages["qsirecon"]) | set(stages["qsiparc"]) | set(stages["bids_conversion"])
+    assert summary["totals"]["causes"]["qsirecon"]["held (qc)"] == 1
 
 
 def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[str]) -> None:
@@ -277,7 +369,7 @@ def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[
     assert only_a["held"] == []
 
     failed = world.json(capsys, "status", "--failed")
-    assert [r["partition"] for r in failed["sessions"]] == ["01|SUBJC", "01|SUBJE"]
+    assert [r["partition"] for r in failed["sessions"]] == ["01|SUBJC", "01|SUBJE", "01|SUBJH", "01|SUBJR"]
 
     recon = world.json(capsys, "status", "--stage", "qsirecon")
     assert all("qsirecon" in r and "bids_conversion" not in r for r in recon["sessions"])
@@ -286,7 +378,16 @@ def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[
     code, out, _ = world.cli(capsys, "status", "--stage", "bids", "--format", "csv")
     assert code == 0
     table = list(csv.DictReader(io.StringIO(out)))
-    assert {r["scan_id"]: r["bids_conversion"] for r in table if r["bids_conversion"]}["SCAN_C1"] == "failed"
+    spelled = {r["scan_id"]: r["bids_conversion"] for r in table if r["bids_conversion"]}
+    assert spelled["SCAN_C1"] == "failed (validation)"
+    # Every cell of every state, spelled as the JSON's state and cause say.
+    code, out, _ = world.cli(capsys, "status", "--format", "csv")
+    by_scan = {r["scan_id"]: r for r in csv.DictReader(io.StringIO(out)) if r["mapping"].startswith("mapped")}
+    for row in world.json(capsys, "status")["sessions"]:
+        for name in ("bids_conversion", "qsiprep", "qsirecon", "qsiparc"):
+            cause = row["why"].get(name, {}).get("cause")
+            assert by_scan[row["scan_id"]][name] == (f"{row[name]} ({cause})" if cause else row[name])
+    assert by_scan["SCAN_H1"]["qsiparc"] == "held (qc)" and by_scan["SCAN_R1"]["qsiparc"] == "blocked (qsirecon)"
     assert any(r["mapping"] == "held: unmapped" and r["scan_id"] == "SCAN_X" for r in table)
 
     code, out, _ = world.cli(capsys, "status")
@@ -295,7 +396,10 @@ def test_status_filters_and_formats(world: World, capsys: pytest.CaptureFixture[
     assert lines[0].split()[:5] == ["SUBJECT", "SESSION", "SCAN_ID", "MAPPING", "PROTOCOL"]
     assert any(line.startswith("SUBJB") and "required scan T1w missing" in line for line in lines)
     assert any(line.startswith("held folders") for line in lines)
-    assert any(line.startswith("totals: 8 session(s), 2 held folder(s)") for line in lines)
+    assert any(line.startswith("totals: 12 session(s), 3 held folder(s)") for line in lines)
+    assert any(line.startswith("SUBJR") and "failed (validation)" in line and "blocked (qsirecon)" in line
+               for line in lines)  # fmt: skip
+    assert any(line.startswith("SUBJH") and line.count("held (qc)") == 2 for line in lines)
 
 
 def test_status_watch_redraws_until_interrupted(
@@ -314,7 +418,7 @@ def test_status_watch_redraws_until_interrupted(
     code, out, _ = world.cli(capsys, "status", "--watch", "3")
     assert code == 0
     assert sleeps == [3.0, 3.0]
-    assert out.count("neuroflow status - ") == 2 and out.count("totals: 8 session(s)") == 2
+    assert out.count("neuroflow status - ") == 2 and out.count("totals: 12 session(s)") == 2
 
 
 def test_status_through_the_console_script(world: World) -> None:
@@ -328,7 +432,7 @@ def test_status_through_the_console_script(world: World) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["totals"]["sessions"] == 8
+    assert json.loads(proc.stdout)["totals"]["sessions"] == 12
 
 
 # --------------------------------------------------------------------------- failures / logs
@@ -337,8 +441,17 @@ def test_status_through_the_console_script(world: World) -> None:
 def test_failures_lists_only_partitions_whose_latest_attempt_failed(
     world: World, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rows = {r["partition"]: r for r in world.json(capsys, "failures")}
-    assert set(rows) == {"01|SUBJC", "01|SUBJE"}  # 01|SUBJG failed once but was converted since
+    """Only failed cells of the state model: never a held one (SUBJH's recon and parcellation, skipped by the
+    QC gate's blocking check in a failed run) or a blocked one (SUBJR's parcellation, skipped because its
+    reconstruction failed in the same run)."""
+    listed = world.json(capsys, "failures")
+    rows = {r["partition"]: r for r in listed}
+    assert sorted((r["stage"], r["partition"]) for r in listed) == [
+        ("bids_conversion", "01|SUBJC"), ("bids_conversion", "01|SUBJE"), ("qsirecon", "01|SUBJR")]  # fmt: skip
+    # 01|SUBJG failed once but was converted since
+    recon = rows["01|SUBJR"]
+    assert (recon["failure_class"], recon["attempts"], recon["last_error"]) == ("validation", 1, REFUSED_RECON)
+    assert all(r["failure_class"] != "unclassified" for r in listed)
     refused = rows["01|SUBJC"]
     assert (refused["stage"], refused["failure_class"], refused["attempts"], refused["failed_runs"]) == (
         "bids_conversion",
@@ -355,8 +468,9 @@ def test_failures_lists_only_partitions_whose_latest_attempt_failed(
     assert Path(tool["log_path"]).parent == world.config.paths.log_dir / "bids_conversion"
 
     assert world.json(capsys, "failures", "--stage", "qsiprep") == []
+    assert world.json(capsys, "failures", "--stage", "qsiparc") == []
     code, out, _ = world.cli(capsys, "failures")
-    assert code == 0 and "2 failed partition(s)" in out and "validation" in out
+    assert code == 0 and "3 failed partition(s)" in out and "validation" in out
 
 
 def test_logs_of_a_run_and_of_a_partition(world: World, capsys: pytest.CaptureFixture[str]) -> None:
@@ -386,7 +500,8 @@ def test_logs_of_a_run_and_of_a_partition(world: World, capsys: pytest.CaptureFi
 def test_reprocess_dry_run_partitions(world: World, capsys: pytest.CaptureFixture[str]) -> None:
     every = world.json(capsys, "reprocess", "--stage", "bids", "--all", "--dry-run")
     assert every["stage"] == "bids_conversion" and every["asset"] == "bids_session" and every["dry_run"]
-    assert every["partitions"] == ["01|SUBJA", "02|SUBJA", "01|SUBJB", "01|SUBJC", "01|SUBJE", "01|SUBJF", "01|SUBJG"]
+    assert every["partitions"] == ["01|SUBJA", "02|SUBJA", "01|SUBJB", "01|SUBJC", "01|SUBJE", "01|SUBJF", "01|SUBJG",
+                                   "01|SUBJH", "01|SUBJI", "01|SUBJN", "01|SUBJR"]
     assert every["skipped"] == {"SCAN_D1": "excluded: motion artefacts in every series"}
 
     subject = world.json(capsys, "reprocess", "--stage", "qsiprep", "--subject", "SUBJA", "--dry-run")
@@ -401,8 +516,10 @@ def test_reprocess_dry_run_partitions(world: World, capsys: pytest.CaptureFixtur
 
 
 def test_retry_dry_run_lists_the_failures(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    """retry relaunches exactly what failures lists: never the QC-held or the blocked cells."""
     plans = world.json(capsys, "retry", "--dry-run")
-    assert [(p["stage"], p["partitions"]) for p in plans] == [("bids_conversion", ["01|SUBJC", "01|SUBJE"])]
+    assert [(p["stage"], p["partitions"]) for p in plans] == [
+        ("bids_conversion", ["01|SUBJC", "01|SUBJE"]), ("qsirecon", ["01|SUBJR"])]  # fmt: skip
     assert world.json(capsys, "retry", "--stage", "qsiparc", "--dry-run") == []
 
 
@@ -469,10 +586,12 @@ def test_reprocess_and_retry_send_the_ui_backfill_mutation(
 
     data = world.json(capsys, "retry", "--url", url + "/graphql")
     assert data[0]["backfill_id"] == "abcdefgh"
-    params = fake_webserver.bodies[-1]["variables"]["backfillParams"]  # type: ignore[attr-defined]
+    params = fake_webserver.bodies[-2]["variables"]["backfillParams"]  # type: ignore[attr-defined]
     assert params["assetSelection"] == [{"path": ["bids_session"]}]
     assert params["partitionNames"] == ["01|SUBJC", "01|SUBJE"]
     assert params["tags"] == [{"key": "neuroflow/stage", "value": "bids_conversion"}]
+    params = fake_webserver.bodies[-1]["variables"]["backfillParams"]  # type: ignore[attr-defined]
+    assert (params["assetSelection"], params["partitionNames"]) == ([{"path": ["qsirecon_session"]}], ["01|SUBJR"])
 
     # The webserver refuses: the CLI says why and exits 1.
     fake_webserver.answer = {  # type: ignore[attr-defined]
@@ -565,14 +684,15 @@ def test_exclude_include_round_trip_with_audit_trail(
         assert "excluded ScanID 'SCAN_Z1' (sub-SUBJZ ses-01): consent withdrawn" in out
         code, out, _ = run("status", "--format", "json")
         row = json.loads(out)["sessions"][0]
-        assert row["bids_conversion"] == "excluded" and row["note"] == "excluded: consent withdrawn"
+        assert (row["bids_conversion"], row["why"]["bids_conversion"]["cause"]) == ("held", "excluded")
+        assert row["note"] == "excluded: consent withdrawn"
         code, _, err = run("reprocess", "--stage", "bids", "--all", "--dry-run")
         assert code == 5 and "no registered, non-excluded session" in err
 
         code, out, _ = run("include", "SUBJZ/01")
         assert code == 0 and "included ScanID 'SCAN_Z1'" in out
         code, out, _ = run("status", "--format", "json")
-        assert json.loads(out)["sessions"][0]["bids_conversion"] == "missing"
+        assert json.loads(out)["sessions"][0]["bids_conversion"] == "waiting"
         code, out, _ = run("include", "SCAN_Z1")
         assert code == 0 and "was not excluded" in out
 
@@ -712,7 +832,8 @@ def test_scan_and_status_name_every_held_case_and_rekey_moves_a_remapped_session
         assert [(r.scan_id, r.participant_label, r.session_label) for r in third.registrations] == [("E", "0082", "01")]
         code, out, _ = run("status", "--dagster-home", str(home), "--format", "json")
         rows = {(r["subject"], r["session"]): r for r in json.loads(out)["sessions"]}
-        assert rows[("0081", "01")]["bids_conversion"] == "retired"
+        assert (rows[("0081", "01")]["bids_conversion"], rows[("0081", "01")]["why"]["bids_conversion"]["cause"]) == (
+            "not_applicable", "retired")  # fmt: skip
         assert rows[("0081", "01")]["note"].startswith("re-keyed:")
         assert rows[("0082", "01")]["scan_id"] == "E"
         with pytest.raises(dg.Failure, match="was re-keyed"):

@@ -141,15 +141,19 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
         assert qc_check(instance, GOOD_KEY).passed
         wait_for("the held run's end", lambda: recon_runs(instance, POOR_KEY)[0].is_finished, timeout=120, log=log)
         (first,) = recon_runs(instance, POOR_KEY)
-        assert first.status == dg.DagsterRunStatus.FAILURE and "neuroflow/trigger" in first.tags  # the sensor's run
-        assert {k.to_user_string() for k in first.asset_selection or ()} == {
+        assert "neuroflow/trigger" in first.tags and "held by image QC" in first.tags["neuroflow/trigger"]
+        # The sensor judged QC first: the QC gate alone (its blocking check ends that run failed, as Dagster
+        # ends any run whose blocking check fails), never a reconstruction or parcellation to skip.
+        assert first.status == dg.DagsterRunStatus.FAILURE
+        assert {k.to_user_string() for k in first.asset_selection or ()} == {"image_qc_session"}
+        assert steps_started(instance, first.run_id) == {"image_qc_session"}
+        for key in ("qsirecon_session", "qsiparc_session"):
+            assert POOR_KEY not in materialized(instance, key)
+            assert instance.get_latest_planned_materialization_info(dg.AssetKey(key), POOR_KEY) is None
+        (good,) = recon_runs(instance, GOOD_KEY)  # one run for the passing session: QC, recon, parcellation
+        assert {k.to_user_string() for k in good.asset_selection or ()} == {
             "image_qc_session", "qsirecon_session", "qsiparc_session"
         }
-        started = steps_started(instance, first.run_id)
-        assert "image_qc_session" in started
-        assert not started & {"qsirecon_session", "qsiparc_session"}  # skipped by the blocking check
-        assert POOR_KEY not in materialized(instance, "qsirecon_session")
-        assert POOR_KEY not in materialized(instance, "qsiparc_session")
         # Several automation ticks (5 s apart) later, the held session has not been requested again.
         time.sleep(30)
         assert len(recon_runs(instance, POOR_KEY)) == 1
@@ -157,9 +161,15 @@ def test_a_poor_session_is_held_by_qc_while_its_sibling_goes_on_until_approved(
         status = json.loads(
             neuroflow(capsys, *home, "status", "--format", "json", "--dagster-home", str(dev["home"]))
         )
-        qc = {r["partition"]: r["qc"] for r in status["sessions"]}
-        assert qc == {GOOD_KEY: "passed", POOR_KEY: "FAILED"}
+        rows = {r["partition"]: r for r in status["sessions"]}
+        assert {k: r["qc"] for k, r in rows.items()} == {GOOD_KEY: "passed", POOR_KEY: "FAILED"}
         assert status["totals"]["qc"] == {"passed": 1, "FAILED": 1}
+        assert (rows[POOR_KEY]["qsirecon"], rows[POOR_KEY]["qsiparc"]) == ("held", "held")
+        assert rows[POOR_KEY]["why"]["qsiparc"]["cause"] == "qc"
+        failures = json.loads(
+            neuroflow(capsys, *home, "failures", "--format", "json", "--dagster-home", str(dev["home"]))
+        )
+        assert failures == []  # a held session is not a failure
 
         # the QC asset shows the cohort plot; the report names the held session
         (record,) = instance.fetch_materializations(

@@ -165,7 +165,10 @@ def test_corrupt_files_are_counted_and_all_corrupt_session_fails_its_check(works
         assert meta["01|CLML01"]["n_unreadable_files"].value == 1
         assert meta["01|0075"]["n_unreadable_files"].value == 5
         passed, reason = check_results(instance)["01|0075"]
-        assert not passed and reason == "Session has 0 DICOM files (minimum: 10)"
+        assert not passed and reason == (
+            "Session has 0 DICOM files (minimum: 10); 5 files are not readable DICOM (e.g. x0.dcm: not DICOM (no DICM "
+            "preamble))"
+        )
 
 
 @pytest.mark.parametrize("name", ["scan 01", "scän_ü", "a|b", "c,d"])
@@ -266,7 +269,9 @@ def test_file_rewritten_in_place_is_rereported_and_rechecked(workspace: Any) -> 
                 fh.write(b"not DICOM any more")
         second = tick(sensor, instance, first.cursor)
         assert registered_events(second) == ["01|CLML01"]
-        assert check_results(instance)["01|CLML01"] == (False, "Session has 2 DICOM files (minimum: 10)")
+        assert check_results(instance)["01|CLML01"] == (False, "Session has 2 DICOM files (minimum: 10); 10 files are "
+                                                        "not readable DICOM (e.g. 001_T1_MPRAGE/s001_i0001.dcm: not "
+                                                        "DICOM (no DICM preamble))")  # fmt: skip
         assert instance.get_dynamic_partitions("session_labels") == ["01"]  # the same session, re-checked
         third = tick(sensor, instance, second.cursor)
         assert registered_events(third) == []

@@ -248,11 +248,11 @@ def test_nipoppy_files_load_with_nipoppys_own_tables(
         ("SUBJA", "01"): ["SUCCESS", "SUCCESS", "SUCCESS"],
         ("SUBJA", "02"): ["UNAVAILABLE", "UNAVAILABLE", "UNAVAILABLE"],  # no DWI: left out, not applicable
         ("SUBJB", "01"): ["UNAVAILABLE"] * 3,  # protocol failed: conversion never starts
-        ("SUBJC", "01"): ["INCOMPLETE"] * 3,  # conversion failed: waits for a retry
+        ("SUBJC", "01"): ["UNAVAILABLE"] * 3,  # blocked by the failed conversion: no input until it is fixed
         ("SUBJD", "01"): ["UNAVAILABLE"] * 3,  # excluded
         ("SUBJE", "01"): ["INCOMPLETE"] * 3,  # conversion queued
         ("SUBJF", "01"): ["INCOMPLETE", "INCOMPLETE", "INCOMPLETE"],  # QSIPrep stale
-        ("SUBJH", "01"): ["SUCCESS", "FAIL", "INCOMPLETE"],  # QSIRecon failed
+        ("SUBJH", "01"): ["SUCCESS", "FAIL", "UNAVAILABLE"],  # QSIRecon failed: parcellation blocked by it
     }
     assert {k: [status[(*k, p)]["status"] for p in ("qsiprep", "qsirecon", "qsiparc")] for k in expected} == expected
 
@@ -317,24 +317,30 @@ def test_nipoppy_status_reads_the_exported_site(
 
 
 def test_export_covers_every_state_and_refuses_what_it_cannot_map(world: World) -> None:
-    """Every state `status` reports has a Nipoppy status (retired rows are left out, not mapped)."""
-    assert set(STATES) - {"retired"} == set(nipoppy.STATUS_OF_STATE)
+    """Every state of the state model has a Nipoppy status (retired rows are left out, not mapped)."""
+    assert set(STATES) == set(nipoppy.STATUS_OF_STATE)
     report = {"sessions": [
         {"subject": "SUBJA", "session": "01", "scan_id": "SCAN_A1", "mapping": "mapped (SUBJA)", "protocol": "passed",
          "bids_conversion": "done", "qsiprep": "done", "qsirecon": "done", "qsiparc": "done"},
         {"subject": "SUBJZ", "session": "01", "scan_id": "SCAN_Z1", "mapping": "retired (SUBJZ)", "protocol": "-",
-         "bids_conversion": "retired", "qsiprep": "retired", "qsirecon": "retired", "qsiparc": "retired"},
+         "bids_conversion": "not_applicable", "qsiprep": "not_applicable", "qsirecon": "not_applicable",
+         "qsiparc": "not_applicable"},
     ]}  # fmt: skip
     tables = nipoppy.build_tables(report, world.config)
     assert {r["participant_id"] for r in tables["processing"]} == {"SUBJA"}
     assert [r["participant_id"] for r in tables["curation"]] == ["SUBJA"]
-    # A session held by the image QC gate: its recon and parcellation cannot run until approved.
-    held = {**report["sessions"][0], "session": "02", "scan_id": "SCAN_A2", "qc": "FAILED", "qsirecon": "missing",
-            "qsiparc": "missing"}  # fmt: skip
-    status = {(r["session_id"], r["pipeline_name"]): r["status"]
-              for r in nipoppy.build_tables({"sessions": [*report["sessions"], held]}, world.config)["processing"]}
+    # A session held by the image QC gate: its recon and parcellation cannot run until approved. A run queued
+    # while the disk guard holds new runs runs by itself once there is space: INCOMPLETE, not UNAVAILABLE.
+    qc = {"cause": "qc", "reason": "image QC failed"}
+    held = {**report["sessions"][0], "session": "02", "scan_id": "SCAN_A2", "qc": "FAILED", "qsirecon": "held",
+            "qsiparc": "held", "why": {"qsirecon": qc, "qsiparc": qc}}  # fmt: skip
+    disk = {**report["sessions"][0], "session": "03", "scan_id": "SCAN_A3", "qsirecon": "held", "qsiparc": "waiting",
+            "why": {"qsirecon": {"cause": "disk_guard", "reason": "queued while the disk guard holds"}}}  # fmt: skip
+    status = {(r["session_id"], r["pipeline_name"]): r["status"] for r in
+              nipoppy.build_tables({"sessions": [*report["sessions"], held, disk]}, world.config)["processing"]}
     assert (status[("02", "qsiprep")], status[("02", "qsirecon")], status[("02", "qsiparc")]) == (
         "SUCCESS", "UNAVAILABLE", "UNAVAILABLE")  # fmt: skip
+    assert (status[("03", "qsirecon")], status[("03", "qsiparc")]) == ("INCOMPLETE", "INCOMPLETE")
     report["sessions"][0]["qsiparc"] = "sleeping"
     with pytest.raises(ValueError, match="qsiparc state 'sleeping' of sub-SUBJA ses-01 has no Nipoppy status"):
         nipoppy.build_tables(report, world.config)
@@ -376,11 +382,13 @@ def test_status_summary_counts_per_stage_and_state(world: World, capsys: pytest.
     bids = rows["bids_conversion"]
     assert (bids["unit"], bids["total"]) == ("sessions", 8)
     assert {k: v for k, v in bids.items() if k in STATES and v} == {
-        "done": 4, "failed": 1, "queued": 1, "missing": 1, "excluded": 1}  # fmt: skip
+        "done": 4, "failed": 1, "queued": 1, "blocked": 1, "held": 1}  # fmt: skip
     prep = rows["qsiprep"]
     assert (prep["unit"], prep["total"]) == ("subjects", 7)  # one run per subject
-    assert {k: v for k, v in prep.items() if k in STATES and v} == {"done": 2, "stale": 1, "missing": 3,
-                                                                    "excluded": 1}  # fmt: skip
+    assert {k: v for k, v in prep.items() if k in STATES and v} == {"done": 2, "waiting": 2, "blocked": 2,
+                                                                    "held": 1}  # fmt: skip
+    assert data["totals"]["causes"]["qsiprep"] == {"blocked (protocol)": 1, "blocked (bids_conversion)": 1,
+                                                   "held (excluded)": 1}  # fmt: skip
     assert rows["protocol"]["passed"] == 7 and rows["protocol"]["failed"] == 1
 
     code, out, _ = world.cli(capsys, "status", "--summary")

@@ -4,8 +4,11 @@ A real `dagster dev` (webserver, daemon, code server) runs the project's code
 location on a temporary workspace; Debian's Chromium opens the global lineage
 page with every asset group expanded and is driven over the DevTools protocol
 (websockets, which dagster-webserver already depends on): the test waits
-until the five asset names are in the rendered page text, then takes the
-screenshot the documentation uses. With NEUROFLOW_UPDATE_SCREENSHOTS=1 it is
+until the six asset names are in the rendered graph, then, on an instance
+holding sessions at several stages (reported as the stages report them), takes
+the screenshot the documentation uses: the pipeline drawn in full, each node
+with its partitions' fill, checks and latest event, so the picture shows
+partitions materialized. With NEUROFLOW_UPDATE_SCREENSHOTS=1 it is
 written to docs/img/asset-graph.png. Skipped when Chromium is not installed
 (scripts/system-deps.sh installs it in CI). The same `dagster dev` also takes a
 `neuroflow reprocess` over HTTP, the path the CLI uses in production.
@@ -34,7 +37,7 @@ import pytest
 from neuroflow_dagster_tests.daemon_harness import REPO, dagster_dev, wait_for
 from neuroflow_dagster_tests.workspace_fixtures import make_workspace
 
-ASSETS = ["dicom_session", "bids_session", "qsiprep_subject", "qsirecon_session", "qsiparc_session"]
+ASSETS = ["dicom_session", "bids_session", "qsiprep_subject", "image_qc_session", "qsirecon_session", "qsiparc_session"]
 GROUPS = ["discovery", "conversion", "preprocessing", "reconstruction", "parcellation"]
 CHROMIUM_FLAGS = [
     "--headless",
@@ -46,7 +49,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
-    "--window-size=1400,800",
+    "--window-size=2100,1000",  # wide enough for Dagster to draw the six nodes in full
 ]
 SCREENSHOT = REPO / "docs" / "img" / "asset-graph.png"
 
@@ -62,6 +65,11 @@ def lineage_url(port: int) -> str:
     """The global lineage page with all groups open (the UI keeps open groups in `?expanded=`)."""
     expanded = ",".join(f"global@global:{g}" for g in GROUPS)
     return f"http://127.0.0.1:{port}/asset-groups?expanded={quote(expanded, safe='@:,')}"
+
+
+def pipeline_url(port: int) -> str:
+    """Everything upstream of the last stage, drawn in full (partitions, checks, latest event per node)."""
+    return f"http://127.0.0.1:{port}/assets/qsiparc_session?view=lineage&lineageScope=upstream&lineageDepth=6"
 
 
 def http_ok(url: str) -> bytes | None:
@@ -145,6 +153,39 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
         yield DevServer(port, dev["log"], dev["home"], Path(config.source), time.monotonic() - started)
 
 
+def populate(home: Path) -> None:
+    """Sessions at several stages, as the stages record them (runless reports of the real keys), so the
+    picture shows partitions materialized: SUBJA's two sessions and SUBJB's one all the way through,
+    SUBJC's held by a failed protocol check. Reported in pipeline order, so the automation sensors of
+    the running `dagster dev` find every partition handled and request nothing."""
+    import dagster as dg
+    from dagster._core.instance.ref import InstanceRef
+
+    done = {"neuroflow/status": "done"}
+    instance = dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+    try:
+        instance.add_dynamic_partitions("subjects", ["SUBJA", "SUBJB", "SUBJC"])
+        instance.add_dynamic_partitions("session_labels", ["01", "02"])
+        sessions = ["01|SUBJA", "02|SUBJA", "01|SUBJB"]
+
+        def report(asset: str, partitions: list[str], **metadata: Any) -> None:
+            for p in partitions:
+                instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=p, metadata=metadata))
+
+        report("dicom_session", [*sessions, "01|SUBJC"])
+        for p, passed in [*((p, True) for p in sessions), ("01|SUBJC", False)]:
+            instance.report_runless_asset_event(dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey("dicom_session"), check_name="protocol", passed=passed, partition=p,
+                description="Session valid: 2 scan types found" if passed else "Missing required scans: DWI"))
+        report("bids_session", sessions, **done)
+        report("qsiprep_subject", ["SUBJA", "SUBJB"], **done)
+        report("image_qc_session", sessions, **done)
+        report("qsirecon_session", sessions, **done)
+        report("qsiparc_session", sessions, **done)
+    finally:
+        instance.dispose()
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -152,6 +193,7 @@ def test_asset_graph_renders_in_chromium(dev_server: DevServer, tmp_path: Path) 
     binary = chromium()
     if binary is None:
         pytest.skip("Chromium is not installed (apt-get install chromium; CI: scripts/system-deps.sh)")
+    populate(dev_server.home)
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
     proc, ws_url = start_chromium(binary, profile)
@@ -165,7 +207,7 @@ def test_asset_graph_renders_in_chromium(dev_server: DevServer, tmp_path: Path) 
             text = tools.evaluate("document.body ? document.body.innerText : ''") or ""
             return [a for a in ASSETS if a in text] if all(a in text for a in ASSETS) else None
 
-        found = wait_for("the five asset names in the rendered lineage graph", rendered, 180, dev_server.log, 0.5)
+        found = wait_for("the asset names in the rendered lineage graph", rendered, 180, dev_server.log, 0.5)
         render_s = time.monotonic() - started
         assert found == ASSETS
         # The graph's nodes, not only the asset list beside it: each name inside the graph canvas.
@@ -173,6 +215,19 @@ def test_asset_graph_renders_in_chromium(dev_server: DevServer, tmp_path: Path) 
             "Array.from(document.querySelectorAll('foreignObject, svg text')).map(e => e.textContent).join(' ')"
         )
         assert all(a in in_graph for a in ASSETS), in_graph[:2000]
+        # The picture: the whole pipeline upstream of parcellation, as the asset's lineage tab draws it (the
+        # global page's asset tree leaves the graph too little room for Dagster to draw nodes in full),
+        # with the navigation folded away, once every node shows its partitions' fill and latest event.
+        tools.evaluate("Array.from(document.querySelectorAll('button')).find(b => "
+                       "b.innerText.trim() === 'Hide navigation')?.click()")  # fmt: skip
+        tools.call("Page.navigate", url=pipeline_url(dev_server.port))
+
+        def drawn() -> str | None:
+            text = tools.evaluate("document.body ? document.body.innerText : ''") or ""
+            return text if text.count("filled") >= len(ASSETS) and all(a in text for a in ASSETS) else None
+
+        picture = wait_for("every node with its partitions in the pipeline picture", drawn, 180, dev_server.log, 0.5)
+        assert "Latest event" in picture and "partitions" in picture
         time.sleep(1.5)  # let zoom-to-fit settle before the picture
         png = base64.b64decode(tools.call("Page.captureScreenshot", format="png")["data"])
     finally:

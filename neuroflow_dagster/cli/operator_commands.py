@@ -52,9 +52,14 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
     if fmt == "json":
         print_json(report)
         return
+    from neuroflow_dagster.control.status import cell_text
+
     columns = [*STATUS_COLUMNS, *with_qc(names), "note"]
+    # Table and CSV spell each cell with its cause: held (qc), blocked (qsirecon), failed (validation).
+    spelled = [{**r, **{n: cell_text(r, n) for n in r["why"] if n in r}} if r.get("why") else r
+               for r in report["sessions"]]  # fmt: skip
     if fmt == "csv":
-        rows = list(report["sessions"])
+        rows = list(spelled)
         rows += [
             {"scan_id": h["scan_id"], "mapping": f"held: {h['state']}", "note": h["reason"]} for h in report["held"]
         ]
@@ -62,7 +67,7 @@ def _render_status(report: dict[str, Any], fmt: str, names: list[str]) -> None:
         return
     rows = [
         {**r, "note": r["note"] or (f"protocol: {r['protocol_reason']}" if r["protocol"] == "failed" else "")}
-        for r in report["sessions"]
+        for r in spelled
     ]
     print_rows(rows, "table", columns, max_width=CELL_WIDTH)
     _render_totals(report, names)
@@ -91,7 +96,8 @@ def _render_totals(report: dict[str, Any], names: list[str]) -> None:
         print("  qc: " + _counts(totals.get("qc", {})))
     for name in names:
         unit = " (per subject)" if stages.stage(name).per_subject else ""
-        print(f"  {name}{unit}: " + _counts(totals[name]))
+        causes = totals.get("causes", {}).get(name)
+        print(f"  {name}{unit}: " + _counts(totals[name]) + (f"  [{_counts(causes)}]" if causes else ""))
     _render_disk_lines(report)
 
 
@@ -119,6 +125,12 @@ def _render_summary(report: dict[str, Any], fmt: str, names: list[str]) -> None:
         return
     print_rows(rows, fmt, ["stage", "unit", "total", *states], max_width=None if fmt == "csv" else CELL_WIDTH)
     if fmt == "table":
+        causes = totals.get("causes", {})
+        if causes:
+            print()
+            print("held, blocked and failed, by cause:")
+            for name, counted in causes.items():
+                print(f"  {name}: {_counts(counted)}")
         print()
         print(f"{totals['sessions']} session(s); {totals['held']} held folder(s)"
               + (f": {_counts(totals['held_by_reason'])}" if totals["held_by_reason"] else ""))
@@ -194,16 +206,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _failures(args: argparse.Namespace) -> tuple[NeuroflowConfig, str | None, list[dict[str, Any]]]:
     """The config, the chosen stage (None: all) and the failure rows (`failures`, `retry`)."""
     from neuroflow_dagster.control.failures import collect_failures
-    from neuroflow_dagster.discovery.identity import Registry
 
     config = _config(args)
     stage = _stage(args.stage)
     with _instance(args, config) as instance:
-        return config, stage, collect_failures(instance, Registry(config.paths.state), stage)
+        return config, stage, collect_failures(instance, config, stage)
 
 
 def cmd_failures(args: argparse.Namespace) -> int:
-    """The dead-letter list: partitions whose latest attempt failed, with class, attempts and log."""
+    """The dead-letter list: cells whose state is failed (never held or blocked), with class, attempts and log."""
     _, _, rows = _failures(args)
     if args.format == "json":
         print_json(rows)

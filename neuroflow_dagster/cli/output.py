@@ -25,7 +25,7 @@ def dumps_indented(data: Any, level: int = 0) -> str:
     A flat object (scalar values only) goes through the C encoder with the newline and indent in its
     item separator; containers are laid out here, as the indenting encoder lays them out."""
     pad = "  " * (level + 1)
-    if isinstance(data, dict) and data and all(isinstance(v, SCALARS) for v in data.values()):
+    if isinstance(data, dict) and data and all(_flat(v) for v in data.values()):
         if all(isinstance(k, str) for k in data):
             flat = _flat_encoder(level).encode(data)
             return "{\n" + pad + flat[1:-1] + "\n" + "  " * level + "}"
@@ -36,6 +36,12 @@ def dumps_indented(data: Any, level: int = 0) -> str:
     if isinstance(data, (list, tuple)) and data:
         return "[\n" + ",\n".join(pad + dumps_indented(v, level + 1) for v in data) + "\n" + "  " * level + "]"
     return json.dumps(data, indent=2, default=str).replace("\n", "\n" + "  " * level)
+
+
+def _flat(value: Any) -> bool:
+    """Encoded the same with and without `indent`: a scalar, or an empty object or list (`{}`, `[]`; a
+    status row's `why` is nearly always empty)."""
+    return isinstance(value, SCALARS) or (isinstance(value, (dict, list)) and not value)
 
 
 @functools.lru_cache(maxsize=16)

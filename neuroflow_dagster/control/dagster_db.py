@@ -36,6 +36,8 @@ import yaml
 # --- Dagster's enum values (DagsterEventType, DagsterRunStatus, AssetCheckExecutionRecordStatus)
 ASSET_MATERIALIZATION = "ASSET_MATERIALIZATION"
 ASSET_MATERIALIZATION_PLANNED = "ASSET_MATERIALIZATION_PLANNED"
+STEP_FAILURE = "STEP_FAILURE"
+RUN_FAILURE = "PIPELINE_FAILURE"  # DagsterEventType.RUN_FAILURE keeps its legacy value
 RUN_IN_PROGRESS = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED")
 RUN_RUNNING = ("STARTING", "STARTED")
 RUN_FAILED = ("FAILURE", "CANCELED", "CANCELING")
@@ -66,6 +68,26 @@ class CheckState:
     status: str
     reason: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)  # a failed one's plain metadata values
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """A step that failed in a run: its failure class (metadata ``neuroflow/failure_class``), its message
+    (the failure's description, else the error's) and the error's class name."""
+
+    failure_class: str
+    message: str
+    error_class: str = ""
+
+
+@dataclass(frozen=True)
+class RunFailure:
+    """What a failed run says: the steps that failed (step key -> StepFailure), the run's own failure
+    message and the class a run tag gives (the run launcher tags a run whose worker died)."""
+
+    steps: dict[str, StepFailure]
+    message: str = ""
+    tagged_class: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,11 +159,14 @@ def storage_location(home: Path) -> tuple[str, Any]:
 class Db:
     """Two DB-API connections (event log index, runs; the same one on PostgreSQL) and their paramstyle."""
 
-    def __init__(self, events: Any, runs: Any, placeholder: str, dialect: str) -> None:
+    def __init__(self, events: Any, runs: Any, placeholder: str, dialect: str, shards: Path | None = None) -> None:
         self.events = events
         self.runs = runs
         self.placeholder = placeholder  # "?" (sqlite3) or "%s" (psycopg2)
         self.dialect = dialect
+        # SQLite keeps a run's own events (step failures) in a shard per run, <shards>/<run id>.db; the
+        # index shard (`events`) has the asset events only. PostgreSQL keeps them all in `events`.
+        self.shards = shards
 
     # -------------------------------------------------------------- opening
     @classmethod
@@ -154,7 +179,7 @@ class Db:
             events = _sqlite_ro(Path(where) / SQLITE_INDEX_DB)
             runs = _sqlite_ro(Path(where) / SQLITE_RUNS_DB)
             try:
-                yield cls(events, runs, "?", "sqlite")
+                yield cls(events, runs, "?", "sqlite", Path(where) / "history" / "runs")
             finally:
                 events.close()
                 runs.close()
@@ -175,7 +200,9 @@ class Db:
         with instance.event_log_storage.index_connection() as ev, instance.run_storage.connect() as rn:
             dialect = ev.dialect.name
             placeholder = "?" if ev.dialect.paramstyle == "qmark" else "%s"
-            yield cls(ev.connection.dbapi_connection, rn.connection.dbapi_connection, placeholder, dialect)
+            base = getattr(instance.event_log_storage, "_base_dir", None) if dialect == "sqlite" else None
+            yield cls(ev.connection.dbapi_connection, rn.connection.dbapi_connection, placeholder, dialect,
+                      Path(base) if base else None)
 
     # -------------------------------------------------------------- querying
     def _rows(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -293,6 +320,57 @@ class Db:
                 out[partition] = CheckState(CHECK_FAILED, *_check_failure(body))
         return out
 
+    def materialization_metadata(self, storage_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """storage id -> plain metadata values of those materializations (read for a few, never for all)."""
+        ids = sorted(set(storage_ids))
+        out: dict[int, dict[str, Any]] = {}
+        for chunk in chunks(ids):
+            for sid, body in self.events_rows(
+                f"SELECT id, event FROM event_logs WHERE id IN ({self._marks(len(chunk))})", chunk
+            ):
+                mat = _specific_data(body).get("materialization") or {}
+                out[int(sid)] = _metadata(mat.get("metadata_entries") or mat.get("metadata"))
+        return out
+
+    def run_failures(self, run_ids: Iterable[str], failure_class_key: str) -> dict[str, RunFailure]:
+        """run id -> RunFailure, for failed runs (their STEP_FAILURE and RUN_FAILURE events and tags)."""
+        ids = sorted(set(run_ids))
+        steps: dict[str, dict[str, StepFailure]] = {r: {} for r in ids}
+        messages: dict[str, str] = {}
+        tagged: dict[str, str] = {}
+        for chunk in chunks(ids):
+            marks = self._marks(len(chunk))
+            for run_id, step_key, event_type, body in self._run_events(chunk, (STEP_FAILURE, RUN_FAILURE)):
+                if event_type == RUN_FAILURE:
+                    messages[run_id] = _event_message(body)
+                else:
+                    steps[run_id][str(step_key or "")] = _step_failure(body, failure_class_key)
+            for run_id, _status, body in self.runs_rows(
+                f"SELECT run_id, status, run_body FROM runs WHERE run_id IN ({marks})", chunk
+            ):
+                tagged[run_id] = _run_info(run_id, "", body).tags.get(failure_class_key, "")
+        return {r: RunFailure(steps[r], messages.get(r, ""), tagged.get(r, "")) for r in ids}
+
+    def _run_events(self, run_ids: Sequence[str], types: Sequence[str]) -> list[tuple[Any, ...]]:
+        """(run id, step key, event type, event) of the runs' events of those types, in order."""
+        sql = (
+            "SELECT run_id, step_key, dagster_event_type, event FROM event_logs WHERE run_id IN ({}) "
+            "AND dagster_event_type IN ({}) ORDER BY id"
+        )
+        if self.shards is None:
+            return self.events_rows(sql.format(self._marks(len(run_ids)), self._marks(len(types))), [*run_ids, *types])
+        rows: list[tuple[Any, ...]] = []
+        for run_id in run_ids:
+            shard = self.shards / f"{run_id}.db"
+            if not shard.is_file():
+                continue
+            conn = _sqlite_ro(shard)
+            try:
+                rows += conn.execute(sql.format("?", self._marks(len(types))), [run_id, *types]).fetchall()
+            finally:
+                conn.close()
+        return rows
+
     def held_pools(self, pools: Sequence[str]) -> list[str]:
         """The pools whose limit was set to 0 explicitly (the disk guard's hold), as diskspace.held_pools."""
         if not pools:
@@ -355,6 +433,47 @@ def _plain(value: Any) -> Any:
             if name in value:
                 return value[name]
     return value
+
+
+def _metadata(stored: Any) -> dict[str, Any]:
+    """Plain metadata values, stored as a mapping (check evaluations) or as Dagster's legacy list of
+    ``EventMetadataEntry`` {label, entry_data} (materializations, step failures)."""
+    if isinstance(stored, Mapping):
+        return {str(k): _plain(v) for k, v in stored.items()}
+    if isinstance(stored, list):
+        return {str(e.get("label")): _plain(e.get("entry_data")) for e in stored if isinstance(e, Mapping)}
+    return {}
+
+
+def _specific_data(body: str | None) -> dict[str, Any]:
+    """A serialized EventLogEntry's ``dagster_event.event_specific_data`` ({} when unreadable)."""
+    try:
+        event = json.loads(body or "{}")
+        data = (event.get("dagster_event") or {}).get("event_specific_data") or {}
+        return data if isinstance(data, dict) else {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _event_message(body: str | None) -> str:
+    try:
+        event = json.loads(body or "{}")
+        return str(event.get("user_message") or (event.get("dagster_event") or {}).get("message") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _step_failure(body: str | None, failure_class_key: str) -> StepFailure:
+    """A STEP_FAILURE event's class, message and error class (StepFailureData, serialized)."""
+    data = _specific_data(body)
+    user = data.get("user_failure_data") or {}
+    meta = _metadata(user.get("metadata_entries") or user.get("metadata"))
+    error = data.get("error") or {}
+    wrapper = "DagsterExecutionStepExecutionError"
+    while isinstance(error, dict) and error.get("cause") and error.get("cls_name") == wrapper:
+        error = error["cause"]  # the user code's error, not Dagster's wrapper
+    message = str(user.get("description") or (error or {}).get("message") or "").strip()
+    return StepFailure(str(meta.get(failure_class_key) or ""), message, str((error or {}).get("cls_name") or ""))
 
 
 def _check_failure(body: str | None) -> tuple[str, dict[str, Any]]:

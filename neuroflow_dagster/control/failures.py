@@ -1,10 +1,13 @@
-"""`neuroflow failures`: the dead-letter list, i.e. stage partitions whose latest attempt failed.
+"""`neuroflow failures`: the dead-letter list, i.e. the cells whose state is `failed`.
 
-Read from Dagster's records: the latest planned-but-unmaterialized attempt
-per partition whose run failed, the failed runs since the partition's last
-success (attempts), and the STEP_FAILURE event of the newest one, whose
-user failure metadata carries `neuroflow/failure_class` and `log_path`
-(raised by defs/execution.py and defs/assets/common.py).
+Which cells: the state model (neuroflow_dagster/states.py, through control/status.py), so a cell
+held (the QC gate, an exclusion, ...) or blocked by a failed upstream stage (a parcellation skipped
+because its reconstruction failed in the same run) is never listed, and `neuroflow retry`, which
+relaunches what this lists, never relaunches a run that can only fail again. The details of each
+come from Dagster's records: the failed runs since the partition's last success (attempts), and the
+STEP_FAILURE event of the newest one, whose user failure metadata carries `neuroflow/failure_class`
+and `log_path` (raised by defs/execution.py and defs/assets/common.py); the class is the one the
+state model gives (a known cause is never `unclassified`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import dagster as dg
 from dagster import DagsterEventType, DagsterRunStatus
 
 from neuroflow_dagster import stages
+from neuroflow_dagster import states as sm
+from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.control import records
+from neuroflow_dagster.control.status import collect_status
 from neuroflow_dagster.discovery.identity import Registry
 from neuroflow_dagster.naming.partitions import split_session_key
 from neuroflow_dagster.naming.tags import FAILURE_CLASS_KEY, LOG_PATH_KEY
@@ -64,26 +70,36 @@ def _run_failure(instance: dg.DagsterInstance, run_id: str, asset: str) -> dict[
     }
 
 
+def failed_cells(
+    instance: dg.DagsterInstance, config: NeuroflowConfig, stage: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """stage -> partition -> its failed cell (state, cause = class, reason) from the state model."""
+    report = collect_status(instance, config)
+    out: dict[str, dict[str, Any]] = {}
+    for record in stages.stages():
+        if stage and record.name != stage:
+            continue
+        for row in report["sessions"]:
+            if row.get(record.name) == sm.FAILED:
+                key = row["subject"] if record.per_subject else row["partition"]
+                out.setdefault(record.name, {})[key] = row.get("why", {}).get(record.name, {})
+    return out
+
+
 def collect_failures(
-    instance: dg.DagsterInstance, registry: Registry | None = None, stage: str | None = None
+    instance: dg.DagsterInstance, config: NeuroflowConfig, stage: str | None = None
 ) -> list[dict[str, Any]]:
-    """One row per (stage, partition) whose latest attempt failed, newest first."""
+    """One row per failed cell (stage, partition), newest first."""
+    registry = Registry(config.paths.state)
+    cells = failed_cells(instance, config, stage)
     rows: list[dict[str, Any]] = []
     for record in stages.stages():
         name, asset = record.name, record.asset
-        if stage and name != stage:
+        if name not in cells:
             continue
         attempts = records.open_attempts(instance, asset)
-        if not attempts:
-            continue
-        runs = records.run_records(instance, (run_id for run_id, _ in attempts.values()))
-        failed = {
-            p: run_id
-            for p, (run_id, _) in attempts.items()
-            if run_id in runs and runs[run_id].dagster_run.status in records.FAILED_RUN
-        }
-        if not failed:
-            continue
+        failed = {p: attempts[p][0] for p in cells[name] if p in attempts}
+        runs = records.run_records(instance, failed.values())
         last_ok = records.latest_materializations(instance, asset)
         for partition, run_id in failed.items():
             after = last_ok[partition].storage_id if partition in last_ok else None
@@ -95,13 +111,13 @@ def collect_failures(
             latest = runs[run_id]
             info = _run_failure(instance, run_id, asset)
             if latest.dagster_run.status != DagsterRunStatus.FAILURE and info["failure_class"] == "run":
-                info["failure_class"] = "canceled"
                 info["last_error"] = info["last_error"] or "run canceled"
+            info["failure_class"] = cells[name][partition].get("cause") or info["failure_class"]
             if record.per_subject:
                 participant, session = partition, ""
             else:
                 participant, session = split_session_key(partition)
-            entry = registry.get(participant, session) if (registry is not None and session) else None
+            entry = registry.get(participant, session) if session else None
             rows.append(
                 {
                     "stage": name,

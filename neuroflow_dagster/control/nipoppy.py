@@ -67,19 +67,21 @@ PROCESSING_COLUMNS = [
     "status",
 ]
 
-# A neuroflow state (control/status.py) -> Nipoppy's status, before the two rules of `processing_status`
-# (a session a subject-level run did not take; a stage that cannot run for want of data).
+# A state of the state model (neuroflow_dagster/states.py) -> Nipoppy's status, before the rules of
+# `processing_status` (a session a subject-level run did not take; a stage that lacks its data; a run
+# held only by the disk guard). docs/operations.md ("Nipoppy's status files") documents the table.
 STATUS_OF_STATE = {
     "done": SUCCESS,
     "failed": FAIL,
-    "stale": INCOMPLETE,  # outputs exist but were made from inputs that changed since: a re-run is due
     "running": INCOMPLETE,
     "queued": INCOMPLETE,
-    "missing": INCOMPLETE,
+    "waiting": INCOMPLETE,  # its turn has not come, or its outputs predate a newer upstream: a run is due
+    "held": UNAVAILABLE,  # cannot run until an operator acts (QC, no anatomical image, excluded, identity)
+    "blocked": UNAVAILABLE,  # cannot run until the named upstream stage is fixed
     "not_applicable": UNAVAILABLE,
-    "excluded": UNAVAILABLE,
 }
-NOT_RUN = "missing"
+NOT_RUN = "waiting"
+HOLD_DISK = "disk_guard"  # held only until the disk has space again: it runs by itself, so INCOMPLETE
 
 
 @dataclass(frozen=True)
@@ -183,11 +185,6 @@ def recorded_tools(instance: Any, names: Iterable[str] | None = None) -> dict[st
 # --------------------------------------------------------------------------- which stage is which
 
 
-def curation_stages() -> list[Stage]:
-    """DICOM -> BIDS (the stages that read the DICOM source): Nipoppy's curation, ``in_bids``."""
-    return [s for s in stages.stages() if SOURCE in s.upstream]
-
-
 def processing_stages(names: Iterable[str] | None = None) -> list[Stage]:
     """Every other stage is a Nipoppy processing pipeline, named after the stage (qsiprep, qsirecon, ...)."""
     wanted = set(names) if names is not None else None
@@ -268,21 +265,15 @@ def curation_row(row: Mapping[str, Any], disk: OnDisk) -> dict[str, Any]:
     }
 
 
-def processing_status(
-    stage: Stage,
-    row: Mapping[str, Any],
-    recorded: Recorded | None,
-    blocked: bool,
-    missing_data: bool,
-) -> str:
-    """One session's Nipoppy status for one processing stage.
+def processing_status(stage: Stage, row: Mapping[str, Any], recorded: Recorded | None, missing_data: bool) -> str:
+    """One session's Nipoppy status for one processing stage, from its cell in the state model.
 
-    ``blocked``: the session cannot reach this stage as things are (its protocol check failed, or an
-    upstream stage is UNAVAILABLE); ``missing_data``: it is converted but lacks the BIDS suffixes the
-    stage requires (no DWI). Either makes a stage that has not run for the session UNAVAILABLE.
+    ``missing_data``: the session is converted but lacks the BIDS suffixes the stage requires (no DWI):
+    a stage that has not run for it then is UNAVAILABLE (it will record "not applicable" when it runs).
     """
     state = str(row.get(stage.name, ""))
-    if state == "done" or state == "stale":
+    cause = str(row.get("why", {}).get(stage.name, {}).get("cause", ""))
+    if state == "done" or (state == "waiting" and cause == "stale"):
         took = recorded.sessions if recorded is not None else None
         if stage.per_subject and took is not None and row["session"] not in took:
             state = NOT_RUN  # the subject's run left this session out
@@ -291,8 +282,10 @@ def processing_status(
             f"{stage.name} state {state!r} of sub-{row['subject']} ses-{row['session']} has no Nipoppy status "
             f"(known: {', '.join(STATUS_OF_STATE)})"
         )
-    if state == NOT_RUN and (blocked or missing_data):
+    if state == NOT_RUN and missing_data:
         return UNAVAILABLE
+    if state == "held" and cause == HOLD_DISK:
+        return INCOMPLETE
     return STATUS_OF_STATE[state]
 
 
@@ -305,39 +298,21 @@ def build_tables(
     recorded = recorded or {}
     paths = {e.scan_id: e.dicom_path for e in Registry(config.paths.state).all()}
     processing = processing_stages()
-    curation = curation_stages()
     out: dict[str, list[dict[str, Any]]] = {"manifest": [], "curation": [], "processing": []}
     for row in _sessions(report):
         participant, session = row["subject"], row["session"]
         disk = on_disk(config, row, paths.get(row["scan_id"], ""))
         out["manifest"].append(manifest_row(row, disk))
         out["curation"].append(curation_row(row, disk))
-        # UNAVAILABLE propagates down the graph; the curation stage is UNAVAILABLE when it cannot run either.
-        unavailable: set[str] = set()
-        protocol_failed = row.get("protocol") == "failed"
-        # Held by the image QC gate (not a Nipoppy pipeline; it decides whether the stages it gates run):
-        # those stages cannot run for the session until an operator approves it.
-        qc_held = row.get("qc") == "FAILED"
-        for stage in curation:
-            state = row.get(stage.name)
-            if state in ("excluded", "not_applicable") or (state == NOT_RUN and protocol_failed):
-                unavailable.add(stage.name)
         for stage in processing:
             if stage.name not in row:
                 continue
             cfg = config.stage(stage.config_section)
             key = participant if stage.per_subject else session_key(participant, session)
             rec = recorded.get(stage.name, {}).get(key)
-            blocked = (
-                protocol_failed
-                or (qc_held and stage.name in stages.QC_GATED_STAGES)
-                or any(u in unavailable for u in stage.upstream)
-            )
             required = set(cfg.requires_bids_suffixes)
             missing_data = disk.in_bids and bool(required - disk.suffixes)
-            status = processing_status(stage, row, rec, blocked, missing_data)
-            if status == UNAVAILABLE:
-                unavailable.add(stage.name)
+            status = processing_status(stage, row, rec, missing_data)
             out["processing"].append(
                 {
                     "participant_id": participant,

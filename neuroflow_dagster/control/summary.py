@@ -13,23 +13,23 @@ from typing import Any
 
 from neuroflow_dagster import stages
 
-# Column order: good news first, then in progress, then what needs a person, then what will not run.
+# Column order: good news first, then in progress, then what needs a person, then what will not run
+# (the state model's words, neuroflow_dagster/states.py, and the protocol and QC verdicts).
 ORDER = (
     "passed",
     "warn",
     "approved",
     "done",
-    "stale",
     "running",
     "queued",
     "checking",
     "pending",
+    "waiting",
+    "held",
+    "blocked",
     "failed",
-    "missing",
     "unchecked",
     "not_applicable",
-    "excluded",
-    "retired",
 )
 
 

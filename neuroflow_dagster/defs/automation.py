@@ -27,17 +27,21 @@ grow monotonically, so "updated since last handled" is `trigger id > handled id`
 - qsirecon_session (+ image_qc_session before it and qsiparc_session after it, in the same run):
   the subject's QSIPrep was materialized after the session's last recon request by a run created
   after the session's conversion (so it includes the session), the session's BIDS passed the
-  validator, and nothing it depends on is running. The run judges the session's image QC first; its
-  blocking `image_qc` check, when it fails, skips recon and parcellation in that run. The run's
-  planned events count as handled, so a session held by QC is not requested again until the
+  validator, and nothing it depends on is running. The sensor judges the session's image QC first
+  (qc/gate.py, the verdict the QC asset records): a session the gate holds gets the QC gate alone
+  (its verdict, figures and alert recorded), never a recon or parcellation that can only be refused
+  (states.py: held (qc)); the QC run counts as handled, so it is not requested again until the
   subject's QSIPrep changes (then QC is judged again for every session of the subject) or an
   operator approves it (`neuroflow qc approve` relaunches QC + recon + parcellation itself).
+- No stage is requested for a session that is excluded or whose identity is in question: every stage
+  refuses those. Cells left out get an AssetObservation in the UI with the state model's words.
 - qsiparc_session alone: its recon was materialized after the last parcellation request and not by
   the run that also planned the parcellation.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,14 +51,18 @@ from typing import Any
 
 import dagster as dg
 
-from neuroflow_dagster import stages
+from neuroflow_dagster import stages, states
 from neuroflow_dagster.config import NeuroflowConfig
 from neuroflow_dagster.defs.assets.bids import VALIDATOR_CHECK
 from neuroflow_dagster.defs.graph import DICOM_KEY, asset_key
 from neuroflow_dagster.defs.ledger import CheckRecord, FinishedRun, Ledger, PartitionRecord
+from neuroflow_dagster.discovery.exclusions import load_exclusions
+from neuroflow_dagster.discovery.identity import Registry
+from neuroflow_dagster.discovery.status_report import read_status_report, session_block
 from neuroflow_dagster.eligibility import qsiprep_plan_from_metadata
 from neuroflow_dagster.naming.partitions import SESSION_LABELS, SUBJECTS, session_key, split_session_key
-from neuroflow_dagster.naming.tags import STAGE_TAG
+from neuroflow_dagster.naming.tags import CAUSE_KEY, STAGE_TAG, STATE_KEY
+from neuroflow_dagster.qc.gate import session_gate
 
 # The stages these rules are about (names from the registry, stages.py).
 DICOM = DICOM_KEY
@@ -93,6 +101,7 @@ class Cursor:
     started: float = 0.0
     requested: dict[str, list[float]] = field(default_factory=dict)
     pending: dict[str, float] = field(default_factory=dict)
+    noted: dict[str, str] = field(default_factory=dict)  # key -> the last note recorded for it (no repeats)
 
     @classmethod
     def decode(cls, text: str | None) -> Cursor:
@@ -108,6 +117,7 @@ class Cursor:
             started=float(data.get("started", 0.0)),
             requested={k: list(v) for k, v in dict(data.get("requested", {})).items()},
             pending={k: float(v) for k, v in dict(data.get("pending", {})).items()},
+            noted={str(k): str(v) for k, v in dict(data.get("noted", {})).items()},
         )
 
     def encode(self) -> str:
@@ -119,6 +129,7 @@ class Cursor:
                 "started": self.started,
                 "requested": self.requested,
                 "pending": self.pending,
+                "noted": self.noted,
             },
             separators=(",", ":"),
             sort_keys=True,
@@ -134,32 +145,49 @@ class Cursor:
 
 
 @dataclass(frozen=True)
+class Note:
+    """A cell the automation will not request, as the state model names it (neuroflow_dagster/states.py),
+    recorded as an AssetObservation on that partition so the UI shows why (asset > partition > events)."""
+
+    asset: dg.AssetKey
+    state: str
+    cause: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Decision:
-    """request: launch a run (trigger = the storage id that caused it); wait: re-examine later."""
+    """request: launch a run (trigger = the storage id that caused it); wait: re-examine later.
+
+    ``assets``: the request's selection when it is not the stage's whole target (the QC gate alone for a
+    session it holds); ``notes``: the cells left out and why, for the UI."""
 
     key: str
     action: str  # request | wait | hold | none
     reason: str
     trigger: int = 0
+    assets: tuple[dg.AssetKey, ...] | None = None
+    notes: tuple[Note, ...] = ()
     notable: bool = False  # a "none" the sensor logs (an ordering the operator may wonder about)
 
     @staticmethod
-    def request(key: str, trigger: int, reason: str) -> Decision:
-        return Decision(key, "request", reason, trigger)
+    def request(key: str, trigger: int, reason: str, assets: tuple[dg.AssetKey, ...] | None = None,
+                notes: tuple[Note, ...] = ()) -> Decision:  # fmt: skip
+        return Decision(key, "request", reason, trigger, assets, notes)
 
     @staticmethod
     def wait(key: str, reason: str) -> Decision:
         return Decision(key, "wait", reason)
 
     @staticmethod
-    def hold(key: str, reason: str) -> Decision:
+    def hold(key: str, reason: str, notes: tuple[Note, ...] = ()) -> Decision:
         """Would be requested, but the run could only fail (e.g. QSIPrep without an anatomical image):
         not requested, logged with the reason; a later change of its inputs decides again."""
-        return Decision(key, "hold", reason)
+        return Decision(key, "hold", reason, notes=notes)
 
     @staticmethod
-    def none(key: str, reason: str = "", notable: bool = False) -> Decision:
-        return Decision(key, "none", reason, notable=notable)
+    def none(key: str, reason: str = "", notable: bool = False, notes: tuple[Note, ...] = ()) -> Decision:
+        return Decision(key, "none", reason, notable=notable, notes=notes)
 
 
 def protocol_verdict(dicom: PartitionRecord, check: CheckRecord | None, meta: dict[str, Any] | None) -> str | None:
@@ -257,9 +285,15 @@ def decide_qsirecon(
     validator: str | None,
     recon: PartitionRecord,
     requested: int,
+    qc: PartitionRecord | None = None,
+    qc_hold: Callable[[], str | None] | None = None,
 ) -> Decision:
     """`prep_started`: when the run that made the subject's latest QSIPrep was created (its planned
-    event; the materialization itself for a reported one)."""
+    event; the materialization itself for a reported one). `qc_hold`: the image QC gate's verdict on
+    the session now (qc/gate.py), judged only for a session about to be requested: the reason it holds
+    the session, or None. A held session gets the QC gate alone (its verdict, figures and alert are
+    recorded), never a reconstruction or parcellation that can only be refused; once that QC run exists
+    (`qc`, handled since the QSIPrep) nothing more is requested until an operator approves it."""
     prepped = qsiprep.mat_id
     if not prepped:
         return Decision.none(key, "no QSIPrep output for the subject")
@@ -273,11 +307,23 @@ def decide_qsirecon(
         return Decision.none(key, f"BIDS validator {validator or 'not run'}")
     if qsiprep.in_progress or bids.in_progress or recon.in_progress:
         return Decision.none(key, "an input or the reconstruction itself is running")
+    held = qc_hold() if qc_hold is not None else None
+    if held is not None:
+        notes = tuple(Note(asset, states.HELD, states.HOLD_QC, held) for asset in (QSIRECON, QSIPARC))
+        if qc is not None and qc.handled_id >= prepped:
+            return Decision.none(key, f"held by image QC since the subject's last QSIPrep: {held}")
+        return Decision.request(key, prepped, f"held by image QC ({held}): the QC gate alone, no reconstruction",
+                                assets=(QC,), notes=notes)  # fmt: skip
     return Decision.request(key, prepped, "the subject's QSIPrep was updated")
 
 
 def decide_qsiparc(key: str, recon: PartitionRecord, parc: PartitionRecord, requested: int) -> Decision:
     reconstructed = recon.mat_id
+    if recon.attempt_settled and recon.run_status == dg.DagsterRunStatus.FAILURE and (
+        parc.planned_run_id == recon.planned_run_id and parc.open_attempt
+    ):
+        why = f"qsirecon failed in run {recon.planned_run_id[:8]}: parcellation skipped, it has nothing to read"
+        return Decision.none(key, why, notes=(Note(QSIPARC, states.BLOCKED, "qsirecon", why),))
     if not reconstructed:
         return Decision.none(key, "not reconstructed")
     if max(parc.handled_id, requested) >= reconstructed:
@@ -446,7 +492,8 @@ class QsiprepStage(Stage):
             hold = None
             if d.action == "request":
                 hold = qsiprep_plan_from_metadata(self.config, d.key, by_subject.get(d.key, {})).hold
-            out.append(Decision.hold(d.key, hold) if hold else d)
+            note = (Note(QSIPREP, states.HELD, states.HOLD_NO_ANAT, hold),) if hold else ()
+            out.append(Decision.hold(d.key, hold, notes=note) if hold else d)
         return out
 
     def _cron_check(
@@ -470,8 +517,8 @@ class QsiprepStage(Stage):
 
 
 class QsireconStage(Stage):
-    """Recon of a session, in one run with its image QC (first; its blocking check can skip the rest)
-    and its parcellation. Handled = recon's planned event, so a QC-held session is not re-requested."""
+    """Recon of a session, in one run with its image QC (first) and its parcellation; the QC gate alone
+    for a session it holds. Handled = recon's planned event, or the QC run's for a held session."""
 
     name = "qsirecon"
     watch = (QSIPREP,)
@@ -490,10 +537,12 @@ class QsireconStage(Stage):
         prep = ledger.records(QSIPREP, {split_session_key(k)[0] for k in keys}, mat_runs=True)
         started = ledger.planned_ids_of_runs(QSIPREP, {s: r.mat_run_id for s, r in prep.items()})
         recon = ledger.records(QSIRECON, keys)
+        qc = ledger.records(QC, keys)
         checks = ledger.checks(VALIDATOR, keys)
+        registry = Registry(self.config.paths.state)
         out = []
         for k in sorted(keys):
-            subject = split_session_key(k)[0]
+            subject, session = split_session_key(k)
             check = checks.get(k)
             validator = check.verdict_on(bids[k].mat_id) if check is not None else None
             out.append(
@@ -505,9 +554,19 @@ class QsireconStage(Stage):
                     validator,
                     recon[k],
                     cursor.requested_trigger(k),
+                    qc[k],
+                    functools.partial(self.qc_hold, registry, subject, session),
                 )
             )
         return out
+
+    def qc_hold(self, registry: Registry, participant: str, session: str) -> str | None:
+        """Why the image QC gate holds the session now (the same verdict the QC asset records), or None."""
+        entry = registry.get(participant, session)
+        if entry is None:
+            return None  # not registered: the run refuses it and says why
+        gate = session_gate(self.config, entry.scan_id, participant, session)
+        return gate.describe() if gate.blocks else None
 
 
 class QsiparcStage(Stage):
@@ -624,6 +683,29 @@ def _only_known_partitions(ledger: Ledger, decisions: list[Decision]) -> list[De
     return out
 
 
+def _not_held_by_an_operator_decision(config: NeuroflowConfig, decisions: list[Decision]) -> list[Decision]:
+    """A request for a session an operator excluded, or whose identity is in question (remapped, a subject
+    holding two SubjectCodes), becomes none: every stage refuses such a session, so its run could only
+    fail (neuroflow_dagster/states.py: held). Subject-level stages check their sessions themselves."""
+    wanted = [d for d in decisions if d.action == "request" and "|" in d.key]
+    if not wanted:
+        return decisions
+    registry = Registry(config.paths.state)
+    excluded = load_exclusions(config)
+    report = read_status_report(config)
+    held: dict[str, str] = {}
+    for d in wanted:
+        entry = registry.get(*split_session_key(d.key))
+        if entry is None:
+            continue  # not registered: the run refuses it and says why
+        if entry.scan_id in excluded:
+            held[d.key] = f"excluded: {excluded[entry.scan_id].get('reason')}"
+        elif blocked := session_block(config, entry, registry, report):
+            held[d.key] = blocked
+    return [Decision.hold(d.key, held[d.key]) if d.key in held and d.action == "request" else d
+            for d in decisions]  # fmt: skip
+
+
 @dataclass
 class TickResult:
     decisions: list[Decision]
@@ -671,6 +753,7 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
                 del cursor.requested[key]
     decisions = stage.decide(ledger, keys, cursor, now) if keys else []
     decisions = _only_known_partitions(ledger, decisions)
+    decisions = _not_held_by_an_operator_decision(stage.config, decisions)
     pending = {}
     for d in decisions:
         if d.action == "request":
@@ -683,6 +766,31 @@ def run_stage_tick(stage: Stage, instance: dg.DagsterInstance, cursor: Cursor, n
     else:
         cursor.before, cursor.seen = cursor.seen, head
     return TickResult(decisions, cursor, len(keys), time.monotonic() - started)
+
+
+MAX_NOTED = 10_000  # notes remembered in the cursor (oldest forgotten first)
+
+
+def take_notes(decisions: list[Decision], cursor: Cursor) -> list[dg.AssetObservation]:
+    """The decisions' notes as AssetObservations on the cells they name (metadata `neuroflow/state`,
+    `neuroflow/cause`, `reason`: the state model's words, as `neuroflow status` shows them), each once:
+    a note already recorded for the partition is not repeated (the cursor remembers the last one)."""
+    out = []
+    for d in decisions:
+        for note in d.notes:
+            key = f"{note.asset.to_user_string()}:{d.key}"
+            marker = f"{note.state}:{note.cause}:{note.reason}"
+            if cursor.noted.get(key) == marker:
+                continue
+            cursor.noted.pop(key, None)
+            cursor.noted[key] = marker
+            out.append(dg.AssetObservation(
+                asset_key=note.asset, partition=d.key, description=note.reason[:2000],
+                metadata={STATE_KEY: note.state, CAUSE_KEY: note.cause, "reason": note.reason[:2000]},
+            ))  # fmt: skip
+    while len(cursor.noted) > MAX_NOTED:
+        del cursor.noted[next(iter(cursor.noted))]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -731,23 +839,28 @@ def _stage_sensor(stage: Stage, interval: int, tags: dict[str, str]) -> dg.Senso
         waits = 0
         for d in result.decisions:
             if d.action == "request":
+                selection = list(d.assets or stage.target)
                 requests.append(
                     dg.RunRequest(
                         partition_key=d.key,
-                        asset_selection=list(stage.target),
+                        asset_selection=selection,
                         tags={TRIGGER_TAG: d.reason[:200], **tags},
                     )
                 )
-                context.log.info(f"request {', '.join(targets)} {d.key}: {d.reason}")
+                context.log.info(f"request {', '.join(k.to_user_string() for k in selection)} {d.key}: {d.reason}")
             elif d.action == "wait":
                 waits += 1
                 context.log.debug(f"wait {d.key}: {d.reason}")
             elif d.action == "hold" or d.notable:
                 context.log.info(f"hold {', '.join(targets)} {d.key}: {d.reason}")
+        observations = take_notes(result.decisions, result.cursor)
+        for obs in observations:
+            context.log.info(f"{obs.asset_key.to_user_string()} {obs.partition}: {obs.metadata[STATE_KEY].value} "
+                             f"({obs.metadata[CAUSE_KEY].value}): {obs.description}")  # fmt: skip
         if result.candidates:
             context.log.info(
                 f"{result.candidates} candidate(s), {len(requests)} request(s), {waits} waiting, {result.seconds:.2f}s"
             )
-        return dg.SensorResult(run_requests=requests, cursor=result.cursor.encode())
+        return dg.SensorResult(run_requests=requests, asset_events=observations, cursor=result.cursor.encode())
 
     return automation_sensor

@@ -638,7 +638,8 @@ class _Tick:
                     unreadable_examples=list(h.unreadable_examples),
                     acquisition=h.acquisition,
                     mapping_source=p.source,
-                    protocol=check_protocol(h.series, self.config.protocol, h.n_dicom),
+                    protocol=check_protocol(h.series, self.config.protocol, h.n_dicom, h.n_unreadable,
+                                            h.unreadable_examples),
                     is_new_subject=a.is_new_subject,
                     is_new_session=a.is_new_session,
                 )

@@ -88,8 +88,20 @@ def match_rule(rule: ScanRule, series: Sequence[SeriesInfo], required: bool) -> 
     )
 
 
+def unreadable_note(n_unreadable: int, examples: Sequence[str] = ()) -> str:
+    """``; 12 files are not readable DICOM (e.g. corrupt_0000.dcm: not DICOM (no DICM preamble))``, or ""."""
+    if not n_unreadable:
+        return ""
+    what = "file is" if n_unreadable == 1 else "files are"
+    return f"; {n_unreadable} {what} not readable DICOM" + (f" (e.g. {examples[0]})" if examples else "")
+
+
 def check_protocol(
-    series: Sequence[SeriesInfo], protocol: ProtocolConfig, n_dicom: int | None = None
+    series: Sequence[SeriesInfo],
+    protocol: ProtocolConfig,
+    n_dicom: int | None = None,
+    n_unreadable: int = 0,
+    unreadable_examples: Sequence[str] = (),
 ) -> ProtocolResult:
     """Validate one session's series table.
 
@@ -98,16 +110,19 @@ def check_protocol(
       "Session has N DICOM files (minimum: M)". A session with zero DICOM files is never valid.
     - Valid: "Session valid: N scan types found", N = rules satisfied (required + optional), or the
       number of series when no rules are configured at all.
+    A failure also says how many files of the folder are not readable DICOM, and why for one of them
+    ("...; 12 files are not readable DICOM (e.g. ...)"): a folder of 12 corrupt files is not an empty one.
     """
     total = sum(s.n_files for s in series) if n_dicom is None else n_dicom
     matches = [match_rule(r, series, True) for r in protocol.required_scans]
     matches += [match_rule(r, series, False) for r in protocol.optional_scans]
     minimum = protocol.bids_conversion_min_files
+    note = unreadable_note(n_unreadable, unreadable_examples)
     if protocol.required_scans:
         missing = [m.name for m in matches if m.required and not m.satisfied]
         if missing:
-            return ProtocolResult(False, f"Missing required scans: {', '.join(missing)}", total, matches)
+            return ProtocolResult(False, f"Missing required scans: {', '.join(missing)}{note}", total, matches)
     elif total < minimum or total == 0:
-        return ProtocolResult(False, f"Session has {total} DICOM files (minimum: {minimum})", total, matches)
+        return ProtocolResult(False, f"Session has {total} DICOM files (minimum: {minimum}){note}", total, matches)
     n_types = sum(m.satisfied for m in matches) if matches else len(series)
     return ProtocolResult(True, f"Session valid: {n_types} scan types found", total, matches)

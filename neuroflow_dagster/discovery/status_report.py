@@ -131,4 +131,4 @@ def recheck_protocol(config: NeuroflowConfig, dicom_path: str | Path) -> Protoco
     walk = stat_walk(root)
     summary = read_headers(walk.candidates, root=root)
     series: list[SeriesInfo] = summary.series
-    return check_protocol(series, config.protocol, n_dicom=summary.n_dicom)
+    return check_protocol(series, config.protocol, summary.n_dicom, summary.n_unreadable, summary.unreadable_examples)

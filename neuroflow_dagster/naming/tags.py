@@ -17,6 +17,8 @@ STATUS_KEY = "neuroflow/status"
 FAILURE_CLASS_KEY = "neuroflow/failure_class"
 LOG_PATH_KEY = "log_path"
 LOG_TAIL_KEY = "log_tail"
+STATE_KEY = "neuroflow/state"  # an observation's cell state (neuroflow_dagster/states.py): held, blocked
+CAUSE_KEY = "neuroflow/cause"  # its cause: qc, no_anat, ... or the stage that blocks it
 # Values of STATUS_KEY.
 STATUS_DONE = "done"
 STATUS_NOT_APPLICABLE = "not_applicable"

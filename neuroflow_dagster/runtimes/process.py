@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -306,6 +306,18 @@ def signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, ...) of every process."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        yield int(entry.name), stat[stat.rfind(")") + 2 :].split()
+
+
 def group_alive(pgid: int) -> bool:
     """Does the group still have a live (non-zombie) member?
 
@@ -313,19 +325,8 @@ def group_alive(pgid: int) -> bool:
     containers) that would make every stop wait the full grace period, so /proc is read when
     it exists.
     """
-    proc_root = Path("/proc")
-    if proc_root.is_dir():
-        for entry in proc_root.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-                return True
-        return False
+    if Path("/proc").is_dir():
+        return any(len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z" for _, fields in proc_stats())
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ def run_derivative_tool(
     sessions: Sequence[str],
     output_root: Path,
     session: str | None = None,
+    before_run: Callable[[ToolSpec], Mapping[str, Any]] | None = None,
     **tool_kwargs: Any,
 ) -> tuple[RunRecord, ToolSpec, dict[str, Any]]:
     """The course every derivative stage takes once it knows it applies: refuse on a low disk, build
@@ -103,13 +105,22 @@ def run_derivative_tool(
     provenance file, run it (published on success) and return the record, the spec and the base
     metadata. ``tool`` is the stage's tool module (``build_spec``, ``reads``, ``TOOL``); a session
     stage passes ``session``, a subject stage all its ``sessions``; ``tool_kwargs`` go to both
-    ``build_spec`` and ``reads`` (QSIPrep's ``anat_sessions``, QSIRecon's ``plan``)."""
+    ``build_spec`` and ``reads`` (QSIPrep's ``anat_sessions``, QSIRecon's ``plan``).
+
+    ``before_run``: a check of the built spec before the tool starts (QSIPrep's preflight); it raises to
+    stop the run, else returns what it found ({key: JSON value}), recorded in the run's metadata and in
+    the provenance file's ``tool`` section."""
     refuse_if_disk_low(context, config, stage)
     target: Any = session if session is not None else list(sessions)
     spec = build_or_refuse(
         tool.build_spec, config, participant, target, output_dir=staging_for(context, output_root), **tool_kwargs
     )
+    checked = dict(before_run(spec)) if before_run is not None else {}
     reads = tool.reads(config, participant, target, **tool_kwargs)
     plan = derivative_plan(config.stage(stage), tool.TOOL, participant, sessions, reads, session=session)
+    if checked:
+        plan = dataclasses.replace(plan, tool_extra={**plan.tool_extra, **checked})
     record = execute_spec(context, config, stage, spec, provenance=plan)
-    return record, spec, record_metadata(record, spec)
+    meta = record_metadata(record, spec)
+    meta.update({key: dg.MetadataValue.json(value) for key, value in checked.items()})
+    return record, spec, meta
