@@ -1,9 +1,12 @@
 """Site protocols through the real conversion: pydicom sessions named as ABCD, HCP, UK Biobank, Siemens,
 Philips and GE name their series, and real vendor DICOM shipped in packages, through the real HeudiConv +
-dcm2niix, curation and the real BIDS validator (0 errors).
+dcm2niix, curation and the real BIDS validator (0 errors); then the real QSIPrep 1.1.1 and 26.1.1 judge
+the converted sessions with their own input handling (parser, BIDS grouping, workflow build: the
+preflight, neuroflow_dagster/preflight, in its locked venvs; QSIPrep's binaries are not installed, the
+nearest real boundary to its container).
 
-Each shape of protocol_corpus.SHAPES is converted once for this module (a few seconds each); the tests
-read the staged result. The routing rules themselves: docs/domain-rules.md#conversion.
+Each shape of protocol_corpus.SHAPES is converted once for this module (a few seconds each), as its own
+session of one subject; the tests read the staged result. The routing rules: docs/domain-rules.md#conversion.
 """
 
 from __future__ import annotations
@@ -142,3 +145,56 @@ def test_real_vendor_files_shipped_in_packages_as_one_session(make_config, tmp_p
     phasediff = sidecar(session, f"fmap/{PREFIX}_phasediff.nii.gz")
     assert "IntendedFor" not in phasediff and "B0FieldIdentifier" not in phasediff
     assert "shimmed differently" in report.field_maps[0]["reason"]
+
+
+# --------------------------------------------------------------------------- the real QSIPrep accepts them
+
+
+@pytest.fixture(scope="module")
+def venvs_root() -> Path:
+    """QSIPrep 1.1.1 and 26.1.1 in their locked venvs (scripts/qsiprep-preflight-venv.sh; fails, never skips)."""
+    from neuroflow_dagster_tests.test_qsiprep_preflight import build_venvs
+
+    return build_venvs()
+
+
+def preflight_of(converted, venvs_root: Path, tmp: Path, version: str, shapes: list[str]):
+    """The shapes' converted sessions as one subject's dataset, judged by QSIPrep's own input handling
+    (its parser, BIDS grouping and workflow build: neuroflow_dagster/preflight) with the argv the stage
+    builds for that version."""
+    from neuroflow_dagster.preflight import qsiprep as preflight
+    from neuroflow_dagster.tools import qsiprep
+    from neuroflow_dagster_tests.test_qsiprep_preflight import config_for, image
+
+    config = config_for(tmp, venvs_root, image=image(version), output_resolution="auto")  # the stage default
+    bids = Path(config.paths.bids_root)
+    sessions = [LABELS[s] for s in shapes]
+    for shape in shapes:
+        staging, _report = converted(shape)
+        shutil.copytree(staging / f"sub-{P}" / f"ses-{LABELS[shape]}", bids / f"sub-{P}" / f"ses-{LABELS[shape]}")
+        shutil.copyfile(staging / "dataset_description.json", bids / "dataset_description.json")
+    spec = qsiprep.build_spec(config, P, sessions)
+    verdict = preflight.run(config, spec, P, sessions, log_path=tmp / f"{version}.preflight.log")
+    assert verdict.qsiprep_version == version and verdict.status in ("ok", "refused"), verdict
+    return verdict, sessions
+
+
+@pytest.mark.parametrize("version", ["1.1.1", "26.1.1"])
+def test_the_real_qsiprep_accepts_every_site_session_as_converted(converted, venvs_root, tmp_path, version) -> None:
+    """ABCD, HCP (two shapes), UK Biobank, Siemens, Philips and GE sessions, as the sessions of one subject
+    (B0FieldIdentifier unique per subject), with their field maps linked."""
+    shapes = protocol_corpus.shapes(qsiprep_accepts=True)
+    verdict, sessions = preflight_of(converted, venvs_root, tmp_path, version, shapes)
+    assert verdict.status == "ok", verdict.message
+    assert verdict.details["processing_list"] == [[P, sessions]]
+    log = Path(verdict.log_path or "").read_text()
+    assert "acq-dwi_dir-PA_epi" in log  # the b=0 field maps were found
+
+
+@pytest.mark.parametrize("version", ["1.1.1", "26.1.1"])
+def test_the_real_qsiprep_refuses_the_session_without_polarity_and_says_why(
+    converted, venvs_root, tmp_path, version
+) -> None:
+    shapes = protocol_corpus.shapes(qsiprep_accepts=False)
+    verdict, _ = preflight_of(converted, venvs_root, tmp_path, version, shapes)
+    assert verdict.status == "refused" and "PhaseEncodingDirection" in verdict.message
